@@ -1,0 +1,7 @@
+"""`python -m cifar_resnet` is the `cifar-resnet` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,177 @@
+"""The one typed config: every setting of a run, with its default, unit and check.
+
+Parsing `--name=value` (what `wandb agent` passes through `${args}`), merging `wandb.config` and validation all
+happen here; everything downstream takes a `Config`, never an `argparse.Namespace` or `wandb.config`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULES = ("constant", "cosine", "onecycle")
+DATASETS = ("cifar10", "imagefolder", "synthetic")
+
+
+def _setting(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": tuple(choices) if choices else None})
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- optimisation -------------------------------------------------------------------------------------------
+    learning_rate: float = _setting(0.001, "peak learning rate (per step; the schedule scales it)")
+    optimizer: str = _setting("adam", "optimizer", OPTIMIZERS)
+    momentum: float = _setting(0.9, "SGD momentum (beta1 is Adam's own 0.9)")
+    nesterov: bool = _setting(False, "Nesterov momentum for SGD")
+    weight_decay: float = _setting(0.0, "weight decay per step, not applied to batch-norm and bias parameters")
+    lr_schedule: str = _setting("constant", "learning-rate schedule, stepped every batch", LR_SCHEDULES)
+    warmup_epochs: float = _setting(0.0, "linear warm-up from 0 to learning_rate, in epochs")
+    label_smoothing: float = _setting(0.0, "label smoothing of the training loss, in [0, 1)")
+    epochs: int = _setting(10, "training epochs")
+    batch_size: int = _setting(128, "training batch size, in images")
+    # --- evaluation ---------------------------------------------------------------------------------------------
+    eval_batch_size: int = _setting(1024, "evaluation batch size, in images")
+    tta: bool = _setting(False, "flip test-time augmentation: average the logits of each image and its mirror")
+    # --- data ---------------------------------------------------------------------------------------------------
+    dataset: str = _setting("cifar10", "data source", DATASETS)
+    data_dir: str = _setting("./data", "where CIFAR-10 is downloaded, or the image folder (train/, test/)")
+    val_size: int = _setting(5000, "training images held out for validation, in images")
+    train_size: int = _setting(0, "training images used after the validation split, in images (0: all)")
+    test_size: int = _setting(0, "test images used, in images (0: all)")
+    # --- model --------------------------------------------------------------------------------------------------
+    width: int = _setting(64, "channels of the first stage; stages 2 and 3 have 2x and 4x")
+    # --- run ----------------------------------------------------------------------------------------------------
+    seed: int = _setting(0, "seed of the validation split, the initial weights, shuffling and augmentation")
+    output_dir: str = _setting("./runs", "folder for the per-run folders (checkpoints and run record)")
+    device: str = _setting("auto", "training device: auto (CUDA when present), cpu, cuda or cuda:N")
+    bf16: bool = _setting(True, "bf16 autocast on CUDA (ignored on CPU)")
+    channels_last: bool = _setting(True, "channels_last memory format on CUDA (ignored on CPU)")
+    compile: bool = _setting(False, "torch.compile the model (its compile time counts against the run)")
+
+    # ------------------------------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first setting whose value is not allowed."""
+        for f in dataclasses.fields(self):
+            choices = f.metadata["choices"]
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(
+                    f"{f.name}: {getattr(self, f.name)!r} is not one of {', '.join(choices)}"
+                )
+        positive = ("learning_rate", "epochs", "batch_size", "eval_batch_size", "width")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
+        non_negative = ("momentum", "weight_decay", "warmup_epochs", "val_size", "train_size", "test_size", "seed")
+        for name in non_negative:
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+        if self.warmup_epochs > self.epochs:
+            raise ConfigError(f"warmup_epochs: must be <= epochs ({self.epochs}), got {self.warmup_epochs}")
+        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ConfigError(f"device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+
+    # ------------------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with `changes` applied; values are coerced and checked like any other input."""
+        return Config.from_mapping(changes, base=self)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], base: Config | None = None) -> Config:
+        """Config from a mapping such as `wandb.config` or a sweep's parameters.
+
+        Keys that start with `_` belong to W&B (`_wandb`) and are skipped; any other unknown key is an error.
+        """
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        merged = (base or cls()).to_dict()
+        for name, value in values.items():
+            if name.startswith("_"):
+                continue
+            if name not in fields:
+                raise ConfigError(f"unknown setting {name!r}; valid settings: {', '.join(fields)}")
+            merged[name] = _coerce(name, fields[name].type, value)
+        return cls(**merged)
+
+    @classmethod
+    def from_argv(cls, argv: Sequence[str], base: Config | None = None) -> Config:
+        """Config from `--name=value` arguments (also `--name value`), as `wandb agent` passes them."""
+        return cls.from_mapping(parse_argv(argv), base=base)
+
+
+def parse_argv(argv: Sequence[str]) -> dict[str, str]:
+    """The settings given as `--name=value` (or `--name value`), values still strings.
+
+    The agent may pass its own `--_wandb...` flags: not ours, so skipped. Anything else unknown is an error.
+    """
+    namespace, unknown = argument_parser().parse_known_args(list(argv))
+    for arg in unknown:
+        if not arg.startswith("--_"):
+            names = ", ".join(f.name for f in dataclasses.fields(Config))
+            raise ConfigError(f"unknown argument {arg!r}; valid settings: {names}")
+    return {name: value for name, value in vars(namespace).items() if value is not None}
+
+
+def _coerce(name: str, type_name: str, value: Any) -> Any:
+    """Turn a value from the command line (a string) or from YAML (typed) into the field's type."""
+    try:
+        if type_name == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if type_name == "int":
+            number = float(value)  # accepts "10", 10, "1e3" and 10.0, not 10.5
+            if isinstance(value, bool) or not number.is_integer():
+                raise ValueError
+            return int(number)
+        if type_name == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: {value!r} is not a valid {type_name}") from None
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    """argparse that raises ConfigError instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(message)
+
+
+def argument_parser(prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+    """A parser with one `--name=value` option per setting. Values stay strings; `Config` coerces them."""
+    parser = _RaisingParser(
+        prog=prog, description=description, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    defaults = Config()
+    group = parser.add_argument_group("settings (each also settable from wandb.config by a sweep)")
+    for f in dataclasses.fields(Config):
+        choices = f.metadata["choices"]
+        allowed = f" {{{','.join(choices)}}}" if choices else ""
+        group.add_argument(
+            f"--{f.name}",
+            metavar=f.type.upper(),
+            default=None,
+            help=f"{f.metadata['help']}{allowed} (default: {getattr(defaults, f.name)})",
+        )
+    return parser

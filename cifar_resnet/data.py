@@ -1,0 +1,276 @@
+"""Data: every source ends as uint8 tensors (N, 3, 32, 32) plus int64 labels; batching, cropping, flipping and
+normalising happen on the training device, in a few vectorised tensor ops per batch.
+
+Sources: torchvision's CIFAR10 (downloaded), an image folder (`train/<class>/*`, `test/<class>/*`, decoded once
+and cached), and a synthetic set with real class structure for tests and demos.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import Config
+from .errors import DataError
+from .files import atomic_torch_save, file_lock
+
+log = logging.getLogger(__name__)
+
+IMAGE_SIZE_PX = 32
+CROP_PADDING_PX = 4
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # per channel, on the 0..1 scale
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+CACHE_FOLDER = ".cifar_resnet_cache"
+CACHE_FORMAT_VERSION = 1
+
+SYNTHETIC_CLASSES = 10
+SYNTHETIC_TRAIN_IMAGES = 10_000  # when train_size is 0; val_size more are made for validation
+SYNTHETIC_TEST_IMAGES = 2_000  # when test_size is 0
+SYNTHETIC_DATA_SEED = 1234  # the synthetic data set is the same for every run, whatever its seed
+SYNTHETIC_PROTOTYPE_PX = 4  # class prototypes are 4x4 colour layouts, upsampled to 32x32
+SYNTHETIC_NOISE_STD = 0.3  # per-pixel Gaussian noise on the 0..1 scale
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # (N, 3, 32, 32) uint8
+    labels: torch.Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: torch.Tensor) -> ImageSet:
+        return ImageSet(self.images[indices], self.labels[indices])
+
+
+@dataclass
+class DataSplits:
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+    classes: list[str]
+
+
+# --- sources --------------------------------------------------------------------------------------------------
+
+
+def load_splits(config: Config) -> DataSplits:
+    """Load the configured source and split it: `val_size` training images held out (chosen by `seed`),
+    then at most `train_size` training and `test_size` test images."""
+    if config.dataset == "cifar10":
+        train, test, classes = load_cifar10(Path(config.data_dir))
+    elif config.dataset == "imagefolder":
+        train, test, classes = load_image_folder(Path(config.data_dir))
+    else:
+        train_images = config.val_size + (config.train_size or SYNTHETIC_TRAIN_IMAGES)
+        train, test, classes = make_synthetic(train_images, config.test_size or SYNTHETIC_TEST_IMAGES)
+
+    if config.val_size >= len(train):
+        raise DataError(f"val_size: {config.val_size} leaves no training images out of {len(train)}")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))
+    val, rest = order[: config.val_size], order[config.val_size :]
+    if config.train_size > len(rest):
+        raise DataError(
+            f"train_size: {config.train_size} is more than the {len(rest)} training images left after validation"
+        )
+    if config.test_size > len(test):
+        raise DataError(f"test_size: {config.test_size} is more than the {len(test)} test images")
+    if config.train_size:
+        rest = rest[: config.train_size]
+    if config.test_size:
+        test = test.subset(torch.arange(config.test_size))
+    return DataSplits(train=train.subset(rest), val=train.subset(val), test=test, classes=classes)
+
+
+def load_cifar10(data_dir: Path) -> tuple[ImageSet, ImageSet, list[str]]:
+    """torchvision's CIFAR10, downloaded into `data_dir` once (one process downloads, the others wait)."""
+    import torchvision  # deferred: torchvision's import is slow and only this source and the folder use it
+
+    try:
+        with file_lock(data_dir / ".cifar10.lock"):
+            # torchvision verifies the archive's and the extracted files' MD5 sums, and downloads again when they
+            # are wrong, so a download cut short is never mistaken for good data.
+            sets = [torchvision.datasets.CIFAR10(root=data_dir, train=train, download=True) for train in (True, False)]
+    except (OSError, RuntimeError) as error:
+        raise DataError(
+            f"data_dir: could not download or read CIFAR-10 in {data_dir} ({error}); without internet access, "
+            "use dataset=imagefolder with a local copy"
+        ) from None
+    train, test = (
+        ImageSet(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)) for s in sets
+    )
+    return train, test, list(sets[0].classes)
+
+
+def load_image_folder(data_dir: Path) -> tuple[ImageSet, ImageSet, list[str]]:
+    """`data_dir/train/<class>/*` and `data_dir/test/<class>/*`, decoded once and cached in `data_dir`."""
+    train, train_classes = _load_folder_split(data_dir / "train")
+    test, test_classes = _load_folder_split(data_dir / "test")
+    if train_classes != test_classes:
+        raise DataError(
+            f"data_dir: class folders of {data_dir / 'test'} ({', '.join(test_classes)}) do not match "
+            f"those of {data_dir / 'train'} ({', '.join(train_classes)})"
+        )
+    return train, test, train_classes
+
+
+def _list_folder(folder: Path) -> tuple[list[tuple[str, int]], list[str]]:
+    from torchvision.datasets.folder import find_classes, make_dataset
+
+    if not folder.is_dir():
+        raise DataError(f"data_dir: {folder} is not a folder; expected <data_dir>/train/<class>/*.jpg and test/")
+    try:
+        classes, class_to_index = find_classes(str(folder))
+        samples = make_dataset(str(folder), class_to_index, extensions=IMAGE_EXTENSIONS)
+    except FileNotFoundError as error:
+        raise DataError(f"data_dir: {folder}: {error} (allowed: {', '.join(IMAGE_EXTENSIONS)})") from None
+    return samples, classes
+
+
+def _load_folder_split(folder: Path) -> tuple[ImageSet, list[str]]:
+    samples, classes = _list_folder(folder)
+    # The cache key covers every file's name, size and modification time, so any change rebuilds the cache.
+    digest = hashlib.sha256(f"v{CACHE_FORMAT_VERSION}".encode())
+    for path, label in samples:
+        stat = os.stat(path)
+        digest.update(f"{os.path.relpath(path, folder)}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    cache_dir = folder.parent / CACHE_FOLDER
+    cache_file = cache_dir / f"{folder.name}-{digest.hexdigest()[:16]}.pt"
+
+    def read_cache() -> ImageSet | None:
+        if not cache_file.exists():
+            return None
+        try:
+            cached = torch.load(cache_file, weights_only=True)
+            return ImageSet(cached["images"], cached["labels"])
+        except Exception as error:  # a damaged cache is rebuilt, never trusted
+            log.warning("ignoring unreadable decode cache %s: %s", cache_file, error)
+            return None
+
+    def decode() -> ImageSet:
+        labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
+        return ImageSet(_decode_images([path for path, _ in samples]), labels)
+
+    if (cached := read_cache()) is not None:
+        return cached, classes
+    if not os.access(folder.parent, os.W_OK):
+        log.warning("%s is read-only: decoding %s without a cache", folder.parent, folder)
+        return decode(), classes
+    with file_lock(cache_dir / f"{folder.name}.lock"):
+        if (cached := read_cache()) is not None:  # another process built it while this one waited
+            return cached, classes
+        decoded = decode()
+        for stale in cache_dir.glob(f"{folder.name}-*.pt"):
+            stale.unlink(missing_ok=True)
+        atomic_torch_save(cache_file, {"images": decoded.images, "labels": decoded.labels})
+    log.info("decoded %d images in %s; cached in %s", len(decoded), folder, cache_file)
+    return decoded, classes
+
+
+def _decode_images(paths: list[str]) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    images = torch.empty(len(paths), 3, IMAGE_SIZE_PX, IMAGE_SIZE_PX, dtype=torch.uint8)
+    for i, path in enumerate(paths):
+        try:
+            image = decode_image(read_file(path), mode=ImageReadMode.RGB)  # (3, H, W) uint8
+        except RuntimeError as error:
+            raise DataError(f"data_dir: cannot read image {path}: {str(error).splitlines()[0]}") from None
+        if image.shape[1:] != (IMAGE_SIZE_PX, IMAGE_SIZE_PX):
+            raise DataError(
+                f"data_dir: image {path} is {image.shape[2]}x{image.shape[1]}; "
+                f"only {IMAGE_SIZE_PX}x{IMAGE_SIZE_PX} images are allowed"
+            )
+        images[i] = image
+    return images
+
+
+def make_synthetic(num_train: int, num_test: int) -> tuple[ImageSet, ImageSet, list[str]]:
+    """Images of 10 classes, each a fixed coarse colour layout plus noise: learnable, but not by one pixel."""
+    generator = torch.Generator().manual_seed(SYNTHETIC_DATA_SEED)
+    prototypes = torch.rand(SYNTHETIC_CLASSES, 3, SYNTHETIC_PROTOTYPE_PX, SYNTHETIC_PROTOTYPE_PX, generator=generator)
+    prototypes = F.interpolate(prototypes, size=IMAGE_SIZE_PX, mode="bilinear", align_corners=False)
+
+    def sample(count: int) -> ImageSet:
+        labels = torch.randint(SYNTHETIC_CLASSES, (count,), generator=generator)
+        noise = torch.randn(count, 3, IMAGE_SIZE_PX, IMAGE_SIZE_PX, generator=generator) * SYNTHETIC_NOISE_STD
+        images = ((prototypes[labels] + noise).clamp(0, 1) * 255).round().to(torch.uint8)
+        return ImageSet(images, labels)
+
+    classes = [f"class{i}" for i in range(SYNTHETIC_CLASSES)]
+    return sample(num_train), sample(num_test), classes
+
+
+# --- device-side batches --------------------------------------------------------------------------------------
+
+
+def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random `padding`-px zero-padded crop and random horizontal flip of each image, in one gather.
+
+    images: (B, C, H, W), any dtype, on any device (the generator must be on the same device).
+    """
+    n, c, h, w = images.shape
+    device = images.device
+    padded = F.pad(images, (padding, padding, padding, padding))  # (B, C, H+2p, W+2p), zeros outside
+    top = torch.randint(0, 2 * padding + 1, (n,), device=device, generator=generator)
+    left = torch.randint(0, 2 * padding + 1, (n,), device=device, generator=generator)
+    flip = torch.rand(n, device=device, generator=generator) < 0.5
+    rows = top[:, None] + torch.arange(h, device=device)  # (B, H)
+    cols = left[:, None] + torch.arange(w, device=device)  # (B, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)  # a flip is the crop's columns read backwards
+    batch = torch.arange(n, device=device)[:, None, None, None]
+    channel = torch.arange(c, device=device)[None, :, None, None]
+    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]  # (B, C, H, W)
+
+
+class DeviceLoader:
+    """One split on the training device as one uint8 tensor, served as normalised float batches.
+
+    Training order: a fresh permutation each epoch, drop_last (fixed shapes), crop + flip per batch.
+    Evaluation order: as stored, every image once, no augmentation.
+    """
+
+    def __init__(
+        self,
+        data: ImageSet,
+        batch_size: int,
+        device: torch.device,
+        generator: torch.Generator | None = None,
+        augment: bool = False,
+    ) -> None:
+        self.images = data.images.to(device)  # (N, 3, 32, 32) uint8: the whole split lives on the device
+        self.labels = data.labels.to(device)  # (N,)
+        self.batch_size = batch_size
+        self.generator = generator
+        self.augment = augment
+        self.mean = torch.tensor(CIFAR10_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(CIFAR10_STD, device=device).view(1, 3, 1, 1) * 255
+
+    def __len__(self) -> int:
+        if self.augment:
+            return len(self.labels) // self.batch_size
+        return -(-len(self.labels) // self.batch_size)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() - self.mean) / self.std  # (B, 3, 32, 32) float32
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.labels)
+        if self.augment:
+            order = torch.randperm(n, device=self.labels.device, generator=self.generator)
+        else:
+            order = torch.arange(n, device=self.labels.device)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            index = order[start : start + self.batch_size]
+            images = self.images[index]
+            if self.augment:
+                images = random_crop_flip(images, CROP_PADDING_PX, self.generator)
+            yield self.normalize(images), self.labels[index]

@@ -1,0 +1,340 @@
+"""The training engine: optimizer and schedule builders, `train_one_epoch`, `evaluate` and `fit`.
+
+It knows nothing of W&B or files: `fit` reports each epoch through a callback, and the W&B layer, the run record
+and the checkpoint writer subscribe to it. Host synchronisation happens once per epoch, never per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import Config
+from .data import DataSplits, DeviceLoader
+from .errors import ConfigError, TrainingDiverged
+from .model import CIFAR10CNN
+
+log = logging.getLogger(__name__)
+
+
+class Interrupted(Exception):
+    """Training was asked to stop (a signal); the state of the last completed epoch is intact."""
+
+
+# --- builders -------------------------------------------------------------------------------------------------
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} asked for, but CUDA is not available here; use device=cpu or auto")
+    return device
+
+
+def build_model(config: Config, num_classes: int, device: torch.device) -> nn.Module:
+    # A private RNG for the initial weights: the same seed gives the same model, and the caller's global RNG
+    # is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = CIFAR10CNN(num_classes=num_classes, width=config.width)
+    return model.to(device, memory_format=memory_format_for(config, device))
+
+
+def build_optimizer(config: Config, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """Weight decay applies to conv and linear weights only, never to batch-norm parameters or biases."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    fused = device.type == "cuda"  # one kernel for the whole update instead of one per parameter
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=config.learning_rate, fused=fused)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.learning_rate, fused=fused)
+    return torch.optim.SGD(
+        groups, lr=config.learning_rate, momentum=config.momentum, nesterov=config.nesterov, fused=fused
+    )
+
+
+def lr_multiplier(config: Config, step: int, steps_per_epoch: int) -> float:
+    """The schedule's factor on `learning_rate` at optimizer step `step` (0-based)."""
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    total_steps = config.epochs * steps_per_epoch
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if config.lr_schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)  # 0 -> 1 over the decay
+    if config.lr_schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0 - progress  # onecycle: linear decay to zero after the warm-up
+
+
+def build_scheduler(
+    config: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(config, step, steps_per_epoch))
+
+
+def memory_format_for(config: Config, device: torch.device) -> torch.memory_format:
+    if device.type == "cuda" and config.channels_last:
+        return torch.channels_last  # NHWC: what cuDNN's tensor-core convolutions want
+    return torch.contiguous_format
+
+
+def autocast_context(config: Config, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    if device.type == "cuda" and config.bf16:
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+# --- one epoch ------------------------------------------------------------------------------------------------
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loss_fn: nn.Module,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    memory_format: torch.memory_format = torch.contiguous_format,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_batch: Callable[[], None] | None = None,
+) -> tuple[float, float]:
+    """Train over `loader` once; return (mean loss, accuracy). One host sync, at the end."""
+    model.train()
+    loss_sum = torch.zeros((), device=next(model.parameters()).device)
+    correct = torch.zeros((), dtype=torch.int64, device=loss_sum.device)
+    seen = 0
+    for images, labels in loader:  # images (B, 3, 32, 32) float, labels (B,)
+        if should_stop():
+            raise Interrupted
+        images = images.contiguous(memory_format=memory_format)
+        with autocast():
+            logits = model(images)  # (B, classes)
+            loss = loss_fn(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        # Accumulated on the device: reading them now would stall the GPU every step.
+        loss_sum += loss.detach().float() * len(labels)
+        correct += (logits.argmax(1) == labels).sum()
+        seen += len(labels)
+        if on_batch is not None:
+            on_batch()
+    loss_value, correct_value = loss_sum.item(), correct.item()  # sync point: once per epoch
+    return loss_value / max(seen, 1), correct_value / max(seen, 1)
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    acc: float
+    confusion: torch.Tensor  # (classes, classes) int64 on the CPU; rows are true labels, columns predictions
+
+    def per_class_acc(self) -> list[float]:
+        totals = self.confusion.sum(1).clamp(min=1)
+        return (self.confusion.diag() / totals).tolist()
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    num_classes: int,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    memory_format: torch.memory_format = torch.contiguous_format,
+    tta: bool = False,
+) -> EvalResult:
+    """Mean cross-entropy, accuracy and confusion matrix over `loader`; with `tta`, logits of each image and its
+    mirror are averaged."""
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=device)
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+    for images, labels in loader:
+        images = images.contiguous(memory_format=memory_format)
+        with autocast():
+            logits = model(images).float()  # (B, classes)
+            if tta:
+                logits = (logits + model(images.flip(3)).float()) / 2
+        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
+        confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
+    confusion = confusion.view(num_classes, num_classes).cpu()  # sync point
+    total = int(confusion.sum())
+    return EvalResult(loss=loss_sum.item() / max(total, 1), acc=int(confusion.diag().sum()) / max(total, 1),
+                      confusion=confusion)
+
+
+# --- the whole run --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EpochResult:
+    epoch: int  # 1-based
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    lr: float  # at the end of the epoch
+    epoch_seconds: float  # training and validation
+    train_images_per_second: float
+    is_best: bool
+
+    def metrics(self) -> dict[str, float]:
+        """The per-epoch metrics under the names W&B and the run record use."""
+        return {
+            "epoch": self.epoch,
+            "train/loss": self.train_loss,
+            "train/acc": self.train_acc,
+            "val/loss": self.val_loss,
+            "val/acc": self.val_acc,
+            "lr": self.lr,
+            "epoch_seconds": self.epoch_seconds,
+            "train/images_per_second": self.train_images_per_second,
+        }
+
+
+@dataclass
+class TrainState:
+    """Everything a run needs to continue exactly where it stopped."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator  # shuffling and augmentation
+    epoch: int = 0  # completed epochs
+    best_epoch: int = 0
+    best_val_acc: float = -1.0
+    best_model_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "epoch": self.epoch,
+            "best_epoch": self.best_epoch,
+            "best_val_acc": self.best_val_acc,
+            "best_model_state": self.best_model_state,
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        self.epoch = state["epoch"]
+        self.best_epoch = state["best_epoch"]
+        self.best_val_acc = state["best_val_acc"]
+        self.best_model_state = state["best_model_state"]
+        self.history = list(state["history"])
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_val_acc: float
+    test: EvalResult
+    model: nn.Module  # holding the best weights
+
+
+def fit(
+    config: Config,
+    model: nn.Module,
+    data: DataSplits,
+    device: torch.device,
+    on_epoch: Callable[[EpochResult, TrainState], None] | None = None,
+    resume: dict[str, Any] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_batch: Callable[[], None] | None = None,
+    on_epoch_start: Callable[[int, int], None] | None = None,
+) -> FitResult:
+    """Train `model` (from `build_model`, on `device`) for `config.epochs`, keep the weights of the best
+    validation epoch, and test them once at the end.
+
+    `resume` is a `TrainState.state_dict()`; training continues after its last completed epoch. `should_stop` is
+    polled every step (no sync); when it returns True, `Interrupted` is raised and the state of the last
+    completed epoch stays as `on_epoch` last saw it.
+    """
+    num_classes = len(data.classes)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    train_loader = DeviceLoader(data.train, config.batch_size, device, generator=generator, augment=True)
+    val_loader = DeviceLoader(data.val, config.eval_batch_size, device)
+    if len(train_loader) == 0:
+        raise ConfigError(
+            f"batch_size: {config.batch_size} is more than the {len(data.train)} training images; lower it"
+        )
+    optimizer = build_optimizer(config, model, device)
+    scheduler = build_scheduler(config, optimizer, len(train_loader))
+    state = TrainState(model, optimizer, scheduler, generator)
+    if resume is not None:
+        state.load_state_dict(resume)
+        log.info("resuming after epoch %d of %d", state.epoch, config.epochs)
+    step_model = torch.compile(model) if config.compile else model  # state dicts stay those of `model`
+    memory_format = memory_format_for(config, device)
+    autocast = autocast_context(config, device)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+
+    for epoch in range(state.epoch + 1, config.epochs + 1):
+        if on_epoch_start is not None:
+            on_epoch_start(epoch, len(train_loader))
+        start = time.perf_counter()
+        train_loss, train_acc = train_one_epoch(
+            step_model, train_loader, optimizer, scheduler, loss_fn, autocast, memory_format, should_stop, on_batch
+        )
+        train_seconds = time.perf_counter() - start  # train_one_epoch ended on a sync, so this is honest
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(
+                f"training loss became {train_loss} in epoch {epoch}; lower learning_rate "
+                f"(now {config.learning_rate})"
+            )
+        val = evaluate(step_model, val_loader, num_classes, autocast, memory_format, config.tta)
+        is_best = val.acc > state.best_val_acc
+        if is_best:
+            state.best_epoch, state.best_val_acc = epoch, val.acc
+            state.best_model_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        result = EpochResult(
+            epoch=epoch,
+            train_loss=train_loss,
+            train_acc=train_acc,
+            val_loss=val.loss,
+            val_acc=val.acc,
+            lr=scheduler.get_last_lr()[0],
+            epoch_seconds=time.perf_counter() - start,
+            train_images_per_second=len(train_loader) * config.batch_size / train_seconds,
+            is_best=is_best,
+        )
+        state.epoch = epoch
+        state.history.append(result.metrics())
+        log.info(
+            "epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  lr %.2e  %.1fs  %.0f img/s%s",
+            epoch, config.epochs, train_loss, train_acc, val.loss, val.acc, result.lr, result.epoch_seconds,
+            result.train_images_per_second, "  (best)" if is_best else "",
+        )
+        if on_epoch is not None:
+            on_epoch(result, state)
+
+    model.load_state_dict(state.best_model_state)
+    test_loader = DeviceLoader(data.test, config.eval_batch_size, device)
+    test = evaluate(step_model, test_loader, num_classes, autocast, memory_format, config.tta)
+    log.info("test (best epoch %d): loss %.4f acc %.4f", state.best_epoch, test.loss, test.acc)
+    return FitResult(state.history, state.best_epoch, state.best_val_acc, test, model)

@@ -1,0 +1,62 @@
+"""Atomic writes and inter-process locks: no reader ever sees a half-written file, and several agents on one
+host can share a data folder or an output folder."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; when the block ends without error, move it onto `path` in one step.
+
+    The temporary file sits in the same folder, so `os.replace` is atomic; a crash leaves at worst a stray
+    `.tmp` file, never a truncated `path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+
+
+def atomic_write_json(path: str | os.PathLike[str], value: Any) -> None:
+    atomic_write(path, lambda f: f.write((json.dumps(value, indent=2, sort_keys=False) + "\n").encode()))
+
+
+def atomic_torch_save(path: str | os.PathLike[str], value: Any) -> None:
+    atomic_write(path, lambda f: torch.save(value, f))
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive advisory lock on `path` (created if missing) for the block; other processes wait."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

@@ -1,0 +1,134 @@
+"""One training run with its files and no W&B: data, engine, checkpoints and run record in `output_dir/<run id>/`.
+
+`train.py` puts the W&B layer on top; benchmarks, tests and the sweep runner can call `run_training` directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT, load_checkpoint, save_best, save_resume
+from .config import Config
+from .data import DeviceLoader, load_splits
+from .engine import (
+    EpochResult,
+    EvalResult,
+    FitResult,
+    Interrupted,
+    TrainState,
+    autocast_context,
+    build_model,
+    evaluate,
+    fit,
+    memory_format_for,
+    select_device,
+)
+from .errors import UserError
+from .model import count_parameters
+from .records import RECORD_FILE, RunRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunOutcome:
+    run_dir: Path
+    record: RunRecord
+    fit: FitResult
+    classes: list[str]
+
+
+@dataclass
+class RunHooks:
+    """Optional subscribers: `on_epoch` after each epoch's files are written; the rest drive a progress bar."""
+
+    on_start: Callable[[dict[str, Any]], None] | None = None  # facts known once data and model are built
+    on_epoch: Callable[[EpochResult, TrainState], None] | None = None
+    on_epoch_start: Callable[[int, int], None] | None = None  # (epoch, batches in it)
+    on_batch: Callable[[], None] | None = None
+    should_stop: Callable[[], bool] = lambda: False
+
+
+def run_training(config: Config, run_id: str, hooks: RunHooks | None = None) -> RunOutcome:
+    """Train one run; write `best.pt`, `last.pt` (removed when the run finishes) and `record.json`.
+
+    A `last.pt` already in the run folder (a preempted earlier attempt with the same run id) is resumed.
+    """
+    hooks = hooks or RunHooks()
+    started = time.perf_counter()
+    log.info("config: %s", config.to_dict())
+    device = select_device(config.device)
+    data = load_splits(config)
+    model = build_model(config, len(data.classes), device)
+    if hooks.on_start is not None:
+        hooks.on_start({
+            "param_count": count_parameters(model), "device": str(device), "classes": data.classes,
+            "train_images": len(data.train), "val_images": len(data.val), "test_images": len(data.test),
+        })
+    run_dir = Path(config.output_dir) / run_id
+    resume_path = run_dir / RESUME_CHECKPOINT
+    resume = None
+    if resume_path.exists():
+        saved = load_checkpoint(resume_path, map_location=device)
+        if saved["config"] != config.to_dict():
+            raise UserError(f"checkpoint: {resume_path} was written with other settings; remove it to start over")
+        resume = saved["state"]
+    resumable_record = resume is not None and (run_dir / RECORD_FILE).exists()
+    record = RunRecord.load(run_dir) if resumable_record else RunRecord(run_id, config.to_dict())
+    record.status = "running"
+    record.save(run_dir)
+
+    def on_epoch(result: EpochResult, state: TrainState) -> None:
+        # Files first, then subscribers: a run stopped here resumes with every epoch it has reported.
+        if result.is_best:
+            save_best(run_dir / BEST_CHECKPOINT, state.best_model_state, config, result.epoch, result.metrics(),
+                      data.classes)
+        save_resume(resume_path, state.state_dict(), config)
+        record.history = list(state.history)
+        record.save(run_dir)
+        if hooks.on_epoch is not None:
+            hooks.on_epoch(result, state)
+
+    try:
+        result = fit(config, model, data, device, on_epoch=on_epoch, resume=resume, should_stop=hooks.should_stop,
+                     on_batch=hooks.on_batch, on_epoch_start=hooks.on_epoch_start)
+    except BaseException as error:
+        record.status = "preempted" if isinstance(error, Interrupted) else "failed"
+        record.error = str(error) or type(error).__name__
+        record.save(run_dir)
+        raise
+    record.status = "finished"
+    record.summary = {
+        "best_epoch": result.best_epoch,
+        "best/val_acc": result.best_val_acc,
+        "test/loss": result.test.loss,
+        "test/acc": result.test.acc,
+        "test/acc_per_class": dict(zip(data.classes, result.test.per_class_acc())),
+        "param_count": count_parameters(result.model),
+        "device": str(device),
+        "run_seconds": time.perf_counter() - started,
+    }
+    record.save(run_dir)
+    resume_path.unlink(missing_ok=True)  # finished: nothing left to resume
+    return RunOutcome(run_dir, record, result, data.classes)
+
+
+def evaluate_checkpoint(path: Path, overrides: dict[str, Any]) -> tuple[Config, EvalResult]:
+    """Test a `best.pt` on its run's test set; `overrides` (data_dir, dataset, device, tta, ...) change settings."""
+    saved = load_checkpoint(path)
+    config = Config.from_mapping(overrides, base=Config.from_mapping(saved["config"]))
+    device = select_device(config.device)
+    data = load_splits(config)
+    if data.classes != saved["classes"]:
+        raise UserError(f"checkpoint: {path} was trained on classes {saved['classes']}, the data has {data.classes}")
+    model = build_model(config, len(data.classes), device)
+    model.load_state_dict(saved["model"])
+    memory_format = memory_format_for(config, device)
+    loader = DeviceLoader(data.test, config.eval_batch_size, device)
+    result = evaluate(model, loader, len(data.classes), autocast_context(config, device), memory_format, config.tta)
+    return config, result

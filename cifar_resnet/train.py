@@ -1,0 +1,113 @@
+"""The training entry point that `wandb agent` starts: `python -m cifar_resnet.train --name=value ...`.
+
+argv -> Config -> W&B run (the sweep's values win) -> run_training -> summary and artifact -> exit status.
+Exit status: 0 finished; 2 a user mistake (one line names it); 1 diverged or crashed; 128 + signal number when
+stopped by SIGTERM or SIGUSR1, after marking the run preempting so that the sweep requeues it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Iterator, Sequence
+
+from .config import Config, argument_parser
+from .engine import Interrupted
+from .errors import TrainingDiverged, UserError
+from .runner import RunHooks, run_training
+
+log = logging.getLogger("cifar_resnet")
+
+EXIT_OK, EXIT_CRASH, EXIT_USAGE = 0, 1, 2
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def setup_logging() -> None:
+    """One line per message on stderr; W&B's own lines are its own."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    package_log = logging.getLogger("cifar_resnet")
+    package_log.handlers[:] = [handler]
+    package_log.setLevel(logging.INFO)
+    package_log.propagate = False
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[list[int]]:
+    """While inside, SIGTERM and SIGUSR1 are recorded instead of killing the process; the list holds them."""
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in STOP_SIGNALS}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def progress_hooks(hooks: RunHooks) -> Iterator[RunHooks]:
+    """A bar per epoch when stderr is a terminal; otherwise the engine's one log line per epoch is the progress."""
+    if not sys.stderr.isatty():
+        yield hooks
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task("", total=None)
+
+        def on_epoch_start(epoch: int, batches: int) -> None:
+            bar.reset(task, total=batches, description=f"epoch {epoch}")
+
+        hooks.on_epoch_start = on_epoch_start
+        hooks.on_batch = lambda: bar.advance(task)
+        yield hooks
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    setup_logging()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        argument_parser("python -m cifar_resnet.train", __doc__.splitlines()[0]).print_help()
+        return EXIT_OK
+    try:
+        config = Config.from_argv(argv)
+    except UserError as error:
+        log.error("%s", error)
+        return EXIT_USAGE
+
+    from .tracking import Tracker  # wandb is imported only once a run really starts
+
+    tracker = Tracker(config)
+    with stop_on_signals() as received:
+        try:
+            config = Config.from_mapping(tracker.settings())  # under a sweep, W&B's values are the truth
+            tracker.record_config(config)
+            hooks = RunHooks(on_start=lambda facts: tracker.record_run_info(**facts), on_epoch=tracker.on_epoch,
+                             should_stop=lambda: bool(received))
+            with progress_hooks(hooks):
+                outcome = run_training(config, tracker.run_id, hooks)
+            tracker.finish_run(outcome)
+            return EXIT_OK
+        except UserError as error:
+            log.error("%s", error)
+            tracker.fail(str(error))
+            return EXIT_USAGE
+        except TrainingDiverged as error:
+            log.error("%s", error)
+            tracker.fail(str(error))
+            return EXIT_CRASH
+        except Interrupted:  # the resume checkpoint of the last completed epoch is already on disk
+            log.warning("stopped by signal %d; the run resumes from its last completed epoch", received[0])
+            tracker.preempt(exit_code=128 + received[0])
+            return 128 + received[0]
+        except Exception as error:
+            log.exception("run crashed")
+            tracker.fail(f"{type(error).__name__}: {error}")
+            return EXIT_CRASH
+
+
+if __name__ == "__main__":
+    sys.exit(main())
