@@ -1,0 +1,66 @@
+"""Shared fixtures: W&B offline in a temporary folder, and the real Config shrunk to run in seconds on a CPU."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from cifar_resnet.config import Config
+
+REPO = Path(__file__).resolve().parents[1]
+ARCHIVE = Path(os.environ.get("CIFAR10_JPEG_ARCHIVE", REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"))
+# A few thousand real images: the first N files of each class folder.
+REAL_TRAIN_PER_CLASS = 300
+REAL_TEST_PER_CLASS = 100
+
+
+@pytest.fixture(autouse=True)
+def offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test runs in its own folder with W&B offline and no credentials."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / ".wandb-config"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / ".wandb-cache"))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / ".wandb-data"))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    # The agent's `${interpreter}` is the `python` on PATH: make it this environment's.
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    return tmp_path
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Config:
+    """The real defaults, shrunk: a width-8 model on 1,000 synthetic images for 2 epochs."""
+    return Config(
+        dataset="synthetic", width=8, epochs=2, batch_size=64, eval_batch_size=256,
+        val_size=200, train_size=1000, test_size=200, output_dir=str(tmp_path / "runs"), device="cpu",
+    )
+
+
+def tiny_args(config: Config) -> list[str]:
+    """`config`'s settings as the `--name=value` arguments an agent passes."""
+    return [f"--{name}={value}" for name, value in config.to_dict().items()]
+
+
+@pytest.fixture(scope="session")
+def cifar_jpeg_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A few thousand images of the JPEG copy of CIFAR-10, in its image-folder layout."""
+    if not ARCHIVE.is_file():
+        pytest.skip(f"real-data archive {ARCHIVE} is absent (set CIFAR10_JPEG_ARCHIVE)")
+    root = tmp_path_factory.mktemp("cifar10-jpeg")
+    with tarfile.open(ARCHIVE, "r:gz") as archive:
+        for member in archive:
+            parts = Path(member.name).parts  # cifar10-jpeg/<split>/<class>/<NNNN>.jpg
+            if not member.isfile() or len(parts) != 4:
+                continue
+            limit = REAL_TRAIN_PER_CLASS if parts[1] == "train" else REAL_TEST_PER_CLASS
+            if int(Path(parts[3]).stem) < limit:
+                archive.extract(member, root, filter="data")
+    return root / "cifar10-jpeg"
