@@ -18,9 +18,25 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine", "onecycle")
 DATASETS = ("cifar10", "imagefolder", "synthetic")
 
+# A recipe is a preset of the training-recipe settings below: it supplies their defaults, and a setting given
+# explicitly still wins. `tuned` was chosen by measurement (BENCHMARKS.md); `writeup` reproduces the write-up's
+# settings (constant learning rate, no weight decay, no label smoothing, no TTA) so its table can be compared.
+RECIPE_PRESETS: dict[str, dict[str, Any]] = {
+    "tuned": {"lr_schedule": "onecycle", "warmup_epochs": 1.0, "label_smoothing": 0.1, "weight_decay": 5e-4,
+              "nesterov": True, "tta": True},
+    "writeup": {"lr_schedule": "constant", "warmup_epochs": 0.0, "label_smoothing": 0.0, "weight_decay": 0.0,
+                "nesterov": False, "tta": False},
+}
+RECIPE_FIELDS = tuple(RECIPE_PRESETS["writeup"])
+
 
 def _setting(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
     return field(default=default, metadata={"help": help, "choices": tuple(choices) if choices else None})
+
+
+def _recipe_setting(help: str, choices: Sequence[str] | None = None) -> Any:
+    """A setting whose default comes from the `recipe` preset (None until `__post_init__` fills it in)."""
+    return _setting(None, help, choices)
 
 
 @dataclass(frozen=True)
@@ -29,16 +45,22 @@ class Config:
     learning_rate: float = _setting(0.001, "peak learning rate (per step; the schedule scales it)")
     optimizer: str = _setting("adam", "optimizer", OPTIMIZERS)
     momentum: float = _setting(0.9, "SGD momentum (beta1 is Adam's own 0.9)")
-    nesterov: bool = _setting(False, "Nesterov momentum for SGD")
-    weight_decay: float = _setting(0.0, "weight decay per step, not applied to batch-norm and bias parameters")
-    lr_schedule: str = _setting("constant", "learning-rate schedule, stepped every batch", LR_SCHEDULES)
-    warmup_epochs: float = _setting(0.0, "linear warm-up from 0 to learning_rate, in epochs")
-    label_smoothing: float = _setting(0.0, "label smoothing of the training loss, in [0, 1)")
+    nesterov: bool = _recipe_setting("[recipe] Nesterov momentum for SGD")
+    weight_decay: float = _recipe_setting(
+        "[recipe] weight decay, not applied to batch-norm and bias parameters: an L2 term added to the gradient "
+        "for sgd and adam (torch's own meaning), decoupled (weights shrink by learning rate x weight_decay per "
+        "step) for adamw"
+    )
+    lr_schedule: str = _recipe_setting("[recipe] learning-rate schedule, stepped every batch", LR_SCHEDULES)
+    warmup_epochs: float = _recipe_setting("[recipe] linear warm-up from 0 to learning_rate, in epochs")
+    label_smoothing: float = _recipe_setting("[recipe] label smoothing of the training loss, in [0, 1)")
+    recipe: str = _setting("tuned", "preset of the settings marked [recipe]; a setting given explicitly wins",
+                           tuple(RECIPE_PRESETS))
     epochs: int = _setting(10, "training epochs")
     batch_size: int = _setting(128, "training batch size, in images")
     # --- evaluation ---------------------------------------------------------------------------------------------
     eval_batch_size: int = _setting(1024, "evaluation batch size, in images")
-    tta: bool = _setting(False, "flip test-time augmentation: average the logits of each image and its mirror")
+    tta: bool = _recipe_setting("[recipe] flip test-time augmentation: average the logits of each image and its mirror")
     # --- data ---------------------------------------------------------------------------------------------------
     dataset: str = _setting("cifar10", "data source", DATASETS)
     data_dir: str = _setting("./data", "where CIFAR-10 is downloaded, or the image folder (train/, test/)")
@@ -57,6 +79,11 @@ class Config:
 
     # ------------------------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
+        if self.recipe not in RECIPE_PRESETS:
+            raise ConfigError(f"recipe: {self.recipe!r} is not one of {', '.join(RECIPE_PRESETS)}")
+        for name, value in RECIPE_PRESETS[self.recipe].items():
+            if getattr(self, name) is None:  # not given: the recipe supplies it
+                object.__setattr__(self, name, value)
         self.validate()
 
     def validate(self) -> None:
@@ -71,7 +98,9 @@ class Config:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
-        non_negative = ("momentum", "weight_decay", "warmup_epochs", "val_size", "train_size", "test_size", "seed")
+        if self.val_size <= 0:  # the best checkpoint is chosen on validation accuracy
+            raise ConfigError(f"val_size: must be > 0 (the best epoch is chosen on it), got {self.val_size}")
+        non_negative = ("momentum", "weight_decay", "warmup_epochs", "train_size", "test_size", "seed")
         for name in non_negative:
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
@@ -98,6 +127,8 @@ class Config:
         """
         fields = {f.name: f for f in dataclasses.fields(cls)}
         merged = (base or cls()).to_dict()
+        if "recipe" in values:  # a new recipe supplies every recipe setting not given alongside it
+            merged.update(dict.fromkeys(RECIPE_FIELDS))
         for name, value in values.items():
             if name.startswith("_"):
                 continue
@@ -168,10 +199,14 @@ def argument_parser(prog: str | None = None, description: str | None = None) -> 
     for f in dataclasses.fields(Config):
         choices = f.metadata["choices"]
         allowed = f" {{{','.join(choices)}}}" if choices else ""
+        if f.name in RECIPE_FIELDS:
+            default = ", ".join(f"{preset[f.name]} with recipe={name}" for name, preset in RECIPE_PRESETS.items())
+        else:
+            default = getattr(defaults, f.name)
         group.add_argument(
             f"--{f.name}",
             metavar=f.type.upper(),
             default=None,
-            help=f"{f.metadata['help']}{allowed} (default: {getattr(defaults, f.name)})",
+            help=f"{f.metadata['help']}{allowed} (default: {default})",
         )
     return parser

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,7 +182,11 @@ def _decode_images(paths: list[str]) -> torch.Tensor:
     images = torch.empty(len(paths), 3, IMAGE_SIZE_PX, IMAGE_SIZE_PX, dtype=torch.uint8)
     for i, path in enumerate(paths):
         try:
-            image = decode_image(read_file(path), mode=ImageReadMode.RGB)  # (3, H, W) uint8
+            with warnings.catch_warnings():
+                # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec; they are 2.5x faster
+                # than PIL here, give identical pixels, and run once per folder thanks to the cache.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                image = decode_image(read_file(path), mode=ImageReadMode.RGB)  # (3, H, W) uint8
         except RuntimeError as error:
             raise DataError(f"data_dir: cannot read image {path}: {str(error).splitlines()[0]}") from None
         if image.shape[1:] != (IMAGE_SIZE_PX, IMAGE_SIZE_PX):

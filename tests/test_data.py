@@ -1,0 +1,160 @@
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.io import encode_png
+
+from cifar_resnet.config import Config
+from cifar_resnet.data import (
+    CACHE_FOLDER,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    DeviceLoader,
+    ImageSet,
+    load_image_folder,
+    load_splits,
+    random_crop_flip,
+)
+from cifar_resnet.errors import DataError
+
+
+def test_crops_are_windows_of_the_zero_padded_image_and_flips_mirror_them():
+    torch.manual_seed(0)
+    images = torch.randint(1, 256, (64, 3, 32, 32), dtype=torch.uint8)  # no zeros: padding is recognisable
+    out = random_crop_flip(images, padding=4, generator=torch.Generator().manual_seed(1))
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    offsets, flips = set(), 0
+    for i in range(len(images)):
+        windows = {(top, left): padded[i, :, top : top + 32, left : left + 32] for top in range(9) for left in range(9)}
+        matches = [
+            (top, left, flipped)
+            for (top, left), window in windows.items()
+            for flipped in (False, True)
+            if torch.equal(out[i], window.flip(2) if flipped else window)
+        ]
+        assert matches, f"image {i} is not a crop of its padded original"
+        offsets.add(matches[0][:2])
+        flips += matches[0][2]
+    # Random, not constant: many offsets, and about half flipped.
+    assert len(offsets) > 10
+    assert 16 <= flips <= 48
+
+
+def test_crop_and_flip_are_seeded():
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    a = random_crop_flip(images, 4, torch.Generator().manual_seed(3))
+    b = random_crop_flip(images, 4, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_loader_normalises_with_the_cifar_statistics_and_covers_the_split():
+    images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
+    data = ImageSet(images, torch.arange(10))
+    loader = DeviceLoader(data, batch_size=4, device=torch.device("cpu"))
+    batches = list(loader)
+    assert len(batches) == len(loader) == 3  # evaluation keeps the last partial batch
+    x = torch.cat([b[0] for b in batches])
+    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(x, (images.float() / 255 - mean) / std)
+    assert torch.equal(torch.cat([b[1] for b in batches]), torch.arange(10))
+
+
+def test_training_loader_shuffles_drops_the_partial_batch_and_augments():
+    data = ImageSet(torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8), torch.arange(10))
+    loader = DeviceLoader(data, 4, torch.device("cpu"), generator=torch.Generator().manual_seed(0), augment=True)
+    labels = [b[1] for b in loader]
+    assert len(labels) == len(loader) == 2 and all(len(y) == 4 for y in labels)
+    assert len(set(torch.cat(labels).tolist())) == 8  # a permutation: no repeats
+
+
+def test_validation_split_is_held_out_and_chosen_by_seed(tiny_config):
+    a = load_splits(tiny_config)
+    b = load_splits(tiny_config)
+    c = load_splits(tiny_config.replace(seed=1))
+    assert (len(a.train), len(a.val), len(a.test)) == (1000, 200, 200)
+    assert torch.equal(a.val.images, b.val.images)
+    assert not torch.equal(a.val.images, c.val.images)
+    # No validation image is also a training image.
+    train_rows = {bytes(img.numpy()) for img in a.train.images}
+    assert not any(bytes(img.numpy()) in train_rows for img in a.val.images)
+
+
+def _write_folder(root: Path, classes=("cat", "dog"), per_class=3, size=32) -> Path:
+    for split in ("train", "test"):
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                image = torch.full((3, size, size), 40 * label + i, dtype=torch.uint8)
+                (folder / f"{i}.png").write_bytes(encode_png(image).numpy().tobytes())
+    return root
+
+
+def test_image_folder_is_decoded_exactly_and_cached_until_it_changes(tmp_path):
+    root = _write_folder(tmp_path / "imgs")
+    train, test, classes = load_image_folder(root)
+    assert classes == ["cat", "dog"]
+    assert train.images.shape == (6, 3, 32, 32) and train.images.dtype == torch.uint8
+    assert train.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert int(train.images[4, 0, 0, 0]) == 41  # PNG is lossless: the pixel values come back as written
+    cache_files = sorted((root / CACHE_FOLDER).glob("*.pt"))
+    assert [f.name.split("-")[0] for f in cache_files] == ["test", "train"]
+
+    # A new image changes the fingerprint: the train cache is rebuilt (and the stale one removed).
+    image = torch.full((3, 32, 32), 99, dtype=torch.uint8)
+    (root / "train" / "dog" / "new.png").write_bytes(encode_png(image).numpy().tobytes())
+    train2, _, _ = load_image_folder(root)
+    assert len(train2) == 7
+    assert len(list((root / CACHE_FOLDER).glob("train-*.pt"))) == 1
+
+
+def test_cached_image_folder_loads_without_decoding(tmp_path, monkeypatch):
+    root = _write_folder(tmp_path / "imgs")
+    first = load_image_folder(root)[0]
+    monkeypatch.setattr("cifar_resnet.data._decode_images", lambda paths: pytest.fail("decoded again"))
+    assert torch.equal(load_image_folder(root)[0].images, first.images)
+
+
+@pytest.mark.parametrize(
+    "break_it, message",
+    [
+        (lambda root: None, "is not a folder"),
+        (lambda root: (root / "train").mkdir(parents=True), "Couldn't find any class folder"),
+    ],
+)
+def test_missing_or_empty_folder_is_named(tmp_path, break_it, message):
+    root = tmp_path / "nothing"
+    break_it(root)
+    with pytest.raises(DataError, match=message) as error:
+        load_image_folder(root)
+    assert "data_dir" in str(error.value)
+
+
+def test_unreadable_image_is_named(tmp_path):
+    root = _write_folder(tmp_path / "imgs")
+    bad = root / "train" / "cat" / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match="broken.jpg"):
+        load_image_folder(root)
+
+
+def test_wrong_size_image_is_named(tmp_path):
+    root = _write_folder(tmp_path / "imgs", size=28)
+    with pytest.raises(DataError, match=r"28x28; only 32x32"):
+        load_image_folder(root)
+
+
+def test_train_and_test_classes_must_match(tmp_path):
+    root = _write_folder(tmp_path / "imgs")
+    (root / "test" / "dog").rename(root / "test" / "horse")
+    with pytest.raises(DataError, match="do not match"):
+        load_image_folder(root)
+
+
+def test_real_jpeg_folder_loads(cifar_jpeg_dir):
+    splits = load_splits(Config(dataset="imagefolder", data_dir=str(cifar_jpeg_dir), val_size=500))
+    assert splits.classes[:3] == ["airplane", "automobile", "bird"] and len(splits.classes) == 10
+    assert len(splits.train) + len(splits.val) == 3000 and len(splits.test) == 1000
+    assert splits.train.images.float().mean() > 50  # real pictures, not blank decodes

@@ -1,0 +1,199 @@
+"""The sweep run end to end: sweep.yaml -> W&B's own sweep engine and macro expansion -> `python -m
+cifar_resnet.train` as a subprocess, offline -> checkpoint, run record and the artifact in the offline run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sweeps
+import torch
+import yaml
+from conftest import REPO, tiny_args
+from wandb.sdk.launch.sweeps import utils as sweep_utils
+from wandb.sdk.lib import config_util
+from wandb_records import offline_run_file, read_records
+
+from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
+from cifar_resnet.cli import main as cli_main
+from cifar_resnet.config import Config
+from cifar_resnet.records import RunRecord
+from cifar_resnet.runner import run_training
+
+SWEEP_YAML = REPO / "sweep.yaml"
+
+
+def load_sweep() -> dict:
+    return yaml.safe_load(SWEEP_YAML.read_text())
+
+
+def test_sweep_yaml_passes_the_schema_and_expands_to_the_six_cells():
+    sweep = load_sweep()
+    assert sweeps.schema_violations_from_proposed_config(sweep) == []
+    runs: list[sweeps.SweepRun] = []
+    while (proposal := sweeps.next_run(sweep, runs)) is not None:
+        runs.append(sweeps.SweepRun(name=f"r{len(runs)}", state=sweeps.RunState.finished, config=proposal.config))
+    cells = {(r.config["learning_rate"]["value"], r.config["optimizer"]["value"]) for r in runs}
+    assert len(runs) == 6
+    assert cells == {(lr, opt) for lr in (0.001, 0.0005, 0.0001) for opt in ("adam", "sgd")}
+    assert all(r.config["epochs"]["value"] == 10 and r.config["batch_size"]["value"] == 128 for r in runs)
+    for run in runs:  # every proposed cell is a valid Config
+        Config.from_mapping({name: item["value"] for name, item in run.config.items()})
+
+
+def agent_command(sweep: dict, params: dict) -> list[str]:
+    """The command `wandb agent` runs for `params`, built with wandb's own macro code as its Agent does."""
+    command = {"args": {name: {"value": value} for name, value in params.items()}, "program": sweep["program"]}
+    sweep_vars = sweep_utils.create_sweep_command_args(command)
+    sweep_vars.update(interpreter=["python"], program=[sweep["program"]], env=["/usr/bin/env"])
+    argv = []
+    for chunk in map(str, sweep_utils.create_sweep_command(sweep["command"])):
+        is_macro = chunk.startswith("${") and chunk.endswith("}")
+        argv += (sweep_vars.get(chunk[2:-1]) or []) if is_macro else [chunk]
+    return argv
+
+
+def run_as_agent(tmp_path: Path, params: dict, run_id: str) -> subprocess.CompletedProcess:
+    sweep = load_sweep()
+    param_path = tmp_path / "sweep-test" / f"config-{run_id}.yaml"
+    config_util.save_config_file_from_dict(str(param_path), {k: {"value": v} for k, v in params.items()})
+    env = dict(os.environ, WANDB_SWEEP_ID="testsweep", WANDB_RUN_ID=run_id, WANDB_SWEEP_PARAM_PATH=str(param_path))
+    return subprocess.run(agent_command(sweep, params), env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_agent_runs_a_cell_offline_and_records_checkpoint_and_artifact(tmp_path, tiny_config):
+    params = {**tiny_config.to_dict(), "learning_rate": 0.0005, "optimizer": "sgd"}
+    done = run_as_agent(tmp_path, params, run_id="cell0001")
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    run_dir = Path(tiny_config.output_dir) / "cell0001"
+    record = RunRecord.load(run_dir)
+    assert record.status == "finished"
+    assert record.config["learning_rate"] == 0.0005 and record.config["optimizer"] == "sgd"
+    assert [h["epoch"] for h in record.history] == [1, 2]
+    assert 0 <= record.summary["test/acc"] <= 1 and record.summary["best_epoch"] in (1, 2)
+    assert not (run_dir / RESUME_CHECKPOINT).exists()
+
+    checkpoint = torch.load(run_dir / BEST_CHECKPOINT, weights_only=True)
+    assert checkpoint["epoch"] == record.summary["best_epoch"]
+    assert checkpoint["config"]["optimizer"] == "sgd"
+    assert checkpoint["metrics"]["val/acc"] == max(h["val/acc"] for h in record.history)
+
+    records = read_records(offline_run_file(tmp_path, "cell0001"))
+    kinds = [r.WhichOneof("record_type") for r in records]
+    run = next(r.run for r in records if r.HasField("run"))
+    assert run.sweep_id == "testsweep"
+    (model,) = [r.artifact for r in records if r.HasField("artifact") and r.artifact.type == "model"]
+    assert model.name == "model-cell0001"
+    assert set(model.aliases) >= {"best", "latest"}
+    assert [entry.path for entry in model.manifest.contents] == [BEST_CHECKPOINT]
+    assert json.loads(model.metadata)["epoch"] == record.summary["best_epoch"]
+    assert kinds.count("history") >= 2
+    exit_record = next(r.exit for r in records if r.HasField("exit"))
+    assert exit_record.exit_code == 0
+
+
+def test_sweep_values_win_over_the_command_line(tmp_path, tiny_config):
+    """Under a sweep, W&B's config (from the parameter file) is the truth, as with a real agent."""
+    sweep = load_sweep()
+    params = {**tiny_config.to_dict(), "epochs": 1, "optimizer": "adamw"}
+    param_path = tmp_path / "params.yaml"
+    config_util.save_config_file_from_dict(str(param_path), {k: {"value": v} for k, v in params.items()})
+    argv = [a for a in agent_command(sweep, params) if not a.startswith("--optimizer")] + ["--optimizer=sgd"]
+    env = dict(os.environ, WANDB_SWEEP_ID="s", WANDB_RUN_ID="winner01", WANDB_SWEEP_PARAM_PATH=str(param_path))
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert RunRecord.load(Path(tiny_config.output_dir) / "winner01").config["optimizer"] == "adamw"
+
+
+def test_narrow_model_learns_synthetic_classes(tiny_config):
+    config = tiny_config.replace(epochs=3, train_size=2000)
+    outcome = run_training(config, "learn01")
+    assert outcome.fit.test.acc > 0.9  # chance is 0.1
+    assert outcome.record.history[-1]["train/loss"] < outcome.record.history[0]["train/loss"]
+
+
+def test_narrow_model_learns_real_cifar_images(cifar_jpeg_dir, tmp_path):
+    config = Config(dataset="imagefolder", data_dir=str(cifar_jpeg_dir), width=16, epochs=2, val_size=500,
+                    batch_size=64, lr_schedule="constant", output_dir=str(tmp_path / "runs"), device="cpu")
+    outcome = run_training(config, "real01")
+    assert outcome.fit.test.acc > 0.25  # chance is 0.1; 2,500 images and 2 epochs
+
+
+def python_train(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cifar_resnet.train", *args], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, **env))
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("ERROR")]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--optimizer=rmsprop"], "ERROR: optimizer: 'rmsprop' is not one of adam, adamw, sgd"),
+        (["--dataset=mnist"], "ERROR: dataset: 'mnist' is not one of cifar10, imagefolder, synthetic"),
+        (["--learning_rate=-1"], "ERROR: learning_rate: must be > 0, got -1.0"),
+        (["--epochs=0"], "ERROR: epochs: must be > 0, got 0"),
+        (["--batch_size=0"], "ERROR: batch_size: must be > 0, got 0"),
+    ],
+)
+def test_bad_settings_fail_in_one_line_before_anything_starts(args, message):
+    done = python_train(*args)
+    assert done.returncode == 2
+    assert error_lines(done.stderr) == [message]
+    assert "Traceback" not in done.stderr
+    assert not Path("runs").exists()
+
+
+def test_missing_data_folder_fails_the_wandb_run_with_one_line(tmp_path):
+    done = python_train("--dataset=imagefolder", f"--data_dir={tmp_path / 'nowhere'}", "--val_size=10",
+                        WANDB_RUN_ID="nodata01")
+    assert done.returncode == 2
+    assert error_lines(done.stderr) == [
+        f"ERROR: data_dir: {tmp_path / 'nowhere' / 'train'} is not a folder; "
+        "expected <data_dir>/train/<class>/*.jpg and test/"
+    ]
+    assert "Traceback" not in done.stderr
+    records = read_records(offline_run_file(tmp_path, "nodata01"))
+    assert next(r.exit for r in records if r.HasField("exit")).exit_code == 1  # the W&B run ended as failed
+
+
+def test_diverging_loss_stops_the_run(tiny_config):
+    args = tiny_args(tiny_config.replace(optimizer="sgd", learning_rate=1e12, epochs=2))
+    done = python_train(*args, WANDB_RUN_ID="nan00001")
+    assert done.returncode == 1
+    (line,) = error_lines(done.stderr)
+    assert "training loss became" in line and "lower learning_rate" in line
+    assert "Traceback" not in done.stderr
+    record = RunRecord.load(Path(tiny_config.output_dir) / "nan00001")
+    assert record.status == "failed" and not (Path(tiny_config.output_dir) / "nan00001" / BEST_CHECKPOINT).exists()
+
+
+def test_no_credentials_goes_offline_by_itself_and_says_how_to_sync(tiny_config, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE")
+    done = python_train(*tiny_args(tiny_config.replace(epochs=1)), WANDB_RUN_ID="nocred01")
+    assert done.returncode == 0, done.stderr[-2000:]
+    warning = [line for line in done.stderr.splitlines() if "no W&B credentials" in line]
+    assert len(warning) == 1 and "wandb sync" in warning[0] and "nocred01" in warning[0]
+
+
+def test_evaluate_command_tests_a_saved_checkpoint(tiny_config, capsys):
+    outcome = run_training(tiny_config, "eval0001")
+    assert cli_main(["evaluate", str(outcome.run_dir / BEST_CHECKPOINT), "--device=cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert f"test acc {outcome.fit.test.acc:.4f}" in printed
+    assert cli_main(["evaluate", "missing.pt"]) == 2
+    assert "checkpoint: missing.pt does not exist" in capsys.readouterr().err
+
+
+def test_help_lists_every_setting():
+    done = subprocess.run([sys.executable, "-m", "cifar_resnet", "train", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0
+    for name in Config().to_dict():
+        assert f"--{name}" in done.stdout
