@@ -56,6 +56,9 @@ def progress_hooks(hooks: RunHooks) -> Iterator[RunHooks]:
 
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), transient=True) as bar:
+        # Log lines go through rich's redirected stderr, so that they print above the bar, not through it.
+        handlers = [h for h in log.handlers if isinstance(h, logging.StreamHandler)]
+        streams = [h.setStream(sys.stderr) for h in handlers]
         task = bar.add_task("", total=None)
 
         def on_epoch_start(epoch: int, batches: int) -> None:
@@ -63,7 +66,11 @@ def progress_hooks(hooks: RunHooks) -> Iterator[RunHooks]:
 
         hooks.on_epoch_start = on_epoch_start
         hooks.on_batch = lambda: bar.advance(task)
-        yield hooks
+        try:
+            yield hooks
+        finally:
+            for handler, stream in zip(handlers, streams):
+                handler.setStream(stream)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
