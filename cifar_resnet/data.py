@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # per channel, on the 0..1 scale
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 CACHE_FOLDER = ".cifar_resnet_cache"
+CIFAR10_FOLDER = "cifar-10-batches-py"  # where torchvision extracts its archive, in data_dir
 CACHE_FORMAT_VERSION = 1
 
 SYNTHETIC_CLASSES = 10
@@ -95,11 +97,20 @@ def load_cifar10(data_dir: Path) -> tuple[ImageSet, ImageSet, list[str]]:
     """torchvision's CIFAR10, downloaded into `data_dir` once (one process downloads, the others wait)."""
     import torchvision  # deferred: torchvision's import is slow and only this source and the folder use it
 
+    def open_sets() -> list[torchvision.datasets.CIFAR10]:
+        return [torchvision.datasets.CIFAR10(root=data_dir, train=train, download=True) for train in (True, False)]
+
     try:
         with file_lock(data_dir / ".cifar10.lock"):
-            # torchvision verifies the archive's and the extracted files' MD5 sums, and downloads again when they
-            # are wrong, so a download cut short is never mistaken for good data.
-            sets = [torchvision.datasets.CIFAR10(root=data_dir, train=train, download=True) for train in (True, False)]
+            # torchvision verifies the archive's and the extracted files' MD5 sums, and downloads or extracts
+            # again when they are wrong, so a download cut short is never mistaken for good data.
+            try:
+                sets = open_sets()
+            except RuntimeError:
+                # Except batches.meta, checked only after the batches have passed: an extraction over an older
+                # folder, cut short, can leave it broken for good. Start that folder over, once.
+                shutil.rmtree(data_dir / CIFAR10_FOLDER, ignore_errors=True)
+                sets = open_sets()
     except (OSError, RuntimeError) as error:
         raise DataError(
             f"data_dir: could not download or read CIFAR-10 in {data_dir} ({error}); without internet access, "
@@ -169,7 +180,8 @@ def _load_folder_split(folder: Path) -> tuple[ImageSet, list[str]]:
         if (cached := read_cache()) is not None:  # another process built it while this one waited
             return cached, classes
         decoded = decode()
-        for stale in cache_dir.glob(f"{folder.name}-*.pt"):
+        # Old caches of this split, and temporary files of writers killed mid-write (only the lock holder writes).
+        for stale in [*cache_dir.glob(f"{folder.name}-*.pt"), *cache_dir.glob(f".{folder.name}-*.tmp")]:
             stale.unlink(missing_ok=True)
         atomic_torch_save(cache_file, {"images": decoded.images, "labels": decoded.labels})
     log.info("decoded %d images in %s; cached in %s", len(decoded), folder, cache_file)
@@ -231,9 +243,10 @@ def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Genera
     rows = top[:, None] + torch.arange(h, device=device)  # (B, H)
     cols = left[:, None] + torch.arange(w, device=device)  # (B, W)
     cols = torch.where(flip[:, None], cols.flip(1), cols)  # a flip is the crop's columns read backwards
-    batch = torch.arange(n, device=device)[:, None, None, None]
-    channel = torch.arange(c, device=device)[None, :, None, None]
-    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]  # (B, C, H, W)
+    # One flat index per output pixel, shared by the channels: torch.gather on it is several times faster than
+    # four broadcast index tensors (advanced indexing), most of all on a CPU.
+    flat = (rows[:, :, None] * (w + 2 * padding) + cols[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
+    return padded.flatten(2).gather(2, flat).view(n, c, h, w)  # (B, C, H, W)
 
 
 class DeviceLoader:

@@ -52,12 +52,20 @@ class RunHooks:
     on_epoch_start: Callable[[int, int], None] | None = None  # (epoch, batches in it)
     on_batch: Callable[[], None] | None = None
     should_stop: Callable[[], bool] = lambda: False
+    # Puts a resume checkpoint saved elsewhere (another machine's, via W&B) at the given path when the run folder
+    # has none; returns whether it did.
+    fetch_resume: Callable[[Path], bool] | None = None
+
+
+def run_folder(config: Config, run_id: str) -> Path:
+    return Path(config.output_dir) / run_id
 
 
 def run_training(config: Config, run_id: str, hooks: RunHooks | None = None) -> RunOutcome:
     """Train one run; write `best.pt`, `last.pt` (removed when the run finishes) and `record.json`.
 
-    A `last.pt` already in the run folder (a preempted earlier attempt with the same run id) is resumed.
+    A `last.pt` already in the run folder (a preempted earlier attempt with the same run id), or else the one
+    `hooks.fetch_resume` provides, is resumed: training continues after its last completed epoch.
     """
     hooks = hooks or RunHooks()
     started = time.perf_counter()
@@ -70,16 +78,28 @@ def run_training(config: Config, run_id: str, hooks: RunHooks | None = None) -> 
             "param_count": count_parameters(model), "device": str(device), "classes": data.classes,
             "train_images": len(data.train), "val_images": len(data.val), "test_images": len(data.test),
         })
-    run_dir = Path(config.output_dir) / run_id
+    run_dir = run_folder(config, run_id)
+    # Only one process trains a run id at a time, so a temporary file here is a write cut short by a kill.
+    for stray in run_dir.glob(".*.tmp"):
+        stray.unlink(missing_ok=True)
     resume_path = run_dir / RESUME_CHECKPOINT
+    if not resume_path.exists() and hooks.fetch_resume is not None and hooks.fetch_resume(resume_path):
+        log.info("fetched the resume checkpoint of run %s into %s", run_id, resume_path)
     resume = None
     if resume_path.exists():
         saved = load_checkpoint(resume_path, map_location=device)
         if saved["config"] != config.to_dict():
             raise UserError(f"checkpoint: {resume_path} was written with other settings; remove it to start over")
         resume = saved["state"]
+        # best.pt is written just before last.pt (and is absent on another machine): rewrite it from the state
+        # being resumed, so that it stays the best of the epochs this run keeps.
+        best_epoch = resume["best_epoch"]
+        save_best(run_dir / BEST_CHECKPOINT, resume["best_model_state"], config, best_epoch,
+                  resume["history"][best_epoch - 1], data.classes)
     resumable_record = resume is not None and (run_dir / RECORD_FILE).exists()
     record = RunRecord.load(run_dir) if resumable_record else RunRecord(run_id, config.to_dict())
+    if resume is not None:
+        record.history = list(resume["history"])  # the record may lag the checkpoint by the epoch of a kill
     record.status = "running"
     record.save(run_dir)
 

@@ -1,5 +1,6 @@
 """The W&B layer, kept thin: start a run (offline by itself without credentials), read the sweep's settings,
-log each epoch, write the summary, upload the best checkpoint, and end the run as finished or failed.
+log each epoch, write the summary, upload the best checkpoint, and end the run as finished, failed or preempted
+(with its resume checkpoint uploaded, so that another machine can continue it).
 
 Nothing else in the package imports wandb.
 """
@@ -10,6 +11,7 @@ import logging
 import netrc
 import os
 import platform
+import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,7 +21,7 @@ import torchvision
 import wandb
 
 from . import __version__
-from .checkpoint import BEST_CHECKPOINT
+from .checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
 from .config import Config
 from .engine import EpochResult, TrainState
 from .runner import RunOutcome
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PROJECT = "cifar-resnet"
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 RUN_INFO_KEY = "run_info"  # derived facts (parameter count, device, versions) in the run's config
+RESUME_ARTIFACT_TYPE = "resume-checkpoint"  # artifact `resume-<run id>`: last.pt of a preempted run
 
 
 def has_credentials() -> bool:
@@ -48,6 +51,27 @@ def choose_mode() -> str:
     if mode in ("offline", "disabled", "dryrun"):
         return "offline" if mode == "dryrun" else mode
     return "online" if has_credentials() else "offline"
+
+
+def resume_artifact_name(run_id: str) -> str:
+    return f"resume-{run_id}"
+
+
+def download_resume_checkpoint(run: wandb.Run, destination: Path) -> bool:
+    """Put the resume checkpoint that a preempted attempt of `run` uploaded at `destination`, atomically; False
+    when there is none: a new run, an offline run (W&B downloads nothing then), or one stopped before an epoch."""
+    if run.offline or not run.resumed:
+        return False
+    name = f"{resume_artifact_name(run.id)}:latest"
+    try:
+        artifact = run.use_artifact(name)
+    except (wandb.Error, ValueError) as error:  # W&B answers a missing artifact with ValueError
+        log.info("no resume checkpoint artifact %s: %s", name, error)
+        return False
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=destination.parent) as folder:
+        os.replace(artifact.get_entry(RESUME_CHECKPOINT).download(root=folder), destination)
+    return True
 
 
 class Tracker:
@@ -73,6 +97,7 @@ class Tracker:
         for name in ("train/*", "val/*", "lr", "epoch_seconds"):
             self.run.define_metric(name, step_metric="epoch")
         self.run.define_metric("val/acc", step_metric="epoch", summary="max")
+        self.next_epoch_to_log: int | None = None  # the first epoch W&B's history lacks, known at the first epoch
 
     @property
     def run_id(self) -> str:
@@ -93,7 +118,20 @@ class Tracker:
         self.run.config.update({RUN_INFO_KEY: facts}, allow_val_change=True)
 
     def on_epoch(self, result: EpochResult, state: TrainState) -> None:
-        self.run.log(result.metrics())
+        """Log the epochs W&B's history lacks, each at step = epoch, so that every epoch appears once across the
+        attempts of a preempted run (and the offline runs of its attempts sync one after another)."""
+        if self.next_epoch_to_log is None:
+            # Online, a resumed run's history already holds what its earlier attempts logged: it may lack epochs
+            # saved by an attempt killed before logging them, or hold epochs this attempt repeats. Offline, each
+            # attempt has an offline run of its own, holding the epochs that attempt trained.
+            self.next_epoch_to_log = max(1, self.run.step) if self.run.resumed else result.epoch
+        for metrics in state.history[self.next_epoch_to_log - 1 :]:
+            self.run.log(metrics, step=metrics["epoch"], commit=True)  # written now: a kill cannot lose it
+        self.next_epoch_to_log = max(self.next_epoch_to_log, result.epoch + 1)
+
+    def fetch_resume_checkpoint(self, destination: Path) -> bool:
+        """`RunHooks.fetch_resume`: the resume checkpoint a preempted attempt of this run uploaded, if any."""
+        return download_resume_checkpoint(self.run, destination)
 
     def finish_run(self, outcome: RunOutcome) -> None:
         """Summary, confusion matrix and the best-checkpoint artifact, then end the run as finished."""
@@ -132,7 +170,16 @@ class Tracker:
         self.run.summary["error"] = message
         self.run.finish(exit_code=1)
 
-    def preempt(self, exit_code: int) -> None:
-        """Mark the run preempting, so that the sweep requeues it instead of counting it as failed."""
-        self.run.mark_preempting()
-        self.run.finish(exit_code=exit_code)
+    def preempt(self, exit_code: int, resume_checkpoint: Path) -> None:
+        """Mark the run preempting, so that the sweep requeues it instead of counting it as failed, and upload its
+        resume checkpoint (when an epoch has completed), so that any machine can continue it."""
+        self.run.mark_preempting()  # first: if the machine goes before the upload ends, the run is still requeued
+        if resume_checkpoint.exists():
+            artifact = wandb.Artifact(
+                name=resume_artifact_name(self.run.id),
+                type=RESUME_ARTIFACT_TYPE,
+                description="Full training state after the last completed epoch, for resuming a preempted run",
+            )
+            artifact.add_file(str(resume_checkpoint), name=RESUME_CHECKPOINT)
+            self.run.log_artifact(artifact, aliases=["latest"])
+        self.run.finish(exit_code=exit_code)  # waits for the upload

@@ -13,10 +13,11 @@ import signal
 import sys
 from collections.abc import Iterator, Sequence
 
+from .checkpoint import RESUME_CHECKPOINT
 from .config import Config, argument_parser
 from .engine import Interrupted
 from .errors import TrainingDiverged, UserError
-from .runner import RunHooks, run_training
+from .runner import RunHooks, run_folder, run_training
 
 log = logging.getLogger("cifar_resnet")
 
@@ -35,10 +36,11 @@ def setup_logging() -> None:
 
 
 @contextlib.contextmanager
-def stop_on_signals() -> Iterator[list[int]]:
-    """While inside, SIGTERM and SIGUSR1 are recorded instead of killing the process; the list holds them."""
+def stop_on_signals(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[list[int]]:
+    """While inside, `signals` (SIGTERM and SIGUSR1 unless given) are recorded instead of killing the process;
+    the list holds them."""
     received: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in STOP_SIGNALS}
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in signals}
     try:
         yield received
     finally:
@@ -87,13 +89,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .tracking import Tracker  # wandb is imported only once a run really starts
 
-    tracker = Tracker(config)
-    with stop_on_signals() as received:
+    with stop_on_signals() as received:  # from before wandb.init: a signal while it starts still stops cleanly
+        tracker = Tracker(config)
         try:
             config = Config.from_mapping(tracker.settings())  # under a sweep, W&B's values are the truth
             tracker.record_config(config)
             hooks = RunHooks(on_start=lambda facts: tracker.record_run_info(**facts), on_epoch=tracker.on_epoch,
-                             should_stop=lambda: bool(received))
+                             should_stop=lambda: bool(received), fetch_resume=tracker.fetch_resume_checkpoint)
             with progress_hooks(hooks):
                 outcome = run_training(config, tracker.run_id, hooks)
             tracker.finish_run(outcome)
@@ -108,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_CRASH
         except Interrupted:  # the resume checkpoint of the last completed epoch is already on disk
             log.warning("stopped by signal %d; the run resumes from its last completed epoch", received[0])
-            tracker.preempt(exit_code=128 + received[0])
+            tracker.preempt(exit_code=128 + received[0],
+                            resume_checkpoint=run_folder(config, tracker.run_id) / RESUME_CHECKPOINT)
             return 128 + received[0]
         except Exception as error:
             log.exception("run crashed")

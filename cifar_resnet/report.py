@@ -1,0 +1,304 @@
+"""`cifar-resnet report`: a sweep's runs as the write-up's results table (Markdown) and PNG plots.
+
+The runs come from a local folder of run records (`<run id>/record.json`: a `cifar-resnet sweep` folder, or the
+output_dir of runs that `wandb agent` started), or from a W&B sweep `entity/project/sweep_id` through W&B's public
+API. Both give the same rows, so the table and the plots are made the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from .records import RunRecord
+
+DEFAULT_SOURCE = "./runs"  # Config's default output_dir: where runs started by `wandb agent` leave their records
+REPORT_FOLDER = "report"  # inside a local source folder
+TABLE_FILE = "results.md"
+W_AND_B_SWEEP_PATH = re.compile(r"^[\w.-]+/[\w.-]+/[\w-]+$")
+# The settings the write-up's table always shows, in its order; other settings appear when the sweep varies them.
+TABLE_SETTINGS = {"learning_rate": "Learning Rate", "optimizer": "Optimizer", "batch_size": "Batch Size"}
+PLOTTED_TOGETHER = ("learning_rate", "optimizer")  # the heat map's axes
+FIGURE_DPI = 120
+SECONDS_PER_MINUTE = 60
+
+
+@dataclass
+class RunResult:
+    """One run of a sweep as the report sees it, whether read from a run record or from W&B."""
+
+    run_id: str
+    status: str
+    config: dict[str, Any]
+    history: list[dict[str, Any]]  # one entry per epoch, W&B's metric names
+    summary: dict[str, Any]
+    seconds: float | None  # wall time of the run
+
+    @property
+    def best_epoch(self) -> int | None:
+        """The epoch whose checkpoint the run kept: the summary's, or (for an unfinished run) the best so far."""
+        if self.summary.get("best_epoch") is not None:
+            return int(self.summary["best_epoch"])
+        scored = [entry for entry in self.history if entry.get("val/acc") is not None]
+        return int(max(scored, key=lambda entry: entry["val/acc"])["epoch"]) if scored else None
+
+    def at_best_epoch(self, metric: str) -> float | None:
+        """`metric` of the best epoch: the table reports the epoch the model was chosen at, not the last one."""
+        best_epoch = self.best_epoch
+        return next((entry.get(metric) for entry in self.history if entry.get("epoch") == best_epoch), None)
+
+    @property
+    def val_acc(self) -> float | None:
+        return self.at_best_epoch("val/acc")
+
+    @property
+    def test_acc(self) -> float | None:
+        return self.summary.get("test/acc")
+
+    def curve(self, metric: str) -> tuple[list[int], list[float]]:
+        """(epochs, values) of a per-epoch metric."""
+        points = [(entry["epoch"], entry[metric]) for entry in self.history if entry.get(metric) is not None]
+        return [epoch for epoch, _ in points], [value for _, value in points]
+
+
+# --- reading runs -----------------------------------------------------------------------------------------------
+
+
+def result_from_record(record: RunRecord) -> RunResult:
+    seconds = record.summary.get("run_seconds", record.updated_at - record.started_at)
+    return RunResult(record.run_id, record.status, record.config, record.history, record.summary, seconds)
+
+
+def results_from_folder(folder: Path) -> list[RunResult]:
+    """Every run with a record in `folder/<run id>/record.json`."""
+    from .records import RECORD_FILE, RunRecord
+
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder")
+    results = [result_from_record(RunRecord.load(path.parent)) for path in sorted(folder.glob(f"*/{RECORD_FILE}"))]
+    if not results:
+        raise UserError(f"{folder}: holds no run records (<run id>/{RECORD_FILE})")
+    return results
+
+
+# --- the table --------------------------------------------------------------------------------------------------
+
+
+def varied_settings(results: Sequence[RunResult]) -> list[str]:
+    """The settings (Config fields, in their order) whose values differ between runs."""
+    from .config import Config
+
+    return [f.name for f in dataclasses.fields(Config)
+            if len({repr(result.config.get(f.name)) for result in results}) > 1]
+
+
+def by_val_acc(results: Sequence[RunResult]) -> list[RunResult]:
+    """Best validation accuracy first; runs without one last."""
+    return sorted(results, key=lambda result: -result.val_acc if result.val_acc is not None else math.inf)
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f}%"
+
+
+def _number(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    minutes, rest = divmod(round(seconds), SECONDS_PER_MINUTE)
+    return f"{minutes}m {rest:02d}s" if minutes else f"{rest}s"
+
+
+def _setting(value: Any) -> str:
+    return "–" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(results: Sequence[RunResult]) -> str:
+    """The write-up's results table, best validation accuracy first; the best run is marked."""
+    settings = list(TABLE_SETTINGS) + [name for name in varied_settings(results) if name not in TABLE_SETTINGS]
+    header = (["Run"] + [TABLE_SETTINGS.get(name, name) for name in settings]
+              + ["Test Accuracy", "Train Accuracy", "Train Loss", "Val Accuracy", "Val Loss", "Epochs to Best",
+                 "Run Time"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for rank, result in enumerate(by_val_acc(results)):
+        run = f"**{result.run_id}** (best)" if rank == 0 and result.val_acc is not None else result.run_id
+        if result.status != "finished":
+            run += f" ({result.status})"
+        cells = ([run] + [_setting(result.config.get(name)) for name in settings] + [
+            _percent(result.test_acc), _percent(result.at_best_epoch("train/acc")),
+            _number(result.at_best_epoch("train/loss")), _percent(result.val_acc),
+            _number(result.at_best_epoch("val/loss")), _setting(result.best_epoch), _duration(result.seconds),
+        ])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --- the plots --------------------------------------------------------------------------------------------------
+
+
+def _label(result: RunResult, settings: Sequence[str]) -> str:
+    return " ".join([result.run_id] + [f"{name}={_setting(result.config.get(name))}" for name in settings])
+
+
+def _save(figure: Figure, path: Path) -> Path:
+    from .files import atomic_path
+
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=FIGURE_DPI)
+    return path
+
+
+def _figure(columns: int = 1) -> tuple[Figure, list[Axes]]:
+    # A bare Figure draws with Agg: no pyplot, no global backend, no display needed.
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6 * columns, 4.5), layout="constrained")
+    axes = figure.subplots(1, columns, squeeze=False)[0]
+    return figure, list(axes)
+
+
+def plot_curves(results: Sequence[RunResult], metrics: Sequence[tuple[str, str]], path: Path) -> Path:
+    """One panel per (metric, title): the metric per epoch, one line per run."""
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axes = _figure(len(metrics))
+    settings = varied_settings(results)
+    for ax, (metric, title) in zip(axes, metrics):
+        for result in results:
+            ax.plot(*result.curve(metric), marker="o", label=_label(result, settings))
+        ax.set(title=title, xlabel="epoch", ylabel=metric)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize="small")
+    return _save(figure, path)
+
+
+def plot_test_acc_heatmap(results: Sequence[RunResult], path: Path) -> Path | None:
+    """Test accuracy over learning rate x optimizer (the mean where several runs share a cell)."""
+    tested = [result for result in results if result.test_acc is not None]
+    if not tested:
+        return None
+    rates = sorted({result.config["learning_rate"] for result in tested})
+    optimizers = sorted({result.config["optimizer"] for result in tested})
+    cells: dict[tuple[int, int], list[float]] = {}
+    for result in tested:
+        key = (optimizers.index(result.config["optimizer"]), rates.index(result.config["learning_rate"]))
+        cells.setdefault(key, []).append(result.test_acc)
+    grid = [[math.nan] * len(rates) for _ in optimizers]
+    for (row, column), values in cells.items():
+        grid[row][column] = sum(values) / len(values)
+    figure, (ax,) = _figure()
+    image = ax.imshow(grid, cmap="viridis", aspect="auto")
+    for (row, column), values in cells.items():
+        count = f"\n(n={len(values)})" if len(values) > 1 else ""
+        ax.text(column, row, f"{100 * grid[row][column]:.1f}%{count}", ha="center", va="center", color="white")
+    ax.set_xticks(range(len(rates)), [_setting(rate) for rate in rates])
+    ax.set_yticks(range(len(optimizers)), optimizers)
+    ax.set(title="Test accuracy", xlabel="learning rate", ylabel="optimizer")
+    figure.colorbar(image, ax=ax, label="test accuracy")
+    return _save(figure, path)
+
+
+def plot_settings_vs_val_acc(results: Sequence[RunResult], path: Path) -> Path | None:
+    """Best validation accuracy against every varied setting the heat map does not show."""
+    settings = [name for name in varied_settings(results) if name not in PLOTTED_TOGETHER]
+    scored = [result for result in results if result.val_acc is not None]
+    if not settings or not scored:
+        return None
+    figure, axes = _figure(len(settings))
+    for ax, name in zip(axes, settings):
+        values = [result.config.get(name) for result in scored]
+        if all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in values):
+            positions = values
+        else:  # categorical: one position per distinct value
+            categories = sorted({str(value) for value in values})
+            positions = [categories.index(str(value)) for value in values]
+            ax.set_xticks(range(len(categories)), categories)
+        ax.scatter(positions, [result.val_acc for result in scored])
+        ax.set(xlabel=name, ylabel="best val/acc")
+        ax.grid(alpha=0.3)
+    figure.suptitle("Validation accuracy against the other varied settings")
+    return _save(figure, path)
+
+
+PLOTS: dict[str, Callable[[Sequence[RunResult], Path], Path | None]] = {
+    "val_acc.png": lambda results, path: plot_curves(results, [("val/acc", "Validation accuracy")], path),
+    "loss.png": lambda results, path: plot_curves(
+        results, [("train/loss", "Training loss"), ("val/loss", "Validation loss")], path),
+    "test_acc_heatmap.png": plot_test_acc_heatmap,
+    "settings_vs_val_acc.png": plot_settings_vs_val_acc,
+}
+
+
+def write_report(results: Sequence[RunResult], out_dir: Path) -> tuple[str, list[Path]]:
+    """Write the table and the plots into `out_dir`; the table and the files written."""
+    from .files import atomic_write
+
+    table = markdown_table(results)
+    table_path = out_dir / TABLE_FILE
+    atomic_write(table_path, lambda f: f.write(table.encode()))
+    written = [table_path]
+    for name, plot in PLOTS.items():
+        path = plot(results, out_dir / name)
+        if path is not None:
+            written.append(path)
+    return table, written
+
+
+# --- the command ------------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", nargs="?", default=DEFAULT_SOURCE,
+                        help="a folder of runs (a sweep's --output-dir, or an output_dir) or a W&B sweep path "
+                        f"entity/project/sweep_id (default: {DEFAULT_SOURCE})")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"folder for {TABLE_FILE} and the PNG plots (default: SOURCE/{REPORT_FOLDER} for a "
+                        f"folder, ./{REPORT_FOLDER}-<sweep id> for a W&B sweep)")
+    parser.add_argument("--wandb-view", action="store_true",
+                        help="also save a W&B workspace view of the sweep (a W&B sweep path only)")
+
+
+def report_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    if rest:
+        raise UserError(f"report: unknown argument {rest[0]!r} (see cifar-resnet report --help)")
+    folder = Path(args.source)
+    online = not folder.is_dir() and W_AND_B_SWEEP_PATH.match(args.source) is not None
+    if args.wandb_view and not online:
+        raise UserError("--wandb-view: needs a W&B sweep path entity/project/sweep_id, not a local folder")
+    if online:
+        from .wandb_sweep import fetch_sweep_results
+
+        results = fetch_sweep_results(args.source)
+        if not results:
+            raise UserError(f"{args.source}: this sweep has no runs yet")
+        out_dir = args.out or Path(f"{REPORT_FOLDER}-{args.source.rsplit('/', 1)[-1]}")
+    else:
+        results = results_from_folder(folder)
+        out_dir = args.out or folder / REPORT_FOLDER
+    table, written = write_report(results, out_dir)
+    print(table)
+    for path in written:
+        print(f"wrote {path}")
+    if args.wandb_view:
+        from .wandb_sweep import build_sweep_view, save_sweep_view
+
+        entity, project, sweep_id = args.source.split("/")
+        view = build_sweep_view(entity, project, sweep_id, varied_settings(results))
+        print(f"saved the W&B view: {save_sweep_view(view)}")
+    return 0

@@ -1,0 +1,121 @@
+"""The W&B side of `cifar-resnet sweep` and `cifar-resnet report`: the agent's run command, its parameter file, a
+sweep on the W&B server, a sweep's runs through the public API, and the sweep's workspace view.
+
+Besides `tracking`, the only module that imports wandb (lazily, inside functions, so the CLI starts fast).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from wandb_workspaces.workspaces import Workspace
+
+    from .report import RunResult
+
+# The history keys a run logs per epoch that the report needs; `scan_history` returns rows holding all of them.
+HISTORY_KEYS = ("epoch", "train/loss", "train/acc", "val/loss", "val/acc")
+VIEW_METRIC = "val/acc"
+
+
+def new_id() -> str:
+    """An id in W&B's own format (8 lowercase letters and digits), for a local sweep or a run."""
+    from wandb.sdk.lib.runid import generate_id
+
+    return generate_id()
+
+
+def agent_command(sweep_command: Sequence[str] | None, program: str | None, params: Mapping[str, Any],
+                  args_json_file: Path) -> list[str]:
+    """The command line `wandb agent` runs for one proposal, built with wandb's own macro code.
+
+    Mirrors `wandb.wandb_agent.Agent._command_run`: `${env}` is `/usr/bin/env`, `${interpreter}` is the
+    `python` on PATH, `${program}` the sweep's program and `${args}` the `--name=value` flags.
+    """
+    from wandb.sdk.launch.sweeps import utils as sweep_utils
+
+    # create_sweep_command fills in environment-variable macros in place: give it a copy.
+    command = sweep_utils.create_sweep_command(list(sweep_command or sweep_utils.DEFAULT_SWEEP_COMMAND))
+    macros = sweep_utils.create_sweep_command_args({"args": {name: {"value": value} for name, value in
+                                                             params.items()}})
+    macros.update(interpreter=["python"], program=[program], args_json_file=[str(args_json_file)],
+                  env=["/usr/bin/env"])
+    if "${args_json_file}" in command:
+        args_json_file.write_text(macros["args_json"][0])
+    expanded: list[str] = []
+    for chunk in map(str, command):
+        if chunk.startswith("${") and chunk.endswith("}"):
+            expanded += macros.get(chunk[2:-1]) or []
+        else:
+            expanded.append(chunk)
+    return expanded
+
+
+def write_param_file(path: Path, params: Mapping[str, Any]) -> None:
+    """The file `WANDB_SWEEP_PARAM_PATH` names: `wandb.init` loads it and its values win over the command line."""
+    from wandb.sdk.lib import config_util
+
+    config_util.save_config_file_from_dict(str(path.resolve()), {name: {"value": value} for name, value in
+                                                                 params.items()})
+
+
+def create_sweep(sweep_config: Mapping[str, Any], project: str) -> str:
+    """Create the sweep on the W&B server; its id."""
+    import wandb
+
+    try:
+        return wandb.sweep(sweep=dict(sweep_config), project=project)
+    except wandb.errors.Error as error:  # W&B unreachable, a bad key, or a sweep the server refuses
+        raise UserError(f"W&B could not create the sweep: {error}") from None
+
+
+def fetch_sweep_results(path: str) -> list[RunResult]:
+    """The runs of the W&B sweep `entity/project/sweep_id`, as report rows."""
+    import wandb
+
+    from .report import RunResult
+
+    try:
+        sweep = wandb.Api().sweep(path)
+    except (wandb.errors.CommError, ValueError) as error:
+        raise UserError(f"{path}: W&B could not load this sweep ({error})") from None
+    return [
+        RunResult(
+            run_id=run.id, status=run.state, config=dict(run.config),
+            history=list(run.scan_history(keys=list(HISTORY_KEYS))),
+            summary=dict(run.summary), seconds=run.summary.get("_runtime"),
+        )
+        for run in sweep.runs
+    ]
+
+
+def build_sweep_view(entity: str, project: str, sweep_id: str, params: Sequence[str]) -> Workspace:
+    """A workspace view of one sweep: parallel coordinates of `params` and the metrics, parameter importance
+    against val/acc, and val accuracy per epoch for every run."""
+    import wandb_workspaces.reports.v2 as wr
+    import wandb_workspaces.workspaces as ws
+    from wandb_workspaces import expr
+
+    columns = [wr.ParallelCoordinatesPlotColumn(metric=wr.Config(name)) for name in params]
+    columns += [wr.ParallelCoordinatesPlotColumn(metric=wr.SummaryMetric(name)) for name in (VIEW_METRIC, "test/acc")]
+    panels = [
+        wr.ParallelCoordinatesPlot(title="Settings and accuracy", columns=columns),
+        wr.ParameterImportancePlot(with_respect_to=VIEW_METRIC),
+        wr.LinePlot(title="Validation accuracy per epoch", x="epoch", y=[VIEW_METRIC]),
+    ]
+    return ws.Workspace(
+        entity=entity, project=project, name=f"sweep {sweep_id}",
+        sections=[ws.Section(name=f"Sweep {sweep_id}", panels=panels, is_open=True)],
+        runset_settings=ws.RunsetSettings(filters=expr.And(expr.Metric("Sweep") == sweep_id)),
+    )
+
+
+def save_sweep_view(view: Workspace) -> str:
+    """Save the view on the W&B server; its URL."""
+    view.save()
+    return view.url
+

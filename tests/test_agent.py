@@ -1,0 +1,153 @@
+"""`cifar-resnet agent`: one `wandb agent` per GPU, pinned, with signals forwarded and failures reported.
+
+A W&B agent needs W&B's server, which cannot be reached here: a stand-in `wandb` executable on PATH records how
+it was started (arguments, CUDA_VISIBLE_DEVICES, the key) and the signals it gets. The real `wandb agent` is
+only asked for its --help, to check that it takes the arguments the stand-in was given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifar_resnet.cli import main as cli_main
+
+API_KEY = "0123456789abcdef0123456789abcdef01234567"  # a made-up key, only passed through
+WAIT_SECONDS = 60
+POLL_SECONDS = 0.05
+
+STAND_IN = """#!{python}
+# Stand-in for the `wandb` command: records how it was started; with STAND_IN_WAIT set, runs until a signal.
+import json, os, signal, sys, time
+record = {{"argv": sys.argv[1:], "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"),
+          "api_key": os.environ.get("WANDB_API_KEY"), "signals": [], "exited": False}}
+path = os.path.join(os.environ["STAND_IN_LOG"], f"{{os.getpid()}}.json")
+
+def save():
+    with open(path + ".part", "w") as f:
+        json.dump(record, f)
+    os.replace(path + ".part", path)
+
+for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda signum, frame: record["signals"].append(signum))
+save()
+while os.environ.get("STAND_IN_WAIT") and not record["signals"]:
+    time.sleep(0.02)
+time.sleep(float(os.environ.get("STAND_IN_LINGER", "0")))  # shutting down takes a while
+record["exited"] = True
+save()
+sys.exit(int(json.loads(os.environ.get("STAND_IN_STATUS", "{{}}")).get(record["gpu"] or "", 0)))
+"""
+
+
+@pytest.fixture
+def stand_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A stand-in `wandb` first on PATH; returns the folder where its runs record themselves."""
+    bin_dir, log_dir = tmp_path / "bin", tmp_path / "stand-in"
+    bin_dir.mkdir()
+    log_dir.mkdir()
+    program = bin_dir / "wandb"
+    program.write_text(STAND_IN.format(python=sys.executable))
+    program.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("STAND_IN_LOG", str(log_dir))
+    monkeypatch.setenv("WANDB_API_KEY", API_KEY)
+    return log_dir
+
+
+def records(log_dir: Path) -> list[dict]:
+    return [json.loads(path.read_text()) for path in log_dir.glob("*.json")]
+
+
+def agent_process(*args: str) -> subprocess.Popen:
+    """`cifar-resnet agent` in a process of its own, to send it signals."""
+    return subprocess.Popen([sys.executable, "-m", "cifar_resnet", "agent", "--stagger=0", *args],
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(POLL_SECONDS)
+
+
+def test_one_pinned_agent_per_gpu_and_k_per_gpu(stand_in, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    assert cli_main(["agent", "ent/proj/abc123", "--agents-per-gpu=2", "--project=proj", "--entity=ent",
+                     "--stagger=0"]) == 0
+    started = records(stand_in)
+    assert sorted(r["gpu"] for r in started) == ["0", "0", "1", "1", "2", "2"]
+    for r in started:
+        assert r["argv"] == ["agent", "--forward-signals", "--project", "proj", "--entity", "ent", "ent/proj/abc123"]
+        assert r["api_key"] == API_KEY and r["exited"]
+
+
+def test_without_cuda_visible_devices_it_counts_the_gpus_and_reads_sweep_id(stand_in, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("SWEEP_ID", "ent/proj/fromenv")
+    assert cli_main(["agent", "--stagger=0"]) == 0
+    gpus = torch.cuda.device_count()  # none here: one agent, not pinned
+    assert sorted(r["gpu"] for r in records(stand_in)) == ([str(i) for i in range(gpus)] if gpus else [None])
+    assert all(r["argv"] == ["agent", "--forward-signals", "ent/proj/fromenv"] for r in records(stand_in))
+
+
+def test_sigterm_reaches_every_agent_and_a_failed_agent_fails_the_pool(stand_in, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setenv("STAND_IN_WAIT", "1")
+    monkeypatch.setenv("STAND_IN_LINGER", "0.5")
+    monkeypatch.setenv("STAND_IN_STATUS", json.dumps({"1": 3}))  # the agent on GPU 1 fails
+    pool = agent_process("ent/proj/abc123")
+    wait_for(lambda: len(records(stand_in)) == 2, "both agents")
+    pool.send_signal(signal.SIGTERM)
+    _, stderr = pool.communicate(timeout=WAIT_SECONDS)
+    assert pool.returncode == 3, stderr
+    # Every agent got the signal once, and had exited (after lingering) before the pool did.
+    assert [(r["signals"], r["exited"]) for r in records(stand_in)] == [([signal.SIGTERM], True)] * 2
+    assert "agent 2 exited with status 3" in stderr or "agent 1 exited with status 3" in stderr
+
+
+def test_sigint_during_the_stagger_starts_no_more_agents(stand_in, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    monkeypatch.setenv("STAND_IN_WAIT", "1")
+    pool = agent_process("ent/proj/abc123", "--stagger=30")
+    wait_for(lambda: len(records(stand_in)) == 1, "the first agent")
+    started = time.monotonic()
+    pool.send_signal(signal.SIGINT)
+    _, stderr = pool.communicate(timeout=WAIT_SECONDS)
+    assert pool.returncode == 0, stderr
+    assert time.monotonic() - started < 10  # not the 30 s stagger
+    assert [(r["gpu"], r["signals"]) for r in records(stand_in)] == [("0", [signal.SIGINT])]
+
+
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (["ent/proj/abc"], {}, "WANDB_API_KEY: not set"),
+        ([], {"WANDB_API_KEY": API_KEY}, "SWEEP_ID: no sweep given"),
+        (["ent/proj/abc", "--agents-per-gpu=0"], {"WANDB_API_KEY": API_KEY}, "--agents-per-gpu: must be >= 1"),
+    ],
+)
+def test_refuses_in_one_line(args, env, message, monkeypatch, capsys):
+    monkeypatch.delenv("SWEEP_ID", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cli_main(["agent", *args]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"ERROR: {message}")
+
+
+def test_the_real_wandb_agent_takes_the_arguments_given_to_the_stand_in():
+    done = subprocess.run([str(Path(sys.executable).parent / "wandb"), "agent", "--help"], capture_output=True,
+                          text=True, timeout=WAIT_SECONDS)
+    assert done.returncode == 0
+    for option in ("--forward-signals", "--project", "--entity"):
+        assert option in done.stdout

@@ -1,0 +1,211 @@
+"""Many agents, one data folder: processes started together build the image-folder cache once and download
+CIFAR-10 once; the others wait and read the same data; a download or write cut short is never taken for data.
+
+CIFAR-10 itself cannot be downloaded here: a small archive in its format stands in for it, served over HTTP from
+this machine to torchvision's real download code, with torchvision's URL and MD5 constants pointed at it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import json
+import pickle
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torchvision.io import encode_jpeg
+
+from cifar_resnet.data import CACHE_FOLDER, CIFAR10_FOLDER, load_cifar10
+from cifar_resnet.errors import DataError
+
+PROCESSES = 3
+WAIT_SECONDS = 120
+CIFAR10_IMAGES_PER_BATCH = 20
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
+
+# One agent's data loading: point torchvision at the stand-in CIFAR-10, count its real downloads, wait for the
+# start signal, load the image folder and CIFAR-10 from the shared data folders, and print what it got.
+LOADER = """
+import hashlib, json, logging, sys, time
+from pathlib import Path
+from torchvision.datasets import CIFAR10, utils
+spec = json.loads(sys.argv[1])
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+stand_in = spec["cifar10"]
+CIFAR10.url, CIFAR10.tgz_md5 = stand_in["url"], stand_in["tgz_md5"]
+CIFAR10.train_list, CIFAR10.test_list = stand_in["train_list"], stand_in["test_list"]
+CIFAR10.meta = {**CIFAR10.meta, "md5": stand_in["meta_md5"]}
+download = utils._urlretrieve
+def counted_download(*args, **kwargs):
+    print("DOWNLOAD", file=sys.stderr, flush=True)
+    return download(*args, **kwargs)
+utils._urlretrieve = counted_download
+from cifar_resnet import data
+Path(spec["ready"]).touch()
+while not Path(spec["go"]).exists():
+    time.sleep(0.005)
+got = {}
+for name, load in (("folder", data.load_image_folder), ("cifar10", data.load_cifar10)):
+    train, test, classes = load(Path(spec[name + "_dir"]))
+    tensors = (train.images, train.labels, test.images, test.labels)
+    got[name] = {"digest": hashlib.sha256(b"".join(t.numpy().tobytes() for t in tensors)).hexdigest(),
+                 "classes": classes}
+print(json.dumps(got))
+"""
+
+
+def digest(*tensors: torch.Tensor) -> str:
+    return hashlib.sha256(b"".join(t.numpy().tobytes() for t in tensors)).hexdigest()
+
+
+def load_together(tmp_path: Path, spec: dict) -> list[subprocess.CompletedProcess]:
+    """PROCESSES loader processes that start loading at the same moment."""
+    go = tmp_path / "go"
+    processes = []
+    for index in range(PROCESSES):
+        child = {**spec, "go": str(go), "ready": str(tmp_path / f"ready{index}")}
+        processes.append(subprocess.Popen([sys.executable, "-c", LOADER, json.dumps(child)], stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True))
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not all((tmp_path / f"ready{index}").exists() for index in range(PROCESSES)):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in processes), "a loader did not start"
+        time.sleep(0.01)
+    go.touch()
+    results = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=WAIT_SECONDS)
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+        assert process.returncode == 0, stderr[-3000:]
+    return results
+
+
+def write_jpeg_folder(root: Path, per_class: dict[str, int]) -> Path:
+    generator = torch.Generator().manual_seed(0)
+    for split, count in per_class.items():
+        for name in ("cat", "dog"):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=generator)
+                (folder / f"{i:04d}.jpg").write_bytes(encode_jpeg(image).numpy().tobytes())
+    return root
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def stand_in_cifar10(tmp_path: Path):
+    """A small archive in CIFAR-10's format, served over HTTP, and torchvision's constants for it; `expected` is
+    its content."""
+    generator = torch.Generator().manual_seed(0)
+    folder = tmp_path / "server" / CIFAR10_FOLDER
+    folder.mkdir(parents=True)
+    batches = {}
+    for name in [*TRAIN_BATCHES, "test_batch"]:
+        images = torch.randint(0, 256, (CIFAR10_IMAGES_PER_BATCH, 3, 32, 32), dtype=torch.uint8, generator=generator)
+        labels = torch.randint(0, len(CIFAR10_CLASSES), (CIFAR10_IMAGES_PER_BATCH,), generator=generator)
+        batches[name] = (images, labels)
+        entry = {"data": images.reshape(len(images), -1).numpy(), "labels": labels.tolist()}
+        (folder / name).write_bytes(pickle.dumps(entry))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": CIFAR10_CLASSES}))
+    archive = tmp_path / "server" / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=CIFAR10_FOLDER)
+
+    def md5(path: Path) -> str:
+        return hashlib.md5(path.read_bytes()).hexdigest()
+
+    train = [batches[name] for name in TRAIN_BATCHES]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(QuietHandler, directory=str(archive.parent)))
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield {
+        "url": f"http://127.0.0.1:{server.server_port}/{archive.name}",
+        "tgz_md5": md5(archive), "meta_md5": md5(folder / "batches.meta"),
+        "train_list": [[name, md5(folder / name)] for name in TRAIN_BATCHES],
+        "test_list": [["test_batch", md5(folder / "test_batch")]],
+        "archive": str(archive),
+        "expected": digest(torch.cat([images for images, _ in train]), torch.cat([labels for _, labels in train]),
+                           *batches["test_batch"]),
+    }
+    server.shutdown()
+    server.server_close()
+
+
+def point_torchvision_at(stand_in: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    cifar10 = torchvision.datasets.CIFAR10
+    for name in ("url", "tgz_md5", "train_list", "test_list"):
+        monkeypatch.setattr(cifar10, name, stand_in[name])
+    monkeypatch.setattr(cifar10, "meta", {**cifar10.meta, "md5": stand_in["meta_md5"]})
+
+
+def test_agents_sharing_data_folders_decode_and_download_once_and_get_the_same_data(tmp_path, stand_in_cifar10):
+    # The image folder, with the temporary file of a cache writer killed earlier.
+    root = write_jpeg_folder(tmp_path / "jpegs", {"train": 300, "test": 50})
+    cache = root / CACHE_FOLDER
+    cache.mkdir()
+    (cache / ".train-0123456789abcdef.pt.x1y2.tmp").write_bytes(b"half a cache file")
+    # The CIFAR-10 folder, with the half archive a download killed earlier leaves.
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    whole = Path(stand_in_cifar10["archive"]).read_bytes()
+    (data_dir / "cifar-10-python.tar.gz").write_bytes(whole[: len(whole) // 2])
+
+    stand_in = {key: value for key, value in stand_in_cifar10.items() if key not in ("archive", "expected")}
+    results = load_together(tmp_path, {"folder_dir": str(root), "cifar10_dir": str(data_dir), "cifar10": stand_in})
+    got = [json.loads(result.stdout.splitlines()[-1]) for result in results]
+
+    # Image folder: one process decoded each split, the others waited and read its cache; nothing else is left.
+    decoded = [line for result in results for line in result.stderr.splitlines() if line.startswith("decoded ")]
+    for split in ("train", "test"):
+        assert len([line for line in decoded if f" in {root / split};" in line]) == 1, decoded
+    assert len({g["folder"]["digest"] for g in got}) == 1
+    names = sorted(path.name for path in cache.iterdir())
+    assert [name.split("-")[0] for name in names if name.endswith(".pt")] == ["test", "train"]
+    assert sorted(name for name in names if not name.endswith(".pt")) == ["test.lock", "train.lock"]
+
+    # CIFAR-10: the half archive failed its MD5 check; one process downloaded it again, all read the same data.
+    assert sum(result.stderr.count("DOWNLOAD") for result in results) == 1
+    assert [g["cifar10"]["digest"] for g in got] == [stand_in_cifar10["expected"]] * PROCESSES
+    assert all(g["cifar10"]["classes"] == CIFAR10_CLASSES for g in got)
+    assert (data_dir / "cifar-10-python.tar.gz").read_bytes() == whole
+
+
+def test_cifar10_folder_with_a_broken_meta_file_is_extracted_again(tmp_path, stand_in_cifar10, monkeypatch):
+    """torchvision checks batches.meta only after the batches: an extraction over an older folder cut short while
+    writing it would otherwise fail every later run."""
+    point_torchvision_at(stand_in_cifar10, monkeypatch)
+    data_dir = tmp_path / "data"
+    with tarfile.open(stand_in_cifar10["archive"]) as tar:
+        tar.extractall(data_dir, filter="data")
+    meta = data_dir / CIFAR10_FOLDER / "batches.meta"
+    good_meta = meta.read_bytes()
+    meta.write_bytes(good_meta[:10])
+    (data_dir / "cifar-10-python.tar.gz").write_bytes(Path(stand_in_cifar10["archive"]).read_bytes())
+
+    train, test, classes = load_cifar10(data_dir)
+    assert digest(train.images, train.labels, test.images, test.labels) == stand_in_cifar10["expected"]
+    assert classes == CIFAR10_CLASSES and meta.read_bytes() == good_meta
+
+
+def test_failed_cifar10_download_is_one_line_and_leaves_no_data(tmp_path, stand_in_cifar10, monkeypatch):
+    point_torchvision_at({**stand_in_cifar10, "url": stand_in_cifar10["url"] + ".missing"}, monkeypatch)
+    data_dir = tmp_path / "data"
+    with pytest.raises(DataError) as error:
+        load_cifar10(data_dir)
+    assert str(error.value).startswith(f"data_dir: could not download or read CIFAR-10 in {data_dir}")
+    assert "\n" not in str(error.value)
+    assert sorted(path.name for path in data_dir.iterdir()) == [".cifar10.lock"]

@@ -1,0 +1,160 @@
+"""`cifar-resnet report`: the results table and plots from a folder of run records, the W&B path through the same
+rows (with a stand-in for the W&B public API: there is no W&B server here), and the workspace view (built, not
+saved)."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from cifar_resnet import wandb_sweep
+from cifar_resnet.cli import main
+from cifar_resnet.config import Config
+from cifar_resnet.records import RunRecord
+from cifar_resnet.report import RunResult, markdown_table, results_from_folder
+from cifar_resnet.runner import run_training
+from cifar_resnet.wandb_sweep import build_sweep_view
+
+# A 2x2 grid of learning rate x optimizer, whose batch size also varies: a sweep's folder of real run records.
+CELLS = [(0.001, "adam", 64), (0.001, "sgd", 64), (0.0005, "adam", 32), (0.0005, "sgd", 32)]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def sweep_folder(tmp_path_factory) -> Path:
+    """Four finished runs trained by the real runner (no W&B needed for the records), and one still running."""
+    import torch
+
+    folder = tmp_path_factory.mktemp("sweep")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny runs gain nothing from more, and lose much when the cores are busy
+    base = Config(dataset="synthetic", width=8, epochs=2, eval_batch_size=256, val_size=200, train_size=512,
+                  test_size=200, output_dir=str(folder), device="cpu")
+    for index, (learning_rate, optimizer, batch_size) in enumerate(CELLS):
+        config = base.replace(learning_rate=learning_rate, optimizer=optimizer, batch_size=batch_size)
+        run_training(config, f"run{index}")
+    torch.set_num_threads(threads)
+    unfinished = base.replace(learning_rate=0.0001)
+    RunRecord("running0", unfinished.to_dict(), history=[
+        {"epoch": 1, "train/loss": 2.3, "train/acc": 0.1, "val/loss": 2.3, "val/acc": 0.05}]).save(folder / "running0")
+    return folder
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from a PNG header: the file is a real, non-empty image."""
+    data = path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE)
+    return struct.unpack(">II", data[16:24])
+
+
+def test_report_writes_the_table_and_plots(sweep_folder, tmp_path, capsys):
+    out = tmp_path / "report"
+
+    assert main(["report", str(sweep_folder), "--out", str(out)]) == 0
+
+    stdout = capsys.readouterr().out
+    table = (out / "results.md").read_text()
+    assert table in stdout
+    header, _, *rows = table.strip().splitlines()
+    for column in ("Run", "Learning Rate", "Optimizer", "Batch Size", "Test Accuracy", "Train Accuracy",
+                   "Train Loss", "Val Accuracy", "Val Loss", "Epochs to Best", "Run Time"):
+        assert f" {column} |" in header
+    assert len(rows) == 5
+    assert "(best)" in rows[0] and sum("(best)" in row for row in rows) == 1
+    assert "running0 (running)" in rows[-1]  # no test accuracy yet, so last
+    results = {result.run_id: result for result in results_from_folder(sweep_folder)}
+    finished = [results[f"run{index}"] for index in range(len(CELLS))]
+    best = max(finished, key=lambda result: result.val_acc)
+    assert rows[0].startswith(f"| **{best.run_id}** (best) | {best.config['learning_rate']:g} | "
+                              f"{best.config['optimizer']} | {best.config['batch_size']} |")
+    assert f"{100 * best.test_acc:.2f}%" in rows[0] and f"{100 * best.val_acc:.2f}%" in rows[0]
+    val_accs = [float(row.split(" | ")[7].rstrip("%")) for row in rows[:-1]]
+    assert val_accs == sorted(val_accs, reverse=True)
+    for name in ("val_acc.png", "loss.png", "test_acc_heatmap.png", "settings_vs_val_acc.png"):
+        width, height = png_size(out / name)
+        assert width > 100 and height > 100
+
+
+def test_report_defaults_to_a_folder_inside_the_source(sweep_folder, tmp_path):
+    assert main(["report", str(sweep_folder)]) == 0
+    assert (sweep_folder / "report" / "results.md").exists()
+
+
+def test_the_table_reports_the_best_epoch_not_the_last():
+    history = [{"epoch": 1, "train/loss": 1.0, "train/acc": 0.6, "val/loss": 0.9, "val/acc": 0.7},
+               {"epoch": 2, "train/loss": 0.5, "train/acc": 0.8, "val/loss": 1.2, "val/acc": 0.65}]
+    result = RunResult("abc", "finished", {"learning_rate": 0.001, "optimizer": "adam", "batch_size": 128},
+                       history, {"best_epoch": 1, "test/acc": 0.69}, 75.0)
+
+    row = markdown_table([result]).splitlines()[2]
+
+    assert row == ("| **abc** (best) | 0.001 | adam | 128 | 69.00% | 60.00% | 1.0000 | 70.00% | 0.9000 | 1 | "
+                   "1m 15s |")
+
+
+@pytest.mark.parametrize(("source", "extra", "message"), [
+    ("no-such-folder", [], "no-such-folder: no such folder"),
+    (".", [], "holds no run records"),
+    (".", ["--wandb-view"], "--wandb-view: needs a W&B sweep path"),
+])
+def test_bad_sources_are_one_line(capsys, source, extra, message):
+    assert main(["report", source, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def fake_wandb_run(result: RunResult) -> SimpleNamespace:
+    """What `wandb.Api().sweep(path).runs` yields, for a run: id, state, config, summary, scan_history."""
+    summary = {**result.summary, "_runtime": result.seconds}
+    return SimpleNamespace(id=result.run_id, state=result.status, config={**result.config, "run_info": {}},
+                           summary=summary,
+                           scan_history=lambda keys: [entry for entry in result.history if set(keys) <= set(entry)])
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # wandb-workspaces' own pydantic-v1 validators
+def test_a_wandb_sweep_gives_the_same_table_and_a_view(sweep_folder, tmp_path, monkeypatch, capsys):
+    import wandb
+
+    local = [result for result in results_from_folder(sweep_folder) if result.status == "finished"]
+    asked = []
+
+    class StandInApi:  # the W&B server cannot be reached here
+        def sweep(self, path):
+            asked.append(path)
+            return SimpleNamespace(runs=[fake_wandb_run(result) for result in local])
+
+    monkeypatch.setattr(wandb, "Api", StandInApi)
+    saved = []
+    monkeypatch.setattr(wandb_sweep, "save_sweep_view", lambda view: saved.append(view) or "https://w.example/v")
+
+    assert main(["report", "team/cifar/sw33p", "--out", str(tmp_path / "out"), "--wandb-view"]) == 0
+
+    assert asked == ["team/cifar/sw33p"]
+    (view,) = saved
+    assert (view.entity, view.project) == ("team", "cifar")
+    assert [column.metric.name for column in view.sections[0].panels[0].columns] == [
+        "learning_rate", "optimizer", "batch_size", "val/acc", "test/acc"]  # the settings this sweep varies
+    assert "saved the W&B view: https://w.example/v" in capsys.readouterr().out
+    assert (tmp_path / "out" / "results.md").read_text() == markdown_table(local)
+    assert png_size(tmp_path / "out" / "val_acc.png")[0] > 100
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # wandb-workspaces' own pydantic-v1 validators
+def test_wandb_view_has_the_sweeps_panels():
+    import wandb_workspaces.reports.v2 as wr
+
+    view = build_sweep_view("team", "cifar", "sw33p", ["learning_rate", "optimizer"])
+
+    assert (view.entity, view.project) == ("team", "cifar")
+    (section,) = view.sections
+    parallel, importance, curves = section.panels
+    assert isinstance(parallel, wr.ParallelCoordinatesPlot)
+    assert [column.metric.name for column in parallel.columns] == ["learning_rate", "optimizer", "val/acc",
+                                                                    "test/acc"]
+    assert isinstance(importance, wr.ParameterImportancePlot) and importance.with_respect_to == "val/acc"
+    assert isinstance(curves, wr.LinePlot) and curves.x == "epoch" and curves.y == ["val/acc"]
+    assert "sw33p" in str(view.runset_settings.filters)
+    view._to_model()  # serialises for the server without contacting it

@@ -1,0 +1,291 @@
+"""Preemption and resume: a run stopped by SIGTERM mid-epoch and started again with the same run id (as W&B's
+agent requeues it) ends exactly where an uninterrupted run ends; a kill during a checkpoint write loses nothing;
+a crash is never marked preempting.
+
+Real training processes, real signals, real W&B offline runs (read back from their transaction logs). One test
+double: W&B cannot download an artifact offline, so the call that downloads the resume checkpoint artifact is
+replaced, in the resumed process, by one that serves the file the preempted attempt staged for upload.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import wandb
+from conftest import tiny_args
+from wandb_records import read_records
+
+from cifar_resnet import engine
+from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
+from cifar_resnet.config import Config
+from cifar_resnet.engine import EpochResult
+from cifar_resnet.records import RECORD_FILE, RunRecord
+from cifar_resnet.runner import run_training
+from cifar_resnet.tracking import RESUME_ARTIFACT_TYPE, Tracker
+from cifar_resnet.train import main as train_main
+
+TIMING_KEYS = ("epoch_seconds", "train/images_per_second")  # differ between any two runs
+POLL_SECONDS = 0.02
+WAIT_SECONDS = 120
+
+# Runs `python -m cifar_resnet.train ARGS` with W&B's artifact download replaced (see the module docstring).
+DOWNLOAD_DOUBLE = """
+import os, shutil, sys
+import cifar_resnet.tracking as tracking
+
+def download_resume_checkpoint(run, destination):
+    with open(os.environ["DOUBLE_CALLS"], "a") as calls:
+        calls.write(f"{run.id} {destination}\\n")
+    staged = os.environ.get("DOUBLE_STAGED_FILE")
+    if not staged:
+        return False
+    shutil.copyfile(staged, destination)
+    return True
+
+tracking.download_resume_checkpoint = download_resume_checkpoint
+from cifar_resnet.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture
+def one_thread():
+    """Training in this process on one thread: on a shared 2-core machine, two threads can be many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def resume_config(tiny_config: Config) -> Config:
+    # 31 steps an epoch (about a second on one core): room to land a signal inside an epoch. Three epochs: the
+    # run is stopped in epoch 2, then in epoch 3, and its third attempt finishes epoch 3.
+    return tiny_config.replace(epochs=3, train_size=1000, batch_size=32)
+
+
+def start_training(config: Config, run_id: str, log: Path, **env: str) -> subprocess.Popen:
+    """`python -m cifar_resnet.train` as the agent starts it; with DOUBLE_CALLS set, through DOWNLOAD_DOUBLE."""
+    program = ["-c", DOWNLOAD_DOUBLE] if "DOUBLE_CALLS" in env else ["-m", "cifar_resnet.train"]
+    # One thread in every process: the same arithmetic in all of them, whatever else runs on the machine.
+    env = dict(os.environ, WANDB_RUN_ID=run_id, OMP_NUM_THREADS="1", **env)
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, *program, *tiny_args(config)], env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+
+
+def recorded_history(run_dir: Path) -> list[dict]:
+    try:
+        return json.loads((run_dir / RECORD_FILE).read_text())["history"]
+    except FileNotFoundError:
+        return []
+
+
+def stop_mid_epoch(process: subprocess.Popen, run_dir: Path, after_epoch: int, log: Path) -> int:
+    """Once `after_epoch` epochs are recorded, SIGTERM the run half an epoch later; return the epochs it kept."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while len(history := recorded_history(run_dir)) < after_epoch:
+        assert process.poll() is None, f"the run ended early:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, "the run did not reach the epoch"
+        time.sleep(POLL_SECONDS)
+    time.sleep(history[-1]["epoch_seconds"] / 2)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(WAIT_SECONDS) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    kept = len(recorded_history(run_dir))
+    assert kept == len(history), "the signal landed after the epoch had ended, not inside it"
+    return kept
+
+
+def offline_runs(wandb_dir: Path, run_id: str) -> list[list]:
+    """The records of each offline run of `run_id`, oldest first (one per attempt)."""
+    return [read_records(path) for path in sorted(wandb_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))]
+
+
+def logged_epochs(records: list) -> list[int]:
+    return [int(json.loads(item.value_json)) for r in records if r.HasField("history")
+            for item in r.history.item if (item.key or "/".join(item.nested_key)) == "epoch"]
+
+
+def artifacts(records: list, kind: str) -> list:
+    return [r.artifact for r in records if r.HasField("artifact") and r.artifact.type == kind]
+
+
+def exit_code(records: list) -> int:
+    return next(r.exit for r in records if r.HasField("exit")).exit_code
+
+
+def was_marked_preempting(records: list) -> bool:
+    return any(r.HasField("preempting") for r in records)
+
+
+def without_timing(history: list[dict]) -> list[dict]:
+    return [{key: value for key, value in epoch.items() if key not in TIMING_KEYS} for epoch in history]
+
+
+def test_run_preempted_twice_resumes_locally_then_from_its_artifact_and_ends_as_an_uninterrupted_run(
+    tmp_path, tiny_config
+):
+    config = resume_config(tiny_config)
+    runs = Path(config.output_dir)
+    run_dir, calls = runs / "preempt1", tmp_path / "download-calls.txt"
+    straight = start_training(config, "straight1", tmp_path / "straight.log")  # the reference, alongside
+
+    # Attempt 1: SIGTERM inside epoch 2. The state of epoch 1 is saved and uploaded; the run is marked preempting.
+    first = start_training(config, "preempt1", tmp_path / "attempt1.log")
+    kept1 = stop_mid_epoch(first, run_dir, 1, tmp_path / "attempt1.log")
+    assert RunRecord.load(run_dir).status == "preempted"
+    assert torch.load(run_dir / RESUME_CHECKPOINT, weights_only=True)["state"]["epoch"] == kept1
+    (attempt1,) = offline_runs(tmp_path, "preempt1")
+    assert was_marked_preempting(attempt1) and exit_code(attempt1) == 128 + signal.SIGTERM
+    assert logged_epochs(attempt1) == list(range(1, kept1 + 1))
+    (resume_artifact,) = artifacts(attempt1, RESUME_ARTIFACT_TYPE)
+    assert resume_artifact.name == "resume-preempt1" and "latest" in resume_artifact.aliases
+    assert [entry.path for entry in resume_artifact.manifest.contents] == [RESUME_CHECKPOINT]
+
+    # Attempt 2, same machine: resumes from the local last.pt (no download), and is preempted again.
+    second = start_training(config, "preempt1", tmp_path / "attempt2.log", DOUBLE_CALLS=str(calls))
+    kept2 = stop_mid_epoch(second, run_dir, kept1 + 1, tmp_path / "attempt2.log")
+    assert f"resuming after epoch {kept1} of" in (tmp_path / "attempt2.log").read_text()
+    assert not calls.exists()
+    attempt2 = offline_runs(tmp_path, "preempt1")[1]
+    assert logged_epochs(attempt2) == list(range(kept1 + 1, kept2 + 1))
+    (staged,) = [entry.local_path for entry in artifacts(attempt2, RESUME_ARTIFACT_TYPE)[0].manifest.contents]
+
+    # Attempt 3, another machine: no run folder at all; last.pt comes from the artifact attempt 2 uploaded.
+    for path in run_dir.iterdir():
+        path.unlink()
+    third = start_training(config, "preempt1", tmp_path / "attempt3.log", DOUBLE_CALLS=str(calls),
+                           DOUBLE_STAGED_FILE=staged)
+    assert third.wait(WAIT_SECONDS) == 0, (tmp_path / "attempt3.log").read_text()[-3000:]
+    assert calls.read_text().split() == ["preempt1", str(run_dir / RESUME_CHECKPOINT)]
+    assert f"resuming after epoch {kept2} of" in (tmp_path / "attempt3.log").read_text()
+    assert straight.wait(WAIT_SECONDS) == 0, (tmp_path / "straight.log").read_text()[-3000:]
+
+    # Identical to the uninterrupted run: weights, per-epoch metrics, best epoch, test metrics.
+    reference, resumed = RunRecord.load(runs / "straight1"), RunRecord.load(run_dir)
+    assert resumed.status == "finished"
+    assert without_timing(resumed.history) == without_timing(reference.history)
+    assert [epoch["epoch"] for epoch in resumed.history] == list(range(1, config.epochs + 1))
+    for key in ("best_epoch", "test/loss", "test/acc", "test/acc_per_class"):
+        assert resumed.summary[key] == reference.summary[key], key
+    best, reference_best = (torch.load(d / BEST_CHECKPOINT, weights_only=True) for d in (run_dir, runs / "straight1"))
+    assert best["epoch"] == reference_best["epoch"]
+    assert best["model"].keys() == reference_best["model"].keys()
+    for name, tensor in reference_best["model"].items():
+        assert torch.equal(best["model"][name], tensor), name
+
+    # W&B: every epoch logged once across the three attempts; the model artifact holds the true best weights.
+    attempt3 = offline_runs(tmp_path, "preempt1")[2]
+    assert logged_epochs(attempt1 + attempt2 + attempt3) == list(range(1, config.epochs + 1))
+    assert not was_marked_preempting(attempt3) and exit_code(attempt3) == 0
+    (model,) = artifacts(attempt3, "model")
+    assert json.loads(model.metadata)["epoch"] == reference_best["epoch"]
+    uploaded = torch.load(model.manifest.contents[0].local_path, weights_only=True)["model"]
+    assert all(torch.equal(uploaded[name], tensor) for name, tensor in reference_best["model"].items())
+
+    # Nothing left over: no resume checkpoint, no temporary file.
+    assert sorted(path.name for path in run_dir.iterdir()) == [BEST_CHECKPOINT, RECORD_FILE]
+    assert not list(runs.rglob("*.tmp"))
+
+
+def test_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_resumable(tiny_config, monkeypatch,
+                                                                                   one_thread):
+    config = tiny_config.replace(epochs=3)
+    run_dir = Path(config.output_dir) / "killed01"
+
+    # A full disk in the middle of epoch 2's last.pt: the run fails, and last.pt is still epoch 1's, whole.
+    real_save = torch.save
+
+    def save_then_fail(value, f, *args, **kwargs):
+        if isinstance(value, dict) and value.get("state", {}).get("epoch") == 2:
+            f.write(b"half a checkpoint")
+            raise OSError(28, "No space left on device")
+        real_save(value, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        run_training(config, "killed01")
+    monkeypatch.setattr(torch, "save", real_save)
+    assert RunRecord.load(run_dir).status == "failed"
+    saved = (run_dir / RESUME_CHECKPOINT).read_bytes()
+    assert torch.load(run_dir / RESUME_CHECKPOINT, weights_only=True)["state"]["epoch"] == 1
+
+    # SIGKILL in the middle of a write: a real process, killed while it holds half a file in the temporary.
+    writer = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from cifar_resnet.files import atomic_write\n"
+         "def write(f):\n    f.write(b'x' * 4096); f.flush(); print('writing', flush=True); time.sleep(60)\n"
+         "atomic_write(sys.argv[1], write)", str(run_dir / RESUME_CHECKPOINT)],
+        stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline() == "writing\n"
+    writer.kill()
+    writer.wait()
+    (stray,) = run_dir.glob(".*.tmp")
+    assert (run_dir / RESUME_CHECKPOINT).read_bytes() == saved
+
+    # The next attempt resumes from epoch 1, clears the leftovers, and ends as an uninterrupted run does (its
+    # best.pt too, though the failed attempt may have written epoch 2's just before failing on last.pt).
+    resumed, reference = run_training(config, "killed01"), run_training(config, "straight02")
+    assert without_timing(resumed.record.history) == without_timing(reference.record.history)
+    assert resumed.record.summary["test/loss"] == reference.record.summary["test/loss"]
+    best, reference_best = (torch.load(o.run_dir / BEST_CHECKPOINT, weights_only=True) for o in (resumed, reference))
+    assert best["epoch"] == reference_best["epoch"]
+    assert all(torch.equal(best["model"][name], tensor) for name, tensor in reference_best["model"].items())
+    assert sorted(path.name for path in run_dir.iterdir()) == [BEST_CHECKPOINT, RECORD_FILE]
+
+
+def test_a_crash_ends_the_run_as_failed_not_preempting(tmp_path, tiny_config, monkeypatch, one_thread):
+    """A bug must fail the run, or the sweep would requeue it for ever."""
+    real_epoch = engine.train_one_epoch
+    epochs_started = []
+
+    def crash_in_epoch_2(*args, **kwargs):
+        epochs_started.append(1)
+        if len(epochs_started) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_one_epoch", crash_in_epoch_2)
+    monkeypatch.setenv("WANDB_RUN_ID", "crash001")
+    assert train_main(tiny_args(tiny_config)) == 1
+    wandb.teardown()  # as at the end of the process: W&B's service writes out the run's last records
+    (records,) = offline_runs(tmp_path, "crash001")
+    assert not was_marked_preempting(records)
+    assert exit_code(records) == 1
+    assert not artifacts(records, RESUME_ARTIFACT_TYPE)
+    assert RunRecord.load(Path(tiny_config.output_dir) / "crash001").status == "failed"
+
+
+def epoch_result(epoch: int) -> EpochResult:
+    return EpochResult(epoch=epoch, train_loss=1.0, train_acc=0.5, val_loss=1.0, val_acc=0.5, lr=0.1,
+                       epoch_seconds=1.0, train_images_per_second=100.0, is_best=False)
+
+
+@pytest.mark.parametrize(
+    "wandb_next_step, resumed_after, logged",
+    [
+        (3, 2, [3, 4, 5]),  # W&B holds epochs 1-2, as does the checkpoint: log the new epochs
+        (2, 3, [2, 3, 4, 5, 6]),  # killed after saving epoch 3, before logging it: log the missing ones too
+        (5, 2, [5]),  # W&B holds epochs 3-4 of an attempt whose checkpoint was lost: do not log them twice
+    ],
+)
+def test_resumed_online_run_logs_each_epoch_once(wandb_next_step, resumed_after, logged):
+    """W&B's side of a resumed online run (the step its history reached) cannot run here: a stand-in supplies it."""
+    steps = []
+    tracker = object.__new__(Tracker)  # its W&B run is the stand-in
+    tracker.next_epoch_to_log = None
+    tracker.run = SimpleNamespace(resumed=True, step=wandb_next_step,
+                                  log=lambda metrics, step, commit: steps.append((step, metrics["epoch"])))
+    history = [epoch_result(epoch).metrics() for epoch in range(1, resumed_after + 1)]
+    for epoch in range(resumed_after + 1, resumed_after + 4):  # this attempt trains three epochs
+        history.append(epoch_result(epoch).metrics())
+        tracker.on_epoch(epoch_result(epoch), SimpleNamespace(history=history))
+    assert steps == [(epoch, epoch) for epoch in logged]

@@ -1,0 +1,397 @@
+"""`cifar-resnet sweep`: offline sweeps through W&B's own sweep engine, with real runs in subprocesses (W&B
+offline), and the online path with a stand-in `wandb` executable (there is no W&B server here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from cifar_resnet import agent
+from cifar_resnet import sweep as sweep_module
+from cifar_resnet.cli import main
+from cifar_resnet.config import Config
+from cifar_resnet.records import RECORD_FILE, RunRecord
+from cifar_resnet.sweep import LiveView, LocalRun, LocalSweep, LogView, RunProgress, load_sweep, runs_to_stop
+from cifar_resnet.wandb_sweep import agent_command
+
+GRID = {"learning_rate": {"values": [0.001, 0.0005]}, "optimizer": {"values": ["adam", "sgd"]}}
+SIGNAL_TIMEOUT_SECONDS = 120
+
+
+@pytest.fixture(autouse=True)
+def one_thread_per_run(monkeypatch):
+    """Tiny runs gain nothing from a second thread, and lose much when other work keeps the cores busy."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def tiny_settings(config: Config, epochs: int = 1) -> dict[str, Any]:
+    """The conftest's tiny run as fixed sweep parameters."""
+    names = ("dataset", "width", "batch_size", "eval_batch_size", "val_size", "train_size", "test_size", "device")
+    return {name: {"value": getattr(config, name)} for name in names} | {"epochs": {"value": epochs}}
+
+
+def write_sweep(path: Path, parameters: dict[str, Any], method: str = "grid", **extra: Any) -> Path:
+    sweep = {
+        "program": "cifar_resnet.train", "method": method, "metric": {"name": "val/acc", "goal": "maximize"},
+        "parameters": parameters, "command": ["${env}", "${interpreter}", "-m", "${program}", "${args}"], **extra,
+    }
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def sweep_state(out_dir: Path) -> dict[str, Any]:
+    return json.loads((out_dir / "sweep.json").read_text())
+
+
+def table_rows(stdout: str) -> list[str]:
+    """The data rows of the Markdown results table."""
+    lines = [line for line in stdout.splitlines() if line.startswith("| ")]
+    return lines[1:]
+
+
+def test_grid_with_two_workers_runs_every_cell_as_the_agent_would(tmp_path, tiny_config, capsys):
+    path = write_sweep(tmp_path / "grid.yaml", GRID | tiny_settings(tiny_config))
+    out_dir = tmp_path / "grid-out"
+
+    assert main(["sweep", str(path), "--workers", "2", "--offline", "--output-dir", str(out_dir)]) == 0
+
+    state = sweep_state(out_dir)
+    runs = state["runs"]
+    assert [run["state"] for run in runs] == ["finished"] * 4
+    cells = {(run["params"]["learning_rate"], run["params"]["optimizer"]) for run in runs}
+    assert cells == {(0.001, "adam"), (0.001, "sgd"), (0.0005, "adam"), (0.0005, "sgd")}
+    records = [RunRecord.load(out_dir / run["run_id"]) for run in runs]
+    for run, record in zip(runs, records):
+        assert record.run_id == run["run_id"] and record.status == "finished"
+        assert record.config["learning_rate"] == run["params"]["learning_rate"]
+        assert record.config["optimizer"] == run["params"]["optimizer"]
+        assert record.config["width"] == tiny_config.width and record.config["epochs"] == 1
+        assert record.config["output_dir"] == str(out_dir.resolve())
+        assert "test/acc" in record.summary
+        # A real offline W&B run under the run id the sweep gave it, next to the others (WANDB_DIR).
+        assert list((tmp_path / "wandb").glob(f"offline-run-*-{run['run_id']}"))
+    # Two workers: the first two runs were in progress at the same time.
+    first, second = sorted(records, key=lambda record: record.started_at)[:2]
+    assert second.started_at < first.updated_at
+    rows = table_rows(capsys.readouterr().out)
+    assert len(rows) == 4 and "(best)" in rows[0]
+
+    # The same command again: every cell is done, nothing runs.
+    assert main(["sweep", str(path), "--workers", "2", "--offline", "--output-dir", str(out_dir)]) == 0
+    assert sweep_state(out_dir)["runs"] == runs
+
+    # And the report reads the sweep's folder.
+    assert main(["report", str(out_dir)]) == 0
+    assert (out_dir / "report" / "results.md").read_text().count("| ") > 4
+
+
+def test_a_failed_run_does_not_stop_the_others_and_shows_its_log(tmp_path, tiny_config, capsys):
+    parameters = tiny_settings(tiny_config) | {
+        "dataset": {"values": ["synthetic", "imagefolder"]},
+        "data_dir": {"value": str(tmp_path / "no-such-images")},
+    }
+    out_dir = tmp_path / "out"
+    path = write_sweep(tmp_path / "failing.yaml", parameters)
+
+    assert main(["sweep", str(path), "--workers", "2", "--offline", "--output-dir", str(out_dir)]) == 1
+
+    states = {run["params"]["dataset"]: run for run in sweep_state(out_dir)["runs"]}
+    assert states["synthetic"]["state"] == "finished"
+    assert states["imagefolder"]["state"] == "failed" and states["imagefolder"]["exit_code"] == 2
+    stdout = capsys.readouterr().out
+    rows = table_rows(stdout)
+    assert len(rows) == 2 and "(failed)" in rows[1]
+    failed_id = states["imagefolder"]["run_id"]
+    assert f"run {failed_id} failed (exit 2)" in stdout
+    assert "no-such-images/train is not a folder" in stdout  # the end of the run's own log
+
+
+def processes_of(marker: str) -> list[int]:
+    """Processes (any descendant, W&B's service included) whose environment mentions `marker`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def wait_for(condition, timeout: float = SIGNAL_TIMEOUT_SECONDS) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_an_interrupted_sweep_keeps_finished_runs_and_resumes_the_rest(tmp_path, tiny_config):
+    # One run at a time: a 1-epoch run that finishes, then a 4-epoch run interrupted after its first epoch.
+    parameters = tiny_settings(tiny_config) | {"epochs": {"values": [1, 4]}}
+    path = write_sweep(tmp_path / "two.yaml", parameters)
+    out_dir = tmp_path / "out"
+    command = [sys.executable, "-m", "cifar_resnet", "sweep", str(path), "--offline", "--output-dir", str(out_dir)]
+    sweep = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def long_run_has_an_epoch() -> bool:
+        runs = sweep_state(out_dir)["runs"] if (out_dir / "sweep.json").exists() else []
+        if len(runs) < 2 or runs[0]["state"] != "finished":
+            return False
+        record = out_dir / runs[1]["run_id"] / RECORD_FILE
+        return record.exists() and len(json.loads(record.read_text())["history"]) >= 1
+
+    try:
+        wait_for(long_run_has_an_epoch)
+        sweep.send_signal(signal.SIGINT)
+        output = sweep.communicate(timeout=SIGNAL_TIMEOUT_SECONDS)[0].decode()
+    finally:
+        sweep.kill()
+    assert sweep.returncode == 128 + signal.SIGINT, output
+    assert "run the same command again" in output
+    finished, interrupted = sweep_state(out_dir)["runs"]
+    assert finished["state"] == "finished" and interrupted["state"] == "preempted"
+    assert (out_dir / interrupted["run_id"] / "last.pt").exists()  # its resume checkpoint
+    # No process is left behind: not the run, not its W&B service.
+    wait_for(lambda: not processes_of(f"WANDB_SWEEP_PARAM_PATH={out_dir.resolve()}"), timeout=10)
+    finished_record = RunRecord.load(out_dir / finished["run_id"])
+    interrupted_record = RunRecord.load(out_dir / interrupted["run_id"])
+
+    assert main(["sweep", str(path), "--offline", "--output-dir", str(out_dir)]) == 0
+
+    runs = sweep_state(out_dir)["runs"]
+    assert [run["run_id"] for run in runs] == [finished["run_id"], interrupted["run_id"]]
+    assert [run["state"] for run in runs] == ["finished", "finished"]
+    assert RunRecord.load(out_dir / finished["run_id"]) == finished_record  # not run again
+    resumed = RunRecord.load(out_dir / interrupted["run_id"])
+    assert [entry["epoch"] for entry in resumed.history] == [1, 2, 3, 4]  # each epoch once
+    # Resumed, not started over: the same record, and the epochs before the interrupt kept as they were.
+    assert resumed.started_at == interrupted_record.started_at
+    assert resumed.history[:len(interrupted_record.history)] == interrupted_record.history
+    assert not (out_dir / interrupted["run_id"] / "last.pt").exists()
+
+
+@pytest.mark.parametrize(("method", "count"), [("random", 2), ("bayes", 3)])
+def test_random_and_bayes_stop_at_count(tmp_path, tiny_config, method, count):
+    """The engine proposes each run; bayes proposes from the finished runs' val/acc, fed back from their records."""
+    parameters = tiny_settings(tiny_config) | {
+        "learning_rate": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2},
+        "optimizer": {"values": ["adam", "sgd"]},
+    }
+    path = write_sweep(tmp_path / f"{method}.yaml", parameters, method=method)
+    out_dir = tmp_path / "out"
+
+    assert main(["sweep", str(path), "--workers", "2", "--count", str(count), "--offline", "--output-dir",
+                 str(out_dir)]) == 0
+
+    runs = sweep_state(out_dir)["runs"]
+    assert len(runs) == count and all(run["state"] == "finished" for run in runs)
+    assert len({run["params"]["learning_rate"] for run in runs}) == count
+    for run in runs:
+        assert 1e-4 <= run["params"]["learning_rate"] <= 1e-2
+        assert RunRecord.load(out_dir / run["run_id"]).config["learning_rate"] == run["params"]["learning_rate"]
+
+
+def test_a_command_that_cannot_start_fails_its_runs_and_the_sweep_gives_up(tmp_path, tiny_config, capsys):
+    """Like `wandb agent`: after 5 failed runs and none finished, no new runs (a random sweep would never end)."""
+    parameters = tiny_settings(tiny_config) | {"seed": {"distribution": "int_uniform", "min": 0, "max": 1000}}
+    path = write_sweep(tmp_path / "broken.yaml", parameters, method="random",
+                       command=["no-such-python", "-m", "${program}", "${args}"])
+    out_dir = tmp_path / "out"
+
+    assert main(["sweep", str(path), "--workers", "2", "--offline", "--output-dir", str(out_dir)]) == 1
+
+    runs = sweep_state(out_dir)["runs"]
+    assert len(runs) == sweep_module.MAX_INITIAL_FAILURES
+    assert all(run["state"] == "failed" and run["exit_code"] is None for run in runs)
+    captured = capsys.readouterr()
+    assert "5 runs failed and 0 finished: no new runs" in captured.err
+    assert "could not start" in captured.out and "No such file or directory: 'no-such-python'" in captured.out
+
+
+def test_each_run_gets_the_agents_environment_and_its_share_of_the_cores(tmp_path, tiny_config, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.delenv("WANDB_DIR")
+    plan = load_sweep(write_sweep(tmp_path / "grid.yaml", GRID | tiny_settings(tiny_config)), [])
+    local = LocalSweep(plan, tmp_path / "out", ["0", "1"], None, "proj", LogView([]))
+    run = LocalRun("abcd1234", {"learning_rate": 0.001})
+
+    env = local.environment(run, "1")
+
+    assert env["WANDB_MODE"] == "offline" and env["WANDB_RUN_ID"] == "abcd1234"
+    assert env["WANDB_SWEEP_PARAM_PATH"] == str((tmp_path / "out" / "abcd1234" / "sweep-params.yaml").resolve())
+    assert env["CUDA_VISIBLE_DEVICES"] == "1" and env["WANDB_PROJECT"] == "proj"
+    assert env["WANDB_DIR"] == str((tmp_path / "out").resolve())
+    assert env["WANDB_RUN_GROUP"] == f"sweep-grid-{local.state.sweep_id}"
+    assert "WANDB_SWEEP_ID" not in env  # a local id would make `wandb sync` refuse the run
+    assert env["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert local.environment(run, None)["OMP_NUM_THREADS"] == "3"  # the user's own choice wins
+
+
+def test_the_run_command_is_expanded_as_the_agent_expands_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("EXTRA_FLAG", "--seed=3")
+    params = {"learning_rate": 0.001, "tta": False}
+    command = ["${env}", "${interpreter}", "-m", "${program}", "${args_no_hyphens}", "${envvar:EXTRA_FLAG}",
+               "${args_json_file}"]
+
+    expanded = agent_command(command, "cifar_resnet.train", params, tmp_path / "args.json")
+
+    assert expanded == ["/usr/bin/env", "python", "-m", "cifar_resnet.train", "learning_rate=0.001", "tta=False",
+                        "--seed=3", str(tmp_path / "args.json")]
+    assert json.loads((tmp_path / "args.json").read_text()) == params
+    assert agent_command(None, "train.py", params, tmp_path / "unused.json") == [
+        "/usr/bin/env", "python", "train.py", "--learning_rate=0.001", "--tta=False"]  # W&B's default command
+
+
+def test_early_terminate_stops_a_run_behind_the_others(tmp_path, tiny_config):
+    """Hyperband through the real engine, on run records: a running run far behind a finished one is stopped."""
+    sweep = {"method": "grid", "metric": {"name": "val/acc", "goal": "maximize"},
+             "early_terminate": {"type": "hyperband", "min_iter": 1, "eta": 2},
+             "parameters": {"learning_rate": {"values": [0.002, 0.001, 0.0005, 0.0001]}}}
+    histories = {"good": [0.5, 0.6], "fine": [0.4, 0.5], "bad": [0.1], "fresh": []}
+    runs = [LocalRun("good", {"learning_rate": 0.002}, "finished"),
+            LocalRun("fine", {"learning_rate": 0.001}, "finished"),
+            LocalRun("bad", {"learning_rate": 0.0005}, "running"),
+            LocalRun("fresh", {"learning_rate": 0.0001}, "running")]
+    records = {}
+    for run in runs:
+        history = [{"epoch": epoch, "val/acc": acc} for epoch, acc in enumerate(histories[run.run_id], 1)]
+        RunRecord(run.run_id, tiny_config.to_dict(), history=history).save(tmp_path / run.run_id)
+        records[run.run_id] = RunRecord.load(tmp_path / run.run_id)
+
+    assert runs_to_stop(sweep, runs, records) == ["bad"]
+
+
+@pytest.mark.parametrize(("content", "extra_args", "message"), [
+    ("method: grid\nparameters: [\n", [], "not valid YAML at line 3"),
+    ("- just\n- a list\n", [], "not a sweep"),
+    ("method: gird\nparameters:\n  learning_rate: {values: [0.1]}\n", [], "not a valid W&B sweep: 'gird' is not one"),
+    ("method: grid\nparameters:\n  learning_rate: {min: 0.0001, max: 0.1}\n", [],
+     "parameter learning_rate: a grid needs `values`"),
+    ("method: grid\nparameters:\n  lr: {values: [0.1]}\n", [], "unknown setting 'lr'"),
+    ("method: grid\nparameters:\n  optimizer: {values: [adam, rmsprop]}\n", [], "optimizer: 'rmsprop' is not one of"),
+    ("method: random\nparameters:\n  learning_rate: {min: -1.0, max: 0.1}\n", [], "learning_rate: must be > 0"),
+    ("method: bayes\nparameters:\n  learning_rate: {min: 0.001, max: 0.1}\n", [], "bayes needs a metric"),
+    ("method: grid\nparameters:\n  output_dir: {value: x}\n", [], "use --output-dir instead"),
+    ("method: grid\nparameters:\n  epochs: {value: 2}\n", ["--set", "epochs=two"], "epochs: 'two' is not a valid int"),
+    ("method: grid\nparameters:\n  epochs: {value: 2}\n", ["--set", "epoch=2"], "unknown setting 'epoch'"),
+    ("method: grid\nparameters:\n  epochs: {value: 2}\n", ["--set", "epochs"], "expected name=value"),
+    ("method: grid\nparameters:\n  epochs: {value: 2}\n", ["--gpus", "0,x"], "--gpus: expected comma-separated"),
+    ("method: grid\nparameters:\n  epochs: {value: 2}\n", ["--gpus", "0,1", "--workers", "3"], "does not match"),
+    ("method: grid\nparameters:\n  epochs: {value: 2}\n", ["--count", "0"], "--count: must be >= 1"),
+    ("method: grid\nparameters:\n  epochs: {value: 2}\n", [], "no program, and the command runs ${program}"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, content, extra_args, message):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(content)
+
+    assert main(["sweep", str(path), "--offline", *extra_args]) == 2
+
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ERROR: ") and message in err
+    assert not (tmp_path / "sweeps").exists()  # nothing started, nothing written
+
+
+def test_missing_sweep_file(tmp_path, capsys):
+    assert main(["sweep", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml: cannot read the sweep file" in capsys.readouterr().err
+
+
+def test_an_output_folder_of_another_sweep_is_refused(tmp_path, tiny_config, capsys):
+    out_dir = tmp_path / "out"
+    first = write_sweep(tmp_path / "a.yaml", tiny_settings(tiny_config) | {"seed": {"values": [1]}})
+    out_dir.mkdir()
+    (out_dir / "sweep.json").write_text(json.dumps({"sweep_id": "x", "sweep": {"other": 1}, "runs": []}))
+
+    assert main(["sweep", str(first), "--offline", "--output-dir", str(out_dir)]) == 2
+    assert "holds another sweep" in capsys.readouterr().err
+
+
+FAKE_WANDB = """\
+#!{python}
+# A stand-in for the `wandb` executable: records how it was called, then exits with FAKE_WANDB_EXIT.
+import json, os, sys, time
+with open(os.environ["FAKE_WANDB_CALLS"], "a") as calls:
+    calls.write(json.dumps({{"argv": sys.argv[1:], "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                             "at": time.monotonic()}}) + "\\n")
+sys.exit(int(os.environ.get("FAKE_WANDB_EXIT", "0")))
+"""
+
+
+@pytest.fixture
+def online(tmp_path, monkeypatch):
+    """W&B credentials and a stand-in `wandb` on PATH; `wandb.sweep` records its sweep instead of calling W&B."""
+    import wandb
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "wandb"
+    fake.write_text(FAKE_WANDB.format(python=sys.executable))
+    fake.chmod(0o755)
+    calls = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_WANDB_CALLS", str(calls))
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.setattr(agent, "DEFAULT_STAGGER_SECONDS", 0.3)
+    created: list[dict[str, Any]] = []
+    monkeypatch.setattr(wandb, "sweep", lambda sweep, project: created.append(
+        {"sweep": sweep, "project": project}) or "sweep123")
+
+    def agent_calls() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in calls.read_text().splitlines()]
+
+    return created, agent_calls
+
+
+def test_online_creates_the_sweep_and_starts_one_pinned_agent_per_gpu(tmp_path, tiny_config, online):
+    created, agent_calls = online
+    path = write_sweep(tmp_path / "grid.yaml", GRID | tiny_settings(tiny_config))
+
+    assert main(["sweep", str(path), "--gpus", "0,1", "--count", "3", "--project", "proj",
+                 "--set", "epochs=4"]) == 0
+
+    (sweep,) = created
+    assert sweep["project"] == "proj"
+    assert sweep["sweep"]["run_cap"] == 3
+    assert sweep["sweep"]["parameters"]["epochs"] == {"value": 4}
+    calls = agent_calls()
+    assert [call["argv"] for call in calls] == [["agent", "--forward-signals", "--project", "proj", "sweep123"]] * 2
+    assert [call["gpu"] for call in calls] == ["0", "1"]
+    assert calls[1]["at"] - calls[0]["at"] >= 0.3  # staggered
+    assert not (tmp_path / "sweeps").exists()  # nothing ran here
+
+
+def test_online_agent_failure_is_the_exit_status(tmp_path, tiny_config, online, monkeypatch):
+    monkeypatch.setenv("FAKE_WANDB_EXIT", "1")
+    path = write_sweep(tmp_path / "grid.yaml", GRID | tiny_settings(tiny_config))
+
+    assert main(["sweep", str(path), "--workers", "2"]) == 1
+    assert [call["gpu"] for call in online[1]()] == [None, None]
+
+
+def test_live_view_shows_runs_and_progress(capsys):
+    run = LocalRun("abc12345", {"learning_rate": 0.001, "optimizer": "adam"}, "running")
+    with LiveView(["learning_rate", "optimizer"]) as view:
+        view.refresh([RunProgress(run, 1, 2, 0.42, 3.0)], total_runs=6)
+    shown = capsys.readouterr().err
+    assert "abc12345" in shown and "1/2" in shown and "42.00%" in shown and "runs 0/6" in shown
+
+
+def test_sweep_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--help"])
+    assert exit_info.value.code == 0
+    shown = capsys.readouterr().out
+    for option in ("--workers", "--gpus", "--count", "--project", "--offline", "--set", "--output-dir"):
+        assert option in shown
