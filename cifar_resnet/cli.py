@@ -30,6 +30,12 @@ def _evaluate(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace, rest: list[str]) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cifar-resnet",
@@ -51,6 +57,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("checkpoint", help="path to a best.pt")
     evaluate.set_defaults(handler=_evaluate)
+
+    bench = commands.add_parser(
+        "bench", add_help=False,
+        help="benchmark the write-up's pipeline against ours (also `bench run`, `bench grid`); --help for options",
+    )
+    bench.set_defaults(handler=_bench)
+
+    from . import report, sweep  # light modules: their heavy imports happen inside the handlers
+
+    sweep_parser = commands.add_parser(
+        "sweep", help="run a whole sweep on this machine (W&B agents online; W&B's sweep engine offline)",
+        description=sweep.__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sweep.add_arguments(sweep_parser)
+    sweep_parser.set_defaults(handler=sweep.sweep_command)
+
+    report_parser = commands.add_parser(
+        "report", help="a sweep's results table (Markdown) and plots (PNG)", description=report.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    report.add_arguments(report_parser)
+    report_parser.set_defaults(handler=report.report_command)
+
+    from . import agent  # light: torch and wandb are imported inside its handler
+
+    agent_parser = commands.add_parser(
+        "agent", help="one `wandb agent` per visible GPU, pinned (the Docker image's entry point)",
+        description=agent.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    agent.add_arguments(agent_parser)
+    agent_parser.set_defaults(handler=agent.agent_command)
     return parser
 
 

@@ -158,3 +158,11 @@ def test_real_jpeg_folder_loads(cifar_jpeg_dir):
     assert splits.classes[:3] == ["airplane", "automobile", "bird"] and len(splits.classes) == 10
     assert len(splits.train) + len(splits.val) == 3000 and len(splits.test) == 1000
     assert splits.train.images.float().mean() > 50  # real pictures, not blank decodes
+
+
+def test_test_subset_spans_the_classes_and_ignores_the_run_seed(tmp_path):
+    root = _write_folder(tmp_path / "imgs", classes=("a", "b", "c", "d"), per_class=5)
+    config = Config(dataset="imagefolder", data_dir=str(root), val_size=2, test_size=8)
+    subset = load_splits(config).test
+    assert len(subset) == 8 and len(set(subset.labels.tolist())) > 1  # not the first 8 files of class a
+    assert torch.equal(subset.labels, load_splits(config.replace(seed=5)).test.labels)

@@ -119,7 +119,7 @@ def test_narrow_model_learns_synthetic_classes(tiny_config):
 
 def test_narrow_model_learns_real_cifar_images(cifar_jpeg_dir, tmp_path):
     config = Config(dataset="imagefolder", data_dir=str(cifar_jpeg_dir), width=16, epochs=2, val_size=500,
-                    batch_size=64, lr_schedule="constant", output_dir=str(tmp_path / "runs"), device="cpu")
+                    batch_size=64, recipe="writeup", output_dir=str(tmp_path / "runs"), device="cpu")
     outcome = run_training(config, "real01")
     assert outcome.fit.test.acc > 0.25  # chance is 0.1; 2,500 images and 2 epochs
 

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Every GPU measurement of BENCHMARKS.md in one call (sized for 8 minutes on one H100), on the JPEG copy of
+# CIFAR-10, with nothing but python, torch and torchvision (no W&B; the package needs no installing):
+#   1. the benchmark in GPU mode: write-up's pipeline against ours, the tuning variants one by one, and runs per
+#      hour with 1, 2 and 4 concurrent full runs;
+#   2. one full 10-epoch run of the real model, timed from process start (the decode cache is warm by then);
+#   3. the write-up's six cells with our default recipe, as many at a time as step 1 found best;
+#   4. the same six cells with recipe=writeup (the write-up's settings on our pipeline, on the same data).
+# Results (JSON) and one log go to $OUT (or ./gpu-check); run folders and checkpoints stay in $WORK.
+#
+#   GIT_COMMIT=$(git rev-parse --short HEAD) benchmarks/gpu_check.sh   # on a GPU machine
+#   SMALL=1 PYTHON=.venv/bin/python benchmarks/gpu_check.sh             # the same steps, tiny, on a CPU (a dry run)
+#
+# Settings (environment): ARCHIVE (default data/cifar10-jpeg.tar.gz, else ../shared/data/cifar10-jpeg.tar.gz),
+# PYTHON (default python3), WORK (default $TMPDIR/cifar_resnet_gpu_check), WORKERS (step 3 and 4; default: the best
+# of step 1), VARIANTS (step 1's tuning variants, comma-separated; default all), SKIP_WRITEUP_GRID=1 leaves out
+# step 4.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+OUT_DIR=${OUT:-$PWD/gpu-check}
+WORK=${WORK:-${TMPDIR:-/tmp}/cifar_resnet_gpu_check}
+PYTHON=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p "$OUT_DIR" "$WORK"
+LOG="$OUT_DIR/gpu_check.log"
+
+if [ -z "${ARCHIVE:-}" ]; then
+    for candidate in data/cifar10-jpeg.tar.gz ../shared/data/cifar10-jpeg.tar.gz; do
+        if [ -f "$candidate" ]; then ARCHIVE=$candidate; break; fi
+    done
+fi
+if [ ! -f "${ARCHIVE:-}" ]; then
+    echo "gpu_check: no CIFAR-10 JPEG archive; set ARCHIVE or put it in data/cifar10-jpeg.tar.gz" >&2
+    exit 2
+fi
+DATA_DIR="$WORK/cifar10-jpeg"
+[ -d "$DATA_DIR/test" ] || tar -xzf "$ARCHIVE" -C "$WORK"
+DATA=(--dataset=imagefolder "--data_dir=$DATA_DIR")
+
+if [ -n "${SMALL:-}" ]; then  # every step, on a CPU, in a few minutes; its accuracies mean nothing
+    MODE=cpu
+    RUN=(--device=cpu --width=8 --epochs=1 --train_size=1000 --val_size=500)
+    BENCH=(--concurrency=1,2 --variants=ours)
+else
+    MODE=gpu
+    RUN=(--device=cuda)
+    BENCH=(${VARIANTS:+"--variants=$VARIANTS"})
+fi
+
+FAILED=()
+step() {  # step NAME COMMAND...: run it, log it with its wall time, copy its JSON to $OUT_DIR; go on if it fails
+    local name=$1 started status=0; shift
+    started=$(date +%s%N)
+    echo "=== $name: $*" | tee -a "$LOG"
+    "$@" 2>&1 | tee -a "$LOG" || status=$?
+    echo "=== $name: exit $status after $(( ($(date +%s%N) - started) / 1000000 )) ms" | tee -a "$LOG"
+    if [ "$status" != 0 ]; then FAILED+=("$name"); fi
+    if [ -f "$WORK/$name.json" ]; then cp "$WORK/$name.json" "$OUT_DIR/"; fi
+}
+
+: > "$LOG"
+{ date -u; uname -a; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || true
+  grep -m1 "model name" /proc/cpuinfo || true; nproc; "$PYTHON" -c "import torch; print('torch', torch.__version__)"
+} | tee -a "$LOG"
+
+step bench "$PYTHON" -m cifar_resnet.bench "--mode=$MODE" "${DATA[@]}" "${RUN[@]}" "${BENCH[@]}" "--out=$WORK/bench.json"
+
+step full10 "$PYTHON" -m cifar_resnet.bench run --run_id=full10 "--result=$WORK/full10.json" "${DATA[@]}" "${RUN[@]}" \
+    "--output_dir=$WORK/full10-runs"
+
+if [ -z "${WORKERS:-}" ]; then  # the concurrency with the most runs per hour in step 1
+    WORKERS=$("$PYTHON" -c "import json, sys; c = json.load(open(sys.argv[1]))['concurrency']
+print(max(c, key=lambda k: c[k]['runs_per_hour']) if c else 1)" "$WORK/bench.json" 2>/dev/null || echo 1)
+fi
+step grid "$PYTHON" -m cifar_resnet.bench grid "--workers=$WORKERS" "${DATA[@]}" "${RUN[@]}" "--out=$WORK/grid.json"
+if [ -z "${SKIP_WRITEUP_GRID:-}" ]; then
+    step grid-writeup "$PYTHON" -m cifar_resnet.bench grid "--workers=$WORKERS" --recipe=writeup "${DATA[@]}" \
+        "${RUN[@]}" "--out=$WORK/grid-writeup.json"
+fi
+echo "gpu_check: done; results in $OUT_DIR; failed steps: ${FAILED[*]:-none}" | tee -a "$LOG"
+[ ${#FAILED[@]} = 0 ]

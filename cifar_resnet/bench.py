@@ -1,0 +1,803 @@
+"""The benchmark: the write-up's pipeline against ours, in one process, on the device at hand, on the same images.
+
+- The write-up's pipeline: a torchvision dataset through a `DataLoader` (no workers) with `RandomCrop(32, padding=4)`,
+  `RandomHorizontalFlip`, `ToTensor` and `Normalize`, a float32 NCHW model, `torch.optim.Adam`, and the loss and
+  accuracy read back every step.
+- Ours: `DeviceLoader` and the engine's `train_one_epoch` with the settings a run uses.
+
+Reported: training images/s and seconds per epoch with their ratio, the data pipelines alone (batches/s, no model),
+model FLOPs per image (counted), TFLOP/s reached and their fraction of a peak measured in the same run (a large
+bf16 matmul on GPU, fp32 on CPU), peak memory, and in GPU mode the tuning options one by one and runs per hour with
+1, 2 and 4 concurrent runs. Warm-up first; clocks are read after a device sync; figures are medians over repeats.
+
+    cifar-resnet bench --mode=cpu --dataset=imagefolder --data_dir=DIR --out=bench.json
+    cifar-resnet bench run --run_id=ID --result=FILE --name=value ...   # one run without W&B
+    cifar-resnet bench grid --workers=3 --name=value ...                # the write-up's six cells without W&B
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import itertools
+import json
+import logging
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import BEST_CHECKPOINT
+from .config import Config, argument_parser
+from .data import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CROP_PADDING_PX,
+    IMAGE_SIZE_PX,
+    DataSplits,
+    DeviceLoader,
+    ImageSet,
+    load_splits,
+)
+from .engine import (
+    autocast_context,
+    build_model,
+    build_optimizer,
+    evaluate,
+    memory_format_for,
+    select_device,
+    train_one_epoch,
+)
+from .errors import UserError
+from .files import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+FULL_WIDTH = 64  # the write-up's model; its FLOPs are reported whatever width is benchmarked
+FLOP_COUNT_BATCH = 2  # FLOPs are linear in the batch: count on a small one, report per image
+MATMUL_WARMUP, MATMUL_REPEATS = 3, 10
+BYTES_PER_MB = 2**20
+KILOBYTES_PER_MB = 2**10  # ru_maxrss is in kilobytes on Linux
+SECONDS_PER_HOUR = 3600
+
+
+# --- what to measure -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much to measure. `Plan.for_mode` gives the defaults: CPU mode fits a couple of minutes on 2 cores."""
+
+    mode: str  # "cpu" or "gpu"
+    steps: int
+    warmup_steps: int
+    repeats: int
+    data_batches: int
+    peak_size: int
+    variants: tuple[str, ...]
+    concurrency: tuple[int, ...]
+
+    @classmethod
+    def for_mode(cls, mode: str) -> Plan:
+        if mode == "gpu":
+            return cls(mode, steps=50, warmup_steps=20, repeats=3, data_batches=50, peak_size=8192,
+                       variants=tuple(VARIANTS), concurrency=(1, 2, 4))
+        return cls(mode, steps=6, warmup_steps=2, repeats=3, data_batches=50, peak_size=2048, variants=("ours",),
+                   concurrency=())
+
+
+PLAN_HELP = {
+    "steps": "timed training steps per repeat",
+    "warmup_steps": "untimed steps first (cuDNN autotuning, allocator, torch.compile's compilation)",
+    "repeats": "repeats of each timing; figures are their medians",
+    "data_batches": "batches per repeat when timing a data pipeline alone",
+    "peak_size": "n of the n x n x n matmul that measures the peak",
+    "variants": "comma-separated tuning variants of our pipeline, each one option changed from a run's",
+    "concurrency": "comma-separated counts of concurrent full runs on the device, for runs/hour (empty: none)",
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Our pipeline with one option changed from what a run does (`ours`), so each row measures that option."""
+
+    bf16: bool | None = None  # bf16 autocast (CUDA only); None: as the config says
+    channels_last: bool | None = None  # NHWC (CUDA only); None: as the config says
+    fused: bool | None = None  # fused optimizer step; None: as a run (fused on CUDA)
+    cudnn_benchmark: bool = False  # cuDNN autotuning of convolution algorithms
+    sync_every_step: bool = False  # a host sync each step, as reading the loss each step causes
+    compile_mode: str | None = None  # torch.compile mode; "reduce-overhead" replays CUDA graphs
+
+
+VARIANTS: dict[str, Variant] = {
+    "ours": Variant(),
+    "no bf16": Variant(bf16=False),
+    "no channels_last": Variant(channels_last=False),
+    "foreach optimizer (not fused)": Variant(fused=False),
+    "cudnn.benchmark": Variant(cudnn_benchmark=True),
+    "host sync every step": Variant(sync_every_step=True),
+    "torch.compile": Variant(compile_mode="default"),
+    "torch.compile + CUDA graphs": Variant(compile_mode="reduce-overhead"),
+}
+
+
+# --- measuring primitives ------------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_repeats(work: Callable[[], object], repeats: int, device: torch.device) -> list[float]:
+    """Wall seconds of `work` per repeat, each bracketed by device syncs so queued GPU work is counted."""
+    seconds = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        work()
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated since the last reset; on CPU the process's peak resident set so far."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / BYTES_PER_MB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KILOBYTES_PER_MB
+
+
+def measure_peak_tflops(device: torch.device, size: int) -> dict[str, Any]:
+    """A large matmul's TFLOP/s: bf16 on GPU (the tensor cores' rate), fp32 on CPU."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    for _ in range(MATMUL_WARMUP):
+        torch.mm(a, b)
+    seconds = time_repeats(lambda: torch.mm(a, b), MATMUL_REPEATS, device)
+    return {"dtype": str(dtype).removeprefix("torch."), "size": size,
+            "tflops": 2 * size**3 / statistics.median(seconds) / 1e12}
+
+
+def count_flops(model: nn.Module, batch_size: int = FLOP_COUNT_BATCH) -> dict[str, float]:
+    """FLOPs per image of a forward pass and of a training step (forward + backward), counted by PyTorch's
+    FlopCounterMode: convolutions and matmuls (a multiply-add is 2 FLOPs); batch norm, ReLU and the optimizer
+    are not counted. The input needs no gradient, as in training, so the first conv has no input gradient."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = next(model.parameters()).device
+    images = torch.zeros(batch_size, 3, IMAGE_SIZE_PX, IMAGE_SIZE_PX, device=device)
+    with FlopCounterMode(display=False) as forward_counter:
+        model(images)
+    with FlopCounterMode(display=False) as train_counter:
+        model(images).sum().backward()
+    model.zero_grad(set_to_none=True)
+    return {"forward": forward_counter.get_total_flops() / batch_size,
+            "train": train_counter.get_total_flops() / batch_size}
+
+
+def endless(loader: Iterable) -> Iterator:
+    """Batches from `loader`, epoch after epoch, so any number of steps can be timed."""
+    while True:
+        yield from loader
+
+
+# --- the write-up's pipeline ---------------------------------------------------------------------------------
+
+
+def writeup_transform():
+    from torchvision import transforms
+
+    return transforms.Compose([
+        transforms.RandomCrop(IMAGE_SIZE_PX, padding=CROP_PADDING_PX),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD),
+    ])
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """Decoded images held as one uint8 (N, H, W, C) array, served as torchvision's CIFAR10 serves its own:
+    `PIL.Image.fromarray` of one image, then the transform."""
+
+    def __init__(self, images: ImageSet, transform: Callable) -> None:
+        self.arrays = images.images.permute(0, 2, 3, 1).contiguous().numpy()
+        self.labels = images.labels.tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.arrays[index])), self.labels[index]
+
+
+def writeup_datasets(config: Config, train: ImageSet) -> dict[str, torch.utils.data.Dataset]:
+    """The write-up's datasets on our images: decoded arrays as torchvision's CIFAR10 holds them, and, for an
+    image folder, torchvision's ImageFolder, which decodes each JPEG on every read."""
+    transform = writeup_transform()
+    datasets: dict[str, torch.utils.data.Dataset] = {"write-up, arrays": ArrayDataset(train, transform)}
+    if config.dataset == "imagefolder":
+        from torchvision.datasets import ImageFolder
+
+        datasets["write-up, ImageFolder"] = ImageFolder(str(Path(config.data_dir) / "train"), transform)
+    return datasets
+
+
+def writeup_loader(dataset: torch.utils.data.Dataset, config: Config) -> torch.utils.data.DataLoader:
+    generator = torch.Generator().manual_seed(config.seed)
+    return torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True, num_workers=0,
+                                       generator=generator)
+
+
+def writeup_step_runner(config: Config, loader: Iterable, num_classes: int,
+                        device: torch.device) -> Callable[[int], None]:
+    """The write-up's training loop: float32 NCHW model, plain Adam, loss and accuracy read every step."""
+    model = build_model(config.replace(bf16=False, channels_last=False), num_classes, device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    loss_fn = nn.CrossEntropyLoss()
+    stream = endless(loader)
+    model.train()
+
+    def run(steps: int) -> None:
+        running_loss, correct = 0.0, 0
+        for images, labels in itertools.islice(stream, steps):
+            images, labels = images.to(device), labels.to(device)
+            optimizer.zero_grad()
+            outputs = model(images)
+            loss = loss_fn(outputs, labels)
+            loss.backward()
+            optimizer.step()
+            running_loss += loss.item()  # a host sync every step, as in the write-up
+            correct += (outputs.argmax(1) == labels).sum().item()
+
+    return run
+
+
+# --- ours ----------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(enabled: bool) -> Iterator[None]:
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+def train_loader(config: Config, train: ImageSet, device: torch.device) -> DeviceLoader:
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    return DeviceLoader(train, config.batch_size, device, generator=generator, augment=True)
+
+
+def ours_step_runner(config: Config, train: ImageSet, num_classes: int, device: torch.device,
+                     variant: Variant) -> Callable[[int], None]:
+    """The engine's `train_one_epoch` over `steps` batches of `DeviceLoader`, with the variant's options."""
+    changes = {"bf16": variant.bf16, "channels_last": variant.channels_last}
+    config = config.replace(**{name: value for name, value in changes.items() if value is not None})
+    model = build_model(config, num_classes, device)
+    step_model = torch.compile(model, mode=variant.compile_mode) if variant.compile_mode else model
+    optimizer = build_optimizer(config, model, device, fused=variant.fused)
+    # The schedule's shape costs nothing; a constant one never runs out of steps however long the timing runs.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    autocast, memory_format = autocast_context(config, device), memory_format_for(config, device)
+    on_batch = (lambda: synchronize(device)) if variant.sync_every_step else None
+    stream = endless(train_loader(config, train, device))
+
+    def run(steps: int) -> None:
+        train_one_epoch(step_model, itertools.islice(stream, steps), optimizer, scheduler, loss_fn, autocast,
+                        memory_format, on_batch=on_batch)
+
+    return run
+
+
+# --- measurements --------------------------------------------------------------------------------------------
+
+
+def measure_data(loader: Iterable, plan: Plan, device: torch.device) -> float:
+    """Batches per second of a data pipeline alone (median over repeats)."""
+    stream = endless(loader)
+    for _ in itertools.islice(stream, plan.warmup_steps):
+        pass
+    seconds = time_repeats(lambda: list(itertools.islice(stream, plan.data_batches)), plan.repeats, device)
+    return plan.data_batches / statistics.median(seconds)
+
+
+def measure_training(run_steps: Callable[[int], None], plan: Plan, batch_size: int,
+                     device: torch.device) -> dict[str, Any]:
+    reset_peak_memory(device)
+    warmup_s = time_repeats(lambda: run_steps(plan.warmup_steps), 1, device)[0]
+    seconds = time_repeats(lambda: run_steps(plan.steps), plan.repeats, device)
+    step_s = statistics.median(seconds) / plan.steps
+    return {
+        "images_per_s": batch_size / step_s,
+        "step_ms": step_s * 1000,
+        "warmup_s": warmup_s,  # includes torch.compile's compilation when compiled
+        "setup_s": max(0.0, warmup_s - plan.warmup_steps * step_s),  # one-off cost: compilation, autotuning
+        "repeat_seconds": seconds,
+        "peak_memory_mb": peak_memory_mb(device),
+    }
+
+
+def measure_eval(config: Config, val: ImageSet, num_classes: int, plan: Plan,
+                 device: torch.device) -> dict[str, float]:
+    """Evaluation images/s under inference_mode: at the evaluation batch, at the training batch, and with TTA."""
+    model = build_model(config, num_classes, device)
+    autocast, memory_format = autocast_context(config, device), memory_format_for(config, device)
+    cases = {
+        f"batch {config.eval_batch_size}": (config.eval_batch_size, False),
+        f"batch {config.batch_size}": (config.batch_size, False),
+        f"batch {config.eval_batch_size}, flip TTA": (config.eval_batch_size, True),
+    }
+    results = {}
+    for label, (batch_size, tta) in cases.items():
+        loader = DeviceLoader(val, batch_size, device)
+
+        def work(loader: DeviceLoader = loader, tta: bool = tta) -> None:
+            evaluate(model, loader, num_classes, autocast, memory_format, tta)
+
+        work()  # warm-up
+        results[label] = len(val) / statistics.median(time_repeats(work, plan.repeats, device))
+    return results
+
+
+def derived_rates(timing: dict[str, Any], train_flops: float, peak_tflops: float, epoch_images: int,
+                  epochs: int) -> dict[str, float]:
+    images_per_s = timing["images_per_s"]
+    tflops = train_flops * images_per_s / 1e12
+    epoch_s = epoch_images / images_per_s
+    return {"epoch_s": epoch_s, "tflops": tflops, "fraction_of_peak": tflops / peak_tflops,
+            "projected_training_s": timing["setup_s"] + epochs * epoch_s}
+
+
+def run_flops(flops: dict[str, float], splits: DataSplits, config: Config) -> float:
+    """A whole run's FLOPs: training steps, validation every epoch and one test pass (each image twice with TTA)."""
+    eval_images = config.epochs * len(splits.val) + len(splits.test)
+    passes = 2 if config.tta else 1
+    return config.epochs * len(splits.train) * flops["train"] + passes * eval_images * flops["forward"]
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    import torchvision
+
+    cpu_model = platform.processor() or "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model,
+        "cpu_model": cpu_model,
+        "cpu_cores": os.cpu_count(),
+        "load_average": os.getloadavg(),  # 1, 5, 15 min: other work on a shared machine skews every timing
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "date": datetime.date.today().isoformat(),
+        "commit": git_commit(),
+    }
+
+
+def git_commit() -> str:
+    """`GIT_COMMIT` when set (a copy of the tree without its .git), else the short commit of the package's checkout
+    with `-dirty` when tracked files have changed; `unknown` if neither."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit
+
+
+# --- the benchmark -------------------------------------------------------------------------------------------
+
+
+def run_benchmark(config: Config, plan: Plan, work_dir: Path) -> dict[str, Any]:
+    """Every measurement of one benchmark, as a JSON-ready dict. `work_dir` holds the concurrent runs' files."""
+    unknown = sorted(set(plan.variants) - set(VARIANTS))
+    if unknown:
+        raise UserError(f"--variants: {', '.join(unknown)} unknown; allowed: {', '.join(VARIANTS)}")
+    device = select_device(config.device)
+    machine = machine_info(device)  # before the work: its load average is the other work's
+    splits = load_splits(config)
+    num_classes = len(splits.classes)
+    log.info("benchmark on %s: width %d, batch %d, %d training images", device, config.width, config.batch_size,
+             len(splits.train))
+
+    peak = measure_peak_tflops(device, plan.peak_size)
+    # Counted on the meta device: shapes only, no arithmetic, so the full model costs nothing to count.
+    flops = {width: count_flops(build_model(config.replace(width=width), num_classes, torch.device("meta")))
+             for width in sorted({config.width, FULL_WIDTH})}
+    model_flops = flops[config.width]
+    epoch_images = len(splits.train) // config.batch_size * config.batch_size  # drop_last, as a run
+
+    def rates(timing: dict[str, Any]) -> dict[str, Any]:
+        return {**timing, **derived_rates(timing, model_flops["train"], peak["tflops"], epoch_images, config.epochs)}
+
+    datasets = writeup_datasets(config, splits.train)
+    baselines = {name: writeup_loader(dataset, config) for name, dataset in datasets.items()}
+    data_pipeline = {name: measure_data(loader, plan, device) for name, loader in baselines.items()}
+    data_pipeline["ours"] = measure_data(train_loader(config, splits.train, device), plan, device)
+
+    training = {}
+    for name, loader in baselines.items():
+        log.info("timing %s", name)
+        runner = writeup_step_runner(config, loader, num_classes, device)
+        training[name] = rates(measure_training(runner, plan, config.batch_size, device))
+    tuning: dict[str, dict[str, Any]] = {}
+    for name in plan.variants:
+        log.info("timing ours: %s", name)
+        variant = VARIANTS[name]
+        try:
+            with cudnn_benchmark(variant.cudnn_benchmark):
+                runner = ours_step_runner(config, splits.train, num_classes, device, variant)
+                tuning[name] = rates(measure_training(runner, plan, config.batch_size, device))
+        except Exception as error:  # a variant that fails here (torch.compile, say) must not lose the others
+            if name == "ours":
+                raise
+            log.warning("variant %s failed: %s: %s", name, type(error).__name__, error)
+            tuning[name] = {"error": f"{type(error).__name__}: {error}"}
+    if "ours" in tuning:
+        training["ours"] = tuning["ours"]
+
+    result: dict[str, Any] = {
+        "machine": machine,
+        "plan": asdict(plan),
+        "config": config.to_dict(),
+        "images": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
+        "peak": peak,
+        "flops_per_image": {str(width): value for width, value in flops.items()},
+        "run_flops": {str(width): run_flops(value, splits, config) for width, value in flops.items()},
+        # The physical floor of a run: its FLOPs at the peak measured above.
+        "floor_s": {str(width): run_flops(value, splits, config) / (peak["tflops"] * 1e12)
+                    for width, value in flops.items()},
+        "data_pipeline_batches_per_s": data_pipeline,
+        "training": training,
+        "speedup": {name: training["ours"]["images_per_s"] / training[name]["images_per_s"]
+                    for name in baselines if "ours" in training},
+        "data_speedup": {name: data_pipeline["ours"] / data_pipeline[name] for name in baselines},
+        "tuning": tuning,
+        "eval_images_per_s": measure_eval(config, splits.val, num_classes, plan, device),
+        "concurrency": {},
+    }
+    for count in plan.concurrency:
+        result["concurrency"][str(count)] = measure_concurrency(config, count, work_dir)
+    return result
+
+
+# --- whole runs in child processes (no W&B) ------------------------------------------------------------------
+
+
+def settings_argv(config: Config) -> list[str]:
+    return [f"--{name}={value}" for name, value in config.to_dict().items()]
+
+
+def child_env(workers: int) -> dict[str, str]:
+    """The environment of a child run: the package importable even where it is not installed (a GPU machine
+    that got a copy of the checkout), and the CPU cores shared out among the runs (unless OMP_NUM_THREADS is
+    set): runs whose threads outnumber the cores spend their time waiting on each other."""
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.environ.get("PYTHONPATH")
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // workers))
+    return {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{path}" if path else root, "OMP_NUM_THREADS": threads}
+
+
+def spawn_runs(jobs: Sequence[tuple[str, Config]], workers: int, folder: Path) -> tuple[list[dict[str, Any]], float]:
+    """Run each (run id, config) as `python -m cifar_resnet.bench run` in its own process, `workers` at a time.
+
+    Returns each run's result in job order (`process_exit_s`: from its start to its exit, as seen from here),
+    and the wall seconds of the whole batch. A failed run's result says so and names its log.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def one(job: tuple[str, Config]) -> dict[str, Any]:
+        run_id, config = job
+        result_path, log_path = folder / f"{run_id}.json", folder / f"{run_id}.log"
+        result_path.unlink(missing_ok=True)
+        run_dir = Path(config.output_dir).resolve() / run_id
+        if run_dir.is_relative_to(folder.resolve()):  # our own earlier run: start afresh rather than resume it
+            shutil.rmtree(run_dir, ignore_errors=True)
+        argv = [sys.executable, "-m", "cifar_resnet.bench", "run", f"--run_id={run_id}", f"--result={result_path}",
+                *settings_argv(config)]
+        started = time.perf_counter()
+        with open(log_path, "w") as log_file:
+            code = subprocess.run(argv, stdout=log_file, stderr=subprocess.STDOUT,
+                                  env=child_env(workers)).returncode
+        if code != 0 or not result_path.exists():
+            return {"run_id": run_id, "status": "failed", "exit_code": code, "log": str(log_path)}
+        return {**json.loads(result_path.read_text()), "process_exit_s": time.perf_counter() - started}
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(one, jobs))
+    return results, time.perf_counter() - started
+
+
+def seconds_since_process_start() -> float | None:
+    """Seconds since this process started (interpreter start-up and imports included); None where /proc is not."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime_s = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime_s - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def measure_concurrency(config: Config, count: int, work_dir: Path) -> dict[str, Any]:
+    """`count` full runs at once on this device (seeds differ): runs per hour, and each run's time and accuracy."""
+    jobs = [(f"concurrent{count}-{i}", config.replace(seed=config.seed + i)) for i in range(count)]
+    log.info("%d concurrent runs of %d epochs", count, config.epochs)
+    results, wall_s = spawn_runs(jobs, count, work_dir / f"concurrent{count}")
+    finished = [r for r in results if r.get("status") != "failed"]
+    return {
+        "wall_s": wall_s,
+        "runs_per_hour": len(finished) * SECONDS_PER_HOUR / wall_s,
+        "failed": len(results) - len(finished),
+        "process_s": [r["process_s"] for r in finished],
+        "test_acc": [r["test_acc"] for r in finished],
+    }
+
+
+def run_one(config: Config, run_id: str) -> dict[str, Any]:
+    """One run through the runner (files, no W&B), its best checkpoint tested with and without flip TTA.
+
+    `process_s` is taken when the run ends, before the second test (not part of a run)."""
+    from .runner import evaluate_checkpoint, run_training
+
+    outcome = run_training(config, run_id)
+    process_s = seconds_since_process_start()  # the run as a user sees it: interpreter, imports, data, all
+    _, other = evaluate_checkpoint(outcome.run_dir / BEST_CHECKPOINT, {"tta": not config.tta})
+    with_tta, without_tta = (outcome.fit.test.acc, other.acc) if config.tta else (other.acc, outcome.fit.test.acc)
+    best = outcome.record.history[outcome.fit.best_epoch - 1]
+    return {
+        "run_id": run_id,
+        "config": config.to_dict(),
+        "test_acc": without_tta,
+        "test_acc_tta": with_tta,
+        "train_acc": best["train/acc"],
+        "train_loss": best["train/loss"],
+        "val_acc": best["val/acc"],
+        "val_loss": best["val/loss"],
+        "best_epoch": outcome.fit.best_epoch,
+        "run_s": outcome.record.summary["run_seconds"],
+        "process_s": process_s,
+        "epoch_s": [epoch["epoch_seconds"] for epoch in outcome.record.history],
+        "train_images_per_s": statistics.median(e["train/images_per_second"] for e in outcome.record.history),
+    }
+
+
+# --- the write-up's six cells ----------------------------------------------------------------------------------
+
+# The write-up's results table as published (original CIFAR-10, its own pipeline). Its row 1 says batch 32
+# where the text says 128, and its text swaps the two SGD rows at 0.001 and 0.0005; the table is quoted as is.
+WRITEUP_TABLE: tuple[dict[str, Any], ...] = (
+    {"learning_rate": 0.001, "optimizer": "adam", "test_acc": 0.8634, "train_acc": 0.8844, "train_loss": 0.3318,
+     "val_acc": 0.8942, "val_loss": 0.3048},
+    {"learning_rate": 0.001, "optimizer": "sgd", "test_acc": 0.7661, "train_acc": 0.8065, "train_loss": 0.5595,
+     "val_acc": 0.7600, "val_loss": 0.7023},
+    {"learning_rate": 0.0005, "optimizer": "adam", "test_acc": 0.8552, "train_acc": 0.8849, "train_loss": 0.3330,
+     "val_acc": 0.8844, "val_loss": 0.3331},
+    {"learning_rate": 0.0005, "optimizer": "sgd", "test_acc": 0.7235, "train_acc": 0.7440, "train_loss": 0.7321,
+     "val_acc": 0.7403, "val_loss": 0.7356},
+    {"learning_rate": 0.0001, "optimizer": "adam", "test_acc": 0.8168, "train_acc": 0.8586, "train_loss": 0.4139,
+     "val_acc": 0.8526, "val_loss": 0.4324},
+    {"learning_rate": 0.0001, "optimizer": "sgd", "test_acc": 0.5352, "train_acc": 0.5419, "train_loss": 1.2709,
+     "val_acc": 0.5220, "val_loss": 1.3294},
+)
+
+
+def run_grid(base: Config, workers: int, folder: Path) -> dict[str, Any]:
+    jobs = [(f"{cell['optimizer']}-lr{cell['learning_rate']}",
+             base.replace(optimizer=cell["optimizer"], learning_rate=cell["learning_rate"])) for cell in WRITEUP_TABLE]
+    device = select_device(base.device)
+    machine = machine_info(device)
+    log.info("six cells, %d at a time, on %s", workers, device)
+    results, wall_s = spawn_runs(jobs, workers, folder)
+    cells = [{"writeup": writeup, "ours": ours} for writeup, ours in zip(WRITEUP_TABLE, results, strict=True)]
+    return {"machine": machine, "config": base.to_dict(), "workers": workers, "wall_s": wall_s,
+            "cells": cells}
+
+
+# --- printing and the command line ---------------------------------------------------------------------------
+
+
+def benchmark_table(result: dict[str, Any]) -> str:
+    machine, config, peak = result["machine"], result["config"], result["peak"]
+    lines = [
+        f"{machine['device_name']} ({machine['device']}, {machine['cpu_cores']} CPU cores), torch {machine['torch']}, "
+        f"commit {machine['commit']}, {machine['date']}",
+        f"model width {config['width']}, batch {config['batch_size']}, {result['images']['train']} training images",
+        f"peak: {peak['dtype']} matmul {peak['size']}^3 at {peak['tflops']:.2f} TFLOP/s",
+    ]
+    for width, flops in result["flops_per_image"].items():
+        lines.append(f"FLOPs per image, width {width}: forward {flops['forward'] / 1e9:.3f} G, training step "
+                     f"{flops['train'] / 1e9:.3f} G; a {config['epochs']}-epoch run "
+                     f"{result['run_flops'][width] / 1e15:.3f} PFLOP, its floor at peak "
+                     f"{result['floor_s'][width]:.2f} s")
+    lines += ["", f"{'pipeline':<34}{'data batch/s':>13}{'train img/s':>13}{'s/epoch':>9}{'TFLOP/s':>9}"
+                  f"{'% peak':>8}{'peak MB':>9}"]
+    for name, timing in result["training"].items():
+        lines.append(f"{name:<34}{result['data_pipeline_batches_per_s'][name]:>13.1f}{timing['images_per_s']:>13.0f}"
+                     f"{timing['epoch_s']:>9.2f}{timing['tflops']:>9.3f}{timing['fraction_of_peak']:>8.1%}"
+                     f"{timing['peak_memory_mb']:>9.0f}")
+    for name in result["speedup"]:
+        lines.append(f"ours / {name}: training x{result['speedup'][name]:.1f}, "
+                     f"data pipeline x{result['data_speedup'][name]:.1f}")
+    if len(result["tuning"]) > 1:
+        lines += ["", f"{'variant of ours':<34}{'train img/s':>13}{'vs ours':>9}{'setup s':>9}"
+                      f"{'10-epoch training s':>21}"]
+        reference = result["tuning"].get("ours", next(iter(result["tuning"].values())))["images_per_s"]
+        for name, timing in result["tuning"].items():
+            if "error" in timing:
+                lines.append(f"{name:<34}  failed: {timing['error'][:200]}")
+                continue
+            lines.append(f"{name:<34}{timing['images_per_s']:>13.0f}{timing['images_per_s'] / reference:>9.2f}"
+                         f"{timing['setup_s']:>9.1f}{timing['projected_training_s']:>21.1f}")
+    lines += ["", "evaluation images/s: " + ", ".join(f"{k} {v:.0f}" for k, v in result["eval_images_per_s"].items())]
+    for count, entry in result["concurrency"].items():
+        lines.append(f"{count} concurrent runs: {entry['runs_per_hour']:.0f} runs/hour ({entry['wall_s']:.1f} s wall; "
+                     f"each from process start {', '.join(f'{s:.1f}' for s in entry['process_s'])} s; test acc "
+                     f"{', '.join(f'{a:.4f}' for a in entry['test_acc'])}; {entry['failed']} failed)")
+    return "\n".join(lines)
+
+
+def grid_table(result: dict[str, Any]) -> str:
+    lines = [f"six cells on {result['machine']['device_name']}, {result['workers']} at a time: "
+             f"{result['wall_s']:.1f} s wall",
+             f"{'cell':<16}{'write-up test':>14}{'ours test':>11}{'ours TTA':>10}{'train acc':>11}{'train loss':>12}"
+             f"{'val acc':>9}{'val loss':>10}{'process s':>11}"]
+    for cell in result["cells"]:
+        writeup, ours = cell["writeup"], cell["ours"]
+        name = f"{writeup['optimizer']} {writeup['learning_rate']}"
+        if ours.get("status") == "failed":
+            lines.append(f"{name:<16}{writeup['test_acc']:>14.2%}  failed (exit {ours['exit_code']}, "
+                         f"log {ours['log']})")
+            continue
+        lines.append(f"{name:<16}{writeup['test_acc']:>14.2%}{ours['test_acc']:>11.2%}{ours['test_acc_tta']:>10.2%}"
+                     f"{ours['train_acc']:>11.2%}{ours['train_loss']:>12.4f}{ours['val_acc']:>9.2%}"
+                     f"{ours['val_loss']:>10.4f}{ours['process_s']:>11.1f}")
+    return "\n".join(lines)
+
+
+def _print_settings_help(prog: str) -> None:
+    argument_parser(prog, "Settings (any `cifar-resnet train` setting) of the runs:").print_help()
+
+
+def bench_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cifar-resnet bench", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+        epilog="Any `cifar-resnet train` setting (--width, --dataset, --data_dir, --batch_size, --epochs for the "
+        "concurrent runs, ...) also applies; the default data set is synthetic and the default width 16 on CPU, "
+        "64 on GPU. Subcommands: `bench run --help`, `bench grid --help`.",
+    )
+    parser.add_argument("--mode", choices=("auto", "cpu", "gpu"), default="auto", help="auto: gpu when CUDA is here")
+    parser.add_argument("--out", default="bench.json", help="JSON file of the results (default: bench.json)")
+    defaults = {mode: asdict(Plan.for_mode(mode)) for mode in ("cpu", "gpu")}
+    for name, text in PLAN_HELP.items():
+        cpu, gpu = (",".join(map(str, value)) if isinstance(value, tuple) else value
+                    for value in (defaults["cpu"][name], defaults["gpu"][name]))
+        parser.add_argument(f"--{name}", default=None, help=f"{text} (default: cpu {cpu!r}, gpu {gpu!r})")
+    args, rest = parser.parse_known_args(list(argv))
+    mode = ("gpu" if torch.cuda.is_available() else "cpu") if args.mode == "auto" else args.mode
+    base = Config(dataset="synthetic", width=FULL_WIDTH if mode == "gpu" else 16,
+                  device="cuda" if mode == "gpu" else "cpu")
+    out = Path(args.out)
+    work_dir = out.parent / f"{out.stem}-runs"
+    config = Config.from_argv(rest, base=base.replace(output_dir=str(work_dir / "runs")))
+    plan = Plan.for_mode(mode)
+    plan = replace(plan, **{name: parse_plan_value(name, getattr(args, name), getattr(plan, name))
+                            for name in PLAN_HELP if getattr(args, name) is not None})
+    result = run_benchmark(config, plan, work_dir)
+    atomic_write_json(out, result)
+    print(benchmark_table(result))
+    print(f"\nwritten: {out}")
+    return 0
+
+
+def parse_plan_value(name: str, text: str, default: Any) -> Any:
+    """A `--name=value` option of the plan, typed like its default: a number, or a comma-separated list."""
+    try:
+        if isinstance(default, tuple):
+            items = [item.strip() for item in text.split(",") if item.strip()]
+            return tuple(int(item) for item in items) if name == "concurrency" else tuple(items)
+        value = int(text)
+    except ValueError:
+        raise UserError(f"--{name}: {text!r} is not {'a list of integers' if name == 'concurrency' else 'an integer'}"
+                        ) from None
+    if value < 1:
+        raise UserError(f"--{name}: must be >= 1, got {value}")
+    return value
+
+
+def run_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="cifar-resnet bench run", add_help=False, allow_abbrev=False)
+    parser.add_argument("--run_id", required=True)
+    parser.add_argument("--result", required=True, help="JSON file the run's results are written to")
+    if "-h" in argv or "--help" in argv:
+        print("usage: cifar-resnet bench run --run_id=ID --result=FILE [--name=value ...]\n\nOne training run "
+              "through the runner (checkpoints and record.json in output_dir/ID), without W&B; its best checkpoint "
+              "is tested with and without flip TTA.\n")
+        _print_settings_help("cifar-resnet bench run")
+        return 0
+    args, rest = parser.parse_known_args(list(argv))
+    config = Config.from_argv(rest)
+    atomic_write_json(Path(args.result), run_one(config, args.run_id))
+    return 0
+
+
+def grid_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cifar-resnet bench grid", allow_abbrev=False,
+        description="The write-up's six cells (learning rate 0.001, 0.0005, 0.0001 x adam, sgd), each run in its own "
+        "process without W&B, beside the write-up's table. Any `cifar-resnet train` setting applies to every cell.")
+    parser.add_argument("--workers", type=int, default=1, help="runs at a time on this device (default 1)")
+    parser.add_argument("--out", default="grid.json", help="JSON file of the results (default: grid.json)")
+    if "-h" in argv or "--help" in argv:
+        parser.print_help()
+        print()
+        _print_settings_help("cifar-resnet bench grid")
+        return 0
+    args, rest = parser.parse_known_args(list(argv))
+    out = Path(args.out)
+    folder = out.parent / f"{out.stem}-runs"
+    base = Config.from_argv(rest, base=Config(output_dir=str(folder / "runs")))
+    if args.workers < 1:
+        raise UserError(f"--workers: must be >= 1, got {args.workers}")
+    result = run_grid(base, args.workers, folder)
+    atomic_write_json(out, result)
+    print(grid_table(result))
+    print(f"\nwritten: {out}")
+    return 1 if any(cell["ours"].get("status") == "failed" for cell in result["cells"]) else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`cifar-resnet bench [run|grid] ...`; a user mistake is one line and exit status 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = {"run": run_main, "grid": grid_main}
+    try:
+        if argv and argv[0] in commands:
+            return commands[argv[0]](argv[1:])
+        return bench_main(argv)
+    except UserError as error:
+        log.error("%s", error)
+        return 2
+
+
+if __name__ == "__main__":
+    from .train import setup_logging
+
+    setup_logging()
+    sys.exit(main())

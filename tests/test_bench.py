@@ -1,0 +1,156 @@
+"""The benchmark: its CPU mode end to end on tiny settings, the FLOP count against hand counts, whole runs in child
+processes (concurrency and the six cells), and bad input. Timings are checked for sanity, never for speed."""
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from cifar_resnet import bench
+from cifar_resnet.model import CIFAR10CNN
+
+TINY = ["--mode=cpu", "--width=8", "--train_size=384", "--val_size=128", "--test_size=128", "--steps=2",
+        "--warmup_steps=1", "--repeats=2", "--data_batches=3", "--peak_size=64"]
+
+
+def conv_flops(c_in: int, c_out: int, kernel: int, out_px: int) -> int:
+    """A convolution's FLOPs by hand: one multiply-add (2 FLOPs) per weight per output pixel."""
+    return 2 * c_in * c_out * kernel * kernel * out_px
+
+
+def test_flop_count_matches_a_hand_count_for_small_convs():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.Conv2d(8, 4, 3, padding=1, bias=False))
+    first, second = conv_flops(3, 8, 3, 32 * 32), conv_flops(8, 4, 3, 32 * 32)
+    flops = bench.count_flops(model)
+    assert flops["forward"] == first + second
+    # Backward: a weight gradient for each conv, and an input gradient for the second only (images need none).
+    assert flops["train"] == (first + second) + first + 2 * second
+
+
+def test_flop_count_of_the_full_model_matches_its_architecture():
+    stem = conv_flops(3, 64, 3, 32 * 32)
+    stage1 = 4 * conv_flops(64, 64, 3, 32 * 32)
+    stage2 = conv_flops(64, 128, 3, 16 * 16) + 3 * conv_flops(128, 128, 3, 16 * 16) + conv_flops(64, 128, 1, 16 * 16)
+    stage3 = conv_flops(128, 256, 3, 8 * 8) + 3 * conv_flops(256, 256, 3, 8 * 8) + conv_flops(128, 256, 1, 8 * 8)
+    head = 2 * 256 * 10
+    model = CIFAR10CNN(width=64).to("meta")  # shapes only: counting needs no arithmetic
+    assert bench.count_flops(model)["forward"] == stem + stage1 + stage2 + stage3 + head
+
+
+def positive(value) -> bool:
+    return isinstance(value, float | int) and math.isfinite(value) and value > 0
+
+
+def test_cpu_mode_writes_every_figure(tmp_path, capsys, monkeypatch):
+    # A variant that fails is reported as failed, and the others are still measured.
+    monkeypatch.setitem(bench.VARIANTS, "broken", bench.Variant(compile_mode="no such mode"))
+    out = tmp_path / "bench.json"
+    variants = "--variants=ours,broken,foreach optimizer (not fused)"
+    assert bench.main([*TINY, variants, "--concurrency=1", "--epochs=1", f"--out={out}"]) == 0
+    result = json.loads(out.read_text())
+
+    assert set(result) >= {"machine", "plan", "config", "images", "peak", "flops_per_image", "floor_s",
+                           "data_pipeline_batches_per_s", "training", "speedup", "data_speedup", "tuning",
+                           "eval_images_per_s", "concurrency"}
+    assert result["machine"]["device"] == "cpu" and result["machine"]["cpu_cores"] >= 1
+    assert result["peak"]["dtype"] == "float32" and positive(result["peak"]["tflops"])
+    assert set(result["flops_per_image"]) == {"8", "64"}
+    assert result["flops_per_image"]["8"]["train"] > 2 * result["flops_per_image"]["8"]["forward"]
+    assert set(result["training"]) == {"write-up, arrays", "ours"}
+    for name, timing in result["training"].items():
+        for key in ("images_per_s", "epoch_s", "tflops", "fraction_of_peak", "peak_memory_mb", "warmup_s"):
+            assert positive(timing[key]), (name, key)
+        assert timing["epoch_s"] == pytest.approx(384 // 128 * 128 / timing["images_per_s"])
+        train_flops = result["flops_per_image"]["8"]["train"]
+        assert timing["tflops"] == pytest.approx(train_flops * timing["images_per_s"] / 1e12)
+        assert len(timing["repeat_seconds"]) == 2
+    ours, writeup = result["training"]["ours"], result["training"]["write-up, arrays"]
+    assert result["speedup"]["write-up, arrays"] == pytest.approx(ours["images_per_s"] / writeup["images_per_s"])
+    pipeline = result["data_pipeline_batches_per_s"]
+    assert positive(pipeline["ours"]) and positive(pipeline["write-up, arrays"])
+    assert set(result["tuning"]) == {"ours", "broken", "foreach optimizer (not fused)"}
+    assert "no such mode" in result["tuning"]["broken"]["error"]
+    assert positive(result["tuning"]["foreach optimizer (not fused)"]["images_per_s"])
+    assert all(positive(v) for v in result["eval_images_per_s"].values()) and len(result["eval_images_per_s"]) == 3
+    flops64 = result["flops_per_image"]["64"]  # 384 training, 128 validation and 128 test images; TTA doubles eval
+    assert result["run_flops"]["64"] == pytest.approx(384 * flops64["train"] + 2 * 2 * 128 * flops64["forward"])
+    assert result["floor_s"]["64"] == pytest.approx(result["run_flops"]["64"] / (result["peak"]["tflops"] * 1e12))
+    concurrent = result["concurrency"]["1"]
+    assert concurrent["failed"] == 0 and positive(concurrent["runs_per_hour"])
+    assert 0 <= concurrent["test_acc"][0] <= 1
+
+    printed = capsys.readouterr().out
+    assert "ours / write-up, arrays: training x" in printed and "1 concurrent runs:" in printed
+    assert "broken" in printed and "failed" in printed
+
+
+def test_image_folder_adds_torchvisions_imagefolder_baseline(cifar_jpeg_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    argv = [*TINY, "--dataset=imagefolder", f"--data_dir={cifar_jpeg_dir}", "--val_size=500", "--train_size=0",
+            "--test_size=0", "--variants=", "--steps=1", f"--out={out}"]  # the baselines only
+    assert bench.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert set(result["data_pipeline_batches_per_s"]) == {"write-up, arrays", "write-up, ImageFolder", "ours"}
+    assert set(result["training"]) == {"write-up, arrays", "write-up, ImageFolder"} and result["tuning"] == {}
+    assert positive(result["training"]["write-up, ImageFolder"]["images_per_s"])
+
+
+def test_grid_runs_the_cells_beside_the_writeups_table(tiny_config, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "WRITEUP_TABLE", bench.WRITEUP_TABLE[:2])  # two of the six: each is a process
+    out = tmp_path / "grid.json"
+    settings = [f"--{k}={v}" for k, v in tiny_config.replace(epochs=1, train_size=256, val_size=64, test_size=64,
+                                                               batch_size=64).to_dict().items() if k != "output_dir"]
+    assert bench.main(["grid", "--workers=2", f"--out={out}", *settings]) == 0
+    result = json.loads(out.read_text())
+    cells = result["cells"]
+    assert [(c["ours"]["config"]["optimizer"], c["ours"]["config"]["learning_rate"]) for c in cells] == \
+        [(c["optimizer"], c["learning_rate"]) for c in bench.WRITEUP_TABLE]
+    for cell in cells:
+        ours = cell["ours"]
+        assert 0 <= ours["test_acc"] <= 1 and 0 <= ours["test_acc_tta"] <= 1 and ours["best_epoch"] == 1
+        assert positive(ours["process_s"]) and ours["process_s"] <= ours["process_exit_s"] + 1
+        assert (tmp_path / "grid-runs" / "runs" / ours["run_id"] / "record.json").exists()
+    assert len(cells) == 2 and "adam 0.001" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--variants=warp drive"], "--variants: warp drive unknown; allowed: ours"),
+        (["--steps=0"], "--steps: must be >= 1, got 0"),
+        (["--concurrency=two"], "--concurrency: 'two' is not a list of integers"),
+        (["--width=0"], "width: must be > 0"),
+        (["grid", "--workers=0"], "--workers: must be >= 1, got 0"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_status_2(argv, message, tmp_path):
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append  # the bench's own logger, whatever other tests did to logging's setup
+    logging.getLogger("cifar_resnet.bench").addHandler(handler)
+    try:
+        assert bench.main([*argv, f"--out={tmp_path / 'x.json'}"]) == 2
+    finally:
+        logging.getLogger("cifar_resnet.bench").removeHandler(handler)
+    assert len(records) == 1 and message in records[0].getMessage()
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_peak_is_measured_with_a_matmul():
+    peak = bench.measure_peak_tflops(torch.device("cpu"), 128)
+    assert peak["size"] == 128 and positive(peak["tflops"])
+
+
+def test_writeup_table_has_the_sweeps_six_cells():
+    import itertools
+
+    import yaml
+
+    from conftest import REPO
+
+    parameters = yaml.safe_load((REPO / "sweep.yaml").read_text())["parameters"]
+    cells = set(itertools.product(parameters["learning_rate"]["values"], parameters["optimizer"]["values"]))
+    assert {(c["learning_rate"], c["optimizer"]) for c in bench.WRITEUP_TABLE} == cells and len(cells) == 6
