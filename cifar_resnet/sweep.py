@@ -466,6 +466,9 @@ class LocalSweep:
             "WANDB_RUN_GROUP": f"sweep-{name}-{self.state.sweep_id}",
         }
         env.pop("WANDB_SWEEP_ID", None)  # one left in this shell by an agent
+        # `${interpreter}` is `python` from PATH, as under `wandb agent`: put this environment's first, so that the
+        # runs get the interpreter cifar_resnet is installed in even when the user has not activated it.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env.setdefault("WANDB_DIR", str(self.out_dir.resolve()))  # the sweep's offline runs together, to sync
         env.setdefault("OMP_NUM_THREADS", str(self.threads))
         if self.project:

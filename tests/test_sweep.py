@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -221,6 +222,7 @@ def test_a_command_that_cannot_start_fails_its_runs_and_the_sweep_gives_up(tmp_p
 def test_each_run_gets_the_agents_environment_and_its_share_of_the_cores(tmp_path, tiny_config, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.delenv("WANDB_DIR")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # a shell where this environment is not activated
     plan = load_sweep(write_sweep(tmp_path / "grid.yaml", GRID | tiny_settings(tiny_config)), [])
     local = LocalSweep(plan, tmp_path / "out", ["0", "1"], None, "proj", LogView([]))
     run = LocalRun("abcd1234", {"learning_rate": 0.001})
@@ -233,6 +235,8 @@ def test_each_run_gets_the_agents_environment_and_its_share_of_the_cores(tmp_pat
     assert env["WANDB_DIR"] == str((tmp_path / "out").resolve())
     assert env["WANDB_RUN_GROUP"] == f"sweep-grid-{local.state.sweep_id}"
     assert "WANDB_SWEEP_ID" not in env  # a local id would make `wandb sync` refuse the run
+    # `python` (the agent's `${interpreter}`) resolves to the interpreter cifar_resnet is installed in.
+    assert shutil.which("python", path=env["PATH"]) == str(Path(sys.executable).parent / "python")
     assert env["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert local.environment(run, None)["OMP_NUM_THREADS"] == "3"  # the user's own choice wins
@@ -343,7 +347,7 @@ def online(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_WANDB_CALLS", str(calls))
     monkeypatch.delenv("WANDB_MODE")
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
-    monkeypatch.setattr(agent, "DEFAULT_STAGGER_SECONDS", 0.3)
+    monkeypatch.setattr(agent, "DEFAULT_STAGGER_SECONDS", 1.0)
     created: list[dict[str, Any]] = []
     monkeypatch.setattr(wandb, "sweep", lambda sweep, project: created.append(
         {"sweep": sweep, "project": project}) or "sweep123")
@@ -368,7 +372,8 @@ def test_online_creates_the_sweep_and_starts_one_pinned_agent_per_gpu(tmp_path, 
     calls = agent_calls()
     assert [call["argv"] for call in calls] == [["agent", "--forward-signals", "--project", "proj", "sweep123"]] * 2
     assert [call["gpu"] for call in calls] == ["0", "1"]
-    assert calls[1]["at"] - calls[0]["at"] >= 0.3  # staggered
+    # Staggered: each stand-in stamps the time once its own Python has started, which varies by a few tenths.
+    assert calls[1]["at"] - calls[0]["at"] >= 0.5
     assert not (tmp_path / "sweeps").exists()  # nothing ran here
 
 
