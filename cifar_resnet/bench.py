@@ -63,6 +63,7 @@ from .engine import (
 )
 from .errors import UserError
 from .files import atomic_write_json
+from .sweep import cpu_threads_per_run
 
 log = logging.getLogger(__name__)
 
@@ -511,7 +512,7 @@ def child_env(workers: int) -> dict[str, str]:
     set): runs whose threads outnumber the cores spend their time waiting on each other."""
     root = str(Path(__file__).resolve().parents[1])
     path = os.environ.get("PYTHONPATH")
-    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // workers))
+    threads = os.environ.get("OMP_NUM_THREADS") or str(cpu_threads_per_run(workers))
     return {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{path}" if path else root, "OMP_NUM_THREADS": threads}
 
 

@@ -70,6 +70,12 @@ def sweeps_engine() -> ModuleType:
     return sweeps
 
 
+def cpu_threads_per_run(concurrent_runs: int) -> int:
+    """The CPU cores shared out among runs at once, so that they do not oversubscribe them (on 2 cores, two runs
+    of 2 threads each took 3.8x as long as two runs of 1 thread)."""
+    return max(1, len(os.sched_getaffinity(0)) // concurrent_runs)
+
+
 # --- the sweep file ---------------------------------------------------------------------------------------------
 
 
@@ -385,9 +391,7 @@ class LocalSweep:
             run.state = "pending"
         self.total = min(filter(None, (plan.grid_size, count)), default=None)
         self.free_gpus = list(gpus)
-        # CPU threads per run: the cores shared out, so that parallel runs do not oversubscribe them (on 2 cores,
-        # two runs of 2 threads each took 3.8x as long as two runs of 1 thread).
-        self.threads = max(1, len(os.sched_getaffinity(0)) // len(gpus))
+        self.threads = cpu_threads_per_run(len(gpus))
         self.active: dict[str, Worker] = {}
         self.stopping: set[str] = set()  # runs that early_terminate stopped
         self.done_records: dict[str, RunRecord | None] = {}  # records of ended runs do not change: read them once

@@ -14,7 +14,6 @@ import sweeps
 import torch
 import yaml
 from conftest import REPO, tiny_args
-from wandb.sdk.launch.sweeps import utils as sweep_utils
 from wandb.sdk.lib import config_util
 from wandb_records import offline_run_file, read_records
 
@@ -23,6 +22,7 @@ from cifar_resnet.cli import main as cli_main
 from cifar_resnet.config import Config
 from cifar_resnet.records import RunRecord
 from cifar_resnet.runner import run_training
+from cifar_resnet.wandb_sweep import agent_command as wandb_agent_command
 
 SWEEP_YAML = REPO / "sweep.yaml"
 
@@ -46,15 +46,8 @@ def test_sweep_yaml_passes_the_schema_and_expands_to_the_six_cells():
 
 
 def agent_command(sweep: dict, params: dict) -> list[str]:
-    """The command `wandb agent` runs for `params`, built with wandb's own macro code as its Agent does."""
-    command = {"args": {name: {"value": value} for name, value in params.items()}, "program": sweep["program"]}
-    sweep_vars = sweep_utils.create_sweep_command_args(command)
-    sweep_vars.update(interpreter=["python"], program=[sweep["program"]], env=["/usr/bin/env"])
-    argv = []
-    for chunk in map(str, sweep_utils.create_sweep_command(sweep["command"])):
-        is_macro = chunk.startswith("${") and chunk.endswith("}")
-        argv += (sweep_vars.get(chunk[2:-1]) or []) if is_macro else [chunk]
-    return argv
+    """The command `wandb agent` runs for `params` (built with wandb's own macro code, as its Agent does)."""
+    return wandb_agent_command(sweep["command"], sweep["program"], params, Path("args.json"))
 
 
 def run_as_agent(tmp_path: Path, params: dict, run_id: str) -> subprocess.CompletedProcess:
