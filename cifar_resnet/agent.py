@@ -13,29 +13,16 @@ This command exits once every agent has, with a non-zero status if any of them f
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shutil
-import signal
-import subprocess
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
+from .credentials import has_credentials
 from .errors import UserError
-
-log = logging.getLogger(__name__)
+from .process import Launch, reject_unknown_arguments, run_staggered
+from .wandb_sweep import DEFAULT_STAGGER_SECONDS, agent_argv
 
 SWEEP_ID_VARIABLE = "SWEEP_ID"  # the sweep id when none is given on the command line (the Docker image's way)
-DEFAULT_STAGGER_SECONDS = 5.0  # between agent starts, so that they do not all call W&B and load data at once
-POLL_SECONDS = 0.2  # how often signals are forwarded and agents checked while waiting
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-@dataclass(frozen=True)
-class Launch:
-    argv: list[str]
-    gpu: str | None  # the CUDA_VISIBLE_DEVICES value it is pinned to; None: not pinned (no GPU)
 
 
 def visible_gpus() -> list[str]:
@@ -48,65 +35,11 @@ def visible_gpus() -> list[str]:
     return [str(index) for index in range(torch.cuda.device_count())]
 
 
-def plan_agents(sweep_id: str, gpus: Sequence[str], agents_per_gpu: int, project: str | None = None,
-                entity: str | None = None) -> list[Launch]:
-    """`agents_per_gpu` agents pinned to each GPU; one unpinned agent when there is no GPU."""
-    argv = ["wandb", "agent", "--forward-signals"]
-    if project:
-        argv += ["--project", project]
-    if entity:
-        argv += ["--entity", entity]
-    argv.append(sweep_id)
+def plan_agents(argv: Sequence[str], gpus: Sequence[str], agents_per_gpu: int) -> list[Launch]:
+    """`agents_per_gpu` copies of `argv` pinned to each GPU; one unpinned when there is no GPU."""
     if not gpus:
-        return [Launch(argv, None)]
-    return [Launch(argv, gpu) for gpu in gpus for _ in range(agents_per_gpu)]
-
-
-def run_agents(launches: Sequence[Launch], stagger_seconds: float) -> int:
-    """Start the agents `stagger_seconds` apart, forward SIGTERM and SIGINT to them, wait for all; return 0 when
-    all succeeded, else the exit status of the first that failed (128 + N for one killed by signal N)."""
-    from .train import stop_on_signals
-
-    agents: list[subprocess.Popen] = []
-    forwarded = 0
-    # The handlers only record signals; they are forwarded here, between steps, so that none is lost or sent
-    # twice to an agent started meanwhile.
-    with stop_on_signals(FORWARDED_SIGNALS) as received:
-
-        def pause(seconds: float) -> None:
-            """Sleep until `seconds` have passed or a signal comes, forwarding it to every running agent."""
-            nonlocal forwarded
-            deadline, signals_before = time.monotonic() + seconds, len(received)
-            while True:
-                for signum in received[forwarded:]:
-                    log.info("forwarding signal %d to %d agents", signum, len(agents))
-                    for agent in agents:
-                        if agent.poll() is None:
-                            agent.send_signal(signum)
-                forwarded = len(received)
-                left = deadline - time.monotonic()
-                if left <= 0 or len(received) > signals_before:
-                    return
-                time.sleep(min(left, POLL_SECONDS))
-
-        for index, launch in enumerate(launches):
-            if index:
-                pause(stagger_seconds)
-            if received:  # asked to stop before every agent started: start no more
-                break
-            pinned = {} if launch.gpu is None else {"CUDA_VISIBLE_DEVICES": launch.gpu}
-            # Its own session: a Ctrl-C at the terminal reaches the agents once, through this process.
-            agents.append(subprocess.Popen(launch.argv, env={**os.environ, **pinned}, start_new_session=True))
-            log.info("agent %d of %d started (pid %d) on %s", index + 1, len(launches), agents[-1].pid,
-                     f"GPU {launch.gpu}" if launch.gpu is not None else "no GPU")
-        while any(agent.poll() is None for agent in agents):
-            pause(POLL_SECONDS)
-
-    statuses = [128 - agent.returncode if agent.returncode < 0 else agent.returncode for agent in agents]
-    for number, status in enumerate(statuses, start=1):
-        if status:
-            log.error("agent %d exited with status %d", number, status)
-    return next((status for status in statuses if status), 0)
+        return [Launch(list(argv), None)]
+    return [Launch(list(argv), gpu) for gpu in gpus for _ in range(agents_per_gpu)]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,8 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def agent_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
-    if rest:
-        raise UserError(f"agent: unknown argument {rest[0]!r} (see cifar-resnet agent --help)")
+    reject_unknown_arguments("agent", rest)
     sweep_id = (args.sweep_id or os.environ.get(SWEEP_ID_VARIABLE, "")).strip()
     if not sweep_id:
         raise UserError(f"SWEEP_ID: no sweep given; pass it (cifar-resnet agent ENTITY/PROJECT/ID) or set "
@@ -131,12 +63,10 @@ def agent_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
         raise UserError(f"--agents-per-gpu: must be >= 1, got {args.agents_per_gpu}")
     if args.stagger < 0:
         raise UserError(f"--stagger: must be >= 0 seconds, got {args.stagger:g}")
-    from .tracking import has_credentials
-
     if not has_credentials():
         raise UserError("WANDB_API_KEY: not set (and no `wandb login` key); agents need W&B's server: "
                         "pass -e WANDB_API_KEY to docker run, or export it")
     if shutil.which("wandb") is None:
         raise UserError("wandb: the `wandb` command is not on PATH; run inside the environment the package is in")
-    launches = plan_agents(sweep_id, visible_gpus(), args.agents_per_gpu, args.project, args.entity)
-    return run_agents(launches, args.stagger)
+    launches = plan_agents(agent_argv(sweep_id, args.project, args.entity), visible_gpus(), args.agents_per_gpu)
+    return run_staggered(launches, args.stagger, "agent")

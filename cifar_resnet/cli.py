@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import UserError
+from .process import setup_logging
 
 log = logging.getLogger("cifar_resnet")
 
@@ -31,7 +32,7 @@ def _evaluate(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _bench(args: argparse.Namespace, rest: list[str]) -> int:
-    from .bench import main as bench_main
+    from .bench.measure import main as bench_main
 
     return bench_main(rest)
 
@@ -64,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(handler=_bench)
 
-    from . import report, sweep  # light modules: their heavy imports happen inside the handlers
+    from . import (  # light modules: their heavy imports happen inside the handlers
+        report,
+        sweep,
+    )
 
     sweep_parser = commands.add_parser(
         "sweep", help="run a whole sweep on this machine (W&B agents online; W&B's sweep engine offline)",
@@ -92,8 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .train import setup_logging
-
     setup_logging()
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()

@@ -1,7 +1,8 @@
 """The training engine: optimizer and schedule builders, `train_one_epoch`, `evaluate` and `fit`.
 
-It knows nothing of W&B or files: `fit` reports each epoch through a callback, and the W&B layer, the run record
-and the checkpoint writer subscribe to it. Host synchronisation happens once per epoch, never per step.
+It knows nothing of W&B or files: `fit` reports through one `TrainHooks` object, and the run record, the checkpoint
+writer, the W&B layer and progress displays subscribe to it. Host synchronisation happens once per epoch, never per
+step.
 """
 
 from __future__ import annotations
@@ -17,10 +18,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import Config
+from .config import OPTIMIZERS, Config
 from .data import DataSplits, DeviceLoader
 from .errors import ConfigError, TrainingDiverged
 from .model import CIFAR10CNN
+from .records import (
+    EPOCH,
+    EPOCH_SECONDS,
+    LR,
+    TRAIN_ACC,
+    TRAIN_IMAGES_PER_SECOND,
+    TRAIN_LOSS,
+    VAL_ACC,
+    VAL_LOSS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +80,11 @@ def build_optimizer(
         return torch.optim.Adam(groups, lr=config.learning_rate, fused=fused)
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.learning_rate, fused=fused)
-    return torch.optim.SGD(
-        groups, lr=config.learning_rate, momentum=config.momentum, nesterov=config.nesterov, fused=fused
-    )
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            groups, lr=config.learning_rate, momentum=config.momentum, nesterov=config.nesterov, fused=fused
+        )
+    raise ConfigError(f"optimizer: {config.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
 
 
 def lr_multiplier(config: Config, step: int, steps_per_epoch: int) -> float:
@@ -204,14 +217,14 @@ class EpochResult:
     def metrics(self) -> dict[str, float]:
         """The per-epoch metrics under the names W&B and the run record use."""
         return {
-            "epoch": self.epoch,
-            "train/loss": self.train_loss,
-            "train/acc": self.train_acc,
-            "val/loss": self.val_loss,
-            "val/acc": self.val_acc,
-            "lr": self.lr,
-            "epoch_seconds": self.epoch_seconds,
-            "train/images_per_second": self.train_images_per_second,
+            EPOCH: self.epoch,
+            TRAIN_LOSS: self.train_loss,
+            TRAIN_ACC: self.train_acc,
+            VAL_LOSS: self.val_loss,
+            VAL_ACC: self.val_acc,
+            LR: self.lr,
+            EPOCH_SECONDS: self.epoch_seconds,
+            TRAIN_IMAGES_PER_SECOND: self.train_images_per_second,
         }
 
 
@@ -255,6 +268,19 @@ class TrainState:
 
 
 @dataclass
+class TrainHooks:
+    """What `fit` tells the outside world, and how it is asked to stop; every field is optional.
+
+    Called on the host between steps: none of them may read a device tensor, or it would add a sync per step.
+    """
+
+    on_epoch_start: Callable[[int, int], None] | None = None  # (epoch, batches in it)
+    on_batch: Callable[[], None] | None = None  # after each optimizer step
+    on_epoch: Callable[[EpochResult, TrainState], None] | None = None  # after validation: the state to save
+    should_stop: Callable[[], bool] = lambda: False  # polled every step; True raises Interrupted
+
+
+@dataclass
 class FitResult:
     history: list[dict[str, float]]
     best_epoch: int
@@ -268,19 +294,17 @@ def fit(
     model: nn.Module,
     data: DataSplits,
     device: torch.device,
-    on_epoch: Callable[[EpochResult, TrainState], None] | None = None,
+    hooks: TrainHooks | None = None,
     resume: dict[str, Any] | None = None,
-    should_stop: Callable[[], bool] = lambda: False,
-    on_batch: Callable[[], None] | None = None,
-    on_epoch_start: Callable[[int, int], None] | None = None,
 ) -> FitResult:
     """Train `model` (from `build_model`, on `device`) for `config.epochs`, keep the weights of the best
     validation epoch, and test them once at the end.
 
-    `resume` is a `TrainState.state_dict()`; training continues after its last completed epoch. `should_stop` is
-    polled every step (no sync); when it returns True, `Interrupted` is raised and the state of the last
-    completed epoch stays as `on_epoch` last saw it.
+    `resume` is a `TrainState.state_dict()`; training continues after its last completed epoch. When
+    `hooks.should_stop` returns True, `Interrupted` is raised and the state of the last completed epoch stays as
+    `hooks.on_epoch` last saw it.
     """
+    hooks = hooks or TrainHooks()
     num_classes = len(data.classes)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     train_loader = DeviceLoader(data.train, config.batch_size, device, generator=generator, augment=True)
@@ -301,11 +325,12 @@ def fit(
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 
     for epoch in range(state.epoch + 1, config.epochs + 1):
-        if on_epoch_start is not None:
-            on_epoch_start(epoch, len(train_loader))
+        if hooks.on_epoch_start is not None:
+            hooks.on_epoch_start(epoch, len(train_loader))
         start = time.perf_counter()
         train_loss, train_acc = train_one_epoch(
-            step_model, train_loader, optimizer, scheduler, loss_fn, autocast, memory_format, should_stop, on_batch
+            step_model, train_loader, optimizer, scheduler, loss_fn, autocast, memory_format, hooks.should_stop,
+            hooks.on_batch,
         )
         train_seconds = time.perf_counter() - start  # train_one_epoch ended on a sync, so this is honest
         if not math.isfinite(train_loss):
@@ -336,8 +361,8 @@ def fit(
             epoch, config.epochs, train_loss, train_acc, val.loss, val.acc, result.lr, result.epoch_seconds,
             result.train_images_per_second, "  (best)" if is_best else "",
         )
-        if on_epoch is not None:
-            on_epoch(result, state)
+        if hooks.on_epoch is not None:
+            hooks.on_epoch(result, state)
 
     model.load_state_dict(state.best_model_state)
     test_loader = DeviceLoader(data.test, config.eval_batch_size, device)

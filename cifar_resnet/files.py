@@ -63,3 +63,30 @@ def file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+LOCK_FILE = ".lock"  # the lock of a folder that one process at a time may work in (a run's, a sweep's)
+
+
+class FolderBusy(Exception):
+    """Another process holds the folder's lock."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold `folder`'s lock (`folder/.lock`, created with the folder) for the block, or raise FolderBusy at once.
+
+    The kernel drops the lock when its holder exits, even by SIGKILL, so a crashed run never leaves its folder
+    locked for ever.
+    """
+    path = Path(folder) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FolderBusy(str(folder)) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

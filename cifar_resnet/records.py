@@ -1,6 +1,9 @@
-"""The run record: one small JSON file per run (`record.json`, next to its checkpoints) with the config, the
-per-epoch history, the summary and the status. The sweep runner, the report and resume all read it; W&B gets
-the same numbers."""
+"""The one home of run data: the metric names, the run record and the report's view of a run.
+
+Each run keeps one small JSON file (`record.json`, next to its checkpoints) with the config, the per-epoch history,
+the summary and the status. The sweep runner, the report, resume and the benchmark all read it; W&B gets the same
+numbers under the same names. A new metric touches the engine (which computes it) and this module (which names it).
+"""
 
 from __future__ import annotations
 
@@ -10,19 +13,41 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
 from .files import atomic_write_json
 
 RECORD_FILE = "record.json"
-STATUSES = ("running", "finished", "failed", "preempted")
+
+# --- metric names: per epoch (history), as W&B logs them at step = epoch ------------------------------------------
+EPOCH = "epoch"  # 1-based
+TRAIN_LOSS = "train/loss"
+TRAIN_ACC = "train/acc"  # fraction correct, 0..1, as every accuracy in JSON and W&B
+VAL_LOSS = "val/loss"
+VAL_ACC = "val/acc"
+LR = "lr"  # learning rate at the end of the epoch
+EPOCH_SECONDS = "epoch_seconds"  # training and validation
+TRAIN_IMAGES_PER_SECOND = "train/images_per_second"
+EPOCH_METRICS = (EPOCH, TRAIN_LOSS, TRAIN_ACC, VAL_LOSS, VAL_ACC, LR, EPOCH_SECONDS, TRAIN_IMAGES_PER_SECOND)
+
+# --- summary names: once, at the end of a run ---------------------------------------------------------------------
+BEST_EPOCH = "best_epoch"
+BEST_VAL_ACC = "best/val_acc"
+TEST_LOSS = "test/loss"  # of the best epoch's weights
+TEST_ACC = "test/acc"
+TEST_ACC_PER_CLASS = "test/acc_per_class"  # {class name: accuracy}; W&B gets one `test/acc/<class>` key each
+PARAM_COUNT = "param_count"
+DEVICE = "device"
+RUN_SECONDS = "run_seconds"  # this attempt's wall time, data loading included
+SELECTION_METRIC = VAL_ACC  # the best epoch, and the sweep's metric, maximise it
 
 
 @dataclass
 class RunRecord:
     run_id: str
     config: dict[str, Any]
-    status: str = "running"
-    history: list[dict[str, float]] = field(default_factory=list)  # one entry per epoch, W&B's metric names
-    summary: dict[str, Any] = field(default_factory=dict)  # best epoch, test metrics, parameter count, ...
+    status: str = "running"  # running, finished, failed or preempted
+    history: list[dict[str, float]] = field(default_factory=list)  # one entry per epoch, EPOCH_METRICS
+    summary: dict[str, Any] = field(default_factory=dict)  # the summary names above
     error: str | None = None
     started_at: float = field(default_factory=time.time)  # Unix seconds
     updated_at: float = field(default_factory=time.time)
@@ -34,3 +59,64 @@ class RunRecord:
     @classmethod
     def load(cls, run_dir: Path) -> RunRecord:
         return cls(**json.loads((run_dir / RECORD_FILE).read_text()))
+
+
+def read_record(run_dir: Path) -> RunRecord | None:
+    """The record in `run_dir`, or None before the run has written one."""
+    return RunRecord.load(run_dir) if (run_dir / RECORD_FILE).exists() else None
+
+
+# --- the report's view of a run -----------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    """One run of a sweep as the report and the sweep's table see it, whether read from a run record or from W&B."""
+
+    run_id: str
+    status: str
+    config: dict[str, Any]
+    history: list[dict[str, Any]]  # one entry per epoch, EPOCH_METRICS
+    summary: dict[str, Any]
+    seconds: float | None  # wall time of the run
+
+    @property
+    def best_epoch(self) -> int | None:
+        """The epoch whose checkpoint the run kept: the summary's, or (for an unfinished run) the best so far."""
+        if self.summary.get(BEST_EPOCH) is not None:
+            return int(self.summary[BEST_EPOCH])
+        scored = [entry for entry in self.history if entry.get(SELECTION_METRIC) is not None]
+        return int(max(scored, key=lambda entry: entry[SELECTION_METRIC])[EPOCH]) if scored else None
+
+    def at_best_epoch(self, metric: str) -> float | None:
+        """`metric` of the best epoch: the table reports the epoch the model was chosen at, not the last one."""
+        best_epoch = self.best_epoch
+        return next((entry.get(metric) for entry in self.history if entry.get(EPOCH) == best_epoch), None)
+
+    @property
+    def val_acc(self) -> float | None:
+        return self.at_best_epoch(VAL_ACC)
+
+    @property
+    def test_acc(self) -> float | None:
+        return self.summary.get(TEST_ACC)
+
+    def curve(self, metric: str) -> tuple[list[int], list[float]]:
+        """(epochs, values) of a per-epoch metric."""
+        points = [(entry[EPOCH], entry[metric]) for entry in self.history if entry.get(metric) is not None]
+        return [epoch for epoch, _ in points], [value for _, value in points]
+
+
+def result_from_record(record: RunRecord) -> RunResult:
+    seconds = record.summary.get(RUN_SECONDS, record.updated_at - record.started_at)
+    return RunResult(record.run_id, record.status, record.config, record.history, record.summary, seconds)
+
+
+def results_from_folder(folder: Path) -> list[RunResult]:
+    """Every run with a record in `folder/<run id>/record.json`."""
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder")
+    results = [result_from_record(RunRecord.load(path.parent)) for path in sorted(folder.glob(f"*/{RECORD_FILE}"))]
+    if not results:
+        raise UserError(f"{folder}: holds no run records (<run id>/{RECORD_FILE})")
+    return results

@@ -8,151 +8,34 @@ API. Both give the same rows, so the table and the plots are made the same way.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .errors import UserError
+from .process import reject_unknown_arguments
+from .records import TRAIN_LOSS, VAL_ACC, VAL_LOSS, RunResult, results_from_folder
+from .table import markdown_table, setting_text, varied_settings
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from .records import RunRecord
-
 DEFAULT_SOURCE = "./runs"  # Config's default output_dir: where runs started by `wandb agent` leave their records
 REPORT_FOLDER = "report"  # inside a local source folder
 TABLE_FILE = "results.md"
 W_AND_B_SWEEP_PATH = re.compile(r"^[\w.-]+/[\w.-]+/[\w-]+$")
-# The settings the write-up's table always shows, in its order; other settings appear when the sweep varies them.
-TABLE_SETTINGS = {"learning_rate": "Learning Rate", "optimizer": "Optimizer", "batch_size": "Batch Size"}
 PLOTTED_TOGETHER = ("learning_rate", "optimizer")  # the heat map's axes
 FIGURE_DPI = 120
-SECONDS_PER_MINUTE = 60
-
-
-@dataclass
-class RunResult:
-    """One run of a sweep as the report sees it, whether read from a run record or from W&B."""
-
-    run_id: str
-    status: str
-    config: dict[str, Any]
-    history: list[dict[str, Any]]  # one entry per epoch, W&B's metric names
-    summary: dict[str, Any]
-    seconds: float | None  # wall time of the run
-
-    @property
-    def best_epoch(self) -> int | None:
-        """The epoch whose checkpoint the run kept: the summary's, or (for an unfinished run) the best so far."""
-        if self.summary.get("best_epoch") is not None:
-            return int(self.summary["best_epoch"])
-        scored = [entry for entry in self.history if entry.get("val/acc") is not None]
-        return int(max(scored, key=lambda entry: entry["val/acc"])["epoch"]) if scored else None
-
-    def at_best_epoch(self, metric: str) -> float | None:
-        """`metric` of the best epoch: the table reports the epoch the model was chosen at, not the last one."""
-        best_epoch = self.best_epoch
-        return next((entry.get(metric) for entry in self.history if entry.get("epoch") == best_epoch), None)
-
-    @property
-    def val_acc(self) -> float | None:
-        return self.at_best_epoch("val/acc")
-
-    @property
-    def test_acc(self) -> float | None:
-        return self.summary.get("test/acc")
-
-    def curve(self, metric: str) -> tuple[list[int], list[float]]:
-        """(epochs, values) of a per-epoch metric."""
-        points = [(entry["epoch"], entry[metric]) for entry in self.history if entry.get(metric) is not None]
-        return [epoch for epoch, _ in points], [value for _, value in points]
-
-
-# --- reading runs -----------------------------------------------------------------------------------------------
-
-
-def result_from_record(record: RunRecord) -> RunResult:
-    seconds = record.summary.get("run_seconds", record.updated_at - record.started_at)
-    return RunResult(record.run_id, record.status, record.config, record.history, record.summary, seconds)
-
-
-def results_from_folder(folder: Path) -> list[RunResult]:
-    """Every run with a record in `folder/<run id>/record.json`."""
-    from .records import RECORD_FILE, RunRecord
-
-    if not folder.is_dir():
-        raise UserError(f"{folder}: no such folder")
-    results = [result_from_record(RunRecord.load(path.parent)) for path in sorted(folder.glob(f"*/{RECORD_FILE}"))]
-    if not results:
-        raise UserError(f"{folder}: holds no run records (<run id>/{RECORD_FILE})")
-    return results
-
-
-# --- the table --------------------------------------------------------------------------------------------------
-
-
-def varied_settings(results: Sequence[RunResult]) -> list[str]:
-    """The settings (Config fields, in their order) whose values differ between runs."""
-    from .config import Config
-
-    return [f.name for f in dataclasses.fields(Config)
-            if len({repr(result.config.get(f.name)) for result in results}) > 1]
-
-
-def by_val_acc(results: Sequence[RunResult]) -> list[RunResult]:
-    """Best validation accuracy first; runs without one last."""
-    return sorted(results, key=lambda result: -result.val_acc if result.val_acc is not None else math.inf)
-
-
-def _percent(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.2f}%"
-
-
-def _number(value: float | None) -> str:
-    return "–" if value is None else f"{value:.4f}"
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "–"
-    minutes, rest = divmod(round(seconds), SECONDS_PER_MINUTE)
-    return f"{minutes}m {rest:02d}s" if minutes else f"{rest}s"
-
-
-def _setting(value: Any) -> str:
-    return "–" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def markdown_table(results: Sequence[RunResult]) -> str:
-    """The write-up's results table, best validation accuracy first; the best run is marked."""
-    settings = list(TABLE_SETTINGS) + [name for name in varied_settings(results) if name not in TABLE_SETTINGS]
-    header = (["Run"] + [TABLE_SETTINGS.get(name, name) for name in settings]
-              + ["Test Accuracy", "Train Accuracy", "Train Loss", "Val Accuracy", "Val Loss", "Epochs to Best",
-                 "Run Time"])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for rank, result in enumerate(by_val_acc(results)):
-        run = f"**{result.run_id}** (best)" if rank == 0 and result.val_acc is not None else result.run_id
-        if result.status != "finished":
-            run += f" ({result.status})"
-        cells = ([run] + [_setting(result.config.get(name)) for name in settings] + [
-            _percent(result.test_acc), _percent(result.at_best_epoch("train/acc")),
-            _number(result.at_best_epoch("train/loss")), _percent(result.val_acc),
-            _number(result.at_best_epoch("val/loss")), _setting(result.best_epoch), _duration(result.seconds),
-        ])
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 # --- the plots --------------------------------------------------------------------------------------------------
 
 
 def _label(result: RunResult, settings: Sequence[str]) -> str:
-    return " ".join([result.run_id] + [f"{name}={_setting(result.config.get(name))}" for name in settings])
+    return " ".join([result.run_id] + [f"{name}={setting_text(result.config.get(name))}" for name in settings])
 
 
 def _save(figure: Figure, path: Path) -> Path:
@@ -207,7 +90,7 @@ def plot_test_acc_heatmap(results: Sequence[RunResult], path: Path) -> Path | No
     for (row, column), values in cells.items():
         count = f"\n(n={len(values)})" if len(values) > 1 else ""
         ax.text(column, row, f"{100 * grid[row][column]:.1f}%{count}", ha="center", va="center", color="white")
-    ax.set_xticks(range(len(rates)), [_setting(rate) for rate in rates])
+    ax.set_xticks(range(len(rates)), [setting_text(rate) for rate in rates])
     ax.set_yticks(range(len(optimizers)), optimizers)
     ax.set(title="Test accuracy", xlabel="learning rate", ylabel="optimizer")
     figure.colorbar(image, ax=ax, label="test accuracy")
@@ -237,9 +120,9 @@ def plot_settings_vs_val_acc(results: Sequence[RunResult], path: Path) -> Path |
 
 
 PLOTS: dict[str, Callable[[Sequence[RunResult], Path], Path | None]] = {
-    "val_acc.png": lambda results, path: plot_curves(results, [("val/acc", "Validation accuracy")], path),
+    "val_acc.png": lambda results, path: plot_curves(results, [(VAL_ACC, "Validation accuracy")], path),
     "loss.png": lambda results, path: plot_curves(
-        results, [("train/loss", "Training loss"), ("val/loss", "Validation loss")], path),
+        results, [(TRAIN_LOSS, "Training loss"), (VAL_LOSS, "Validation loss")], path),
     "test_acc_heatmap.png": plot_test_acc_heatmap,
     "settings_vs_val_acc.png": plot_settings_vs_val_acc,
 }
@@ -275,8 +158,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def report_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
-    if rest:
-        raise UserError(f"report: unknown argument {rest[0]!r} (see cifar-resnet report --help)")
+    reject_unknown_arguments("report", rest)
     folder = Path(args.source)
     online = not folder.is_dir() and W_AND_B_SWEEP_PATH.match(args.source) is not None
     if args.wandb_view and not online:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -12,7 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT, load_checkpoint, save_best, save_resume
+from .checkpoint import (
+    BEST_CHECKPOINT,
+    RESUME_CHECKPOINT,
+    load_checkpoint,
+    save_best,
+    save_resume,
+)
 from .config import Config
 from .data import DeviceLoader, load_splits
 from .engine import (
@@ -20,6 +27,7 @@ from .engine import (
     EvalResult,
     FitResult,
     Interrupted,
+    TrainHooks,
     TrainState,
     autocast_context,
     build_model,
@@ -29,8 +37,20 @@ from .engine import (
     select_device,
 )
 from .errors import UserError
+from .files import FolderBusy, folder_lock
 from .model import count_parameters
-from .records import RECORD_FILE, RunRecord
+from .records import (
+    BEST_EPOCH,
+    BEST_VAL_ACC,
+    DEVICE,
+    PARAM_COUNT,
+    RECORD_FILE,
+    RUN_SECONDS,
+    TEST_ACC,
+    TEST_ACC_PER_CLASS,
+    TEST_LOSS,
+    RunRecord,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +64,10 @@ class RunOutcome:
 
 
 @dataclass
-class RunHooks:
-    """Optional subscribers: `on_epoch` after each epoch's files are written; the rest drive a progress bar."""
+class RunHooks(TrainHooks):
+    """The engine's hooks (`on_epoch` is called after that epoch's files are written), and two of a whole run."""
 
     on_start: Callable[[dict[str, Any]], None] | None = None  # facts known once data and model are built
-    on_epoch: Callable[[EpochResult, TrainState], None] | None = None
-    on_epoch_start: Callable[[int, int], None] | None = None  # (epoch, batches in it)
-    on_batch: Callable[[], None] | None = None
-    should_stop: Callable[[], bool] = lambda: False
     # Puts a resume checkpoint saved elsewhere (another machine's, via W&B) at the given path when the run folder
     # has none; returns whether it did.
     fetch_resume: Callable[[Path], bool] | None = None
@@ -65,9 +81,19 @@ def run_training(config: Config, run_id: str, hooks: RunHooks | None = None) -> 
     """Train one run; write `best.pt`, `last.pt` (removed when the run finishes) and `record.json`.
 
     A `last.pt` already in the run folder (a preempted earlier attempt with the same run id), or else the one
-    `hooks.fetch_resume` provides, is resumed: training continues after its last completed epoch.
+    `hooks.fetch_resume` provides, is resumed: training continues after its last completed epoch. The run holds
+    its folder's lock throughout: a second process with the same run id is refused in one line.
     """
-    hooks = hooks or RunHooks()
+    run_dir = run_folder(config, run_id)
+    try:
+        with folder_lock(run_dir):
+            return _run_locked(config, run_id, run_dir, hooks or RunHooks())
+    except FolderBusy:
+        raise UserError(f"run {run_id}: another process is training it in {run_dir}; wait for it to end, or "
+                        "give this run another id") from None
+
+
+def _run_locked(config: Config, run_id: str, run_dir: Path, hooks: RunHooks) -> RunOutcome:
     started = time.perf_counter()
     log.info("config: %s", config.to_dict())
     device = select_device(config.device)
@@ -75,11 +101,10 @@ def run_training(config: Config, run_id: str, hooks: RunHooks | None = None) -> 
     model = build_model(config, len(data.classes), device)
     if hooks.on_start is not None:
         hooks.on_start({
-            "param_count": count_parameters(model), "device": str(device), "classes": data.classes,
+            PARAM_COUNT: count_parameters(model), DEVICE: str(device), "classes": data.classes,
             "train_images": len(data.train), "val_images": len(data.val), "test_images": len(data.test),
         })
-    run_dir = run_folder(config, run_id)
-    # Only one process trains a run id at a time, so a temporary file here is a write cut short by a kill.
+    # This process holds the folder's lock, so a temporary file here is a write cut short by a kill.
     for stray in run_dir.glob(".*.tmp"):
         stray.unlink(missing_ok=True)
     resume_path = run_dir / RESUME_CHECKPOINT
@@ -115,8 +140,7 @@ def run_training(config: Config, run_id: str, hooks: RunHooks | None = None) -> 
             hooks.on_epoch(result, state)
 
     try:
-        result = fit(config, model, data, device, on_epoch=on_epoch, resume=resume, should_stop=hooks.should_stop,
-                     on_batch=hooks.on_batch, on_epoch_start=hooks.on_epoch_start)
+        result = fit(config, model, data, device, dataclasses.replace(hooks, on_epoch=on_epoch), resume=resume)
     except BaseException as error:
         record.status = "preempted" if isinstance(error, Interrupted) else "failed"
         record.error = str(error) or type(error).__name__
@@ -124,14 +148,14 @@ def run_training(config: Config, run_id: str, hooks: RunHooks | None = None) -> 
         raise
     record.status = "finished"
     record.summary = {
-        "best_epoch": result.best_epoch,
-        "best/val_acc": result.best_val_acc,
-        "test/loss": result.test.loss,
-        "test/acc": result.test.acc,
-        "test/acc_per_class": dict(zip(data.classes, result.test.per_class_acc())),
-        "param_count": count_parameters(result.model),
-        "device": str(device),
-        "run_seconds": time.perf_counter() - started,
+        BEST_EPOCH: result.best_epoch,
+        BEST_VAL_ACC: result.best_val_acc,
+        TEST_LOSS: result.test.loss,
+        TEST_ACC: result.test.acc,
+        TEST_ACC_PER_CLASS: dict(zip(data.classes, result.test.per_class_acc())),
+        PARAM_COUNT: count_parameters(result.model),
+        DEVICE: str(device),
+        RUN_SECONDS: time.perf_counter() - started,
     }
     record.save(run_dir)
     resume_path.unlink(missing_ok=True)  # finished: nothing left to resume

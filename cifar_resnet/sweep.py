@@ -1,23 +1,21 @@
 """`cifar-resnet sweep SWEEP_YAML`: a whole sweep on the machine at hand.
 
 Online (W&B credentials, no `--offline`): the sweep is created on W&B and one `wandb agent --forward-signals` runs
-per worker; W&B's controller proposes the runs. Offline: W&B's own sweep engine (the `sweeps` package) proposes
-them here, and each run starts as `wandb agent` would start it (the sweep's `command`, expanded by wandb's macro
-code, in a fresh process), with W&B offline. Finished runs' records go back to the engine, so `bayes` learns and
-`early_terminate` can stop runs. The sweep's state lives in `OUTPUT_DIR/sweep.json`: the same command run again
+per worker; W&B's controller proposes the runs. Offline: the proposer of W&B's own controller (the `sweeps` package)
+proposes them here, and each run starts as `wandb agent` would start it (the sweep's `command`, expanded by wandb's
+macro code, in a fresh process), with W&B offline. Finished runs' records go back to the proposer, so `bayes` learns
+and `early_terminate` can stop runs. The sweep's state lives in `OUTPUT_DIR/sweep.json`: the same command run again
 continues the sweep, resumes interrupted runs and skips finished ones.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -26,15 +24,33 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 import yaml
 
 from .config import Config
+from .credentials import DEFAULT_PROJECT, choose_mode
 from .errors import ConfigError, UserError
-
-if TYPE_CHECKING:
-    from .records import RunRecord
+from .files import atomic_write_json
+from .process import (
+    SUPERVISOR_STOP_SIGNALS,
+    Launch,
+    child_environment,
+    reject_unknown_arguments,
+    run_staggered,
+    start_process,
+    stop_on_signals,
+    stop_processes,
+)
+from .records import (
+    SELECTION_METRIC,
+    RunRecord,
+    RunResult,
+    read_record,
+    result_from_record,
+)
+from .table import markdown_table
+from .wandb_sweep import DEFAULT_STAGGER_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +63,6 @@ POLL_SECONDS = 0.5
 STOP_GRACE_SECONDS = 30.0  # a run saves its resume checkpoint on SIGTERM; after this it is killed
 FAILED_LOG_LINES = 15
 MAX_INITIAL_FAILURES = 5  # `wandb agent`'s: no new runs once this many failed and no more finished
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and what schedulers and `kill` send
 GRID_SIZE_LIMIT = 100_000
 # What W&B's grid search accepts: finite sets of values.
 GRID_TYPES = ("param_single_value", "param_categorical", "param_int_uniform", "param_quniform")
@@ -57,23 +72,18 @@ BOUNDED_IN_VALUE_SPACE = ("param_uniform", "param_int_uniform", "param_quniform"
 # Local run states: pending (proposed, not started), running, finished, failed, stopped (by early_terminate),
 # preempted (stopped by a signal; the next invocation resumes it under the same run id).
 DONE = ("finished", "stopped")
-ENGINE_STATE = {"pending": "pending", "running": "running", "finished": "finished", "failed": "failed",
+PROPOSER_STATE = {"pending": "pending", "running": "running", "finished": "finished", "failed": "failed",
                 "stopped": "killed", "preempted": "preempted"}
 
 
-def sweeps_engine() -> ModuleType:
-    """W&B's sweep engine; its pydantic-v1-style classes warn on import, which is not the user's concern."""
+def sweep_proposer() -> ModuleType:
+    """W&B's `sweeps` package, the proposer of its sweep controller (grid, random, bayes, hyperband): its
+    pydantic-v1-style classes warn on import, which is not the user's concern."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import sweeps
         import sweeps.params  # noqa: F401  (HyperParameter, used to check parameters)
     return sweeps
-
-
-def cpu_threads_per_run(concurrent_runs: int) -> int:
-    """The CPU cores shared out among runs at once, so that they do not oversubscribe them (on 2 cores, two runs
-    of 2 threads each took 3.8x as long as two runs of 1 thread)."""
-    return max(1, len(os.sched_getaffinity(0)) // concurrent_runs)
 
 
 # --- the sweep file ---------------------------------------------------------------------------------------------
@@ -100,7 +110,7 @@ def load_sweep(path: Path, overrides: Sequence[str]) -> SweepPlan:
         raise UserError(f"{path}: not a sweep: expected a YAML mapping with method, metric and parameters")
     config = apply_overrides(config, overrides)
     try:
-        violations = sweeps_engine().schema_violations_from_proposed_config(config)
+        violations = sweep_proposer().schema_violations_from_proposed_config(config)
     except ValueError as error:  # a parameter the schema code cannot even read
         violations = [str(error)]
     if violations:
@@ -137,13 +147,13 @@ def apply_overrides(config: dict[str, Any], overrides: Sequence[str]) -> dict[st
 
 def check_parameters(path: Path, parameters: Mapping[str, Any]) -> None:
     """Every parameter must be a Config setting, and every value it can take must be allowed."""
-    engine = sweeps_engine()
+    proposer = sweep_proposer()
     constants = {name: spec["value"] for name, spec in parameters.items() if "value" in spec}
     try:
         base = Config.from_mapping(constants)
         for name, spec in parameters.items():
             candidates = spec.get("values", [])
-            if engine.params.HyperParameter(name, spec).type in BOUNDED_IN_VALUE_SPACE:
+            if proposer.params.HyperParameter(name, spec).type in BOUNDED_IN_VALUE_SPACE:
                 candidates = [spec["min"], spec["max"]]
             for value in candidates:
                 Config.from_mapping({name: value}, base=base)
@@ -152,13 +162,13 @@ def check_parameters(path: Path, parameters: Mapping[str, Any]) -> None:
 
 
 def count_grid(path: Path, config: Mapping[str, Any]) -> int:
-    """The number of runs in a grid, from the engine's own proposals."""
-    engine = sweeps_engine()
+    """The number of runs in a grid, from the proposer's own proposals."""
+    proposer = sweep_proposer()
     for name, spec in config["parameters"].items():
-        if engine.params.HyperParameter(name, spec).type not in GRID_TYPES:
+        if proposer.params.HyperParameter(name, spec).type not in GRID_TYPES:
             raise UserError(f"{path}: parameter {name}: a grid needs `values` (or an int_uniform or q_uniform "
                             f"range), not a continuous distribution: the grid would never end")
-    proposals = engine.next_runs(config, [], n=GRID_SIZE_LIMIT)
+    proposals = proposer.next_runs(config, [], n=GRID_SIZE_LIMIT)
     return sum(proposal is not None for proposal in proposals)
 
 
@@ -168,7 +178,7 @@ def count_grid(path: Path, config: Mapping[str, Any]) -> int:
 @dataclass
 class LocalRun:
     run_id: str
-    params: dict[str, Any]  # the engine's proposal: setting -> value
+    params: dict[str, Any]  # the proposer's proposal: setting -> value
     state: str = "pending"
     exit_code: int | None = None
 
@@ -180,8 +190,6 @@ class SweepState:
     runs: list[LocalRun] = field(default_factory=list)
 
     def save(self, out_dir: Path) -> None:
-        from .files import atomic_write_json
-
         atomic_write_json(out_dir / STATE_FILE, dataclasses.asdict(self))
 
     @classmethod
@@ -199,17 +207,10 @@ class SweepState:
         return cls(saved["sweep_id"], saved["sweep"], [LocalRun(**run) for run in saved["runs"]])
 
 
-def read_record(out_dir: Path, run_id: str) -> RunRecord | None:
-    """The run's RunRecord, or None before the run has written one."""
-    from .records import RECORD_FILE, RunRecord
-
-    return RunRecord.load(out_dir / run_id) if (out_dir / run_id / RECORD_FILE).exists() else None
-
-
-def engine_run(run: LocalRun, record: RunRecord | None) -> Any:
-    """A run as W&B's sweep engine sees it: config, state, per-epoch history and summary."""
-    return sweeps_engine().SweepRun(
-        name=run.run_id, state=ENGINE_STATE[run.state], config={k: {"value": v} for k, v in run.params.items()},
+def proposer_run(run: LocalRun, record: RunRecord | None) -> Any:
+    """A run as W&B's proposer sees it: config, state, per-epoch history and summary."""
+    return sweep_proposer().SweepRun(
+        name=run.run_id, state=PROPOSER_STATE[run.state], config={k: {"value": v} for k, v in run.params.items()},
         history=record.history if record else [], summary_metrics=record.summary if record else {},
     )
 
@@ -217,37 +218,16 @@ def engine_run(run: LocalRun, record: RunRecord | None) -> Any:
 def runs_to_stop(sweep: Mapping[str, Any], runs: Sequence[LocalRun], records: Mapping[str, RunRecord | None]
                  ) -> list[str]:
     """The running runs that the sweep's `early_terminate` (hyperband) stops, judged on their histories so far."""
-    chosen = sweeps_engine().stop_runs(sweep, [engine_run(run, records.get(run.run_id)) for run in runs])
+    chosen = sweep_proposer().stop_runs(sweep, [proposer_run(run, records.get(run.run_id)) for run in runs])
     return [run.name for run in chosen]
 
 
 def run_params(run: LocalRun, out_dir: Path) -> dict[str, Any]:
-    """The settings a run gets: the engine's proposal, and the sweep folder as its output_dir."""
+    """The settings a run gets: the proposer's proposal, and the sweep folder as its output_dir."""
     return {**run.params, "output_dir": str(out_dir.resolve())}
 
 
 # --- processes --------------------------------------------------------------------------------------------------
-
-
-def start_process(command: Sequence[str], env: Mapping[str, str], output: IO[bytes]) -> subprocess.Popen:
-    # Its own session: a Ctrl-C at the terminal reaches only this process, which then stops children in order.
-    return subprocess.Popen(list(command), env=dict(env), stdout=output, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def stop_processes(processes: Sequence[subprocess.Popen], grace_seconds: float) -> None:
-    """SIGTERM each process, wait up to `grace_seconds` for all, then kill what is left with its children."""
-    for process in processes:
-        if process.poll() is None:
-            process.terminate()
-    deadline = time.monotonic() + grace_seconds
-    for process in processes:
-        try:
-            process.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)  # its session's group: the run and its W&B service
-            process.wait()
 
 
 def exit_text(run: LocalRun) -> str:
@@ -276,7 +256,7 @@ def progress_of(run: LocalRun, record: RunRecord | None, base: Config) -> RunPro
     epochs = int(run.params.get("epochs", base.epochs))
     if record is None:
         return RunProgress(run, 0, epochs, None, None)
-    scores = [entry["val/acc"] for entry in record.history]
+    scores = [entry[SELECTION_METRIC] for entry in record.history]
     return RunProgress(run, len(record.history), epochs, max(scores) if scores else None,
                     record.updated_at - record.started_at)
 
@@ -317,7 +297,13 @@ class LiveView(LogView):
     def __enter__(self) -> LiveView:
         from rich.console import Console
         from rich.live import Live
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
         from rich.progress import Progress as Bar
 
         self.bar = Bar(TextColumn("epochs"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
@@ -357,7 +343,7 @@ class LiveView(LogView):
         self.live.update(Group(table, self.bar))
 
 
-# --- offline: W&B's sweep engine on this machine ----------------------------------------------------------------
+# --- offline: W&B's proposer on this machine ----------------------------------------------------------------
 
 
 @dataclass
@@ -377,7 +363,7 @@ class Worker:
 
 
 class LocalSweep:
-    """W&B's sweep engine on this machine: proposes runs, starts them as the agent would, and feeds back results."""
+    """W&B's proposer on this machine: proposes runs, starts them as the agent would, and feeds back results."""
 
     def __init__(self, plan: SweepPlan, out_dir: Path, gpus: Sequence[str | None], count: int | None,
                  project: str | None, view: LogView) -> None:
@@ -391,7 +377,7 @@ class LocalSweep:
             run.state = "pending"
         self.total = min(filter(None, (plan.grid_size, count)), default=None)
         self.free_gpus = list(gpus)
-        self.threads = cpu_threads_per_run(len(gpus))
+        self.workers = len(gpus)
         self.active: dict[str, Worker] = {}
         self.stopping: set[str] = set()  # runs that early_terminate stopped
         self.done_records: dict[str, RunRecord | None] = {}  # records of ended runs do not change: read them once
@@ -401,13 +387,13 @@ class LocalSweep:
     def record_of(self, run: LocalRun) -> RunRecord | None:
         if run.run_id in self.done_records:
             return self.done_records[run.run_id]
-        record = read_record(self.out_dir, run.run_id)
+        record = read_record(self.out_dir / run.run_id)
         if run.state in (*DONE, "failed"):
             self.done_records[run.run_id] = record
         return record
 
     def propose(self) -> LocalRun | None:
-        """The next run: an interrupted or failed one first, then the engine's next proposal."""
+        """The next run: an interrupted or failed one first, then the proposer's next proposal."""
         if self.queue:
             return self.queue.pop(0)
         if self.count is not None and len(self.state.runs) >= self.count:
@@ -418,13 +404,13 @@ class LocalSweep:
                 log.error("%d runs failed and %d finished: no new runs (as `wandb agent` does)", failed, finished)
             self.gave_up = True
             return None
-        engine = sweeps_engine()
-        proposal = engine.next_run(self.plan.config, [engine_run(run, self.record_of(run)) for run in self.state.runs])
+        proposer = sweep_proposer()
+        proposal = proposer.next_run(self.plan.config, [proposer_run(run, self.record_of(run)) for run in self.state.runs])
         if proposal is None:  # the grid is complete
             return None
         from .wandb_sweep import new_id
 
-        # Through JSON, as from W&B's server: the engine's numpy numbers become plain ones.
+        # Through JSON, as from W&B's server: the proposer's numpy numbers become plain ones.
         params = json.loads(json.dumps({name: spec["value"] for name, spec in proposal.config.items()},
                                        default=lambda number: number.item()))
         run = LocalRun(new_id(), params)
@@ -462,19 +448,17 @@ class LocalSweep:
         unknown sweep ("sweep ... not found", wandb/wandb#8115). The runs are grouped by sweep instead.
         """
         name = self.plan.config.get("name") or self.plan.path.stem
-        env = {
-            **os.environ,
-            "WANDB_MODE": "offline",
-            "WANDB_RUN_ID": run.run_id,
-            "WANDB_SWEEP_PARAM_PATH": str((self.out_dir / run.run_id / PARAM_FILE).resolve()),
-            "WANDB_RUN_GROUP": f"sweep-{name}-{self.state.sweep_id}",
-        }
+        # `${interpreter}` is `python` from PATH, as under `wandb agent`: the child environment puts this one's
+        # first, so that the runs get the interpreter cifar_resnet is installed in even when it is not activated.
+        env = child_environment(
+            self.workers,
+            WANDB_MODE="offline",
+            WANDB_RUN_ID=run.run_id,
+            WANDB_SWEEP_PARAM_PATH=str((self.out_dir / run.run_id / PARAM_FILE).resolve()),
+            WANDB_RUN_GROUP=f"sweep-{name}-{self.state.sweep_id}",
+        )
         env.pop("WANDB_SWEEP_ID", None)  # one left in this shell by an agent
-        # `${interpreter}` is `python` from PATH, as under `wandb agent`: put this environment's first, so that the
-        # runs get the interpreter cifar_resnet is installed in even when the user has not activated it.
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env.setdefault("WANDB_DIR", str(self.out_dir.resolve()))  # the sweep's offline runs together, to sync
-        env.setdefault("OMP_NUM_THREADS", str(self.threads))
         if self.project:
             env["WANDB_PROJECT"] = self.project
         if gpu is not None:
@@ -528,9 +512,7 @@ class LocalSweep:
         log.warning("stopped by signal %d; run the same command again to continue the sweep", signum)
 
     def run(self) -> LocalSweepResult:
-        from .train import stop_on_signals
-
-        with stop_on_signals(STOP_SIGNALS) as received, self.view:
+        with stop_on_signals(SUPERVISOR_STOP_SIGNALS) as received, self.view:
             while not received:
                 self.reap()
                 self.early_terminate()
@@ -554,13 +536,12 @@ class LocalSweep:
 def run_online_sweep(plan: SweepPlan, gpus: Sequence[str | None], count: int | None, project: str) -> int:
     """Create the sweep on W&B, then run one `wandb agent` per worker, pinned and started a few seconds apart
     (`cifar-resnet agent`'s launcher, which forwards Ctrl-C and SIGTERM to the agents)."""
-    from . import agent
-    from .wandb_sweep import create_sweep
+    from .wandb_sweep import agent_argv, create_sweep
 
     config = {**plan.config, "run_cap": count} if count is not None else plan.config
     sweep_id = create_sweep(config, project)
-    (unpinned,) = agent.plan_agents(sweep_id, [], agents_per_gpu=1, project=project)
-    status = agent.run_agents([dataclasses.replace(unpinned, gpu=gpu) for gpu in gpus], agent.DEFAULT_STAGGER_SECONDS)
+    argv = agent_argv(sweep_id, project)
+    status = run_staggered([Launch(argv, gpu) for gpu in gpus], DEFAULT_STAGGER_SECONDS, "agent")
     if status == 0:
         log.info("sweep %s done; see it with: cifar-resnet report <entity>/%s/%s", sweep_id, project, sweep_id)
     return status
@@ -580,7 +561,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--project", default=None, help="W&B project (default: the sweep's, WANDB_PROJECT or "
                         "cifar-resnet)")
     parser.add_argument("--offline", action="store_true",
-                        help="run the sweep here with W&B's sweep engine, even with W&B credentials")
+                        help="run the sweep here with W&B's sweep proposer, even with W&B credentials")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
                         help="fix a setting for the whole sweep, e.g. --set epochs=2 (repeatable)")
     parser.add_argument("--output-dir", type=Path, default=None,
@@ -603,14 +584,11 @@ def parse_gpus(gpus: str | None, workers: int | None) -> list[str | None]:
 
 
 def sweep_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
-    if rest:
-        raise UserError(f"sweep: unknown argument {rest[0]!r} (see cifar-resnet sweep --help)")
+    reject_unknown_arguments("sweep", rest)
     if args.count is not None and args.count < 1:
         raise UserError(f"--count: must be >= 1, got {args.count}")
     gpus = parse_gpus(args.gpus, args.workers)
     plan = load_sweep(args.sweep_file, args.overrides)
-    from .tracking import DEFAULT_PROJECT, choose_mode
-
     project = args.project or plan.config.get("project") or os.environ.get("WANDB_PROJECT")
     if not args.offline and choose_mode() == "online":
         return run_online_sweep(plan, gpus, args.count, project or DEFAULT_PROJECT)
@@ -625,11 +603,9 @@ def sweep_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
 
 def print_results(result: LocalSweepResult) -> None:
     """The results table of the sweep's runs, then the end of each failed run's log."""
-    from .report import RunResult, markdown_table, result_from_record
-
     rows = []
     for run in result.state.runs:
-        record = read_record(result.out_dir, run.run_id)
+        record = read_record(result.out_dir / run.run_id)
         # A run that failed before writing its record still gets a row, with the settings it was given.
         row = result_from_record(record) if record else RunResult(
             run.run_id, run.state, Config.from_mapping(run_params(run, result.out_dir)).to_dict(), [], {}, None)

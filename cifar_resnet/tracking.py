@@ -2,19 +2,18 @@
 log each epoch, write the summary, upload the best checkpoint, and end the run as finished, failed or preempted
 (with its resume checkpoint uploaded, so that another machine can continue it).
 
-Nothing else in the package imports wandb.
+With `wandb_sweep` (W&B for the sweep and report tools), the only module that imports wandb: the model, data,
+engine and runner can be used without it.
 """
 
 from __future__ import annotations
 
 import logging
-import netrc
 import os
 import platform
 import tempfile
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torchvision
@@ -23,34 +22,27 @@ import wandb
 from . import __version__
 from .checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
 from .config import Config
+from .credentials import DEFAULT_PROJECT, choose_mode
 from .engine import EpochResult, TrainState
-from .runner import RunOutcome
+from .records import (
+    BEST_EPOCH,
+    EPOCH,
+    EPOCH_SECONDS,
+    LR,
+    PARAM_COUNT,
+    SELECTION_METRIC,
+    TEST_ACC,
+    TEST_ACC_PER_CLASS,
+    TEST_LOSS,
+)
+
+if TYPE_CHECKING:  # what finish_run reads; the runner itself needs no W&B
+    from .runner import RunOutcome
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PROJECT = "cifar-resnet"
-DEFAULT_BASE_URL = "https://api.wandb.ai"
 RUN_INFO_KEY = "run_info"  # derived facts (parameter count, device, versions) in the run's config
 RESUME_ARTIFACT_TYPE = "resume-checkpoint"  # artifact `resume-<run id>`: last.pt of a preempted run
-
-
-def has_credentials() -> bool:
-    """True when `WANDB_API_KEY` is set or `wandb login` left a key in the netrc file for the W&B host."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlsplit(os.environ.get("WANDB_BASE_URL", DEFAULT_BASE_URL)).hostname
-    try:
-        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
-def choose_mode() -> str:
-    """`WANDB_MODE` when set to offline or disabled; otherwise online if there are credentials, else offline."""
-    mode = os.environ.get("WANDB_MODE", "online")
-    if mode in ("offline", "disabled", "dryrun"):
-        return "offline" if mode == "dryrun" else mode
-    return "online" if has_credentials() else "offline"
 
 
 def resume_artifact_name(run_id: str) -> str:
@@ -93,10 +85,10 @@ class Tracker:
                 self.run.settings.sync_dir,
             )
         # The dashboard summary of val/acc is its best epoch, not its last; every metric is plotted against epoch.
-        self.run.define_metric("epoch")
-        for name in ("train/*", "val/*", "lr", "epoch_seconds"):
-            self.run.define_metric(name, step_metric="epoch")
-        self.run.define_metric("val/acc", step_metric="epoch", summary="max")
+        self.run.define_metric(EPOCH)
+        for name in ("train/*", "val/*", LR, EPOCH_SECONDS):
+            self.run.define_metric(name, step_metric=EPOCH)
+        self.run.define_metric(SELECTION_METRIC, step_metric=EPOCH, summary="max")
         self.next_epoch_to_log: int | None = None  # the first epoch W&B's history lacks, known at the first epoch
 
     @property
@@ -126,7 +118,7 @@ class Tracker:
             # attempt has an offline run of its own, holding the epochs that attempt trained.
             self.next_epoch_to_log = max(1, self.run.step) if self.run.resumed else result.epoch
         for metrics in state.history[self.next_epoch_to_log - 1 :]:
-            self.run.log(metrics, step=metrics["epoch"], commit=True)  # written now: a kill cannot lose it
+            self.run.log(metrics, step=metrics[EPOCH], commit=True)  # written now: a kill cannot lose it
         self.next_epoch_to_log = max(self.next_epoch_to_log, result.epoch + 1)
 
     def fetch_resume_checkpoint(self, destination: Path) -> bool:
@@ -137,10 +129,10 @@ class Tracker:
         """Summary, confusion matrix and the best-checkpoint artifact, then end the run as finished."""
         summary = outcome.record.summary
         test = outcome.fit.test
-        for key in ("best_epoch", "test/loss", "test/acc", "param_count"):
+        for key in (BEST_EPOCH, TEST_LOSS, TEST_ACC, PARAM_COUNT):
             self.run.summary[key] = summary[key]
-        for name, acc in summary["test/acc_per_class"].items():
-            self.run.summary[f"test/acc/{name}"] = acc
+        for name, acc in summary[TEST_ACC_PER_CLASS].items():
+            self.run.summary[f"{TEST_ACC}/{name}"] = acc
         # wandb's confusion-matrix chart wants per-image labels: expand the (true, predicted) counts.
         num_classes = len(outcome.classes)
         pairs = torch.arange(num_classes * num_classes).repeat_interleave(test.confusion.flatten())
@@ -157,9 +149,9 @@ class Tracker:
             type="model",
             description="CIFAR10CNN weights of the best validation epoch",
             metadata={
-                "epoch": outcome.fit.best_epoch,
-                "val/acc": best["val/acc"],
-                "test/acc": outcome.fit.test.acc,
+                EPOCH: outcome.fit.best_epoch,
+                SELECTION_METRIC: best[SELECTION_METRIC],
+                TEST_ACC: outcome.fit.test.acc,
                 "config": outcome.record.config,
             },
         )

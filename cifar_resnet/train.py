@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import signal
 import sys
 from collections.abc import Iterator, Sequence
 
@@ -17,35 +16,12 @@ from .checkpoint import RESUME_CHECKPOINT
 from .config import Config, argument_parser
 from .engine import Interrupted
 from .errors import TrainingDiverged, UserError
+from .process import SIGNAL_EXIT_BASE, setup_logging, stop_on_signals
 from .runner import RunHooks, run_folder, run_training
 
 log = logging.getLogger("cifar_resnet")
 
 EXIT_OK, EXIT_CRASH, EXIT_USAGE = 0, 1, 2
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-def setup_logging() -> None:
-    """One line per message on stderr; W&B's own lines are its own."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    package_log = logging.getLogger("cifar_resnet")
-    package_log.handlers[:] = [handler]
-    package_log.setLevel(logging.INFO)
-    package_log.propagate = False
-
-
-@contextlib.contextmanager
-def stop_on_signals(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[list[int]]:
-    """While inside, `signals` (SIGTERM and SIGUSR1 unless given) are recorded instead of killing the process;
-    the list holds them."""
-    received: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in signals}
-    try:
-        yield received
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
@@ -54,7 +30,12 @@ def progress_hooks(hooks: RunHooks) -> Iterator[RunHooks]:
     if not sys.stderr.isatty():
         yield hooks
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TimeRemainingColumn,
+    )
 
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), transient=True) as bar:
@@ -110,9 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_CRASH
         except Interrupted:  # the resume checkpoint of the last completed epoch is already on disk
             log.warning("stopped by signal %d; the run resumes from its last completed epoch", received[0])
-            tracker.preempt(exit_code=128 + received[0],
+            tracker.preempt(exit_code=SIGNAL_EXIT_BASE + received[0],
                             resume_checkpoint=run_folder(config, tracker.run_id) / RESUME_CHECKPOINT)
-            return 128 + received[0]
+            return SIGNAL_EXIT_BASE + received[0]
         except Exception as error:
             log.exception("run crashed")
             tracker.fail(f"{type(error).__name__}: {error}")

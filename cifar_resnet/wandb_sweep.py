@@ -1,7 +1,8 @@
 """The W&B side of `cifar-resnet sweep` and `cifar-resnet report`: the agent's run command, its parameter file, a
 sweep on the W&B server, a sweep's runs through the public API, and the sweep's workspace view.
 
-Besides `tracking`, the only module that imports wandb (lazily, inside functions, so the CLI starts fast).
+Besides `tracking` (one run's W&B layer), the only module that imports wandb (lazily, inside functions, so the CLI
+starts fast). It imports no tool: the tools import it.
 """
 
 from __future__ import annotations
@@ -11,15 +12,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
+from .records import (
+    EPOCH,
+    SELECTION_METRIC,
+    TEST_ACC,
+    TRAIN_ACC,
+    TRAIN_LOSS,
+    VAL_ACC,
+    VAL_LOSS,
+    RunResult,
+)
 
 if TYPE_CHECKING:
     from wandb_workspaces.workspaces import Workspace
 
-    from .report import RunResult
-
 # The history keys a run logs per epoch that the report needs; `scan_history` returns rows holding all of them.
-HISTORY_KEYS = ("epoch", "train/loss", "train/acc", "val/loss", "val/acc")
-VIEW_METRIC = "val/acc"
+HISTORY_KEYS = (EPOCH, TRAIN_LOSS, TRAIN_ACC, VAL_LOSS, VAL_ACC)
+RUNTIME_KEY = "_runtime"  # W&B's own summary entry: the run's wall seconds
+DEFAULT_STAGGER_SECONDS = 5.0  # between agent starts, so that they do not all call W&B and load data at once
 
 
 def new_id() -> str:
@@ -27,6 +37,16 @@ def new_id() -> str:
     from wandb.sdk.lib.runid import generate_id
 
     return generate_id()
+
+
+def agent_argv(sweep_id: str, project: str | None = None, entity: str | None = None) -> list[str]:
+    """W&B's own agent for `sweep_id`, forwarding SIGTERM and SIGINT to its run (the run then saves and resumes)."""
+    argv = ["wandb", "agent", "--forward-signals"]
+    if project:
+        argv += ["--project", project]
+    if entity:
+        argv += ["--entity", entity]
+    return [*argv, sweep_id]
 
 
 def agent_command(sweep_command: Sequence[str] | None, program: str | None, params: Mapping[str, Any],
@@ -77,8 +97,6 @@ def fetch_sweep_results(path: str) -> list[RunResult]:
     """The runs of the W&B sweep `entity/project/sweep_id`, as report rows."""
     import wandb
 
-    from .report import RunResult
-
     try:
         sweep = wandb.Api().sweep(path)
     except (wandb.errors.CommError, ValueError) as error:
@@ -87,7 +105,7 @@ def fetch_sweep_results(path: str) -> list[RunResult]:
         RunResult(
             run_id=run.id, status=run.state, config=dict(run.config),
             history=list(run.scan_history(keys=list(HISTORY_KEYS))),
-            summary=dict(run.summary), seconds=run.summary.get("_runtime"),
+            summary=dict(run.summary), seconds=run.summary.get(RUNTIME_KEY),
         )
         for run in sweep.runs
     ]
@@ -101,11 +119,11 @@ def build_sweep_view(entity: str, project: str, sweep_id: str, params: Sequence[
     from wandb_workspaces import expr
 
     columns = [wr.ParallelCoordinatesPlotColumn(metric=wr.Config(name)) for name in params]
-    columns += [wr.ParallelCoordinatesPlotColumn(metric=wr.SummaryMetric(name)) for name in (VIEW_METRIC, "test/acc")]
+    columns += [wr.ParallelCoordinatesPlotColumn(metric=wr.SummaryMetric(name)) for name in (SELECTION_METRIC, TEST_ACC)]
     panels = [
         wr.ParallelCoordinatesPlot(title="Settings and accuracy", columns=columns),
-        wr.ParameterImportancePlot(with_respect_to=VIEW_METRIC),
-        wr.LinePlot(title="Validation accuracy per epoch", x="epoch", y=[VIEW_METRIC]),
+        wr.ParameterImportancePlot(with_respect_to=SELECTION_METRIC),
+        wr.LinePlot(title="Validation accuracy per epoch", x=EPOCH, y=[SELECTION_METRIC]),
     ]
     return ws.Workspace(
         entity=entity, project=project, name=f"sweep {sweep_id}",

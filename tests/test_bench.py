@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from cifar_resnet import bench
+from cifar_resnet.bench import measure, runs, writeup
 from cifar_resnet.model import CIFAR10CNN
 
 TINY = ["--mode=cpu", "--width=8", "--train_size=384", "--val_size=128", "--test_size=128", "--steps=2",
@@ -24,7 +24,7 @@ def conv_flops(c_in: int, c_out: int, kernel: int, out_px: int) -> int:
 def test_flop_count_matches_a_hand_count_for_small_convs():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.Conv2d(8, 4, 3, padding=1, bias=False))
     first, second = conv_flops(3, 8, 3, 32 * 32), conv_flops(8, 4, 3, 32 * 32)
-    flops = bench.count_flops(model)
+    flops = measure.count_flops(model)
     assert flops["forward"] == first + second
     # Backward: a weight gradient for each conv, and an input gradient for the second only (images need none).
     assert flops["train"] == (first + second) + first + 2 * second
@@ -37,7 +37,7 @@ def test_flop_count_of_the_full_model_matches_its_architecture():
     stage3 = conv_flops(128, 256, 3, 8 * 8) + 3 * conv_flops(256, 256, 3, 8 * 8) + conv_flops(128, 256, 1, 8 * 8)
     head = 2 * 256 * 10
     model = CIFAR10CNN(width=64).to("meta")  # shapes only: counting needs no arithmetic
-    assert bench.count_flops(model)["forward"] == stem + stage1 + stage2 + stage3 + head
+    assert measure.count_flops(model)["forward"] == stem + stage1 + stage2 + stage3 + head
 
 
 def positive(value) -> bool:
@@ -46,10 +46,10 @@ def positive(value) -> bool:
 
 def test_cpu_mode_writes_every_figure(tmp_path, capsys, monkeypatch):
     # A variant that fails is reported as failed, and the others are still measured.
-    monkeypatch.setitem(bench.VARIANTS, "broken", bench.Variant(compile_mode="no such mode"))
+    monkeypatch.setitem(measure.VARIANTS, "broken", measure.Variant(compile_mode="no such mode"))
     out = tmp_path / "bench.json"
     variants = "--variants=ours,broken,foreach optimizer (not fused)"
-    assert bench.main([*TINY, variants, "--concurrency=1", "--epochs=1", f"--out={out}"]) == 0
+    assert measure.main([*TINY, variants, "--concurrency=1", "--epochs=1", f"--out={out}"]) == 0
     result = json.loads(out.read_text())
 
     assert set(result) >= {"machine", "plan", "config", "images", "peak", "flops_per_image", "floor_s",
@@ -91,7 +91,7 @@ def test_image_folder_adds_torchvisions_imagefolder_baseline(cifar_jpeg_dir, tmp
     out = tmp_path / "bench.json"
     argv = [*TINY, "--dataset=imagefolder", f"--data_dir={cifar_jpeg_dir}", "--val_size=500", "--train_size=0",
             "--test_size=0", "--variants=", "--steps=1", f"--out={out}"]  # the baselines only
-    assert bench.main(argv) == 0
+    assert measure.main(argv) == 0
     result = json.loads(out.read_text())
     assert set(result["data_pipeline_batches_per_s"]) == {"write-up, arrays", "write-up, ImageFolder", "ours"}
     assert set(result["training"]) == {"write-up, arrays", "write-up, ImageFolder"} and result["tuning"] == {}
@@ -99,15 +99,15 @@ def test_image_folder_adds_torchvisions_imagefolder_baseline(cifar_jpeg_dir, tmp
 
 
 def test_grid_runs_the_cells_beside_the_writeups_table(tiny_config, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(bench, "WRITEUP_TABLE", bench.WRITEUP_TABLE[:2])  # two of the six: each is a process
+    monkeypatch.setattr(runs, "WRITEUP_TABLE", writeup.WRITEUP_TABLE[:2])  # two of the six: each is a process
     out = tmp_path / "grid.json"
     settings = [f"--{k}={v}" for k, v in tiny_config.replace(epochs=1, train_size=256, val_size=64, test_size=64,
                                                                batch_size=64).to_dict().items() if k != "output_dir"]
-    assert bench.main(["grid", "--workers=2", f"--out={out}", *settings]) == 0
+    assert measure.main(["grid", "--workers=2", f"--out={out}", *settings]) == 0
     result = json.loads(out.read_text())
     cells = result["cells"]
     assert [(c["ours"]["config"]["optimizer"], c["ours"]["config"]["learning_rate"]) for c in cells] == \
-        [(c["optimizer"], c["learning_rate"]) for c in bench.WRITEUP_TABLE]
+        [(c["optimizer"], c["learning_rate"]) for c in runs.WRITEUP_TABLE]
     for cell in cells:
         ours = cell["ours"]
         assert 0 <= ours["test_acc"] <= 1 and 0 <= ours["test_acc_tta"] <= 1 and ours["best_epoch"] == 1
@@ -132,7 +132,7 @@ def test_bad_input_is_one_line_and_exit_status_2(argv, message, tmp_path):
     handler.emit = records.append  # the bench's own logger, whatever other tests did to logging's setup
     logging.getLogger("cifar_resnet.bench").addHandler(handler)
     try:
-        assert bench.main([*argv, f"--out={tmp_path / 'x.json'}"]) == 2
+        assert measure.main([*argv, f"--out={tmp_path / 'x.json'}"]) == 2
     finally:
         logging.getLogger("cifar_resnet.bench").removeHandler(handler)
     assert len(records) == 1 and message in records[0].getMessage()
@@ -140,7 +140,7 @@ def test_bad_input_is_one_line_and_exit_status_2(argv, message, tmp_path):
 
 
 def test_peak_is_measured_with_a_matmul():
-    peak = bench.measure_peak_tflops(torch.device("cpu"), 128)
+    peak = measure.measure_peak_tflops(torch.device("cpu"), 128)
     assert peak["size"] == 128 and positive(peak["tflops"])
 
 
@@ -148,9 +148,8 @@ def test_writeup_table_has_the_sweeps_six_cells():
     import itertools
 
     import yaml
-
     from conftest import REPO
 
     parameters = yaml.safe_load((REPO / "sweep.yaml").read_text())["parameters"]
     cells = set(itertools.product(parameters["learning_rate"]["values"], parameters["optimizer"]["values"]))
-    assert {(c["learning_rate"], c["optimizer"]) for c in bench.WRITEUP_TABLE} == cells and len(cells) == 6
+    assert {(c["learning_rate"], c["optimizer"]) for c in writeup.WRITEUP_TABLE} == cells and len(cells) == 6

@@ -13,9 +13,9 @@ import pytest
 from cifar_resnet import wandb_sweep
 from cifar_resnet.cli import main
 from cifar_resnet.config import Config
-from cifar_resnet.records import RunRecord
-from cifar_resnet.report import RunResult, markdown_table, results_from_folder
+from cifar_resnet.records import RunRecord, RunResult, results_from_folder
 from cifar_resnet.runner import run_training
+from cifar_resnet.table import markdown_table
 from cifar_resnet.wandb_sweep import build_sweep_view
 
 # A 2x2 grid of learning rate x optimizer, whose batch size also varies: a sweep's folder of real run records.

@@ -28,6 +28,7 @@ from cifar_resnet import engine
 from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
 from cifar_resnet.config import Config
 from cifar_resnet.engine import EpochResult
+from cifar_resnet.files import LOCK_FILE
 from cifar_resnet.records import RECORD_FILE, RunRecord
 from cifar_resnet.runner import run_training
 from cifar_resnet.tracking import RESUME_ARTIFACT_TYPE, Tracker
@@ -191,8 +192,9 @@ def test_run_preempted_twice_resumes_locally_then_from_its_artifact_and_ends_as_
     uploaded = torch.load(model.manifest.contents[0].local_path, weights_only=True)["model"]
     assert all(torch.equal(uploaded[name], tensor) for name, tensor in reference_best["model"].items())
 
-    # Nothing left over: no resume checkpoint, no temporary file.
-    assert sorted(path.name for path in run_dir.iterdir()) == [BEST_CHECKPOINT, RECORD_FILE]
+    # Nothing left over: no resume checkpoint, no temporary file; the folder's (empty) lock file stays, as lock
+    # files must: removing one that another process may be opening would let two processes hold "the" lock.
+    assert sorted(path.name for path in run_dir.iterdir()) == [LOCK_FILE, BEST_CHECKPOINT, RECORD_FILE]
     assert not list(runs.rglob("*.tmp"))
 
 
@@ -239,7 +241,7 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_resumable
     best, reference_best = (torch.load(o.run_dir / BEST_CHECKPOINT, weights_only=True) for o in (resumed, reference))
     assert best["epoch"] == reference_best["epoch"]
     assert all(torch.equal(best["model"][name], tensor) for name, tensor in reference_best["model"].items())
-    assert sorted(path.name for path in run_dir.iterdir()) == [BEST_CHECKPOINT, RECORD_FILE]
+    assert sorted(path.name for path in run_dir.iterdir()) == [LOCK_FILE, BEST_CHECKPOINT, RECORD_FILE]
 
 
 def test_a_crash_ends_the_run_as_failed_not_preempting(tmp_path, tiny_config, monkeypatch, one_thread):

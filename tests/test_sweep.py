@@ -16,12 +16,19 @@ from typing import Any
 import pytest
 import yaml
 
-from cifar_resnet import agent
 from cifar_resnet import sweep as sweep_module
 from cifar_resnet.cli import main
 from cifar_resnet.config import Config
 from cifar_resnet.records import RECORD_FILE, RunRecord
-from cifar_resnet.sweep import LiveView, LocalRun, LocalSweep, LogView, RunProgress, load_sweep, runs_to_stop
+from cifar_resnet.sweep import (
+    LiveView,
+    LocalRun,
+    LocalSweep,
+    LogView,
+    RunProgress,
+    load_sweep,
+    runs_to_stop,
+)
 from cifar_resnet.wandb_sweep import agent_command
 
 GRID = {"learning_rate": {"values": [0.001, 0.0005]}, "optimizer": {"values": ["adam", "sgd"]}}
@@ -347,7 +354,7 @@ def online(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_WANDB_CALLS", str(calls))
     monkeypatch.delenv("WANDB_MODE")
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
-    monkeypatch.setattr(agent, "DEFAULT_STAGGER_SECONDS", 1.0)
+    monkeypatch.setattr(sweep_module, "DEFAULT_STAGGER_SECONDS", 1.0)
     created: list[dict[str, Any]] = []
     monkeypatch.setattr(wandb, "sweep", lambda sweep, project: created.append(
         {"sweep": sweep, "project": project}) or "sweep123")

@@ -20,6 +20,10 @@ from wandb_records import offline_run_file, read_records
 from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
 from cifar_resnet.cli import main as cli_main
 from cifar_resnet.config import Config
+from cifar_resnet.engine import build_optimizer
+from cifar_resnet.errors import ConfigError
+from cifar_resnet.files import LOCK_FILE, folder_lock
+from cifar_resnet.model import CIFAR10CNN
 from cifar_resnet.records import RunRecord
 from cifar_resnet.runner import run_training
 from cifar_resnet.wandb_sweep import agent_command as wandb_agent_command
@@ -190,3 +194,27 @@ def test_help_lists_every_setting():
     assert done.returncode == 0
     for name in Config().to_dict():
         assert f"--{name}" in done.stdout
+
+
+def test_a_second_process_on_the_same_run_id_is_refused_in_one_line(tiny_config):
+    """A run holds its folder's lock: a second process with the same run id exits 2 and writes nothing there."""
+    run_dir = Path(tiny_config.output_dir) / "twin0001"
+    with folder_lock(run_dir):  # held by this process, as a first run would hold it
+        done = python_train(*tiny_args(tiny_config), WANDB_RUN_ID="twin0001")
+    assert done.returncode == 2
+    assert error_lines(done.stderr) == [
+        f"ERROR: run twin0001: another process is training it in {run_dir}; wait for it to end, or give this run "
+        "another id"
+    ]
+    assert "Traceback" not in done.stderr
+    assert sorted(path.name for path in run_dir.iterdir()) == [LOCK_FILE]
+    # Once the lock is free, the same command trains.
+    assert python_train(*tiny_args(tiny_config.replace(epochs=1)), WANDB_RUN_ID="twin0001").returncode == 0
+    assert RunRecord.load(run_dir).status == "finished"
+
+
+def test_an_unknown_optimizer_name_is_refused_not_replaced(tiny_config):
+    config = tiny_config.replace(optimizer="sgd")
+    object.__setattr__(config, "optimizer", "lamb")  # past the config's own check, as a caller's typo would be
+    with pytest.raises(ConfigError, match="optimizer: 'lamb' is not one of adam, adamw, sgd"):
+        build_optimizer(config, CIFAR10CNN(width=8), torch.device("cpu"))

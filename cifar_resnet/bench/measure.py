@@ -1,38 +1,27 @@
-"""The benchmark: the write-up's pipeline against ours, in one process, on the device at hand, on the same images.
+"""`cifar-resnet bench`: the write-up's pipeline against ours, in one process, on the device at hand, on the same
+images.
 
-- The write-up's pipeline: a torchvision dataset through a `DataLoader` (no workers) with `RandomCrop(32, padding=4)`,
-  `RandomHorizontalFlip`, `ToTensor` and `Normalize`, a float32 NCHW model, `torch.optim.Adam`, and the loss and
-  accuracy read back every step.
+- The write-up's pipeline (`writeup.py`): a `DataLoader` without workers and PIL transforms, a float32 NCHW model,
+  plain Adam, and the loss and accuracy read back every step.
 - Ours: `DeviceLoader` and the engine's `train_one_epoch` with the settings a run uses.
 
 Reported: training images/s and seconds per epoch with their ratio, the data pipelines alone (batches/s, no model),
 model FLOPs per image (counted), TFLOP/s reached and their fraction of a peak measured in the same run (a large
 bf16 matmul on GPU, fp32 on CPU), peak memory, and in GPU mode the tuning options one by one and runs per hour with
 1, 2 and 4 concurrent runs. Warm-up first; clocks are read after a device sync; figures are medians over repeats.
-
-    cifar-resnet bench --mode=cpu --dataset=imagefolder --data_dir=DIR --out=bench.json
-    cifar-resnet bench run --run_id=ID --result=FILE --name=value ...   # one run without W&B
-    cifar-resnet bench grid --workers=3 --name=value ...                # the write-up's six cells without W&B
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import itertools
-import json
 import logging
-import os
-import platform
 import resource
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -40,19 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import BEST_CHECKPOINT
-from .config import Config, argument_parser
-from .data import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    CROP_PADDING_PX,
-    IMAGE_SIZE_PX,
-    DataSplits,
-    DeviceLoader,
-    ImageSet,
-    load_splits,
-)
-from .engine import (
+from ..config import Config
+from ..data import IMAGE_SIZE_PX, DataSplits, DeviceLoader, ImageSet, load_splits
+from ..engine import (
     autocast_context,
     build_model,
     build_optimizer,
@@ -61,9 +40,11 @@ from .engine import (
     select_device,
     train_one_epoch,
 )
-from .errors import UserError
-from .files import atomic_write_json
-from .sweep import cpu_threads_per_run
+from ..errors import UserError
+from ..files import atomic_write_json
+from .machine import machine_info
+from .runs import grid_main, measure_concurrency, run_main
+from .writeup import endless, writeup_datasets, writeup_loader, writeup_step_runner
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +53,6 @@ FLOP_COUNT_BATCH = 2  # FLOPs are linear in the batch: count on a small one, rep
 MATMUL_WARMUP, MATMUL_REPEATS = 3, 10
 BYTES_PER_MB = 2**20
 KILOBYTES_PER_MB = 2**10  # ru_maxrss is in kilobytes on Linux
-SECONDS_PER_HOUR = 3600
 
 
 # --- what to measure -----------------------------------------------------------------------------------------
@@ -197,86 +177,6 @@ def count_flops(model: nn.Module, batch_size: int = FLOP_COUNT_BATCH) -> dict[st
             "train": train_counter.get_total_flops() / batch_size}
 
 
-def endless(loader: Iterable) -> Iterator:
-    """Batches from `loader`, epoch after epoch, so any number of steps can be timed."""
-    while True:
-        yield from loader
-
-
-# --- the write-up's pipeline ---------------------------------------------------------------------------------
-
-
-def writeup_transform():
-    from torchvision import transforms
-
-    return transforms.Compose([
-        transforms.RandomCrop(IMAGE_SIZE_PX, padding=CROP_PADDING_PX),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD),
-    ])
-
-
-class ArrayDataset(torch.utils.data.Dataset):
-    """Decoded images held as one uint8 (N, H, W, C) array, served as torchvision's CIFAR10 serves its own:
-    `PIL.Image.fromarray` of one image, then the transform."""
-
-    def __init__(self, images: ImageSet, transform: Callable) -> None:
-        self.arrays = images.images.permute(0, 2, 3, 1).contiguous().numpy()
-        self.labels = images.labels.tolist()
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
-
-        return self.transform(Image.fromarray(self.arrays[index])), self.labels[index]
-
-
-def writeup_datasets(config: Config, train: ImageSet) -> dict[str, torch.utils.data.Dataset]:
-    """The write-up's datasets on our images: decoded arrays as torchvision's CIFAR10 holds them, and, for an
-    image folder, torchvision's ImageFolder, which decodes each JPEG on every read."""
-    transform = writeup_transform()
-    datasets: dict[str, torch.utils.data.Dataset] = {"write-up, arrays": ArrayDataset(train, transform)}
-    if config.dataset == "imagefolder":
-        from torchvision.datasets import ImageFolder
-
-        datasets["write-up, ImageFolder"] = ImageFolder(str(Path(config.data_dir) / "train"), transform)
-    return datasets
-
-
-def writeup_loader(dataset: torch.utils.data.Dataset, config: Config) -> torch.utils.data.DataLoader:
-    generator = torch.Generator().manual_seed(config.seed)
-    return torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True, num_workers=0,
-                                       generator=generator)
-
-
-def writeup_step_runner(config: Config, loader: Iterable, num_classes: int,
-                        device: torch.device) -> Callable[[int], None]:
-    """The write-up's training loop: float32 NCHW model, plain Adam, loss and accuracy read every step."""
-    model = build_model(config.replace(bf16=False, channels_last=False), num_classes, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    loss_fn = nn.CrossEntropyLoss()
-    stream = endless(loader)
-    model.train()
-
-    def run(steps: int) -> None:
-        running_loss, correct = 0.0, 0
-        for images, labels in itertools.islice(stream, steps):
-            images, labels = images.to(device), labels.to(device)
-            optimizer.zero_grad()
-            outputs = model(images)
-            loss = loss_fn(outputs, labels)
-            loss.backward()
-            optimizer.step()
-            running_loss += loss.item()  # a host sync every step, as in the write-up
-            correct += (outputs.argmax(1) == labels).sum().item()
-
-    return run
-
-
 # --- ours ----------------------------------------------------------------------------------------------------
 
 
@@ -383,46 +283,6 @@ def run_flops(flops: dict[str, float], splits: DataSplits, config: Config) -> fl
     return config.epochs * len(splits.train) * flops["train"] + passes * eval_images * flops["forward"]
 
 
-def machine_info(device: torch.device) -> dict[str, Any]:
-    import torchvision
-
-    cpu_model = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model,
-        "cpu_model": cpu_model,
-        "cpu_cores": os.cpu_count(),
-        "load_average": os.getloadavg(),  # 1, 5, 15 min: other work on a shared machine skews every timing
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "date": datetime.date.today().isoformat(),
-        "commit": git_commit(),
-    }
-
-
-def git_commit() -> str:
-    """`GIT_COMMIT` when set (a copy of the tree without its .git), else the short commit of the package's checkout
-    with `-dirty` when tracked files have changed; `unknown` if neither."""
-    if os.environ.get("GIT_COMMIT"):
-        return os.environ["GIT_COMMIT"]
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"{commit}-dirty" if dirty else commit
-
-
 # --- the benchmark -------------------------------------------------------------------------------------------
 
 
@@ -499,140 +359,7 @@ def run_benchmark(config: Config, plan: Plan, work_dir: Path) -> dict[str, Any]:
     return result
 
 
-# --- whole runs in child processes (no W&B) ------------------------------------------------------------------
-
-
-def settings_argv(config: Config) -> list[str]:
-    return [f"--{name}={value}" for name, value in config.to_dict().items()]
-
-
-def child_env(workers: int) -> dict[str, str]:
-    """The environment of a child run: the package importable even where it is not installed (a GPU machine
-    that got a copy of the checkout), and the CPU cores shared out among the runs (unless OMP_NUM_THREADS is
-    set): runs whose threads outnumber the cores spend their time waiting on each other."""
-    root = str(Path(__file__).resolve().parents[1])
-    path = os.environ.get("PYTHONPATH")
-    threads = os.environ.get("OMP_NUM_THREADS") or str(cpu_threads_per_run(workers))
-    return {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{path}" if path else root, "OMP_NUM_THREADS": threads}
-
-
-def spawn_runs(jobs: Sequence[tuple[str, Config]], workers: int, folder: Path) -> tuple[list[dict[str, Any]], float]:
-    """Run each (run id, config) as `python -m cifar_resnet.bench run` in its own process, `workers` at a time.
-
-    Returns each run's result in job order (`process_exit_s`: from its start to its exit, as seen from here),
-    and the wall seconds of the whole batch. A failed run's result says so and names its log.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def one(job: tuple[str, Config]) -> dict[str, Any]:
-        run_id, config = job
-        result_path, log_path = folder / f"{run_id}.json", folder / f"{run_id}.log"
-        result_path.unlink(missing_ok=True)
-        run_dir = Path(config.output_dir).resolve() / run_id
-        if run_dir.is_relative_to(folder.resolve()):  # our own earlier run: start afresh rather than resume it
-            shutil.rmtree(run_dir, ignore_errors=True)
-        argv = [sys.executable, "-m", "cifar_resnet.bench", "run", f"--run_id={run_id}", f"--result={result_path}",
-                *settings_argv(config)]
-        started = time.perf_counter()
-        with open(log_path, "w") as log_file:
-            code = subprocess.run(argv, stdout=log_file, stderr=subprocess.STDOUT,
-                                  env=child_env(workers)).returncode
-        if code != 0 or not result_path.exists():
-            return {"run_id": run_id, "status": "failed", "exit_code": code, "log": str(log_path)}
-        return {**json.loads(result_path.read_text()), "process_exit_s": time.perf_counter() - started}
-
-    started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(one, jobs))
-    return results, time.perf_counter() - started
-
-
-def seconds_since_process_start() -> float | None:
-    """Seconds since this process started (interpreter start-up and imports included); None where /proc is not."""
-    try:
-        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime_s = float(Path("/proc/uptime").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    return uptime_s - start_ticks / os.sysconf("SC_CLK_TCK")
-
-
-def measure_concurrency(config: Config, count: int, work_dir: Path) -> dict[str, Any]:
-    """`count` full runs at once on this device (seeds differ): runs per hour, and each run's time and accuracy."""
-    jobs = [(f"concurrent{count}-{i}", config.replace(seed=config.seed + i)) for i in range(count)]
-    log.info("%d concurrent runs of %d epochs", count, config.epochs)
-    results, wall_s = spawn_runs(jobs, count, work_dir / f"concurrent{count}")
-    finished = [r for r in results if r.get("status") != "failed"]
-    return {
-        "wall_s": wall_s,
-        "runs_per_hour": len(finished) * SECONDS_PER_HOUR / wall_s,
-        "failed": len(results) - len(finished),
-        "process_s": [r["process_s"] for r in finished],
-        "test_acc": [r["test_acc"] for r in finished],
-    }
-
-
-def run_one(config: Config, run_id: str) -> dict[str, Any]:
-    """One run through the runner (files, no W&B), its best checkpoint tested with and without flip TTA.
-
-    `process_s` is taken when the run ends, before the second test (not part of a run)."""
-    from .runner import evaluate_checkpoint, run_training
-
-    outcome = run_training(config, run_id)
-    process_s = seconds_since_process_start()  # the run as a user sees it: interpreter, imports, data, all
-    _, other = evaluate_checkpoint(outcome.run_dir / BEST_CHECKPOINT, {"tta": not config.tta})
-    with_tta, without_tta = (outcome.fit.test.acc, other.acc) if config.tta else (other.acc, outcome.fit.test.acc)
-    best = outcome.record.history[outcome.fit.best_epoch - 1]
-    return {
-        "run_id": run_id,
-        "config": config.to_dict(),
-        "test_acc": without_tta,
-        "test_acc_tta": with_tta,
-        "train_acc": best["train/acc"],
-        "train_loss": best["train/loss"],
-        "val_acc": best["val/acc"],
-        "val_loss": best["val/loss"],
-        "best_epoch": outcome.fit.best_epoch,
-        "run_s": outcome.record.summary["run_seconds"],
-        "process_s": process_s,
-        "epoch_s": [epoch["epoch_seconds"] for epoch in outcome.record.history],
-        "train_images_per_s": statistics.median(e["train/images_per_second"] for e in outcome.record.history),
-    }
-
-
-# --- the write-up's six cells ----------------------------------------------------------------------------------
-
-# The write-up's results table as published (original CIFAR-10, its own pipeline). Its row 1 says batch 32
-# where the text says 128, and its text swaps the two SGD rows at 0.001 and 0.0005; the table is quoted as is.
-WRITEUP_TABLE: tuple[dict[str, Any], ...] = (
-    {"learning_rate": 0.001, "optimizer": "adam", "test_acc": 0.8634, "train_acc": 0.8844, "train_loss": 0.3318,
-     "val_acc": 0.8942, "val_loss": 0.3048},
-    {"learning_rate": 0.001, "optimizer": "sgd", "test_acc": 0.7661, "train_acc": 0.8065, "train_loss": 0.5595,
-     "val_acc": 0.7600, "val_loss": 0.7023},
-    {"learning_rate": 0.0005, "optimizer": "adam", "test_acc": 0.8552, "train_acc": 0.8849, "train_loss": 0.3330,
-     "val_acc": 0.8844, "val_loss": 0.3331},
-    {"learning_rate": 0.0005, "optimizer": "sgd", "test_acc": 0.7235, "train_acc": 0.7440, "train_loss": 0.7321,
-     "val_acc": 0.7403, "val_loss": 0.7356},
-    {"learning_rate": 0.0001, "optimizer": "adam", "test_acc": 0.8168, "train_acc": 0.8586, "train_loss": 0.4139,
-     "val_acc": 0.8526, "val_loss": 0.4324},
-    {"learning_rate": 0.0001, "optimizer": "sgd", "test_acc": 0.5352, "train_acc": 0.5419, "train_loss": 1.2709,
-     "val_acc": 0.5220, "val_loss": 1.3294},
-)
-
-
-def run_grid(base: Config, workers: int, folder: Path) -> dict[str, Any]:
-    jobs = [(f"{cell['optimizer']}-lr{cell['learning_rate']}",
-             base.replace(optimizer=cell["optimizer"], learning_rate=cell["learning_rate"])) for cell in WRITEUP_TABLE]
-    device = select_device(base.device)
-    machine = machine_info(device)
-    log.info("six cells, %d at a time, on %s", workers, device)
-    results, wall_s = spawn_runs(jobs, workers, folder)
-    cells = [{"writeup": writeup, "ours": ours} for writeup, ours in zip(WRITEUP_TABLE, results, strict=True)]
-    return {"machine": machine, "config": base.to_dict(), "workers": workers, "wall_s": wall_s,
-            "cells": cells}
-
-
-# --- printing and the command line ---------------------------------------------------------------------------
+# --- printing and the command line ----------------------------------------------------------------------------
 
 
 def benchmark_table(result: dict[str, Any]) -> str:
@@ -673,28 +400,6 @@ def benchmark_table(result: dict[str, Any]) -> str:
                      f"each from process start {', '.join(f'{s:.1f}' for s in entry['process_s'])} s; test acc "
                      f"{', '.join(f'{a:.4f}' for a in entry['test_acc'])}; {entry['failed']} failed)")
     return "\n".join(lines)
-
-
-def grid_table(result: dict[str, Any]) -> str:
-    lines = [f"six cells on {result['machine']['device_name']}, {result['workers']} at a time: "
-             f"{result['wall_s']:.1f} s wall",
-             f"{'cell':<16}{'write-up test':>14}{'ours test':>11}{'ours TTA':>10}{'train acc':>11}{'train loss':>12}"
-             f"{'val acc':>9}{'val loss':>10}{'process s':>11}"]
-    for cell in result["cells"]:
-        writeup, ours = cell["writeup"], cell["ours"]
-        name = f"{writeup['optimizer']} {writeup['learning_rate']}"
-        if ours.get("status") == "failed":
-            lines.append(f"{name:<16}{writeup['test_acc']:>14.2%}  failed (exit {ours['exit_code']}, "
-                         f"log {ours['log']})")
-            continue
-        lines.append(f"{name:<16}{writeup['test_acc']:>14.2%}{ours['test_acc']:>11.2%}{ours['test_acc_tta']:>10.2%}"
-                     f"{ours['train_acc']:>11.2%}{ours['train_loss']:>12.4f}{ours['val_acc']:>9.2%}"
-                     f"{ours['val_loss']:>10.4f}{ours['process_s']:>11.1f}")
-    return "\n".join(lines)
-
-
-def _print_settings_help(prog: str) -> None:
-    argument_parser(prog, "Settings (any `cifar-resnet train` setting) of the runs:").print_help()
 
 
 def bench_main(argv: Sequence[str]) -> int:
@@ -743,47 +448,6 @@ def parse_plan_value(name: str, text: str, default: Any) -> Any:
     return value
 
 
-def run_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="cifar-resnet bench run", add_help=False, allow_abbrev=False)
-    parser.add_argument("--run_id", required=True)
-    parser.add_argument("--result", required=True, help="JSON file the run's results are written to")
-    if "-h" in argv or "--help" in argv:
-        print("usage: cifar-resnet bench run --run_id=ID --result=FILE [--name=value ...]\n\nOne training run "
-              "through the runner (checkpoints and record.json in output_dir/ID), without W&B; its best checkpoint "
-              "is tested with and without flip TTA.\n")
-        _print_settings_help("cifar-resnet bench run")
-        return 0
-    args, rest = parser.parse_known_args(list(argv))
-    config = Config.from_argv(rest)
-    atomic_write_json(Path(args.result), run_one(config, args.run_id))
-    return 0
-
-
-def grid_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="cifar-resnet bench grid", allow_abbrev=False,
-        description="The write-up's six cells (learning rate 0.001, 0.0005, 0.0001 x adam, sgd), each run in its own "
-        "process without W&B, beside the write-up's table. Any `cifar-resnet train` setting applies to every cell.")
-    parser.add_argument("--workers", type=int, default=1, help="runs at a time on this device (default 1)")
-    parser.add_argument("--out", default="grid.json", help="JSON file of the results (default: grid.json)")
-    if "-h" in argv or "--help" in argv:
-        parser.print_help()
-        print()
-        _print_settings_help("cifar-resnet bench grid")
-        return 0
-    args, rest = parser.parse_known_args(list(argv))
-    out = Path(args.out)
-    folder = out.parent / f"{out.stem}-runs"
-    base = Config.from_argv(rest, base=Config(output_dir=str(folder / "runs")))
-    if args.workers < 1:
-        raise UserError(f"--workers: must be >= 1, got {args.workers}")
-    result = run_grid(base, args.workers, folder)
-    atomic_write_json(out, result)
-    print(grid_table(result))
-    print(f"\nwritten: {out}")
-    return 1 if any(cell["ours"].get("status") == "failed" for cell in result["cells"]) else 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """`cifar-resnet bench [run|grid] ...`; a user mistake is one line and exit status 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -795,10 +459,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as error:
         log.error("%s", error)
         return 2
-
-
-if __name__ == "__main__":
-    from .train import setup_logging
-
-    setup_logging()
-    sys.exit(main())

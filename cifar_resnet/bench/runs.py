@@ -1,0 +1,196 @@
+"""Whole runs without W&B, each in its own process: `cifar-resnet bench run` (one run, its best checkpoint tested
+with and without flip TTA) and `cifar-resnet bench grid` (the write-up's six cells beside its published table), and
+the concurrent runs of the benchmark's runs-per-hour figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import BEST_CHECKPOINT
+from ..config import Config, argument_parser
+from ..engine import select_device
+from ..errors import UserError
+from ..files import atomic_write_json
+from ..process import child_environment, run_logged
+from ..records import (
+    EPOCH_SECONDS,
+    RUN_SECONDS,
+    TRAIN_ACC,
+    TRAIN_IMAGES_PER_SECOND,
+    TRAIN_LOSS,
+    VAL_ACC,
+    VAL_LOSS,
+)
+from .machine import machine_info, seconds_since_process_start
+from .writeup import WRITEUP_TABLE
+
+log = logging.getLogger(__name__)
+
+SECONDS_PER_HOUR = 3600
+
+
+def print_settings_help(prog: str) -> None:
+    argument_parser(prog, "Settings (any `cifar-resnet train` setting) of the runs:").print_help()
+
+
+# --- whole runs in child processes (no W&B) ------------------------------------------------------------------
+
+
+def settings_argv(config: Config) -> list[str]:
+    return [f"--{name}={value}" for name, value in config.to_dict().items()]
+
+
+def spawn_runs(jobs: Sequence[tuple[str, Config]], workers: int, folder: Path) -> tuple[list[dict[str, Any]], float]:
+    """Run each (run id, config) as `python -m cifar_resnet.bench run` in its own process, `workers` at a time.
+
+    Returns each run's result in job order (`process_exit_s`: from its start to its exit, as seen from here),
+    and the wall seconds of the whole batch. A failed run's result says so and names its log.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def one(job: tuple[str, Config]) -> dict[str, Any]:
+        run_id, config = job
+        result_path, log_path = folder / f"{run_id}.json", folder / f"{run_id}.log"
+        result_path.unlink(missing_ok=True)
+        run_dir = Path(config.output_dir).resolve() / run_id
+        if run_dir.is_relative_to(folder.resolve()):  # our own earlier run: start afresh rather than resume it
+            shutil.rmtree(run_dir, ignore_errors=True)
+        argv = [sys.executable, "-m", "cifar_resnet.bench", "run", f"--run_id={run_id}", f"--result={result_path}",
+                *settings_argv(config)]
+        started = time.perf_counter()
+        code = run_logged(argv, child_environment(workers), log_path)
+        if code != 0 or not result_path.exists():
+            return {"run_id": run_id, "status": "failed", "exit_code": code, "log": str(log_path)}
+        return {**json.loads(result_path.read_text()), "process_exit_s": time.perf_counter() - started}
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(one, jobs))
+    return results, time.perf_counter() - started
+
+
+def measure_concurrency(config: Config, count: int, work_dir: Path) -> dict[str, Any]:
+    """`count` full runs at once on this device (seeds differ): runs per hour, and each run's time and accuracy."""
+    jobs = [(f"concurrent{count}-{i}", config.replace(seed=config.seed + i)) for i in range(count)]
+    log.info("%d concurrent runs of %d epochs", count, config.epochs)
+    results, wall_s = spawn_runs(jobs, count, work_dir / f"concurrent{count}")
+    finished = [r for r in results if r.get("status") != "failed"]
+    return {
+        "wall_s": wall_s,
+        "runs_per_hour": len(finished) * SECONDS_PER_HOUR / wall_s,
+        "failed": len(results) - len(finished),
+        "process_s": [r["process_s"] for r in finished],
+        "test_acc": [r["test_acc"] for r in finished],
+    }
+
+
+def run_one(config: Config, run_id: str) -> dict[str, Any]:
+    """One run through the runner (files, no W&B), its best checkpoint tested with and without flip TTA.
+
+    `process_s` is taken when the run ends, before the second test (not part of a run)."""
+    from ..runner import evaluate_checkpoint, run_training
+
+    outcome = run_training(config, run_id)
+    process_s = seconds_since_process_start()  # the run as a user sees it: interpreter, imports, data, all
+    _, other = evaluate_checkpoint(outcome.run_dir / BEST_CHECKPOINT, {"tta": not config.tta})
+    with_tta, without_tta = (outcome.fit.test.acc, other.acc) if config.tta else (other.acc, outcome.fit.test.acc)
+    best = outcome.record.history[outcome.fit.best_epoch - 1]
+    return {
+        "run_id": run_id,
+        "config": config.to_dict(),
+        "test_acc": without_tta,
+        "test_acc_tta": with_tta,
+        "train_acc": best[TRAIN_ACC],
+        "train_loss": best[TRAIN_LOSS],
+        "val_acc": best[VAL_ACC],
+        "val_loss": best[VAL_LOSS],
+        "best_epoch": outcome.fit.best_epoch,
+        "run_s": outcome.record.summary[RUN_SECONDS],
+        "process_s": process_s,
+        "epoch_s": [epoch[EPOCH_SECONDS] for epoch in outcome.record.history],
+        "train_images_per_s": statistics.median(e[TRAIN_IMAGES_PER_SECOND] for e in outcome.record.history),
+    }
+
+
+def run_grid(base: Config, workers: int, folder: Path) -> dict[str, Any]:
+    jobs = [(f"{cell['optimizer']}-lr{cell['learning_rate']}",
+             base.replace(optimizer=cell["optimizer"], learning_rate=cell["learning_rate"])) for cell in WRITEUP_TABLE]
+    device = select_device(base.device)
+    machine = machine_info(device)
+    log.info("six cells, %d at a time, on %s", workers, device)
+    results, wall_s = spawn_runs(jobs, workers, folder)
+    cells = [{"writeup": writeup, "ours": ours} for writeup, ours in zip(WRITEUP_TABLE, results, strict=True)]
+    return {"machine": machine, "config": base.to_dict(), "workers": workers, "wall_s": wall_s,
+            "cells": cells}
+
+
+def grid_table(result: dict[str, Any]) -> str:
+    lines = [f"six cells on {result['machine']['device_name']}, {result['workers']} at a time: "
+             f"{result['wall_s']:.1f} s wall",
+             f"{'cell':<16}{'write-up test':>14}{'ours test':>11}{'ours TTA':>10}{'train acc':>11}{'train loss':>12}"
+             f"{'val acc':>9}{'val loss':>10}{'process s':>11}"]
+    for cell in result["cells"]:
+        writeup, ours = cell["writeup"], cell["ours"]
+        name = f"{writeup['optimizer']} {writeup['learning_rate']}"
+        if ours.get("status") == "failed":
+            lines.append(f"{name:<16}{writeup['test_acc']:>14.2%}  failed (exit {ours['exit_code']}, "
+                         f"log {ours['log']})")
+            continue
+        lines.append(f"{name:<16}{writeup['test_acc']:>14.2%}{ours['test_acc']:>11.2%}{ours['test_acc_tta']:>10.2%}"
+                     f"{ours['train_acc']:>11.2%}{ours['train_loss']:>12.4f}{ours['val_acc']:>9.2%}"
+                     f"{ours['val_loss']:>10.4f}{ours['process_s']:>11.1f}")
+    return "\n".join(lines)
+
+
+def run_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="cifar-resnet bench run", add_help=False, allow_abbrev=False)
+    parser.add_argument("--run_id", required=True)
+    parser.add_argument("--result", required=True, help="JSON file the run's results are written to")
+    if "-h" in argv or "--help" in argv:
+        print("usage: cifar-resnet bench run --run_id=ID --result=FILE [--name=value ...]\n\nOne training run "
+              "through the runner (checkpoints and record.json in output_dir/ID), without W&B; its best checkpoint "
+              "is tested with and without flip TTA.\n")
+        print_settings_help("cifar-resnet bench run")
+        return 0
+    args, rest = parser.parse_known_args(list(argv))
+    config = Config.from_argv(rest)
+    atomic_write_json(Path(args.result), run_one(config, args.run_id))
+    return 0
+
+
+def grid_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cifar-resnet bench grid", allow_abbrev=False,
+        description="The write-up's six cells (learning rate 0.001, 0.0005, 0.0001 x adam, sgd), each run in its own "
+        "process without W&B, beside the write-up's table. Any `cifar-resnet train` setting applies to every cell.")
+    parser.add_argument("--workers", type=int, default=1, help="runs at a time on this device (default 1)")
+    parser.add_argument("--out", default="grid.json", help="JSON file of the results (default: grid.json)")
+    if "-h" in argv or "--help" in argv:
+        parser.print_help()
+        print()
+        print_settings_help("cifar-resnet bench grid")
+        return 0
+    args, rest = parser.parse_known_args(list(argv))
+    out = Path(args.out)
+    folder = out.parent / f"{out.stem}-runs"
+    base = Config.from_argv(rest, base=Config(output_dir=str(folder / "runs")))
+    if args.workers < 1:
+        raise UserError(f"--workers: must be >= 1, got {args.workers}")
+    result = run_grid(base, args.workers, folder)
+    atomic_write_json(out, result)
+    print(grid_table(result))
+    print(f"\nwritten: {out}")
+    return 1 if any(cell["ours"].get("status") == "failed" for cell in result["cells"]) else 0
+
+

@@ -1,0 +1,177 @@
+"""Process plumbing that the entry point and the tools share: logging, signals, and child processes.
+
+A run (`train`), the sweep runner, the agent launcher and the benchmark each start or supervise processes; what
+they have in common lives here, so that no tool imports another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+PACKAGE_LOGGER = "cifar_resnet"
+# What a run treats as "save your state and stop": SIGTERM (spot preemption, `docker stop`, schedulers) and SIGUSR1
+# (Slurm's and others' early warning).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNAL_EXIT_BASE = 128  # a process stopped by signal N exits with 128 + N, as shells report it
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder that holds `cifar_resnet/`
+SUPERVISOR_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # stop a tool that supervises children; passed on to them
+POLL_SECONDS = 0.2  # how often a supervisor forwards signals and checks its children
+
+
+def setup_logging() -> None:
+    """One line per message on stderr for the package's loggers; W&B's own lines are its own."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    package_log = logging.getLogger(PACKAGE_LOGGER)
+    package_log.handlers[:] = [handler]
+    package_log.setLevel(logging.INFO)
+    package_log.propagate = False
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[list[int]]:
+    """While inside, `signals` are recorded instead of killing the process; the yielded list holds them, in order."""
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in signals}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def reject_unknown_arguments(command: str, rest: Sequence[str]) -> None:
+    """The CLI passes what argparse did not know on to the handlers; a tool that takes none refuses it here."""
+    if rest:
+        raise UserError(f"{command}: unknown argument {rest[0]!r} (see cifar-resnet {command} --help)")
+
+
+# --- child processes ---------------------------------------------------------------------------------------------
+
+
+def cpu_threads_per_run(concurrent_runs: int) -> int:
+    """The CPU cores shared out among runs at once, so that they do not oversubscribe them (on 2 cores, two runs
+    of 2 threads each took 3.8x as long as two runs of 1 thread)."""
+    return max(1, len(os.sched_getaffinity(0)) // concurrent_runs)
+
+
+def child_environment(concurrent_runs: int, **variables: str) -> dict[str, str]:
+    """The environment of a training process started by a tool, `variables` added.
+
+    - `python` on PATH is this interpreter (a sweep's `${interpreter}` macro runs `python`), and the package is
+      importable even where it is not installed (a copy of the checkout on a GPU machine);
+    - the CPU cores are shared out among the runs at once (unless OMP_NUM_THREADS is set already).
+    """
+    env = {**os.environ, **variables}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("OMP_NUM_THREADS", str(cpu_threads_per_run(concurrent_runs)))
+    return env
+
+
+def start_process(argv: Sequence[str], env: Mapping[str, str] | None = None,
+                  output: IO[bytes] | None = None) -> subprocess.Popen:
+    """Start a child in a session of its own: a Ctrl-C at the terminal reaches only this process, which then
+    stops its children in order (and their own children, such as W&B's service, with them)."""
+    return subprocess.Popen(list(argv), env=None if env is None else dict(env), stdout=output,
+                            stderr=subprocess.STDOUT if output is not None else None, start_new_session=True)
+
+
+def stop_processes(processes: Sequence[subprocess.Popen], grace_seconds: float) -> None:
+    """SIGTERM each process, wait up to `grace_seconds` for all, then kill what is left with its session."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    deadline = time.monotonic() + grace_seconds
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def exit_status(process: subprocess.Popen) -> int:
+    """The process's exit status as a shell reports it: 128 + N for one killed by signal N."""
+    code = process.returncode
+    return SIGNAL_EXIT_BASE - code if code < 0 else code
+
+
+@dataclass(frozen=True)
+class Launch:
+    argv: list[str]
+    gpu: str | None  # the CUDA_VISIBLE_DEVICES value it is pinned to; None: not pinned
+
+
+def run_staggered(launches: Sequence[Launch], stagger_seconds: float, what: str) -> int:
+    """Start each launch `stagger_seconds` after the last, forward SIGTERM and SIGINT to those running, and wait for
+    all. Returns 0 when all succeeded, else the exit status of the first that failed (128 + N for signal N).
+
+    `what` names the children in log lines ("agent").
+    """
+    children: list[subprocess.Popen] = []
+    forwarded = 0
+    # The handlers only record signals; they are forwarded here, between steps, so that none is lost or sent twice
+    # to a child started meanwhile.
+    with stop_on_signals(SUPERVISOR_STOP_SIGNALS) as received:
+
+        def pause(seconds: float) -> None:
+            """Sleep until `seconds` have passed or a signal comes, forwarding it to every running child."""
+            nonlocal forwarded
+            deadline, signals_before = time.monotonic() + seconds, len(received)
+            while True:
+                for signum in received[forwarded:]:
+                    log.info("forwarding signal %d to %d %ss", signum, len(children), what)
+                    for child in children:
+                        if child.poll() is None:
+                            child.send_signal(signum)
+                forwarded = len(received)
+                left = deadline - time.monotonic()
+                if left <= 0 or len(received) > signals_before:
+                    return
+                time.sleep(min(left, POLL_SECONDS))
+
+        for index, launch in enumerate(launches):
+            if index:
+                pause(stagger_seconds)
+            if received:  # asked to stop before every child started: start no more
+                break
+            pinned = {} if launch.gpu is None else {"CUDA_VISIBLE_DEVICES": launch.gpu}
+            children.append(start_process(launch.argv, env={**os.environ, **pinned}))
+            log.info("%s %d of %d started (pid %d) on %s", what, index + 1, len(launches), children[-1].pid,
+                     f"GPU {launch.gpu}" if launch.gpu is not None else "no GPU")
+        while any(child.poll() is None for child in children):
+            pause(POLL_SECONDS)
+
+    statuses = [exit_status(child) for child in children]
+    for number, status in enumerate(statuses, start=1):
+        if status:
+            log.error("%s %d exited with status %d", what, number, status)
+    return next((status for status in statuses if status), 0)
+
+
+def run_logged(argv: Sequence[str], env: Mapping[str, str], log_path: Path) -> int:
+    """Run a child to its end with its stdout and stderr in `log_path`; its exit status."""
+    with open(log_path, "wb") as log_file:
+        child = start_process(argv, env, log_file)
+        try:
+            child.wait()
+        except BaseException:  # interrupted while waiting: the child must not outlive us
+            stop_processes([child], grace_seconds=0)
+            raise
+    return exit_status(child)

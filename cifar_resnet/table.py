@@ -1,0 +1,67 @@
+"""The results table of a set of runs, in the write-up's columns: the sweep prints it at its end, and the report
+writes it as `results.md`. Accuracies are shown in %; the run records and W&B keep fractions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from .config import Config
+from .records import TRAIN_ACC, TRAIN_LOSS, VAL_LOSS, RunResult
+
+# The settings the write-up's table always shows, in its order; other settings appear when the sweep varies them.
+TABLE_SETTINGS = {"learning_rate": "Learning Rate", "optimizer": "Optimizer", "batch_size": "Batch Size"}
+SECONDS_PER_MINUTE = 60
+
+
+def varied_settings(results: Sequence[RunResult]) -> list[str]:
+    """The settings (Config fields, in their order) whose values differ between runs."""
+    return [f.name for f in dataclasses.fields(Config)
+            if len({repr(result.config.get(f.name)) for result in results}) > 1]
+
+
+def by_val_acc(results: Sequence[RunResult]) -> list[RunResult]:
+    """Best validation accuracy first; runs without one last."""
+    return sorted(results, key=lambda result: -result.val_acc if result.val_acc is not None else math.inf)
+
+
+def percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f}%"
+
+
+def _number(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    minutes, rest = divmod(round(seconds), SECONDS_PER_MINUTE)
+    return f"{minutes}m {rest:02d}s" if minutes else f"{rest}s"
+
+
+def setting_text(value: Any) -> str:
+    return "–" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(results: Sequence[RunResult]) -> str:
+    """The write-up's results table, best validation accuracy first; the best run is marked."""
+    settings = list(TABLE_SETTINGS) + [name for name in varied_settings(results) if name not in TABLE_SETTINGS]
+    header = (["Run"] + [TABLE_SETTINGS.get(name, name) for name in settings]
+              + ["Test Accuracy", "Train Accuracy", "Train Loss", "Val Accuracy", "Val Loss", "Epochs to Best",
+                 "Run Time"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for rank, result in enumerate(by_val_acc(results)):
+        run = f"**{result.run_id}** (best)" if rank == 0 and result.val_acc is not None else result.run_id
+        if result.status != "finished":
+            run += f" ({result.status})"
+        cells = ([run] + [setting_text(result.config.get(name)) for name in settings] + [
+            percent(result.test_acc), percent(result.at_best_epoch(TRAIN_ACC)),
+            _number(result.at_best_epoch(TRAIN_LOSS)), percent(result.val_acc),
+            _number(result.at_best_epoch(VAL_LOSS)), setting_text(result.best_epoch), _duration(result.seconds),
+        ])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
