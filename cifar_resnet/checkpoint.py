@@ -2,10 +2,13 @@
 
 - `best.pt`: the weights of the best validation epoch, with the config, epoch, metrics and class names.
 - `last.pt`: the full training state after the last completed epoch, for resuming a preempted run.
+
+Both can be evaluated (`read_weights`): a best.pt's weights, or a last.pt's best weights so far.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ from .files import atomic_torch_save
 
 BEST_CHECKPOINT = "best.pt"
 RESUME_CHECKPOINT = "last.pt"
+KEYS_SHOWN = 3  # of a foreign checkpoint's keys, in its error message
 
 
 def save_best(
@@ -46,3 +50,36 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for a damaged or foreign file
         raise UserError(f"checkpoint: {path} is not a readable checkpoint ({type(error).__name__})") from None
+
+
+@dataclass
+class SavedWeights:
+    """The weights a checkpoint offers for evaluation."""
+
+    config: dict[str, Any]
+    model_state: dict[str, torch.Tensor]
+    epoch: int  # the epoch the weights are from
+    classes: list[str] | None  # None for a last.pt, which does not store them
+
+
+def read_weights(path: str | Path) -> SavedWeights:
+    """The weights to evaluate in a `best.pt`, or the best weights so far in a `last.pt` (what its run would
+    report if it stopped now); any other file is a user error naming it."""
+    saved = load_checkpoint(path)
+    if isinstance(saved, dict) and {"model", "config", "epoch", "classes"} <= saved.keys():
+        return SavedWeights(saved["config"], saved["model"], saved["epoch"], list(saved["classes"]))
+    state = saved.get("state") if isinstance(saved, dict) else None
+    if isinstance(state, dict) and "config" in saved and {"best_model_state", "best_epoch"} <= state.keys():
+        return SavedWeights(saved["config"], state["best_model_state"], state["best_epoch"], None)
+    raise UserError(
+        f"checkpoint: {path} is not a best.pt or last.pt written by cifar-resnet train (it holds {_describe(saved)})"
+    )
+
+
+def _describe(saved: Any) -> str:
+    """What a foreign checkpoint holds, in a few words: enough to recognise, say, a plain state_dict."""
+    if not isinstance(saved, dict):
+        return f"a {type(saved).__name__}"
+    keys = [repr(key) for key in list(saved)[:KEYS_SHOWN]]
+    more = ", ..." if len(saved) > KEYS_SHOWN else ""
+    return f"a dict of {len(saved)} entries: {', '.join(keys)}{more}" if saved else "an empty dict"

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .errors import UserError
+from .errors import StorageError, UserError
 from .process import setup_logging
 
 log = logging.getLogger("cifar_resnet")
@@ -52,11 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "evaluate",
-        help="test a saved best.pt on its test set",
-        description="Test a saved checkpoint. Settings such as --data_dir, --dataset, --device or --tta=true "
-        "override those stored in it.",
+        help="test a saved best.pt (or a run's last.pt: its best weights so far) on its test set",
+        description="Test a saved checkpoint: a best.pt, or a run's last.pt, whose best weights so far are tested "
+        "(a last.pt stores no class names: the data's are used). Settings such as --data_dir, --dataset, --device "
+        "or --tta=true override those stored in it.",
     )
-    evaluate.add_argument("checkpoint", help="path to a best.pt")
+    evaluate.add_argument("checkpoint", help="path to a best.pt or a last.pt")
     evaluate.set_defaults(handler=_evaluate)
 
     bench = commands.add_parser(
@@ -105,3 +106,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as error:
         log.error("%s", error)
         return 2
+    except StorageError as error:  # a full disk, say: the machine's problem, not a setting
+        log.error("%s", error)
+        return 1

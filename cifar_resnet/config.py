@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ from .errors import ConfigError
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine", "onecycle")
 DATASETS = ("cifar10", "imagefolder", "synthetic")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda|cuda:[0-9]+")  # cuda:N, N a GPU index (checked against the GPUs later)
 
 # A recipe is a preset of the training-recipe settings below: it supplies their defaults, and a setting given
 # explicitly still wins. `tuned` was chosen by measurement (BENCHMARKS.md); `writeup` reproduces the write-up's
@@ -75,7 +77,7 @@ class Config:
     # --- run ----------------------------------------------------------------------------------------------------
     seed: int = _setting(0, "seed of the validation split, the initial weights, shuffling and augmentation")
     output_dir: str = _setting("./runs", "folder for the per-run folders (checkpoints and run record)")
-    device: str = _setting("auto", "training device: auto (CUDA when present), cpu, cuda or cuda:N")
+    device: str = _setting("auto", "training device: auto (CUDA when present), cpu, cuda or cuda:N (N a GPU index)")
     bf16: bool = _setting(True, "bf16 autocast on CUDA (ignored on CPU)")
     channels_last: bool = _setting(True, "channels_last memory format on CUDA (ignored on CPU)")
     compile: bool = _setting(False, "torch.compile the model (its compile time counts against the run)")
@@ -113,8 +115,10 @@ class Config:
             raise ConfigError("nesterov: needs momentum > 0; set nesterov=false or a momentum")
         if self.warmup_epochs > self.epochs:
             raise ConfigError(f"warmup_epochs: must be <= epochs ({self.epochs}), got {self.warmup_epochs}")
-        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ConfigError(f"device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        if not DEVICE_PATTERN.fullmatch(self.device):  # checked here: torch.device() would fail with a traceback
+            raise ConfigError(
+                f"device: {self.device!r} is not one of auto, cpu, cuda, cuda:N (N a GPU index: 0, 1, ...)"
+            )
 
     # ------------------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import Config
-from .errors import DataError
+from .errors import DataError, StorageError
 from .files import atomic_torch_save, file_lock
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,8 @@ IMAGE_SIZE_PX = 32
 CROP_PADDING_PX = 4
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # per channel, on the 0..1 scale
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # matched in any case, as torchvision's ImageFolder does
+MIN_CLASSES = 2  # a classifier of one class is 100% right and learns nothing
 CACHE_FOLDER = ".cifar_resnet_cache"
 CIFAR10_FOLDER = "cifar-10-batches-py"  # where torchvision extracts its archive, in data_dir
 CACHE_FORMAT_VERSION = 1
@@ -139,16 +140,75 @@ def load_image_folder(data_dir: Path) -> tuple[ImageSet, ImageSet, list[str]]:
 
 
 def _list_folder(folder: Path) -> tuple[list[tuple[str, int]], list[str]]:
-    from torchvision.datasets.folder import find_classes, make_dataset
+    """The images under `folder/<class>/` (subfolders included) with their labels, and the class names.
 
+    The order is torchvision's `ImageFolder`'s: classes are the sorted folder names, images sorted by folder then
+    name, and an image is a regular file whose name ends in one of IMAGE_EXTENSIONS, in any case.
+
+    Links: a link to a file is followed (deduplicated data sets link their image files); a link to a folder, as a
+    class folder or inside one, is refused with one line. Following those is what made a link back up the tree
+    (`train/cat/loop -> ..`) relabel every image as `cat`, and two such links loop forever (issue 8).
+    `folder` itself and the folders above it may be links.
+    """
     if not folder.is_dir():
         raise DataError(f"data_dir: {folder} is not a folder; expected <data_dir>/train/<class>/*.jpg and test/")
-    try:
-        classes, class_to_index = find_classes(str(folder))
-        samples = make_dataset(str(folder), class_to_index, extensions=IMAGE_EXTENSIONS)
-    except FileNotFoundError as error:
-        raise DataError(f"data_dir: {folder}: {error} (allowed: {', '.join(IMAGE_EXTENSIONS)})") from None
+    classes = sorted(entry.name for entry in _scan(folder) if _is_folder(entry))
+    if not classes:
+        raise DataError(f"data_dir: {folder} has no class folders; expected {folder}/<class>/*.jpg")
+    if len(classes) < MIN_CLASSES:
+        raise DataError(
+            f"data_dir: {folder} has one class folder ({classes[0]}); a classifier needs at least {MIN_CLASSES}"
+        )
+    samples: list[tuple[str, int]] = []
+    empty: list[str] = []
+    for label, name in enumerate(classes):
+        images = _list_images(os.path.join(folder, name))
+        if not images:
+            empty.append(os.path.join(folder, name))
+        samples.extend((path, label) for path in images)
+    if empty:
+        raise DataError(
+            f"data_dir: no images in class folder {', '.join(empty)}; "
+            f"images are files ending in {', '.join(IMAGE_EXTENSIONS)} (any case)"
+        )
     return samples, classes
+
+
+def _scan(folder: str | os.PathLike[str]) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except OSError as error:
+        raise DataError(f"data_dir: cannot list {folder}: {error.strerror}") from None
+
+
+def _is_folder(entry: os.DirEntry[str]) -> bool:
+    """Whether `entry` is a real folder; a link to a folder is a DataError, a link to anything else is not."""
+    if entry.is_symlink() and entry.is_dir():  # is_dir() follows the link
+        raise DataError(
+            f"data_dir: {entry.path} is a link to a folder; links to folders are not followed (a link up the tree "
+            "relabels or loops): replace it with a real folder, or link the image files one by one"
+        )
+    return entry.is_dir(follow_symlinks=False)
+
+
+def _list_images(class_dir: str) -> list[str]:
+    """The image files under `class_dir`, walked without following links to folders, in torchvision's order."""
+    files_by_folder: dict[str, list[str]] = {}
+    pending = [class_dir]
+    while pending:
+        current = pending.pop()
+        files_by_folder[current] = []
+        for entry in _scan(current):
+            if _is_folder(entry):
+                pending.append(entry.path)
+            elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                if entry.is_symlink() and not os.path.exists(entry.path):
+                    raise DataError(f"data_dir: {entry.path} is a broken link (its target does not exist)")
+                if entry.is_file():  # a regular file, or a link to one; never a pipe or a device
+                    files_by_folder[current].append(entry.name)
+    # torchvision sorts os.walk's (folder, files) by folder path, then each folder's files by name.
+    return [os.path.join(path, name) for path in sorted(files_by_folder) for name in sorted(files_by_folder[path])]
 
 
 def _load_folder_split(folder: Path) -> tuple[ImageSet, list[str]]:
@@ -187,7 +247,11 @@ def _load_folder_split(folder: Path) -> tuple[ImageSet, list[str]]:
         # Old caches of this split, and temporary files of writers killed mid-write (only the lock holder writes).
         for stale in [*cache_dir.glob(f"{folder.name}-*.pt"), *cache_dir.glob(f".{folder.name}-*.tmp")]:
             stale.unlink(missing_ok=True)
-        atomic_torch_save(cache_file, {"images": decoded.images, "labels": decoded.labels})
+        try:
+            atomic_torch_save(cache_file, {"images": decoded.images, "labels": decoded.labels})
+        except StorageError as error:  # the cache only saves time: train on, as for a read-only data folder
+            log.warning("%s; training on without a decode cache", error)
+            return decoded, classes
     log.info("decoded %d images in %s; cached in %s", len(decoded), folder, cache_file)
     return decoded, classes
 

@@ -49,6 +49,11 @@ def select_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device: {name!r} asked for, but CUDA is not available here; use device=cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device: {name!r} asked for, but this machine shows {torch.cuda.device_count()} GPU(s): "
+            f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}, cuda or auto"
+        )
     return device
 
 

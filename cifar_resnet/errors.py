@@ -15,3 +15,9 @@ class DataError(UserError):
 
 class TrainingDiverged(Exception):
     """The training loss became NaN or infinite."""
+
+
+class StorageError(Exception):
+    """A file could not be written (the disk is full, the folder is read-only, ...): the machine's problem, not a
+    setting's, so the exit status is 1. The message is one line naming the file and the operating system's reason;
+    the file's previous version, if any, is intact (writes are atomic)."""

@@ -4,15 +4,21 @@ host can share a data folder or an output folder."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import torch
+
+from .errors import StorageError
+
+BYTES_PER_MB = 1e6  # free space is reported in MB
 
 
 @contextlib.contextmanager
@@ -40,16 +46,61 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        write(f)
+    """Write `path` atomically with `write(file)`; any OSError (a full disk, ...) becomes one StorageError line."""
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            write(f)
+    except OSError as error:
+        raise storage_error(Path(path), error) from None
+
+
+def storage_error(path: Path, error: OSError) -> StorageError:
+    """One line naming `path` and why it could not be written; for a full disk, how much space is left."""
+    if error.errno == errno.ENOSPC:
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / BYTES_PER_MB:.1f} MB free there"
+        except OSError:
+            free = "free space unknown"
+        reason = f"no space left on device ({free})"
+    else:
+        reason = error.strerror or str(error)
+    return StorageError(f"could not write {path}: {reason}; its previous version, if any, is intact")
 
 
 def atomic_write_json(path: str | os.PathLike[str], value: Any) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(value, indent=2, sort_keys=False) + "\n").encode()))
 
 
+class _WriteErrorKeeper:
+    """A file for torch.save that keeps the OSError its write() raised: torch reports a failed write as a
+    RuntimeError ("unexpected pos ..."), without the errno that says the disk is full."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def atomic_torch_save(path: str | os.PathLike[str], value: Any) -> None:
-    atomic_write(path, lambda f: torch.save(value, f))
+    def write(f: IO[bytes]) -> None:
+        keeper = _WriteErrorKeeper(f)
+        try:
+            torch.save(value, keeper)
+        except RuntimeError:
+            if keeper.error is not None:
+                raise keeper.error from None
+            raise
+
+    atomic_write(path, write)
 
 
 @contextlib.contextmanager

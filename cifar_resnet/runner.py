@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -17,6 +18,7 @@ from .checkpoint import (
     BEST_CHECKPOINT,
     RESUME_CHECKPOINT,
     load_checkpoint,
+    read_weights,
     save_best,
     save_resume,
 )
@@ -36,7 +38,7 @@ from .engine import (
     memory_format_for,
     select_device,
 )
-from .errors import UserError
+from .errors import StorageError, UserError
 from .files import FolderBusy, folder_lock
 from .model import count_parameters
 from .records import (
@@ -130,11 +132,11 @@ def _run_locked(config: Config, run_id: str, run_dir: Path, hooks: RunHooks) -> 
 
     def on_epoch(result: EpochResult, state: TrainState) -> None:
         # Files first, then subscribers: a run stopped here resumes with every epoch it has reported.
+        record.history = list(state.history)  # first: a checkpoint that cannot be written must not lose the epoch
         if result.is_best:
             save_best(run_dir / BEST_CHECKPOINT, state.best_model_state, config, result.epoch, result.metrics(),
                       data.classes)
         save_resume(resume_path, state.state_dict(), config)
-        record.history = list(state.history)
         record.save(run_dir)
         if hooks.on_epoch is not None:
             hooks.on_epoch(result, state)
@@ -144,7 +146,8 @@ def _run_locked(config: Config, run_id: str, run_dir: Path, hooks: RunHooks) -> 
     except BaseException as error:
         record.status = "preempted" if isinstance(error, Interrupted) else "failed"
         record.error = str(error) or type(error).__name__
-        record.save(run_dir)
+        with contextlib.suppress(StorageError):  # a disk too full for the record too: report the first error
+            record.save(run_dir)
         raise
     record.status = "finished"
     record.summary = {
@@ -163,15 +166,25 @@ def _run_locked(config: Config, run_id: str, run_dir: Path, hooks: RunHooks) -> 
 
 
 def evaluate_checkpoint(path: Path, overrides: dict[str, Any]) -> tuple[Config, EvalResult]:
-    """Test a `best.pt` on its run's test set; `overrides` (data_dir, dataset, device, tta, ...) change settings."""
-    saved = load_checkpoint(path)
-    config = Config.from_mapping(overrides, base=Config.from_mapping(saved["config"]))
+    """Test a `best.pt`, or the best weights so far of a `last.pt`, on its run's test set; `overrides` (data_dir,
+    dataset, device, tta, ...) change settings."""
+    saved = read_weights(path)
+    config = Config.from_mapping(overrides, base=Config.from_mapping(saved.config))
     device = select_device(config.device)
     data = load_splits(config)
-    if data.classes != saved["classes"]:
-        raise UserError(f"checkpoint: {path} was trained on classes {saved['classes']}, the data has {data.classes}")
+    if saved.classes is None:  # a last.pt stores no class names: the data's are taken as the run's
+        log.info("%s: the best weights so far (epoch %d); classes from the data: %s", path, saved.epoch,
+                 ", ".join(data.classes))
+    elif data.classes != saved.classes:
+        raise UserError(f"checkpoint: {path} was trained on classes {saved.classes}, the data has {data.classes}")
     model = build_model(config, len(data.classes), device)
-    model.load_state_dict(saved["model"])
+    try:
+        model.load_state_dict(saved.model_state)
+    except RuntimeError:  # another width, or another number of classes than the data has
+        raise UserError(
+            f"checkpoint: {path}'s weights do not fit a width={config.width} model of {len(data.classes)} classes "
+            f"(the data's); use the width and data it was trained with"
+        ) from None
     memory_format = memory_format_for(config, device)
     loader = DeviceLoader(data.test, config.eval_batch_size, device)
     result = evaluate(model, loader, len(data.classes), autocast_context(config, device), memory_format, config.tta)

@@ -1,8 +1,9 @@
 """The training entry point that `wandb agent` starts: `python -m cifar_resnet.train --name=value ...`.
 
 argv -> Config -> W&B run (the sweep's values win) -> run_training -> summary and artifact -> exit status.
-Exit status: 0 finished; 2 a user mistake (one line names it); 1 diverged or crashed; 128 + signal number when
-stopped by SIGTERM or SIGUSR1, after marking the run preempting so that the sweep requeues it.
+Exit status: 0 finished; 2 a user mistake (one line names it); 1 diverged, a file not written (a full disk; one
+line) or crashed; 128 + signal number when stopped by SIGTERM or SIGUSR1, after marking the run preempting so
+that the sweep requeues it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from .checkpoint import RESUME_CHECKPOINT
 from .config import Config, argument_parser
 from .engine import Interrupted
-from .errors import TrainingDiverged, UserError
+from .errors import StorageError, TrainingDiverged, UserError
 from .process import SIGNAL_EXIT_BASE, setup_logging, stop_on_signals
 from .runner import RunHooks, run_folder, run_training
 
@@ -85,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("%s", error)
             tracker.fail(str(error))
             return EXIT_USAGE
-        except TrainingDiverged as error:
+        except (TrainingDiverged, StorageError) as error:  # not the user's settings: exit 1, in one line
             log.error("%s", error)
             tracker.fail(str(error))
             return EXIT_CRASH

@@ -121,7 +121,7 @@ def test_cached_image_folder_loads_without_decoding(tmp_path, monkeypatch):
     "break_it, message",
     [
         (lambda root: None, "is not a folder"),
-        (lambda root: (root / "train").mkdir(parents=True), "Couldn't find any class folder"),
+        (lambda root: (root / "train").mkdir(parents=True), "has no class folders"),
     ],
 )
 def test_missing_or_empty_folder_is_named(tmp_path, break_it, message):

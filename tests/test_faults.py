@@ -1,0 +1,354 @@
+"""The faults of issue 8, each reproduced with real files (and real processes where the fault is about the
+command line): one line, the right exit status, no traceback, and nothing lost."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, tiny_args
+from torchvision.io import encode_png
+
+from cifar_resnet import files
+from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
+from cifar_resnet.config import Config
+from cifar_resnet.data import CACHE_FOLDER, IMAGE_EXTENSIONS, _list_folder, load_image_folder
+from cifar_resnet.engine import Interrupted, select_device
+from cifar_resnet.errors import ConfigError, DataError, StorageError
+from cifar_resnet.records import RECORD_FILE, RunRecord
+from cifar_resnet.runner import RunHooks, run_training
+
+# A listing that loops on links never ends: the test fails after this, instead of blocking the suite. Minutes, as
+# the other process tests allow, since a busy machine can take that long to start one.
+LISTING_TIMEOUT_S = 300
+
+
+def cli(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """`python -m cifar_resnet ARGS` in a fresh process, this worktree's package first on the path."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), **env)
+    return subprocess.run([sys.executable, "-m", "cifar_resnet", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("ERROR")]
+
+
+def one_error_line(done: subprocess.CompletedProcess, status: int) -> str:
+    """The run's one ERROR line, after checking its exit status and that no traceback was printed."""
+    assert done.returncode == status, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    (line,) = error_lines(done.stderr)
+    return line
+
+
+def png(value: int) -> bytes:
+    return encode_png(torch.full((3, 32, 32), value, dtype=torch.uint8)).numpy().tobytes()
+
+
+def image_folder(root: Path, classes=("cat", "dog"), per_class: int = 3) -> Path:
+    """root/{train,test}/<class>/<i>.png, each image one grey level: 40 x label + i."""
+    for split in ("train", "test"):
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                (folder / f"{i}.png").write_bytes(png(40 * label + i))
+    return root
+
+
+def train_on_folder(root: Path, timeout: float = LISTING_TIMEOUT_S) -> subprocess.CompletedProcess:
+    return cli("train", "--dataset=imagefolder", f"--data_dir={root}", "--val_size=1", "--epochs=1",
+               "--batch_size=2", "--width=8", "--device=cpu", timeout=timeout, WANDB_MODE="disabled")
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every regular file under `root` (links not followed) and its bytes: to prove nothing was lost."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+            and not p.is_symlink()}
+
+
+# --- 1. links in an image folder ------------------------------------------------------------------------------
+
+
+def test_a_link_from_a_class_folder_to_its_parent_is_refused_in_one_line(tmp_path):
+    root = image_folder(tmp_path / "imgs")
+    (root / "train" / "cat" / "loop").symlink_to("..")  # used to relabel every image of the split as "cat"
+    with pytest.raises(DataError) as error:
+        load_image_folder(root)
+    assert str(error.value).startswith(f"data_dir: {root / 'train' / 'cat' / 'loop'} is a link to a folder; ")
+    assert "\n" not in str(error.value)
+
+
+def test_two_loops_fail_in_one_line_instead_of_hanging(tmp_path):
+    root = image_folder(tmp_path / "imgs")
+    (root / "train" / "cat" / "up").symlink_to("..")
+    (root / "train" / "dog" / "up").symlink_to("..")  # two loops: listing used to run forever
+    before = tree(root)
+    line = one_error_line(train_on_folder(root), status=2)  # a hang raises TimeoutExpired: the test fails
+    assert line == (
+        f"ERROR: data_dir: {root / 'train' / 'cat' / 'up'} is a link to a folder; links to folders are not "
+        "followed (a link up the tree relabels or loops): replace it with a real folder, or link the image files "
+        "one by one"
+    )
+    assert tree(root) == before and not (root / CACHE_FOLDER).exists()
+
+
+def test_a_class_folder_that_is_a_link_is_refused(tmp_path):
+    root = image_folder(tmp_path / "imgs")
+    elsewhere = image_folder(tmp_path / "other", classes=("bird",)) / "train" / "bird"
+    (root / "train" / "bird").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(DataError, match=f"^data_dir: {root / 'train' / 'bird'} is a link to a folder; "):
+        load_image_folder(root)
+
+
+def test_links_to_image_files_are_followed(tmp_path):
+    """Deduplicated data sets link image files: relative and absolute links load as the images they point at."""
+    root = image_folder(tmp_path / "imgs")
+    (root / "train" / "dog" / "relative.png").symlink_to("../cat/1.png")
+    (root / "train" / "dog" / "absolute.png").symlink_to(root / "train" / "cat" / "2.png")
+    train, _, classes = load_image_folder(root)
+    assert classes == ["cat", "dog"] and len(train) == 8
+    # dog's files in name order: 0, 1, 2, absolute (cat's 2), relative (cat's 1); all labelled dog.
+    assert train.labels.tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
+    assert [int(v) for v in train.images[:, 0, 0, 0]] == [0, 1, 2, 40, 41, 42, 2, 1]
+
+
+def test_a_broken_link_to_an_image_is_named(tmp_path):
+    root = image_folder(tmp_path / "imgs")
+    (root / "train" / "cat" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(DataError, match=f"^data_dir: {root / 'train' / 'cat' / 'gone.png'} is a broken link"):
+        load_image_folder(root)
+
+
+def test_listing_matches_torchvisions_order_and_extension_rule(tmp_path):
+    """Same classes, files, labels and order as torchvision's walker on a folder without links: the split by seed
+    and the decode cache's key stay what they were."""
+    from torchvision.datasets.folder import find_classes, make_dataset
+
+    root = tmp_path / "train"
+    layout = ["a/1.png", "a/0.JPG", "a/notes.txt", "a/sub/2.jpeg", "a/sub b/3.PNG", "a/.hidden.png",
+              "b/z.Jpeg", "b/deep/er/4.png", "b/README", "c d/5.png", "top-level.png"]
+    for name in layout:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+    classes, class_to_index = find_classes(str(root))
+    expected = make_dataset(str(root), class_to_index, extensions=IMAGE_EXTENSIONS)
+    assert _list_folder(root) == (expected, classes)
+    assert classes == ["a", "b", "c d"] and len(expected) == 8
+
+
+# --- 2. one class -----------------------------------------------------------------------------------------------
+
+
+def test_a_folder_with_one_class_is_refused(tmp_path):
+    root = image_folder(tmp_path / "imgs", classes=("cat",))
+    line = one_error_line(train_on_folder(root), status=2)
+    assert line == (f"ERROR: data_dir: {root / 'train'} has one class folder (cat); "
+                    "a classifier needs at least 2")
+    assert not Path("runs").exists()  # refused before anything was written
+
+
+# --- 3. an empty class folder -----------------------------------------------------------------------------------
+
+
+def test_an_empty_class_folder_is_named_with_the_extensions_once(tmp_path):
+    root = image_folder(tmp_path / "imgs")
+    (root / "train" / "bird").mkdir()
+    (root / "train" / "bird" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError) as error:
+        load_image_folder(root)
+    assert str(error.value) == (
+        f"data_dir: no images in class folder {root / 'train' / 'bird'}; "
+        "images are files ending in .jpg, .jpeg, .png (any case)"
+    )
+
+
+# --- 4. device ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["cudafoo", "cuda:", "cuda:-1", "cuda:x", "CUDA", "cuda:0 ", "gpu", "cpu:0"])
+def test_a_bad_device_is_a_config_error(device):
+    with pytest.raises(ConfigError, match=r"^device: .* is not one of auto, cpu, cuda, cuda:N \(N a GPU index"):
+        Config(device=device)
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
+def test_good_devices_pass_validation(device):
+    assert Config(device=device).device == device
+
+
+def test_device_cudafoo_fails_in_one_line_on_the_command_line():
+    line = one_error_line(cli("train", "--device=cudafoo"), status=2)
+    assert line == "ERROR: device: 'cudafoo' is not one of auto, cpu, cuda, cuda:N (N a GPU index: 0, 1, ...)"
+    assert not Path("runs").exists()
+
+
+def test_a_gpu_index_beyond_the_visible_gpus_is_one_line(monkeypatch):
+    # This machine may have no GPU: pretend it has one, as torch would report it.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert select_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ConfigError, match=r"^device: 'cuda:3' asked for, but this machine shows 1 GPU\(s\): "
+                                          r"use cuda:0 to cuda:0, cuda or auto$"):
+        select_device("cuda:3")
+
+
+# --- 5. evaluate a last.pt, or a foreign file ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def stopped_run(tiny_config) -> Path:
+    """A run stopped after epoch 1 of 2, as a preempted one is: its folder keeps best.pt and last.pt."""
+    with pytest.raises(Interrupted):
+        run_training(tiny_config.replace(train_size=256, val_size=64, test_size=64), "stopped1",
+                     stop_after_first_epoch())
+    run_dir = Path(tiny_config.output_dir) / "stopped1"
+    assert (run_dir / RESUME_CHECKPOINT).exists() and (run_dir / BEST_CHECKPOINT).exists()
+    return run_dir
+
+
+def test_evaluate_accepts_a_last_pt_and_tests_its_best_weights_so_far(stopped_run):
+    from_best = cli("evaluate", str(stopped_run / BEST_CHECKPOINT), "--device=cpu")
+    from_last = cli("evaluate", str(stopped_run / RESUME_CHECKPOINT), "--device=cpu")
+    assert from_best.returncode == 0 and from_last.returncode == 0, from_last.stderr[-3000:]
+    assert "Traceback" not in from_last.stderr
+    assert "the best weights so far (epoch 1)" in from_last.stderr
+    # best.pt holds the same best-so-far weights: the same test result, to the printed digit.
+    assert from_last.stdout.split(":", 1)[1] == from_best.stdout.split(":", 1)[1]
+    assert "test acc" in from_last.stdout
+    # Weights that do not fit the model asked for (a last.pt has no class names to check first): one line.
+    line = one_error_line(cli("evaluate", str(stopped_run / RESUME_CHECKPOINT), "--device=cpu", "--width=16"), 2)
+    assert line.startswith(f"ERROR: checkpoint: {stopped_run / RESUME_CHECKPOINT}'s weights do not fit a width=16 ")
+
+
+@pytest.mark.parametrize(
+    "content, holds",
+    [
+        ({"conv.weight": torch.zeros(2, 2), "conv.bias": torch.zeros(2), "fc.weight": torch.zeros(1),
+          "fc.bias": torch.zeros(1)}, "a dict of 4 entries: 'conv.weight', 'conv.bias', 'fc.weight', ..."),
+        (torch.zeros(3), "a Tensor"),
+        ({"state": {"model": {}}, "config": {}}, "a dict of 2 entries: 'state', 'config'"),
+    ],
+)
+def test_evaluate_names_a_foreign_checkpoint_in_one_line(tmp_path, content, holds):
+    path = tmp_path / "foreign.pt"
+    torch.save(content, path)
+    line = one_error_line(cli("evaluate", str(path), "--device=cpu"), status=2)
+    assert line == (f"ERROR: checkpoint: {path} is not a best.pt or last.pt written by cifar-resnet train "
+                    f"(it holds {holds})")
+
+
+# --- 6. a full disk ---------------------------------------------------------------------------------------------
+
+
+class _FullDiskFile:
+    """A real file whose writes fail with ENOSPC once `room` bytes are written, as a full disk's do."""
+
+    def __init__(self, file, room: int) -> None:
+        self.file, self.room = file, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+
+@pytest.mark.parametrize("save", [
+    lambda path: files.atomic_torch_save(path, {"weights": torch.arange(100_000)}),
+    lambda path: files.atomic_write_json(path, {"history": list(range(100_000))}),
+], ids=["torch", "json"])
+def test_atomic_writer_turns_enospc_into_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch, save):
+    path = tmp_path / "out" / "best.pt"
+    files.atomic_write_json(path, {"epoch": 1})
+    previous = path.read_bytes()
+    real_open = open
+    monkeypatch.setattr(files, "open", lambda *a, **k: _FullDiskFile(real_open(*a, **k), room=4096),
+                        raising=False)
+    with pytest.raises(StorageError) as error:
+        save(path)
+    message = str(error.value)
+    assert message.startswith(f"could not write {path}: no space left on device (") and "\n" not in message
+    assert path.read_bytes() == previous  # the earlier version is intact...
+    assert sorted(p.name for p in path.parent.iterdir()) == ["best.pt"]  # ...and no temporary file is left
+
+
+def test_a_full_disk_while_caching_decoded_images_only_warns(tmp_path, monkeypatch, caplog):
+    root = image_folder(tmp_path / "imgs")
+
+    def no_space(path, value):
+        raise StorageError(f"could not write {path}: no space left on device (0.0 MB free there)")
+
+    monkeypatch.setattr("cifar_resnet.data.atomic_torch_save", no_space)
+    train, _, _ = load_image_folder(root)
+    assert len(train) == 6
+    assert any("training on without a decode cache" in r.getMessage() for r in caplog.records)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real, small file system (tmpfs) mounted for the test, unmounted after it."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16M", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def stop_after_first_epoch() -> RunHooks:
+    """Hooks that stop a run as a signal would, after its first epoch: its best.pt and last.pt stay."""
+    done: list[int] = []
+    return RunHooks(on_epoch=lambda result, state: done.append(result.epoch), should_stop=lambda: bool(done))
+
+
+def test_a_full_disk_while_saving_a_checkpoint_ends_in_one_line_and_keeps_every_epoch(small_disk, tiny_config):
+    small = tiny_config.replace(epochs=2, train_size=128, val_size=32, test_size=32)
+    config = small.replace(output_dir=str(small_disk / "runs"))
+    # This run's checkpoint sizes, measured by the same run stopped after epoch 1 elsewhere (same model, same sizes).
+    with pytest.raises(Interrupted):
+        run_training(small, "measure1", stop_after_first_epoch())
+    measured = Path(tiny_config.output_dir) / "measure1"
+    best_bytes, last_bytes = ((measured / name).stat().st_size for name in (BEST_CHECKPOINT, RESUME_CHECKPOINT))
+    # Leave room for epoch 1's best.pt and last.pt, plus half a best.pt (the run record fits in that): epoch 2
+    # can write neither checkpoint next to the old one.
+    disk = os.statvfs(small_disk)
+    fill = small_disk / "filler"
+    fill.write_bytes(b"\0" * (disk.f_bavail * disk.f_frsize - (best_bytes + last_bytes + best_bytes // 2)))
+    run_dir = small_disk / "runs" / "full0001"
+
+    done = subprocess.run([sys.executable, "-m", "cifar_resnet.train", *tiny_args(config)], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO), WANDB_RUN_ID="full0001"))
+
+    line = one_error_line(done, status=1)
+    assert line.startswith(f"ERROR: could not write {run_dir}/") and "no space left on device" in line, line
+    record = json.loads((run_dir / RECORD_FILE).read_text())
+    assert record["status"] == "failed" and "no space left on device" in record["error"]
+    assert [h["epoch"] for h in record["history"]] == [1, 2]  # epoch 2 finished; only its checkpoint did not
+    # Epoch 1's checkpoints are intact: both load, and last.pt resumes after epoch 1.
+    assert torch.load(run_dir / BEST_CHECKPOINT, weights_only=True)["epoch"] == 1
+    assert torch.load(run_dir / RESUME_CHECKPOINT, weights_only=True)["state"]["epoch"] == 1
+    assert not list(run_dir.glob(".*.tmp"))  # no half-written file is left
+    # With space again, the run resumes after epoch 1 and finishes.
+    fill.unlink()
+    resumed = run_training(config, "full0001")
+    assert resumed.record.status == "finished" and [h["epoch"] for h in resumed.record.history] == [1, 2]
+    assert RunRecord.load(run_dir).status == "finished"
