@@ -494,9 +494,9 @@ class LocalSweep:
 
     # --- one step of the poll loop ---
 
-    def step(self) -> None:
+    def step(self) -> bool:
         """Reap ended runs, then in one transaction: record them, renew leases when due, claim runs for the free
-        workers. Then start the claimed runs."""
+        workers. Then start the claimed runs. Whether it claimed any."""
         outcomes = self.reap()
         renew = time.monotonic() - self.renewed_at >= renew_interval(self.lease_seconds)
         claims: list[tuple[LocalRun, str | None]] = []
@@ -517,6 +517,7 @@ class LocalSweep:
             self.drop(run_id)
         for run, gpu in claims:
             self.start(run, gpu)
+        return bool(claims)
 
     def record_now(self, outcomes: Sequence[Outcome]) -> None:
         with self.folder.transaction() as state:
@@ -629,11 +630,11 @@ class LocalSweep:
     def run(self) -> LocalSweepResult:
         with stop_on_signals(SUPERVISOR_STOP_SIGNALS) as received, self.view:
             while not received:
-                self.step()
+                claimed = self.step()
                 self.early_terminate()
                 self.view.refresh([progress_of(run, self.record_of(run), self.base) for run in self.state.runs],
                                   self.total)
-                if not self.active and not self.others_running():
+                if not claimed and not self.active and not self.others_running():
                     break
                 time.sleep(POLL_SECONDS)
             if received:
