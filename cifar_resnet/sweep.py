@@ -495,36 +495,44 @@ class LocalSweep:
     # --- one step of the poll loop ---
 
     def step(self) -> bool:
-        """Reap ended runs, then in one transaction: record them, renew leases when due, claim runs for the free
-        workers. Then start the claimed runs. Whether it claimed any."""
+        """Reap ended runs; in one transaction record them and renew leases when due; then claim and start runs for
+        the free workers, one transaction each (a run that cannot start is recorded before the next proposal).
+        Whether it claimed any."""
         outcomes = self.reap()
         renew = time.monotonic() - self.renewed_at >= renew_interval(self.lease_seconds)
-        claims: list[tuple[LocalRun, str | None]] = []
-        with self.folder.transaction() as state:
-            now = time.time()
-            ended = self.record_outcomes(state, outcomes, now)
-            lost = self.renew_leases(state, now) if renew else []
-            while self.free_gpus and (run := self.claim(state, now)) is not None:
-                claims.append((run, self.free_gpus.pop(0)))
-            self.state = state
-        if renew:
-            self.renewed_at = time.monotonic()
-        for run in ended:
+        if outcomes or renew:
+            with self.folder.transaction() as state:
+                now = time.time()
+                ended = self.record_outcomes(state, outcomes, now)
+                lost = self.renew_leases(state, now) if renew else []
+                self.state = state
+            if renew:
+                self.renewed_at = time.monotonic()
+            self.report_ended(ended)
+            for run_id in lost:
+                log.warning("run %s: another process took it over (this one's lease ran out); stopping this attempt",
+                            run_id)
+                self.drop(run_id)
+        claimed = False
+        while self.free_gpus:
+            with self.folder.transaction() as state:
+                run = self.claim(state, time.time())
+                self.state = state
+            if run is None:
+                break
+            claimed = True
+            self.start(run, self.free_gpus.pop(0))
+        return claimed
+
+    def report_ended(self, runs: Sequence[LocalRun]) -> None:
+        for run in runs:
             self.view.ended(progress_of(run, self.record_of(run), self.base), self.out_dir / run.run_id / RUN_LOG)
-        for run_id in lost:
-            log.warning("run %s: another process took it over (this one's lease ran out); stopping this attempt",
-                        run_id)
-            self.drop(run_id)
-        for run, gpu in claims:
-            self.start(run, gpu)
-        return bool(claims)
 
     def record_now(self, outcomes: Sequence[Outcome]) -> None:
         with self.folder.transaction() as state:
             ended = self.record_outcomes(state, outcomes, time.time())
             self.state = state
-        for run in ended:
-            self.view.ended(progress_of(run, self.record_of(run), self.base), self.out_dir / run.run_id / RUN_LOG)
+        self.report_ended(ended)
 
     def others_running(self) -> bool:
         return any(run.state == "running" and run.owner != self.owner for run in self.state.runs)
