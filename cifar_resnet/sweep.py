@@ -4,8 +4,9 @@ Online (W&B credentials, no `--offline`): the sweep is created on W&B and one `w
 per worker; W&B's controller proposes the runs. Offline: the proposer of W&B's own controller (the `sweeps` package)
 proposes them here, and each run starts as `wandb agent` would start it (the sweep's `command`, expanded by wandb's
 macro code, in a fresh process), with W&B offline. Finished runs' records go back to the proposer, so `bayes` learns
-and `early_terminate` can stop runs. The sweep's state lives in `OUTPUT_DIR/sweep.json`: the same command run again
-continues the sweep, resumes interrupted runs and skips finished ones.
+and `early_terminate` can stop runs. The sweep's state lives in `OUTPUT_DIR/sweep.json` (see `sweep_state`): the
+same command run again continues the sweep, resumes interrupted runs and skips finished ones, and several such
+processes, on one host or many sharing the folder, join one sweep and run each of its runs once.
 """
 
 from __future__ import annotations
@@ -636,14 +637,20 @@ class LocalSweep:
         log.warning("stopped by signal %d; run the same command again to continue the sweep", signum)
 
     def run(self) -> LocalSweepResult:
+        waiting = False  # idle while other processes' runs are in progress (said once)
         with stop_on_signals(SUPERVISOR_STOP_SIGNALS) as received, self.view:
             while not received:
                 claimed = self.step()
                 self.early_terminate()
                 self.view.refresh([progress_of(run, self.record_of(run), self.base) for run in self.state.runs],
                                   self.total)
-                if not claimed and not self.active and not self.others_running():
-                    break
+                if not claimed and not self.active:
+                    if not self.others_running():
+                        break
+                    if not waiting:
+                        log.info("waiting for the runs of other processes of this sweep (to take over any whose "
+                                 "lease runs out); Ctrl-C to leave them")
+                    waiting = True
                 time.sleep(POLL_SECONDS)
             if received:
                 self.interrupt(received[0])
