@@ -11,9 +11,9 @@ continues the sweep, resumes interrupted runs and skips finished ones.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import subprocess
@@ -21,7 +21,7 @@ import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import IO, Any
@@ -31,8 +31,8 @@ import yaml
 from .config import Config
 from .credentials import DEFAULT_PROJECT, choose_mode
 from .errors import ConfigError, UserError
-from .files import atomic_write_json
 from .process import (
+    SIGNAL_EXIT_BASE,
     SUPERVISOR_STOP_SIGNALS,
     Launch,
     child_environment,
@@ -49,16 +49,28 @@ from .records import (
     read_record,
     result_from_record,
 )
+from .sweep_state import (
+    CLAIMABLE,
+    DONE,
+    LEASE_SECONDS,
+    LocalRun,
+    SweepFolder,
+    SweepState,
+    renew_interval,
+    worker_name,
+)
 from .table import markdown_table
 from .wandb_sweep import DEFAULT_STAGGER_SECONDS
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "sweep.json"
 RUN_LOG = "run.log"  # a run's stdout and stderr, in its run folder
 PARAM_FILE = "sweep-params.yaml"  # what WANDB_SWEEP_PARAM_PATH names
 ARGS_JSON_FILE = "sweep-args.json"  # for a command that uses ${args_json_file}
 DEFAULT_OUTPUT_ROOT = Path("sweeps")
+TRAIN_MODULE = "cifar_resnet.train"  # the training entry point a sweep's command must start
+PACKAGE_MODULE, PACKAGE_COMMAND = "cifar_resnet", "cifar-resnet"  # `-m cifar_resnet train`, `cifar-resnet train`
+OUR_COMMAND = ("${env}", "${interpreter}", "-m", "${program}", "${args}")  # sweep.yaml's
 POLL_SECONDS = 0.5
 STOP_GRACE_SECONDS = 30.0  # a run saves its resume checkpoint on SIGTERM; after this it is killed
 FAILED_LOG_LINES = 15
@@ -69,9 +81,7 @@ GRID_TYPES = ("param_single_value", "param_categorical", "param_int_uniform", "p
 # Distributions whose `min` and `max` are values of the setting itself (not logarithms or moments).
 BOUNDED_IN_VALUE_SPACE = ("param_uniform", "param_int_uniform", "param_quniform", "param_loguniform_v2",
                           "param_inv_loguniform_v2", "param_qloguniform_v2")
-# Local run states: pending (proposed, not started), running, finished, failed, stopped (by early_terminate),
-# preempted (stopped by a signal; the next invocation resumes it under the same run id).
-DONE = ("finished", "stopped")
+NO_RECORD_REASON = "exited 0 without a run record: the sweep's command did not run cifar_resnet.train"
 PROPOSER_STATE = {"pending": "pending", "running": "running", "finished": "finished", "failed": "failed",
                 "stopped": "killed", "preempted": "preempted"}
 
@@ -128,6 +138,33 @@ def load_sweep(path: Path, overrides: Sequence[str]) -> SweepPlan:
     return SweepPlan(path, config, grid_size)
 
 
+def starts_our_training(argv: Sequence[str]) -> bool:
+    """Whether a run command starts this package's training: `... -m cifar_resnet.train`, `... -m cifar_resnet
+    train`, or `cifar-resnet train`."""
+    for index, word in enumerate(argv):
+        after = list(argv[index + 1:index + 3])
+        if word == "-m" and (after[:1] == [TRAIN_MODULE] or after == [PACKAGE_MODULE, "train"]):
+            return True
+        if Path(word).name == PACKAGE_COMMAND and after[:1] == ["train"]:
+            return True
+    return False
+
+
+def warn_unless_our_entry_point(plan: SweepPlan) -> None:
+    """A sweep whose command would not start our training (W&B's default command runs `${program}` as a file
+    path, without `-m`) is allowed, since a wrapper script may start it, but gets one warning line."""
+    import tempfile
+
+    from .wandb_sweep import agent_command
+
+    with tempfile.TemporaryDirectory() as scratch:  # where a ${args_json_file} command writes its file
+        argv = agent_command(plan.config.get("command"), plan.config.get("program"), {}, Path(scratch) / "args.json")
+    if not starts_our_training(argv):
+        log.warning("%s: the agent would run `%s`, which is not this package's training; for it write "
+                    "program: %s and command: [%s] (see README, Sweeps on one machine)", plan.path, " ".join(argv),
+                    TRAIN_MODULE, ", ".join(OUR_COMMAND))
+
+
 def apply_overrides(config: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """`--set name=value`: fix a setting for the whole sweep, typed as its Config field."""
     if not overrides:
@@ -175,38 +212,6 @@ def count_grid(path: Path, config: Mapping[str, Any]) -> int:
 # --- the sweep's state ------------------------------------------------------------------------------------------
 
 
-@dataclass
-class LocalRun:
-    run_id: str
-    params: dict[str, Any]  # the proposer's proposal: setting -> value
-    state: str = "pending"
-    exit_code: int | None = None
-
-
-@dataclass
-class SweepState:
-    sweep_id: str
-    sweep: dict[str, Any]
-    runs: list[LocalRun] = field(default_factory=list)
-
-    def save(self, out_dir: Path) -> None:
-        atomic_write_json(out_dir / STATE_FILE, dataclasses.asdict(self))
-
-    @classmethod
-    def open(cls, out_dir: Path, sweep: dict[str, Any]) -> SweepState:
-        """The sweep in `out_dir`, or a new one; a folder that holds another sweep is an error."""
-        from .wandb_sweep import new_id
-
-        path = out_dir / STATE_FILE
-        if not path.exists():
-            return cls(new_id(), sweep)
-        saved = json.loads(path.read_text())
-        if saved["sweep"] != json.loads(json.dumps(sweep)):
-            raise UserError(f"{out_dir}: holds another sweep (its {STATE_FILE} has other settings); "
-                            "give another --output-dir or remove that folder")
-        return cls(saved["sweep_id"], saved["sweep"], [LocalRun(**run) for run in saved["runs"]])
-
-
 def proposer_run(run: LocalRun, record: RunRecord | None) -> Any:
     """A run as W&B's proposer sees it: config, state, per-epoch history and summary."""
     return sweep_proposer().SweepRun(
@@ -231,7 +236,8 @@ def run_params(run: LocalRun, out_dir: Path) -> dict[str, Any]:
 
 
 def exit_text(run: LocalRun) -> str:
-    return "could not start" if run.exit_code is None else f"exit {run.exit_code}"
+    text = "could not start" if run.exit_code is None else f"exit {run.exit_code}"
+    return f"{text}: {run.reason}" if run.reason else text
 
 
 def log_tail(path: Path, lines: int = FAILED_LOG_LINES) -> str:
@@ -362,60 +368,168 @@ class Worker:
     log_file: IO[bytes]
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """How a run of this process ended, to be recorded in the sweep's state."""
+
+    run_id: str
+    state: str
+    exit_code: int | None
+    reason: str | None = None
+
+
 class LocalSweep:
-    """W&B's proposer on this machine: proposes runs, starts them as the agent would, and feeds back results."""
+    """W&B's proposer on this machine: proposes runs, starts them as the agent would, and feeds back results.
+
+    Any number of these, in processes on this host or others, can work on one sweep folder: each change to the
+    shared state is a transaction (`SweepFolder.transaction`), each running run is leased to its owner, and each
+    process claims runs (a preempted or expired one first, then the proposer's next) for its free workers. A
+    process ends when every run of the sweep has ended, or is leased to a live process: it waits for those, to
+    take over any whose lease runs out.
+    """
 
     def __init__(self, plan: SweepPlan, out_dir: Path, gpus: Sequence[str | None], count: int | None,
-                 project: str | None, view: LogView) -> None:
+                 project: str | None, view: LogView, lease_seconds: float = LEASE_SECONDS) -> None:
+        from .wandb_sweep import new_id
+
         self.plan, self.out_dir, self.count, self.project, self.view = plan, out_dir, count, project, view
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.state = SweepState.open(out_dir, plan.config)
+        self.lease_seconds = lease_seconds
+        self.owner = worker_name()
+        self.folder = SweepFolder(out_dir, plan.config, new_id)
+        self.joined_at = time.time()
+        with self.folder.transaction() as state:  # creates the sweep, or joins it (another sweep's folder: refused)
+            self.state = state  # the latest snapshot, for the view and the final table
         self.base = Config.from_mapping({name: spec["value"] for name, spec in plan.config["parameters"].items()
                                          if "value" in spec})
-        self.queue = [run for run in self.state.runs if run.state not in DONE]  # interrupted and failed: again
-        for run in self.queue:
-            run.state = "pending"
         self.total = min(filter(None, (plan.grid_size, count)), default=None)
         self.free_gpus = list(gpus)
         self.workers = len(gpus)
         self.active: dict[str, Worker] = {}
         self.stopping: set[str] = set()  # runs that early_terminate stopped
-        self.done_records: dict[str, RunRecord | None] = {}  # records of ended runs do not change: read them once
-        self.ended_here: dict[str, int] = {}  # runs ended in this invocation, by state
+        self.done_records: dict[str, RunRecord | None] = {}  # records of done runs do not change: read them once
+        self.renewed_at = -math.inf  # time.monotonic() of the last lease renewal
+        self.proposer_done = False  # the proposer had no more runs (a complete grid): it never has again
         self.gave_up = False  # too many runs failed
 
     def record_of(self, run: LocalRun) -> RunRecord | None:
         if run.run_id in self.done_records:
             return self.done_records[run.run_id]
         record = read_record(self.out_dir / run.run_id)
-        if run.state in (*DONE, "failed"):
+        if run.state in DONE:
             self.done_records[run.run_id] = record
         return record
 
-    def propose(self) -> LocalRun | None:
-        """The next run: an interrupted or failed one first, then the proposer's next proposal."""
-        if self.queue:
-            return self.queue.pop(0)
-        if self.count is not None and len(self.state.runs) >= self.count:
+    # --- transactions on the shared state (called with its lock held) ---
+
+    def claimable(self, run: LocalRun, now: float) -> bool:
+        """Preempted runs; runs whose owner's lease ran out; and failed runs from before this process joined
+        (the same command again retries them, once)."""
+        if run.state in CLAIMABLE:
+            return True
+        if run.state == "failed":
+            return (run.ended_at or 0.0) < self.joined_at
+        return run.owner != self.owner and run.lease_expired(now)
+
+    def claim(self, state: SweepState, now: float) -> LocalRun | None:
+        """The next run for a free worker, leased to this process: one to resume or retry, else a new proposal."""
+        run = next((run for run in state.runs if self.claimable(run, now)), None)
+        if run is not None and run.state == "running":
+            log.warning("run %s: the lease of %s ran out %.0f s ago; taking it over", run.run_id, run.owner,
+                        now - (run.heartbeat_at or now))
+        if run is None:
+            run = self.propose(state)
+            if run is None:
+                return None
+            state.runs.append(run)
+        run.state, run.owner, run.heartbeat_at, run.lease_seconds = "running", self.owner, now, self.lease_seconds
+        run.exit_code = run.ended_at = run.reason = None
+        run.attempts += 1
+        return run
+
+    def propose(self, state: SweepState) -> LocalRun | None:
+        """The proposer's next run, seeing every run of the sweep (all processes'), or None."""
+        if self.proposer_done or (self.count is not None and len(state.runs) >= self.count):
             return None
-        failed, finished = self.ended_here.get("failed", 0), self.ended_here.get("finished", 0)
+        failed, finished = state.count("failed"), state.count("finished")
         if failed >= max(finished, MAX_INITIAL_FAILURES):
             if not self.gave_up:
                 log.error("%d runs failed and %d finished: no new runs (as `wandb agent` does)", failed, finished)
             self.gave_up = True
             return None
-        proposer = sweep_proposer()
-        proposal = proposer.next_run(self.plan.config, [proposer_run(run, self.record_of(run)) for run in self.state.runs])
+        proposal = sweep_proposer().next_run(self.plan.config, [proposer_run(run, self.record_of(run))
+                                                                for run in state.runs])
         if proposal is None:  # the grid is complete
+            self.proposer_done = True
             return None
         from .wandb_sweep import new_id
 
         # Through JSON, as from W&B's server: the proposer's numpy numbers become plain ones.
         params = json.loads(json.dumps({name: spec["value"] for name, spec in proposal.config.items()},
                                        default=lambda number: number.item()))
-        run = LocalRun(new_id(), params)
-        self.state.runs.append(run)
-        return run
+        return LocalRun(new_id(), params)
+
+    def record_outcomes(self, state: SweepState, outcomes: Sequence[Outcome], now: float) -> list[LocalRun]:
+        """Mark this process's ended runs; a run another process has taken over keeps that one's state."""
+        ended = []
+        for outcome in outcomes:
+            run = state.find(outcome.run_id)
+            if run is None or run.owner != self.owner or run.state != "running":
+                log.warning("run %s: taken over by %s meanwhile; this attempt's end (%s) is not recorded",
+                            outcome.run_id, run.owner if run else "nobody", outcome.state)
+                continue
+            run.state, run.exit_code, run.reason, run.ended_at = outcome.state, outcome.exit_code, outcome.reason, now
+            ended.append(run)
+        return ended
+
+    def renew_leases(self, state: SweepState, now: float) -> list[str]:
+        """Renew the leases of this process's runs; the runs it lost (taken over after a stall) are returned."""
+        lost = []
+        for run_id in self.active:
+            run = state.find(run_id)
+            if run is not None and run.owner == self.owner and run.state == "running":
+                run.heartbeat_at = now
+            else:
+                lost.append(run_id)
+        return lost
+
+    # --- one step of the poll loop ---
+
+    def step(self) -> bool:
+        """Reap ended runs, then in one transaction: record them, renew leases when due, claim runs for the free
+        workers. Then start the claimed runs. Whether it claimed any."""
+        outcomes = self.reap()
+        renew = time.monotonic() - self.renewed_at >= renew_interval(self.lease_seconds)
+        claims: list[tuple[LocalRun, str | None]] = []
+        with self.folder.transaction() as state:
+            now = time.time()
+            ended = self.record_outcomes(state, outcomes, now)
+            lost = self.renew_leases(state, now) if renew else []
+            while self.free_gpus and (run := self.claim(state, now)) is not None:
+                claims.append((run, self.free_gpus.pop(0)))
+            self.state = state
+        if renew:
+            self.renewed_at = time.monotonic()
+        for run in ended:
+            self.view.ended(progress_of(run, self.record_of(run), self.base), self.out_dir / run.run_id / RUN_LOG)
+        for run_id in lost:
+            log.warning("run %s: another process took it over (this one's lease ran out); stopping this attempt",
+                        run_id)
+            self.drop(run_id)
+        for run, gpu in claims:
+            self.start(run, gpu)
+        return bool(claims)
+
+    def record_now(self, outcomes: Sequence[Outcome]) -> None:
+        with self.folder.transaction() as state:
+            ended = self.record_outcomes(state, outcomes, time.time())
+            self.state = state
+        for run in ended:
+            self.view.ended(progress_of(run, self.record_of(run), self.base), self.out_dir / run.run_id / RUN_LOG)
+
+    def others_running(self) -> bool:
+        return any(run.state == "running" and run.owner != self.owner for run in self.state.runs)
+
+    # --- the runs' processes ---
 
     def start(self, run: LocalRun, gpu: str | None) -> None:
         from .wandb_sweep import agent_command, write_param_file
@@ -434,11 +548,9 @@ class LocalSweep:
             log_file.write(f"cannot start {' '.join(command)}: {error}\n".encode())
             log_file.close()
             self.free_gpus.append(gpu)
-            self.ended(run, "failed", None)
+            self.record_now([Outcome(run.run_id, "failed", None)])
             return
         self.active[run.run_id] = Worker(process, gpu, log_file)
-        run.state, run.exit_code = "running", None
-        self.state.save(self.out_dir)
         self.view.started(run, gpu)
 
     def environment(self, run: LocalRun, gpu: str | None) -> dict[str, str]:
@@ -465,31 +577,38 @@ class LocalSweep:
             env["CUDA_VISIBLE_DEVICES"] = gpu
         return env
 
-    def ended(self, run: LocalRun, state: str, exit_code: int | None) -> None:
-        run.state, run.exit_code = state, exit_code
-        self.ended_here[state] = self.ended_here.get(state, 0) + 1
-        self.state.save(self.out_dir)
-        self.view.ended(progress_of(run, self.record_of(run), self.base), self.out_dir / run.run_id / RUN_LOG)
+    def release(self, run_id: str) -> Worker:
+        worker = self.active.pop(run_id)
+        worker.log_file.close()
+        self.free_gpus.append(worker.gpu)
+        return worker
 
-    def reap(self) -> None:
-        """Record the runs whose process has ended, and free their GPUs."""
-        for run in [run for run in self.state.runs if run.run_id in self.active]:
-            worker = self.active[run.run_id]
-            if worker.process.poll() is None:
-                continue
-            worker.log_file.close()
-            del self.active[run.run_id]
-            self.free_gpus.append(worker.gpu)
-            exit_code = worker.process.returncode
-            if run.run_id in self.stopping:
-                self.ended(run, "stopped", exit_code)
-            elif exit_code == 0:
-                self.ended(run, "finished", exit_code)
-            elif exit_code > 128:  # stopped by a signal after saving its state (train.py's convention)
-                self.ended(run, "preempted", exit_code)
-                self.queue.append(run)
-            else:
-                self.ended(run, "failed", exit_code)
+    def drop(self, run_id: str) -> None:
+        """Stop a run this process no longer owns, without recording anything."""
+        stop_processes([self.active[run_id].process], STOP_GRACE_SECONDS)
+        self.release(run_id)
+
+    def outcome(self, run_id: str, exit_code: int, stopped_by_signal: bool = False) -> Outcome:
+        """What a run's exit status, and its record, say about how it ended."""
+        if run_id in self.stopping:
+            return Outcome(run_id, "stopped", exit_code)
+        if exit_code == 0:
+            record = read_record(self.out_dir / run_id)
+            if record is None:
+                return Outcome(run_id, "failed", exit_code, NO_RECORD_REASON)
+            if record.status != "finished":
+                return Outcome(run_id, "failed", exit_code, f"exited 0, but its run record says {record.status}")
+            return Outcome(run_id, "finished", exit_code)
+        if exit_code > SIGNAL_EXIT_BASE or stopped_by_signal:  # stopped by a signal after saving its state
+            return Outcome(run_id, "preempted", exit_code)
+        return Outcome(run_id, "failed", exit_code)
+
+    def reap(self) -> list[Outcome]:
+        """The runs whose process has ended (their GPUs freed)."""
+        outcomes = []
+        for run_id in [run_id for run_id, worker in self.active.items() if worker.process.poll() is not None]:
+            outcomes.append(self.outcome(run_id, self.release(run_id).process.returncode))
+        return outcomes
 
     def early_terminate(self) -> None:
         if "early_terminate" not in self.plan.config:
@@ -502,25 +621,20 @@ class LocalSweep:
                 self.active[run_id].process.terminate()
 
     def interrupt(self, signum: int) -> None:
-        """Stop every run in progress (each saves its state); those that did not finish resume next time."""
+        """Stop this process's runs (each saves its state) and release them: they resume in any process."""
         stop_processes([worker.process for worker in self.active.values()], STOP_GRACE_SECONDS)
-        for run in [run for run in self.state.runs if run.run_id in self.active]:
-            worker = self.active.pop(run.run_id)
-            worker.log_file.close()
-            exit_code = worker.process.returncode
-            self.ended(run, "finished" if exit_code == 0 else "preempted", exit_code)
+        self.record_now([self.outcome(run_id, self.release(run_id).process.returncode, stopped_by_signal=True)
+                         for run_id in list(self.active)])
         log.warning("stopped by signal %d; run the same command again to continue the sweep", signum)
 
     def run(self) -> LocalSweepResult:
         with stop_on_signals(SUPERVISOR_STOP_SIGNALS) as received, self.view:
             while not received:
-                self.reap()
+                claimed = self.step()
                 self.early_terminate()
-                while self.free_gpus and not received and (run := self.propose()) is not None:
-                    self.start(run, self.free_gpus.pop(0))
                 self.view.refresh([progress_of(run, self.record_of(run), self.base) for run in self.state.runs],
                                   self.total)
-                if not self.active:
+                if not claimed and not self.active and not self.others_running():
                     break
                 time.sleep(POLL_SECONDS)
             if received:
@@ -566,7 +680,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fix a setting for the whole sweep, e.g. --set epochs=2 (repeatable)")
     parser.add_argument("--output-dir", type=Path, default=None,
                         help=f"the sweep's folder: its state, and one folder per run (default: "
-                        f"{DEFAULT_OUTPUT_ROOT}/<sweep name>); offline only")
+                        f"{DEFAULT_OUTPUT_ROOT}/<sweep name>); offline only. Other sweep processes, on this host or "
+                        "others (shared filesystem), join the sweep by giving the same folder")
+    parser.add_argument("--lease-seconds", type=float, default=LEASE_SECONDS,
+                        help=f"offline: a run of this process that goes this long without a heartbeat (its host "
+                        f"died) may be taken over by another process (default {LEASE_SECONDS:.0f})")
 
 
 def parse_gpus(gpus: str | None, workers: int | None) -> list[str | None]:
@@ -587,8 +705,11 @@ def sweep_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
     reject_unknown_arguments("sweep", rest)
     if args.count is not None and args.count < 1:
         raise UserError(f"--count: must be >= 1, got {args.count}")
+    if not args.lease_seconds > 0:
+        raise UserError(f"--lease-seconds: must be > 0, got {args.lease_seconds}")
     gpus = parse_gpus(args.gpus, args.workers)
     plan = load_sweep(args.sweep_file, args.overrides)
+    warn_unless_our_entry_point(plan)
     project = args.project or plan.config.get("project") or os.environ.get("WANDB_PROJECT")
     if not args.offline and choose_mode() == "online":
         return run_online_sweep(plan, gpus, args.count, project or DEFAULT_PROJECT)
@@ -596,7 +717,7 @@ def sweep_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
     out_dir = args.output_dir or DEFAULT_OUTPUT_ROOT / folder_name
     shown = [name for name, spec in plan.config["parameters"].items() if "value" not in spec]
     view = LiveView(shown) if sys.stderr.isatty() else LogView(shown)
-    result = LocalSweep(plan, out_dir, gpus, args.count, project, view).run()
+    result = LocalSweep(plan, out_dir, gpus, args.count, project, view, args.lease_seconds).run()
     print_results(result)
     return result.exit_code
 
