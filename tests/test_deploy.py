@@ -213,6 +213,8 @@ def test_the_skypilot_task_parses_with_skypilot_and_recovers_spot_jobs():
     assert all(sum(option.accelerators.values()) == 1 for option in options)  # one GPU, one agent
     (image,) = {image for option in options for image in option.image_id.values()}
     assert image.startswith("docker:") and image.endswith("/cifar-resnet-agent:0.1")
+    # SkyPilot installs its runtime in the container as the container's user: root, not the image's 10001.
+    assert all(option.cluster_config_overrides["docker"]["run_options"] == ["--user=0"] for option in options)
     # The key is a secret (kept out of logs and the job's record), not an env.
     assert "WANDB_API_KEY" in task.secrets and "WANDB_API_KEY" not in task.envs
     # The caches on a mounted bucket, with torch.compile's cache in it.
