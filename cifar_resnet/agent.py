@@ -30,8 +30,8 @@ from .wandb_sweep import DEFAULT_STAGGER_SECONDS, agent_argv
 
 SWEEP_ID_VARIABLE = "SWEEP_ID"  # the sweep id when none is given on the command line (the Docker image's way)
 # What `wandb agent` writes once it has joined the sweep (its run loop's first log line, or its first run), and what
-# it writes when the sweep does not exist (at the start: "ValueError: Sweep E/P/ID not found"; later, once the
-# sweep is deleted: "Sweep was deleted or agent was not found").
+# it writes, before that, when the sweep does not exist ("ValueError: Sweep E/P/ID not found" when it looks the sweep
+# up; "Sweep was deleted or agent was not found" when the server refuses its heartbeat).
 JOINED = re.compile(r"Running runs:|Agent Starting Run")
 SWEEP_NOT_FOUND = re.compile(r"Sweep \S+ not found|Sweep was deleted or agent was not found")
 HELD_LINES_LIMIT = 200  # start-up lines held back at most; past them, an agent's output is passed on as it comes
@@ -56,10 +56,11 @@ def plan_agents(argv: Sequence[str], gpus: Sequence[str], agents_per_gpu: int) -
 
 
 class AgentOutputs:
-    """Starts the agents with their stderr through this process, which passes it on line by line.
+    """Starts the agents with their output (stdout and stderr, their runs' included) through this process, which
+    passes it on to its stderr line by line.
 
     An agent's start-up lines are held back until it has joined the sweep: when the sweep does not exist, the user
-    gets one line of ours instead of W&B's traceback. (Runs write to the same stderr; they start after the join.)
+    gets one line of ours instead of W&B's traceback. (Its runs start after the join.)
     """
 
     def __init__(self) -> None:

@@ -142,6 +142,7 @@ def test_sigint_during_the_stagger_starts_no_more_agents(stand_in, monkeypatch):
         (["ent/proj/abc"], {}, "WANDB_API_KEY: not set"),
         ([], {"WANDB_API_KEY": API_KEY}, "SWEEP_ID: no sweep given"),
         (["ent/proj/abc", "--agents-per-gpu=0"], {"WANDB_API_KEY": API_KEY}, "--agents-per-gpu: must be >= 1"),
+        (["ent/proj/abc", "--count=0"], {"WANDB_API_KEY": API_KEY}, "--count: must be >= 1"),
     ],
 )
 def test_refuses_in_one_line(args, env, message, monkeypatch, capsys):

@@ -3,8 +3,9 @@ own validators.
 
 The Slurm script runs here for real under bash, with stand-ins for the two things that need a cluster (the
 command it starts, and `scontrol`); tests/test_deploy_slurm.py runs it on a real Slurm. The Kubernetes manifest is
-validated against the Kubernetes API's schemas (kubernetes-validate) and the SkyPilot task by SkyPilot's own
-parser (`sky.Task`); both come with the `deploy` extra, and their tests are skipped, with the reason, without it.
+validated against the Kubernetes API's schemas (kubernetes-validate, the `deploy` extra) and the SkyPilot task by
+SkyPilot's own parser (`sky.Task`, in a Python of its own: see SKYPILOT_PYTHON); each test is skipped, with the
+reason, where its validator is absent.
 No cluster, cloud or W&B server is reached.
 """
 
@@ -149,7 +150,7 @@ def image_user() -> int:
 
 def test_the_kubernetes_manifest_is_valid_against_the_kubernetes_schemas():
     validator = pytest.importorskip("kubernetes_validate", reason="the deploy extra (kubernetes-validate) is not "
-                                    "installed: pip install -e '.[deploy]'")
+                                    "installed: pip install -e '.[test,deploy]'")
     from kubernetes_validate.utils import latest_version
 
     version = latest_version()
@@ -196,29 +197,71 @@ def test_the_kubernetes_job_runs_gpu_agents_as_the_images_user_and_survives_pree
 
 # --- SkyPilot ----------------------------------------------------------------------------------------------------
 
+# SkyPilot cannot share an environment with wandb (it needs click < 8.2, wandb >= 8.2): its parser runs in a Python
+# of its own, SKYPILOT_PYTHON (a venv with `pip install skypilot`), or in this one where `sky` imports.
+SKYPILOT_PYTHON_VARIABLE = "SKYPILOT_PYTHON"
+PARSE_SKYPILOT_TASK = """
+import json, sys, yaml
+import sky
+path, overrides = sys.argv[1], json.loads(sys.argv[2])
+config = yaml.safe_load(open(path))
+try:
+    task = sky.Task.from_yaml_config(dict(config), env_overrides=list(overrides["envs"].items()),
+                                     secrets_overrides=list(overrides["secrets"].items()))
+except Exception as error:  # the parser's refusal, reported to the test
+    print(json.dumps({"error": f"{type(error).__name__}: {error}"}))
+    sys.exit(0)
+print(json.dumps({
+    "resources": [{"use_spot": option.use_spot, "job_recovery": option.job_recovery,
+                   "accelerators": option.accelerators, "image_ids": list(option.image_id.values()),
+                   "config_overrides": option.cluster_config_overrides} for option in task.resources],
+    "envs": dict(task.envs), "secrets": sorted(task.secrets),
+    "mounts": {path: storage.mode.name for path, storage in task.storage_mounts.items()},
+    "run": task.run,
+}))
+"""
+
+
+def skypilot_python() -> list[str]:
+    if configured := os.environ.get(SKYPILOT_PYTHON_VARIABLE):
+        return [configured]
+    try:
+        import sky  # noqa: F401
+    except ImportError:
+        pytest.skip(f"SkyPilot is not installed: it cannot share an environment with wandb, so install it in a venv "
+                    f"of its own (python3 -m venv V && V/bin/pip install skypilot) and set "
+                    f"{SKYPILOT_PYTHON_VARIABLE}=V/bin/python")
+    return [sys.executable]
+
+
+def parse_skypilot_task(envs: dict[str, str], secrets: dict[str, str]) -> dict:
+    """SkyPilot's own parse of the task, with `--env` and `--secret` values as `sky jobs launch` passes them."""
+    done = subprocess.run([*skypilot_python(), "-c", PARSE_SKYPILOT_TASK, str(SKYPILOT_TASK),
+                           json.dumps({"envs": envs, "secrets": secrets})],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
 
 def test_the_skypilot_task_parses_with_skypilot_and_recovers_spot_jobs():
-    sky = pytest.importorskip("sky", reason="the deploy extra (skypilot) is not installed: pip install -e "
-                              "'.[deploy]'")
-    config = yaml.safe_load(SKYPILOT_TASK.read_text())
     # SWEEP_ID must be given: SkyPilot refuses the task without it.
-    with pytest.raises(ValueError, match="SWEEP_ID"):
-        sky.Task.from_yaml_config(copy.deepcopy(config), secrets_overrides=[("WANDB_API_KEY", "k")])
-    task = sky.Task.from_yaml_config(copy.deepcopy(config), env_overrides=[("SWEEP_ID", "ent/proj/abc123")],
-                                     secrets_overrides=[("WANDB_API_KEY", "k")])
-    options = list(task.resources)  # one per accepted GPU type
-    assert options and all(option.use_spot for option in options)
-    assert all(option.job_recovery["strategy"] and option.job_recovery["max_restarts_on_errors"] >= 1
+    refused = parse_skypilot_task({}, {"WANDB_API_KEY": "k"})
+    assert "SWEEP_ID" in refused["error"]
+    task = parse_skypilot_task({"SWEEP_ID": "ent/proj/abc123"}, {"WANDB_API_KEY": "k"})
+    assert "error" not in task, task
+    options = task["resources"]  # one per accepted GPU type
+    assert options and all(option["use_spot"] for option in options)
+    assert all(option["job_recovery"]["strategy"] and option["job_recovery"]["max_restarts_on_errors"] >= 1
                for option in options)
-    assert all(sum(option.accelerators.values()) == 1 for option in options)  # one GPU, one agent
-    (image,) = {image for option in options for image in option.image_id.values()}
+    assert all(sum(option["accelerators"].values()) == 1 for option in options)  # one GPU, one agent
+    (image,) = {image for option in options for image in option["image_ids"]}
     assert image.startswith("docker:") and image.endswith("/cifar-resnet-agent:0.1")
     # SkyPilot installs its runtime in the container as the container's user: root, not the image's 10001.
-    assert all(option.cluster_config_overrides["docker"]["run_options"] == ["--user=0"] for option in options)
+    assert all(option["config_overrides"]["docker"]["run_options"] == ["--user=0"] for option in options)
     # The key is a secret (kept out of logs and the job's record), not an env.
-    assert "WANDB_API_KEY" in task.secrets and "WANDB_API_KEY" not in task.envs
-    # The caches on a mounted bucket, with torch.compile's cache in it.
-    (mount_path, storage), = task.storage_mounts.items()
-    assert storage.mode.name in ("MOUNT", "MOUNT_CACHED")
-    assert task.envs["TORCHINDUCTOR_CACHE_DIR"].startswith(mount_path)
-    assert "cifar-resnet agent \"$SWEEP_ID\"" in task.run
+    assert task["secrets"] == ["WANDB_API_KEY"] and "WANDB_API_KEY" not in task["envs"]
+    # The caches on a mounted bucket, torch.compile's among them.
+    ((mount_path, mode),) = task["mounts"].items()
+    assert mode in ("MOUNT", "MOUNT_CACHED")
+    assert task["envs"]["TORCHINDUCTOR_CACHE_DIR"].startswith(mount_path)
+    assert 'cifar-resnet agent "$SWEEP_ID"' in task["run"]
