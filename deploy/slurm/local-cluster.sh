@@ -44,7 +44,8 @@ start() {
     memory=$(slurmd -C | sed -n 's/.* RealMemory=\([0-9]*\).*/\1/p')
     cat >"$dir/slurm.conf" <<CONF
 ClusterName=localcluster
-SlurmctldHost=$node
+# Everything on this machine, at 127.0.0.1: no name lookup needed (containers often cannot resolve their name).
+SlurmctldHost=$node(127.0.0.1)
 SlurmctldPort=$(free_port)
 SlurmdPort=$(free_port)
 SlurmUser=root
@@ -68,7 +69,7 @@ JobRequeue=1
 KillWait=30
 MinJobAge=600
 SchedulerType=sched/backfill
-NodeName=$node CPUs=$cpus RealMemory=$memory State=UNKNOWN
+NodeName=$node NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$memory State=UNKNOWN
 PartitionName=debug Nodes=$node Default=YES MaxTime=INFINITE State=UP
 CONF
     export SLURM_CONF=$dir/slurm.conf
