@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -28,7 +28,12 @@ PACKAGE_LOGGER = "cifar_resnet"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 SIGNAL_EXIT_BASE = 128  # a process stopped by signal N exits with 128 + N, as shells report it
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder that holds `cifar_resnet/`
-SUPERVISOR_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # stop a tool that supervises children; passed on to them
+# Stop a tool that supervises children; passed on to them. SIGUSR1 is a batch scheduler's warning (Slurm's
+# `--signal=B:USR1@N`, ahead of a time limit).
+SUPERVISOR_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# What a supervisor passes on instead: W&B's agent forwards SIGUSR1 to its run but then takes the next run, while
+# SIGTERM stops both the run (which saves its state) and the agent.
+FORWARDED_AS = {signal.SIGUSR1: signal.SIGTERM}
 POLL_SECONDS = 0.2  # how often a supervisor forwards signals and checks its children
 
 
@@ -119,11 +124,25 @@ class Launch:
 
 
 def run_staggered(launches: Sequence[Launch], stagger_seconds: float, what: str) -> int:
-    """Start each launch `stagger_seconds` after the last, forward SIGTERM and SIGINT to those running, and wait for
-    all. Returns 0 when all succeeded, else the exit status of the first that failed (128 + N for signal N).
+    """Start each launch `stagger_seconds` after the last, forward SIGTERM, SIGINT and SIGUSR1 (as SIGTERM) to those
+    running, and wait for all. Returns 0 when all succeeded, else the exit status of the first that failed (128 + N
+    for signal N). `what` names the children in log lines ("agent")."""
+    return first_failure(run_staggered_statuses(launches, stagger_seconds, what), what)
 
-    `what` names the children in log lines ("agent").
-    """
+
+def first_failure(statuses: Sequence[int], what: str) -> int:
+    """0 when every child succeeded, else the first failure's exit status; each failure is logged."""
+    for number, status in enumerate(statuses, start=1):
+        if status:
+            log.error("%s %d exited with status %d", what, number, status)
+    return next((status for status in statuses if status), 0)
+
+
+def run_staggered_statuses(
+    launches: Sequence[Launch], stagger_seconds: float, what: str,
+    start: Callable[[Sequence[str], Mapping[str, str]], subprocess.Popen] = start_process,
+) -> list[int]:
+    """`run_staggered`'s work: every child's exit status, in order. `start(argv, env)` starts one."""
     children: list[subprocess.Popen] = []
     forwarded = 0
     # The handlers only record signals; they are forwarded here, between steps, so that none is lost or sent twice
@@ -139,7 +158,7 @@ def run_staggered(launches: Sequence[Launch], stagger_seconds: float, what: str)
                     log.info("forwarding signal %d to %d %ss", signum, len(children), what)
                     for child in children:
                         if child.poll() is None:
-                            child.send_signal(signum)
+                            child.send_signal(FORWARDED_AS.get(signum, signum))
                 forwarded = len(received)
                 left = deadline - time.monotonic()
                 if left <= 0 or len(received) > signals_before:
@@ -152,17 +171,13 @@ def run_staggered(launches: Sequence[Launch], stagger_seconds: float, what: str)
             if received:  # asked to stop before every child started: start no more
                 break
             pinned = {} if launch.gpu is None else {"CUDA_VISIBLE_DEVICES": launch.gpu}
-            children.append(start_process(launch.argv, env={**os.environ, **pinned}))
+            children.append(start(launch.argv, {**os.environ, **pinned}))
             log.info("%s %d of %d started (pid %d) on %s", what, index + 1, len(launches), children[-1].pid,
                      f"GPU {launch.gpu}" if launch.gpu is not None else "no GPU")
         while any(child.poll() is None for child in children):
             pause(POLL_SECONDS)
 
-    statuses = [exit_status(child) for child in children]
-    for number, status in enumerate(statuses, start=1):
-        if status:
-            log.error("%s %d exited with status %d", what, number, status)
-    return next((status for status in statuses if status), 0)
+    return [exit_status(child) for child in children]
 
 
 def run_logged(argv: Sequence[str], env: Mapping[str, str], log_path: Path) -> int:

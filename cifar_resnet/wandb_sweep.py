@@ -39,9 +39,13 @@ def new_id() -> str:
     return generate_id()
 
 
-def agent_argv(sweep_id: str, project: str | None = None, entity: str | None = None) -> list[str]:
-    """W&B's own agent for `sweep_id`, forwarding SIGTERM and SIGINT to its run (the run then saves and resumes)."""
+def agent_argv(sweep_id: str, project: str | None = None, entity: str | None = None,
+               count: int | None = None) -> list[str]:
+    """W&B's own agent for `sweep_id`, forwarding SIGTERM and SIGINT to its run (the run then saves and resumes);
+    with `count`, it exits after that many runs."""
     argv = ["wandb", "agent", "--forward-signals"]
+    if count is not None:
+        argv += ["--count", str(count)]
     if project:
         argv += ["--project", project]
     if entity:

@@ -26,6 +26,7 @@ POLL_SECONDS = 0.05
 
 STAND_IN = """#!{python}
 # Stand-in for the `wandb` command: records how it was started; with STAND_IN_WAIT set, runs until a signal.
+# With STAND_IN_MISSING set, it ends as `wandb agent` does for a sweep that does not exist.
 import json, os, signal, sys, time
 record = {{"argv": sys.argv[1:], "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"),
           "api_key": os.environ.get("WANDB_API_KEY"), "signals": [], "exited": False}}
@@ -36,9 +37,16 @@ def save():
         json.dump(record, f)
     os.replace(path + ".part", path)
 
-for sig in (signal.SIGTERM, signal.SIGINT):
+for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
     signal.signal(sig, lambda signum, frame: record["signals"].append(signum))
 save()
+sys.stderr.write("wandb: Starting wandb agent\\n")
+if os.environ.get("STAND_IN_MISSING"):
+    sys.stderr.write("Traceback (most recent call last):\\n  File wandb_agent.py, in run\\n"
+                     f"ValueError: Sweep {{sys.argv[-1]}} not found\\n")
+    sys.exit(1)
+sys.stderr.write(os.environ.get("STAND_IN_OUTPUT", "2026-11-27 - wandb.wandb_agent - INFO - Running runs: []\\n"))
+sys.stderr.flush()
 while os.environ.get("STAND_IN_WAIT") and not record["signals"]:
     time.sleep(0.02)
 time.sleep(float(os.environ.get("STAND_IN_LINGER", "0")))  # shutting down takes a while
@@ -134,6 +142,7 @@ def test_sigint_during_the_stagger_starts_no_more_agents(stand_in, monkeypatch):
         (["ent/proj/abc"], {}, "WANDB_API_KEY: not set"),
         ([], {"WANDB_API_KEY": API_KEY}, "SWEEP_ID: no sweep given"),
         (["ent/proj/abc", "--agents-per-gpu=0"], {"WANDB_API_KEY": API_KEY}, "--agents-per-gpu: must be >= 1"),
+        (["ent/proj/abc", "--count=0"], {"WANDB_API_KEY": API_KEY}, "--count: must be >= 1"),
     ],
 )
 def test_refuses_in_one_line(args, env, message, monkeypatch, capsys):
@@ -151,3 +160,65 @@ def test_the_real_wandb_agent_takes_the_arguments_given_to_the_stand_in():
     assert done.returncode == 0
     for option in ("--forward-signals", "--project", "--entity"):
         assert option in done.stdout
+
+
+def test_count_is_passed_on_and_agents_that_end_for_want_of_work_end_the_pool_with_0(stand_in, monkeypatch):
+    # The stand-in exits 0, as `wandb agent` does after `--count` runs or on the controller's "exit" command (the
+    # sweep is finished); the pool then exits 0 too, so that a batch job ends and gives its GPU back.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert cli_main(["agent", "ent/proj/abc123", "--count=2", "--stagger=0"]) == 0
+    started = records(stand_in)
+    assert len(started) == 2
+    assert all(r["argv"] == ["agent", "--forward-signals", "--count", "2", "ent/proj/abc123"] and r["exited"]
+               for r in started)
+
+
+def test_sigusr1_the_schedulers_warning_reaches_every_agent_as_sigterm(stand_in, monkeypatch):
+    # W&B's agent forwards SIGUSR1 to its run but would then take the next one; SIGTERM stops run and agent both.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setenv("STAND_IN_WAIT", "1")
+    pool = agent_process("ent/proj/abc123")
+    wait_for(lambda: len(records(stand_in)) == 2, "both agents")
+    pool.send_signal(signal.SIGUSR1)
+    _, stderr = pool.communicate(timeout=WAIT_SECONDS)
+    assert pool.returncode == 0, stderr
+    assert [(r["signals"], r["exited"]) for r in records(stand_in)] == [([signal.SIGTERM], True)] * 2
+
+
+def test_a_sweep_that_does_not_exist_is_one_line_and_exit_2(stand_in, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setenv("STAND_IN_MISSING", "1")
+    pool = agent_process("ent/proj/nosuch")
+    _, stderr = pool.communicate(timeout=WAIT_SECONDS)
+    assert pool.returncode == 2, stderr
+    errors = [line for line in stderr.splitlines() if not line.startswith("INFO: ")]
+    assert errors == ["ERROR: SWEEP_ID: W&B has no sweep ent/proj/nosuch (Sweep ent/proj/nosuch not found); check "
+                      "the id that `wandb sweep` printed, and --project/--entity"]
+
+
+def test_agents_output_is_passed_on_and_a_failure_at_start_is_shown_not_hidden(stand_in, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setenv("STAND_IN_OUTPUT", "wandb: ERROR some other failure\n")
+    monkeypatch.setenv("STAND_IN_STATUS", json.dumps({"0": 1}))
+    pool = agent_process("ent/proj/abc123")
+    _, stderr = pool.communicate(timeout=WAIT_SECONDS)
+    assert pool.returncode == 1, stderr
+    assert "wandb: ERROR some other failure" in stderr and "agent 1 exited with status 1" in stderr
+
+
+def test_the_real_wandb_agent_writes_what_the_pool_looks_for():
+    """The lines the pool reads are wandb's own: checked against the installed wandb, so that a wandb that words
+    them differently fails here rather than in a user's batch job."""
+    import inspect
+
+    import wandb.wandb_agent
+    from wandb.apis.public import sweeps
+
+    from cifar_resnet.agent import JOINED, SWEEP_NOT_FOUND
+
+    agent_source, sweeps_source = inspect.getsource(wandb.wandb_agent), inspect.getsource(sweeps)
+    assert JOINED.search('logger.info("Running runs: %s"') and '"Running runs: %s"' in agent_source
+    assert "Agent Starting Run" in agent_source
+    assert 'raise ValueError(f"Sweep {entity}/{project}/{sweep} not found")' in sweeps_source
+    assert SWEEP_NOT_FOUND.search("Sweep ent/proj/x not found")
+    assert "Sweep was deleted or agent was not found" in agent_source
