@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
 from .records import (
+    DATA_NAMES,
     EPOCH,
     SELECTION_METRIC,
     TEST_ACC,
@@ -97,6 +98,8 @@ def fetch_sweep_results(path: str) -> list[RunResult]:
     """The runs of the W&B sweep `entity/project/sweep_id`, as report rows."""
     import wandb
 
+    from .tracking import RUN_INFO_KEY
+
     try:
         sweep = wandb.Api().sweep(path)
     except (wandb.errors.CommError, ValueError) as error:
@@ -106,6 +109,7 @@ def fetch_sweep_results(path: str) -> list[RunResult]:
             run_id=run.id, status=run.state, config=dict(run.config),
             history=list(run.scan_history(keys=list(HISTORY_KEYS))),
             summary=dict(run.summary), seconds=run.summary.get(RUNTIME_KEY),
+            data={name: value for name, value in (run.config.get(RUN_INFO_KEY) or {}).items() if name in DATA_NAMES},
         )
         for run in sweep.runs
     ]

@@ -184,7 +184,7 @@ def test_evaluate_command_tests_a_saved_checkpoint(tiny_config, capsys):
     outcome = run_training(tiny_config, "eval0001")
     assert cli_main(["evaluate", str(outcome.run_dir / BEST_CHECKPOINT), "--device=cpu"]) == 0
     printed = capsys.readouterr().out
-    assert f"test acc {outcome.fit.test.acc:.4f}" in printed
+    assert f"test acc {100 * outcome.fit.test.acc:.2f}%" in printed  # in %, as the report shows it
     assert cli_main(["evaluate", "missing.pt"]) == 2
     assert "checkpoint: missing.pt does not exist" in capsys.readouterr().err
 
@@ -194,6 +194,12 @@ def test_help_lists_every_setting():
     assert done.returncode == 0
     for name in Config().to_dict():
         assert f"--{name}" in done.stdout
+    assert done.stdout.startswith("usage: cifar-resnet train ")  # the command typed, not the module
+
+
+def test_help_of_the_module_names_the_module():
+    done = subprocess.run([sys.executable, "-m", "cifar_resnet.train", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("usage: python -m cifar_resnet.train ")
 
 
 def test_a_second_process_on_the_same_run_id_is_refused_in_one_line(tiny_config):
