@@ -42,7 +42,7 @@ SYNTHETIC_DATA_SEED = 1234  # the synthetic data set is the same for every run, 
 SYNTHETIC_PROTOTYPE_PX = 4  # class prototypes are 4x4 colour layouts, upsampled to 32x32
 # How far the class prototypes stand apart, on the 0..1 scale: each is a shared grey layout plus this much of its own
 # random layout. With the noise below, the trial's cells (width 16, 2 epochs) land apart and below 100%.
-SYNTHETIC_CLASS_CONTRAST = 0.3
+SYNTHETIC_CLASS_CONTRAST = 0.2
 SYNTHETIC_NOISE_STD = 0.3  # per-pixel Gaussian noise on the 0..1 scale
 
 
