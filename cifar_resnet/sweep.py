@@ -300,6 +300,8 @@ def progress_of(run: LocalRun, record: RunRecord | None, base: Config, run_dir: 
 
 def progress_text(item: RunProgress) -> str:
     """`1/10 epochs (42% of epoch 2), 1,234 img/s, 1m 05s, about 9m 10s left`: a running run, for a log line."""
+    if item.seconds is None:
+        return "starting (loading data and W&B)"
     steps = f" ({100 * item.epoch_fraction:.0f}% of epoch {item.epoch + 1})" if item.epoch_fraction else ""
     speed = f", {item.images_per_second:,.0f} img/s" if item.images_per_second else ""
     left = f", about {duration_text(item.seconds_left)} left" if item.seconds_left is not None else ""
