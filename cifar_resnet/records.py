@@ -47,6 +47,7 @@ VAL_IMAGES = "val_images"
 TEST_IMAGES = "test_images"
 CLASS_COUNT = "class_count"
 DATA_NAMES = (DATA_SOURCE, TRAIN_IMAGES, VAL_IMAGES, TEST_IMAGES, CLASS_COUNT)  # W&B keeps them in run_info
+RUN_INFO_KEY = "run_info"  # derived facts (parameter count, device, data, versions) in a W&B run's config
 
 # --- a run's progress inside an epoch: `progress.json` in its run folder, rewritten a few times a second ----------
 PROGRESS_FILE = "progress.json"

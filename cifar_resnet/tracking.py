@@ -32,6 +32,7 @@ from .records import (
     EPOCH_SECONDS,
     LR,
     PARAM_COUNT,
+    RUN_INFO_KEY,
     SELECTION_METRIC,
     TEST_ACC,
     TEST_ACC_PER_CLASS,
@@ -43,7 +44,6 @@ if TYPE_CHECKING:  # what finish_run reads; the runner itself needs no W&B
 
 log = logging.getLogger(__name__)
 
-RUN_INFO_KEY = "run_info"  # derived facts (parameter count, device, versions) in the run's config
 RESUME_ARTIFACT_TYPE = "resume-checkpoint"  # artifact `resume-<run id>`: last.pt of a preempted run
 DATA_DIR_VARIABLE = "WANDB_DATA_DIR"  # W&B's data folder; artifact files are staged in its artifacts/staging/
 

@@ -15,6 +15,7 @@ from .errors import UserError
 from .records import (
     DATA_NAMES,
     EPOCH,
+    RUN_INFO_KEY,
     SELECTION_METRIC,
     TEST_ACC,
     TRAIN_ACC,
@@ -97,8 +98,6 @@ def create_sweep(sweep_config: Mapping[str, Any], project: str) -> str:
 def fetch_sweep_results(path: str) -> list[RunResult]:
     """The runs of the W&B sweep `entity/project/sweep_id`, as report rows."""
     import wandb
-
-    from .tracking import RUN_INFO_KEY
 
     try:
         sweep = wandb.Api().sweep(path)

@@ -102,9 +102,10 @@ def test_a_run_records_its_data_and_the_table_and_plots_name_it(tiny_config, tmp
 
 
 def test_the_synthetic_trial_is_not_solved_at_once(tiny_config):
-    """The synthetic set is a task, not a giveaway: a short run lands well above chance and well below 100%."""
-    outcome = run_training(tiny_config.replace(epochs=1), "hard0001")
-    assert CHANCE + 0.05 < outcome.fit.test.acc < 0.95
+    """The synthetic set is a task, not a giveaway: a short run lands above chance and well below 100% (measured:
+    28% for this width-8 model on 1,000 images in 2 epochs; 100% before the classes were brought closer)."""
+    outcome = run_training(tiny_config, "hard0001")
+    assert CHANCE + 0.05 < outcome.fit.test.acc < 0.9
 
 
 # --- progress inside an epoch -------------------------------------------------------------------------------------
