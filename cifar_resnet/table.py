@@ -71,7 +71,9 @@ def data_description(data: dict[str, Any]) -> str:
 
 def data_line(results: Sequence[RunResult]) -> str:
     """`data: ...`, naming each distinct data set the runs used, so that a result is read with its data."""
-    described = dict.fromkeys(data_description(result.data) for result in results)
+    counted = [result for result in results if result.data.get(TRAIN_IMAGES) is not None]
+    # A run stopped before its data loaded knows only its source: the counted runs describe that data better.
+    described = dict.fromkeys(data_description(result.data) for result in counted or results)
     return "data: " + "; ".join(described)
 
 
