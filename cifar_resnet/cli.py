@@ -14,19 +14,22 @@ from .process import setup_logging
 
 log = logging.getLogger("cifar_resnet")
 
+PROG = "cifar-resnet"
+
 
 def _train(args: argparse.Namespace, rest: list[str]) -> int:
     from .train import main as train_main
 
-    return train_main(rest)
+    return train_main(rest, prog=f"{PROG} train")
 
 
 def _evaluate(args: argparse.Namespace, rest: list[str]) -> int:
     from .config import parse_argv
     from .runner import evaluate_checkpoint
+    from .table import percent
 
     config, result = evaluate_checkpoint(Path(args.checkpoint), parse_argv(rest))
-    print(f"{args.checkpoint}: test loss {result.loss:.4f}  test acc {result.acc:.4f}  "
+    print(f"{args.checkpoint}: test loss {result.loss:.4f}  test acc {percent(result.acc)}  "
           f"({int(result.confusion.sum())} images, dataset={config.dataset}, tta={config.tta})")
     return 0
 
@@ -39,7 +42,7 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="cifar-resnet",
+        prog=PROG,
         description="Hyperparameter sweeps of a ResNet-style CNN on CIFAR-10 with Weights & Biases.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

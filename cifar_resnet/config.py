@@ -25,10 +25,11 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|cuda|cuda:[0-9]+")  # cuda:N, N a GPU ind
 # settings (constant learning rate, no weight decay, no label smoothing, momentum 0.9 without Nesterov, no TTA) so
 # its table can be compared.
 RECIPE_PRESETS: dict[str, dict[str, Any]] = {
-    "tuned": {"lr_schedule": "onecycle", "warmup_epochs": 1.0, "label_smoothing": 0.1, "weight_decay": 5e-4,
-              "momentum": 0.99, "nesterov": True, "tta": True},
-    "writeup": {"lr_schedule": "constant", "warmup_epochs": 0.0, "label_smoothing": 0.0, "weight_decay": 0.0,
-                "momentum": 0.9, "nesterov": False, "tta": False},
+    # warmup_fraction 0.1 keeps a 10-epoch run's 1-epoch warm-up, and lets a 1- or 2-epoch run learn after it.
+    "tuned": {"lr_schedule": "onecycle", "warmup_epochs": 1.0, "warmup_fraction": 0.1, "label_smoothing": 0.1,
+              "weight_decay": 5e-4, "momentum": 0.99, "nesterov": True, "tta": True},
+    "writeup": {"lr_schedule": "constant", "warmup_epochs": 0.0, "warmup_fraction": 1.0, "label_smoothing": 0.0,
+                "weight_decay": 0.0, "momentum": 0.9, "nesterov": False, "tta": False},
 }
 RECIPE_FIELDS = tuple(RECIPE_PRESETS["writeup"])
 
@@ -57,7 +58,10 @@ class Config:
         "step) for adamw"
     )
     lr_schedule: str = _recipe_setting("[recipe] learning-rate schedule, stepped every batch", LR_SCHEDULES)
-    warmup_epochs: float = _recipe_setting("[recipe] linear warm-up from 0 to learning_rate, in epochs")
+    warmup_epochs: float = _recipe_setting(
+        "[recipe] linear warm-up from 0 to learning_rate, in epochs, at most warmup_fraction of the run")
+    warmup_fraction: float = _recipe_setting(
+        "[recipe] the longest warm-up, as a fraction of the run's steps, in [0, 1] (1: warmup_epochs alone)")
     label_smoothing: float = _recipe_setting("[recipe] label smoothing of the training loss, in [0, 1)")
     recipe: str = _setting("tuned", "preset of the settings marked [recipe]; a setting given explicitly wins",
                            tuple(RECIPE_PRESETS))
@@ -109,6 +113,8 @@ class Config:
         for name in non_negative:
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.warmup_fraction <= 1:
+            raise ConfigError(f"warmup_fraction: must be in [0, 1], got {self.warmup_fraction}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
         if self.nesterov and self.momentum == 0:  # torch refuses it, and only once the optimizer is built

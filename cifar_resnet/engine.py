@@ -94,8 +94,9 @@ def build_optimizer(
 
 def lr_multiplier(config: Config, step: int, steps_per_epoch: int) -> float:
     """The schedule's factor on `learning_rate` at optimizer step `step` (0-based)."""
-    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
     total_steps = config.epochs * steps_per_epoch
+    # The shorter of the two: a short run's warm-up must not be the whole run.
+    warmup_steps = round(min(config.warmup_epochs * steps_per_epoch, config.warmup_fraction * total_steps))
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if config.lr_schedule == "constant":
@@ -362,8 +363,8 @@ def fit(
         state.epoch = epoch
         state.history.append(result.metrics())
         log.info(
-            "epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  lr %.2e  %.1fs  %.0f img/s%s",
-            epoch, config.epochs, train_loss, train_acc, val.loss, val.acc, result.lr, result.epoch_seconds,
+            "epoch %d/%d  train loss %.4f acc %.2f%%  val loss %.4f acc %.2f%%  lr %.2e  %.1fs  %.0f img/s%s",
+            epoch, config.epochs, train_loss, 100 * train_acc, val.loss, 100 * val.acc, result.lr, result.epoch_seconds,
             result.train_images_per_second, "  (best)" if is_best else "",
         )
         if hooks.on_epoch is not None:
@@ -372,5 +373,5 @@ def fit(
     model.load_state_dict(state.best_model_state)
     test_loader = DeviceLoader(data.test, config.eval_batch_size, device)
     test = evaluate(step_model, test_loader, num_classes, autocast, memory_format, config.tta)
-    log.info("test (best epoch %d): loss %.4f acc %.4f", state.best_epoch, test.loss, test.acc)
+    log.info("test (best epoch %d): loss %.4f acc %.2f%%", state.best_epoch, test.loss, 100 * test.acc)
     return FitResult(state.history, state.best_epoch, state.best_val_acc, test, model)

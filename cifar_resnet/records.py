@@ -37,8 +37,20 @@ TEST_ACC = "test/acc"
 TEST_ACC_PER_CLASS = "test/acc_per_class"  # {class name: accuracy}; W&B gets one `test/acc/<class>` key each
 PARAM_COUNT = "param_count"
 DEVICE = "device"
-RUN_SECONDS = "run_seconds"  # this attempt's wall time, data loading included
+RUN_SECONDS = "run_seconds"  # wall time of every attempt of the run (a resumed run's included), data loading too
 SELECTION_METRIC = VAL_ACC  # the best epoch, and the sweep's metric, maximise it
+
+# --- the run's data, known at its start (RunRecord.data): what the table and plots name beside the results --------
+DATA_SOURCE = "dataset"  # cifar10, imagefolder or synthetic
+TRAIN_IMAGES = "train_images"  # after the validation split
+VAL_IMAGES = "val_images"
+TEST_IMAGES = "test_images"
+CLASS_COUNT = "class_count"
+DATA_NAMES = (DATA_SOURCE, TRAIN_IMAGES, VAL_IMAGES, TEST_IMAGES, CLASS_COUNT)  # W&B keeps them in run_info
+RUN_INFO_KEY = "run_info"  # derived facts (parameter count, device, data, versions) in a W&B run's config
+
+# --- a run's progress inside an epoch: `progress.json` in its run folder, rewritten a few times a second ----------
+PROGRESS_FILE = "progress.json"
 
 
 @dataclass
@@ -51,6 +63,8 @@ class RunRecord:
     error: str | None = None
     started_at: float = field(default_factory=time.time)  # Unix seconds
     updated_at: float = field(default_factory=time.time)
+    data: dict[str, Any] = field(default_factory=dict)  # the data names above
+    seconds: float = 0.0  # wall time of every attempt so far, updated at each save
 
     def save(self, run_dir: Path) -> None:
         self.updated_at = time.time()
@@ -66,6 +80,30 @@ def read_record(run_dir: Path) -> RunRecord | None:
     return RunRecord.load(run_dir) if (run_dir / RECORD_FILE).exists() else None
 
 
+@dataclass
+class LiveProgress:
+    """Where a run is inside its current epoch (`progress.json`); written by the runner, read by the sweep's view."""
+
+    epoch: int  # 1-based, the epoch in progress
+    epochs: int
+    step: int  # optimizer steps done in this epoch
+    steps: int  # in the epoch
+    images_per_second: float | None  # training, over this epoch so far
+    seconds: float  # wall time of every attempt of the run so far
+    updated_at: float  # Unix seconds
+
+    def save(self, run_dir: Path) -> None:
+        atomic_write_json(run_dir / PROGRESS_FILE, asdict(self))
+
+
+def read_progress(run_dir: Path) -> LiveProgress | None:
+    """The progress in `run_dir`, or None before the first step (or when being replaced: it is read again soon)."""
+    try:
+        return LiveProgress(**json.loads((run_dir / PROGRESS_FILE).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 # --- the report's view of a run -----------------------------------------------------------------------------------
 
 
@@ -78,7 +116,8 @@ class RunResult:
     config: dict[str, Any]
     history: list[dict[str, Any]]  # one entry per epoch, EPOCH_METRICS
     summary: dict[str, Any]
-    seconds: float | None  # wall time of the run
+    seconds: float | None  # wall time of the run, every attempt together
+    data: dict[str, Any] = field(default_factory=dict)  # the data names above, where known
 
     @property
     def best_epoch(self) -> int | None:
@@ -108,8 +147,9 @@ class RunResult:
 
 
 def result_from_record(record: RunRecord) -> RunResult:
-    seconds = record.summary.get(RUN_SECONDS, record.updated_at - record.started_at)
-    return RunResult(record.run_id, record.status, record.config, record.history, record.summary, seconds)
+    seconds = record.summary.get(RUN_SECONDS) or record.seconds or record.updated_at - record.started_at
+    return RunResult(record.run_id, record.status, record.config, record.history, record.summary, seconds,
+                     {DATA_SOURCE: record.config.get(DATA_SOURCE), **record.data})
 
 
 def results_from_folder(folder: Path) -> list[RunResult]:

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 from .errors import UserError
 from .process import reject_unknown_arguments
-from .records import TRAIN_LOSS, VAL_ACC, VAL_LOSS, RunResult, results_from_folder
-from .table import markdown_table, setting_text, varied_settings
+from .records import TRAIN_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS, RunResult, results_from_folder
+from .table import data_line, markdown_table, setting_text, varied_settings
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -29,6 +29,9 @@ TABLE_FILE = "results.md"
 W_AND_B_SWEEP_PATH = re.compile(r"^[\w.-]+/[\w.-]+/[\w-]+$")
 PLOTTED_TOGETHER = ("learning_rate", "optimizer")  # the heat map's axes
 FIGURE_DPI = 120
+PERCENT = 100  # accuracies are plotted in %, as people read them; the records and W&B keep fractions
+ACCURACY_METRICS = (TRAIN_ACC, VAL_ACC)
+CAPTION_FONT_SIZE = "small"
 
 
 # --- the plots --------------------------------------------------------------------------------------------------
@@ -38,8 +41,11 @@ def _label(result: RunResult, settings: Sequence[str]) -> str:
     return " ".join([result.run_id] + [f"{name}={setting_text(result.config.get(name))}" for name in settings])
 
 
-def _save(figure: Figure, path: Path) -> Path:
+def _save(figure: Figure, path: Path, results: Sequence[RunResult]) -> Path:
+    """Write the figure as a PNG, captioned with the data its runs used (a synthetic result must say so)."""
     from .files import atomic_path
+
+    figure.text(0.5, 0.005, data_line(results), ha="center", va="bottom", fontsize=CAPTION_FONT_SIZE, wrap=True)
 
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=FIGURE_DPI)
@@ -50,7 +56,8 @@ def _figure(columns: int = 1) -> tuple[Figure, list[Axes]]:
     # A bare Figure draws with Agg: no pyplot, no global backend, no display needed.
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(6 * columns, 4.5), layout="constrained")
+    figure = Figure(figsize=(6 * columns, 4.8), layout="constrained")
+    figure.get_layout_engine().set(rect=(0, 0.05, 1, 0.95))  # room for the data caption at the bottom
     axes = figure.subplots(1, columns, squeeze=False)[0]
     return figure, list(axes)
 
@@ -62,13 +69,15 @@ def plot_curves(results: Sequence[RunResult], metrics: Sequence[tuple[str, str]]
     figure, axes = _figure(len(metrics))
     settings = varied_settings(results)
     for ax, (metric, title) in zip(axes, metrics):
+        scale, unit = (PERCENT, " (%)") if metric in ACCURACY_METRICS else (1, "")
         for result in results:
-            ax.plot(*result.curve(metric), marker="o", label=_label(result, settings))
-        ax.set(title=title, xlabel="epoch", ylabel=metric)
+            epochs, values = result.curve(metric)
+            ax.plot(epochs, [scale * value for value in values], marker="o", label=_label(result, settings))
+        ax.set(title=title, xlabel="epoch", ylabel=f"{metric}{unit}")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize="small")
-    return _save(figure, path)
+    return _save(figure, path, results)
 
 
 def plot_test_acc_heatmap(results: Sequence[RunResult], path: Path) -> Path | None:
@@ -84,17 +93,17 @@ def plot_test_acc_heatmap(results: Sequence[RunResult], path: Path) -> Path | No
         cells.setdefault(key, []).append(result.test_acc)
     grid = [[math.nan] * len(rates) for _ in optimizers]
     for (row, column), values in cells.items():
-        grid[row][column] = sum(values) / len(values)
+        grid[row][column] = PERCENT * sum(values) / len(values)
     figure, (ax,) = _figure()
     image = ax.imshow(grid, cmap="viridis", aspect="auto")
     for (row, column), values in cells.items():
         count = f"\n(n={len(values)})" if len(values) > 1 else ""
-        ax.text(column, row, f"{100 * grid[row][column]:.1f}%{count}", ha="center", va="center", color="white")
+        ax.text(column, row, f"{grid[row][column]:.1f}%{count}", ha="center", va="center", color="white")
     ax.set_xticks(range(len(rates)), [setting_text(rate) for rate in rates])
     ax.set_yticks(range(len(optimizers)), optimizers)
     ax.set(title="Test accuracy", xlabel="learning rate", ylabel="optimizer")
-    figure.colorbar(image, ax=ax, label="test accuracy")
-    return _save(figure, path)
+    figure.colorbar(image, ax=ax, label="test accuracy (%)")
+    return _save(figure, path, results)
 
 
 def plot_settings_vs_val_acc(results: Sequence[RunResult], path: Path) -> Path | None:
@@ -112,11 +121,11 @@ def plot_settings_vs_val_acc(results: Sequence[RunResult], path: Path) -> Path |
             categories = sorted({str(value) for value in values})
             positions = [categories.index(str(value)) for value in values]
             ax.set_xticks(range(len(categories)), categories)
-        ax.scatter(positions, [result.val_acc for result in scored])
-        ax.set(xlabel=name, ylabel="best val/acc")
+        ax.scatter(positions, [PERCENT * result.val_acc for result in scored])
+        ax.set(xlabel=name, ylabel="best val/acc (%)")
         ax.grid(alpha=0.3)
     figure.suptitle("Validation accuracy against the other varied settings")
-    return _save(figure, path)
+    return _save(figure, path, results)
 
 
 PLOTS: dict[str, Callable[[Sequence[RunResult], Path], Path | None]] = {

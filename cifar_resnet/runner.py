@@ -44,17 +44,57 @@ from .model import count_parameters
 from .records import (
     BEST_EPOCH,
     BEST_VAL_ACC,
+    CLASS_COUNT,
+    DATA_SOURCE,
     DEVICE,
     PARAM_COUNT,
     RECORD_FILE,
     RUN_SECONDS,
     TEST_ACC,
     TEST_ACC_PER_CLASS,
+    TEST_IMAGES,
     TEST_LOSS,
+    TRAIN_IMAGES,
+    VAL_IMAGES,
+    LiveProgress,
     RunRecord,
 )
 
 log = logging.getLogger(__name__)
+
+PROGRESS_WRITE_SECONDS = 0.5  # how often a run rewrites its progress file inside an epoch, at most
+
+
+class ProgressWriter:
+    """Writes the run's `progress.json` from the engine's host-side hooks: steps are counted on the host and timed
+    with the monotonic clock (no device sync), and the file is rewritten at most every PROGRESS_WRITE_SECONDS."""
+
+    def __init__(self, run_dir: Path, config: Config, elapsed: Callable[[], float], hooks: TrainHooks) -> None:
+        self.run_dir, self.config, self.elapsed, self.hooks = run_dir, config, elapsed, hooks
+        self.epoch = self.step = self.steps = 0
+        self.epoch_started = self.last_write = time.monotonic()
+
+    def on_epoch_start(self, epoch: int, steps: int) -> None:
+        self.epoch, self.step, self.steps = epoch, 0, steps
+        self.epoch_started = time.monotonic()
+        self.write(self.epoch_started)
+        if self.hooks.on_epoch_start is not None:
+            self.hooks.on_epoch_start(epoch, steps)
+
+    def on_batch(self) -> None:
+        self.step += 1
+        now = time.monotonic()
+        if now - self.last_write >= PROGRESS_WRITE_SECONDS or self.step == self.steps:
+            self.write(now)
+        if self.hooks.on_batch is not None:
+            self.hooks.on_batch()
+
+    def write(self, now: float) -> None:
+        self.last_write = now
+        seconds_in_epoch = now - self.epoch_started
+        rate = self.step * self.config.batch_size / seconds_in_epoch if self.step and seconds_in_epoch > 0 else None
+        LiveProgress(self.epoch, self.config.epochs, self.step, self.steps, rate, self.elapsed(),
+                     time.time()).save(self.run_dir)
 
 
 @dataclass
@@ -101,10 +141,11 @@ def _run_locked(config: Config, run_id: str, run_dir: Path, hooks: RunHooks) -> 
     device = select_device(config.device)
     data = load_splits(config)
     model = build_model(config, len(data.classes), device)
+    data_facts = {DATA_SOURCE: config.dataset, TRAIN_IMAGES: len(data.train), VAL_IMAGES: len(data.val),
+                  TEST_IMAGES: len(data.test), CLASS_COUNT: len(data.classes)}
     if hooks.on_start is not None:
         hooks.on_start({
-            PARAM_COUNT: count_parameters(model), DEVICE: str(device), "classes": data.classes,
-            "train_images": len(data.train), "val_images": len(data.val), "test_images": len(data.test),
+            PARAM_COUNT: count_parameters(model), DEVICE: str(device), "classes": data.classes, **data_facts,
         })
     # This process holds the folder's lock, so a temporary file here is a write cut short by a kill.
     for stray in run_dir.glob(".*.tmp"):
@@ -125,10 +166,20 @@ def _run_locked(config: Config, run_id: str, run_dir: Path, hooks: RunHooks) -> 
                   resume["history"][best_epoch - 1], data.classes)
     resumable_record = resume is not None and (run_dir / RECORD_FILE).exists()
     record = RunRecord.load(run_dir) if resumable_record else RunRecord(run_id, config.to_dict())
+    record.data = data_facts
+    earlier_attempts_seconds = record.seconds if resumable_record else 0.0
+
+    def elapsed() -> float:
+        return earlier_attempts_seconds + time.perf_counter() - started
+
+    def save_record() -> None:
+        record.seconds = elapsed()
+        record.save(run_dir)
+
     if resume is not None:
         record.history = list(resume["history"])  # the record may lag the checkpoint by the epoch of a kill
     record.status = "running"
-    record.save(run_dir)
+    save_record()
 
     def on_epoch(result: EpochResult, state: TrainState) -> None:
         # Files first, then subscribers: a run stopped here resumes with every epoch it has reported.
@@ -137,17 +188,20 @@ def _run_locked(config: Config, run_id: str, run_dir: Path, hooks: RunHooks) -> 
             save_best(run_dir / BEST_CHECKPOINT, state.best_model_state, config, result.epoch, result.metrics(),
                       data.classes)
         save_resume(resume_path, state.state_dict(), config)
-        record.save(run_dir)
+        save_record()
         if hooks.on_epoch is not None:
             hooks.on_epoch(result, state)
 
+    progress = ProgressWriter(run_dir, config, elapsed, hooks)
+    engine_hooks = dataclasses.replace(hooks, on_epoch=on_epoch, on_epoch_start=progress.on_epoch_start,
+                                       on_batch=progress.on_batch)
     try:
-        result = fit(config, model, data, device, dataclasses.replace(hooks, on_epoch=on_epoch), resume=resume)
+        result = fit(config, model, data, device, engine_hooks, resume=resume)
     except BaseException as error:
         record.status = "preempted" if isinstance(error, Interrupted) else "failed"
         record.error = str(error) or type(error).__name__
         with contextlib.suppress(StorageError):  # a disk too full for the record too: report the first error
-            record.save(run_dir)
+            save_record()
         raise
     record.status = "finished"
     record.summary = {
@@ -158,9 +212,9 @@ def _run_locked(config: Config, run_id: str, run_dir: Path, hooks: RunHooks) -> 
         TEST_ACC_PER_CLASS: dict(zip(data.classes, result.test.per_class_acc())),
         PARAM_COUNT: count_parameters(result.model),
         DEVICE: str(device),
-        RUN_SECONDS: time.perf_counter() - started,
+        RUN_SECONDS: elapsed(),
     }
-    record.save(run_dir)
+    save_record()
     resume_path.unlink(missing_ok=True)  # finished: nothing left to resume
     return RunOutcome(run_dir, record, result, data.classes)
 

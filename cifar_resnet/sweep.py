@@ -47,6 +47,7 @@ from .records import (
     SELECTION_METRIC,
     RunRecord,
     RunResult,
+    read_progress,
     read_record,
     result_from_record,
 )
@@ -60,7 +61,7 @@ from .sweep_state import (
     renew_interval,
     worker_name,
 )
-from .table import markdown_table
+from .table import duration_text, markdown_table
 from .wandb_sweep import DEFAULT_STAGGER_SECONDS
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,10 @@ POLL_SECONDS = 0.5
 STOP_GRACE_SECONDS = 30.0  # a run saves its resume checkpoint on SIGTERM; after this it is killed
 FAILED_LOG_LINES = 15
 MAX_INITIAL_FAILURES = 5  # `wandb agent`'s: no new runs once this many failed and no more finished
+USER_MISTAKE_EXIT = 2  # a run's exit status for a user mistake (data not found, download impossible, a bad value)
+PROGRESS_LOG_SECONDS = 30.0  # outside a terminal, one progress line per running run this often
+RUN_BAR_WIDTH = 20  # characters of each run's bar in the live table
+ERROR_LINE_PREFIX = "ERROR: "  # how a run's log marks its one-line error (process.setup_logging's format)
 GRID_SIZE_LIMIT = 100_000
 # What W&B's grid search accepts: finite sets of values.
 GRID_TYPES = ("param_single_value", "param_categorical", "param_int_uniform", "param_quniform")
@@ -241,6 +246,14 @@ def exit_text(run: LocalRun) -> str:
     return f"{text}: {run.reason}" if run.reason else text
 
 
+def error_line(path: Path) -> str | None:
+    """The last one-line error a run logged (`ERROR: ...`), without its prefix; None when there is none."""
+    if not path.exists():
+        return None
+    errors = [line for line in path.read_text(errors="replace").splitlines() if line.startswith(ERROR_LINE_PREFIX)]
+    return errors[-1].removeprefix(ERROR_LINE_PREFIX) if errors else None
+
+
 def log_tail(path: Path, lines: int = FAILED_LOG_LINES) -> str:
     if not path.exists():
         return "(no log)"
@@ -253,26 +266,62 @@ def log_tail(path: Path, lines: int = FAILED_LOG_LINES) -> str:
 @dataclass
 class RunProgress:
     run: LocalRun
-    epoch: int
+    epoch: int  # completed epochs
     epochs: int
     best_val_acc: float | None
-    seconds: float | None
+    seconds: float | None  # wall time of the run, every attempt together
+    epoch_fraction: float = 0.0  # of the epoch in progress, from the run's progress file
+    images_per_second: float | None = None
+
+    @property
+    def done_epochs(self) -> float:
+        """Epochs done, the one in progress counted by its steps."""
+        return min(self.epochs, self.epoch + self.epoch_fraction)
+
+    @property
+    def seconds_left(self) -> float | None:
+        """At the pace so far: the run's time over the epochs done, times the epochs left."""
+        if self.run.state != "running" or not self.seconds or self.done_epochs <= 0:
+            return None
+        return self.seconds * (self.epochs - self.done_epochs) / self.done_epochs
 
 
-def progress_of(run: LocalRun, record: RunRecord | None, base: Config) -> RunProgress:
+def progress_of(run: LocalRun, record: RunRecord | None, base: Config, run_dir: Path | None = None) -> RunProgress:
+    """A run's progress from its record and, while it runs, its progress file (rewritten inside each epoch)."""
     epochs = int(run.params.get("epochs", base.epochs))
     if record is None:
         return RunProgress(run, 0, epochs, None, None)
     scores = [entry[SELECTION_METRIC] for entry in record.history]
-    return RunProgress(run, len(record.history), epochs, max(scores) if scores else None,
-                    record.updated_at - record.started_at)
+    progress = RunProgress(run, len(record.history), epochs, max(scores) if scores else None,
+                           record.seconds or record.updated_at - record.started_at)
+    live = read_progress(run_dir) if run_dir is not None and run.state == "running" else None
+    if live is not None and live.epoch == progress.epoch + 1 and live.steps:
+        progress.epoch_fraction = live.step / live.steps
+        progress.images_per_second = live.images_per_second
+        progress.seconds = live.seconds + max(0.0, time.time() - live.updated_at)  # ticking between writes
+    elif live is not None:
+        progress.seconds = max(progress.seconds, live.seconds + max(0.0, time.time() - live.updated_at))
+    return progress
+
+
+def progress_text(item: RunProgress) -> str:
+    """`1/10 epochs (42% of epoch 2), 1,234 img/s, 1m 05s, about 9m 10s left`: a running run, for a log line."""
+    if item.seconds is None:
+        return "starting (loading data and W&B)"
+    steps = f" ({100 * item.epoch_fraction:.0f}% of epoch {item.epoch + 1})" if item.epoch_fraction else ""
+    speed = f", {item.images_per_second:,.0f} img/s" if item.images_per_second else ""
+    left = f", about {duration_text(item.seconds_left)} left" if item.seconds_left is not None else ""
+    return f"{item.epoch}/{item.epochs} epochs{steps}{speed}, {duration_text(item.seconds)}{left}"
 
 
 class LogView:
-    """Plain log lines, for logs and pipes."""
+    """Plain log lines, for logs and pipes: each run's start and end, and every PROGRESS_LOG_SECONDS a line per
+    running run."""
 
-    def __init__(self, shown: Sequence[str]) -> None:
+    def __init__(self, shown: Sequence[str], progress_every: float = PROGRESS_LOG_SECONDS) -> None:
         self.shown = shown
+        self.progress_every = progress_every
+        self.next_progress_log = time.monotonic() + progress_every
 
     def __enter__(self) -> LogView:
         return self
@@ -295,7 +344,12 @@ class LogView:
                      progress.epochs, best)
 
     def refresh(self, progress: Sequence[RunProgress], total_runs: int | None) -> None:
-        return None
+        if time.monotonic() < self.next_progress_log:
+            return
+        self.next_progress_log = time.monotonic() + self.progress_every
+        for item in progress:
+            if item.run.state == "running":
+                log.info("run %s: %s", item.run.run_id, progress_text(item))
 
 
 class LiveView(LogView):
@@ -331,20 +385,25 @@ class LiveView(LogView):
 
     def refresh(self, progress: Sequence[RunProgress], total_runs: int | None) -> None:
         from rich.console import Group
+        from rich.progress_bar import ProgressBar
         from rich.table import Table
 
         table = Table(box=None, header_style="bold")
-        for column in ("run", "state", *self.shown, "epoch", "best val acc", "time"):
+        for column in ("run", "state", *self.shown, "progress", "epoch", "best val acc", "img/s", "time", "left"):
             table.add_column(column)
         for item in progress:
             best = "" if item.best_val_acc is None else f"{100 * item.best_val_acc:.2f}%"
-            seconds = "" if item.seconds is None else f"{item.seconds:.0f}s"
+            speed = "" if item.images_per_second is None else f"{item.images_per_second:,.0f}"
+            seconds = "" if item.seconds is None else duration_text(item.seconds)
+            left = "" if item.seconds_left is None else duration_text(item.seconds_left)
+            bar = ProgressBar(total=item.epochs, completed=item.done_epochs, width=RUN_BAR_WIDTH)
             table.add_row(item.run.run_id, item.run.state, *(str(item.run.params.get(name)) for name in self.shown),
-                          f"{item.epoch}/{item.epochs}", best, seconds)
+                          bar, f"{item.epoch}/{item.epochs}", best, speed, seconds, left)
         done = sum(item.run.state in (*DONE, "failed") for item in progress)
         expected = max(total_runs or 0, len(progress))
         epochs_each = max((item.epochs for item in progress), default=0)
-        self.bar.update(self.task, completed=sum(item.epoch for item in progress),
+        # Fractional epochs, moving every progress write: the bar's time remaining is an estimate from the start.
+        self.bar.update(self.task, completed=sum(item.done_epochs for item in progress),
                         total=expected * epochs_each if total_runs else None,
                         description=f"runs {done}/{total_runs if total_runs else '?'}")
         self.live.update(Group(table, self.bar))
@@ -358,6 +417,7 @@ class LocalSweepResult:
     exit_code: int
     state: SweepState
     out_dir: Path
+    user_mistake: str | None = None  # the one-line error that stopped the sweep early, when one did
 
 
 @dataclass
@@ -411,6 +471,7 @@ class LocalSweep:
         self.renewed_at = -math.inf  # time.monotonic() of the last lease renewal
         self.proposer_done = False  # the proposer had no more runs (a complete grid): it never has again
         self.gave_up = False  # too many runs failed
+        self.user_mistake: str | None = None  # a run's one-line error that every other run would repeat
 
     def record_of(self, run: LocalRun) -> RunRecord | None:
         if run.run_id in self.done_records:
@@ -433,6 +494,8 @@ class LocalSweep:
 
     def claim(self, state: SweepState, now: float) -> LocalRun | None:
         """The next run for a free worker, leased to this process: one to resume or retry, else a new proposal."""
+        if self.user_mistake is not None:
+            return None
         run = next((run for run in state.runs if self.claimable(run, now)), None)
         if run is not None and run.state == "running":
             log.warning("run %s: the lease of %s ran out %.0f s ago; taking it over", run.run_id, run.owner,
@@ -528,6 +591,17 @@ class LocalSweep:
     def report_ended(self, runs: Sequence[LocalRun]) -> None:
         for run in runs:
             self.view.ended(progress_of(run, self.record_of(run), self.base), self.out_dir / run.run_id / RUN_LOG)
+            self.watch_for_user_mistake(run)
+
+    def watch_for_user_mistake(self, run: LocalRun) -> None:
+        """Before any run of the sweep has finished, a run's user mistake (data not found, no download possible) is
+        taken for the sweep's: no new runs, each of which would start a process and W&B only to fail the same way.
+        A run that gets through shows a mistake seen before was that run's own."""
+        if run.state in DONE:
+            self.user_mistake = None
+        elif (run.exit_code == USER_MISTAKE_EXIT and self.user_mistake is None
+              and not any(other.state in DONE for other in self.state.runs)):
+            self.user_mistake = error_line(self.out_dir / run.run_id / RUN_LOG) or f"run {run.run_id}: {exit_text(run)}"
 
     def record_now(self, outcomes: Sequence[Outcome]) -> None:
         with self.folder.transaction() as state:
@@ -634,7 +708,7 @@ class LocalSweep:
         stop_processes([worker.process for worker in self.active.values()], STOP_GRACE_SECONDS)
         self.record_now([self.outcome(run_id, self.release(run_id).process.returncode, stopped_by_signal=True)
                          for run_id in list(self.active)])
-        log.warning("stopped by signal %d; run the same command again to continue the sweep", signum)
+        log.info("stopped by signal %d", signum)
 
     def run(self) -> LocalSweepResult:
         waiting = False  # idle while other processes' runs are in progress (said once)
@@ -642,8 +716,8 @@ class LocalSweep:
             while not received:
                 claimed = self.step()
                 self.early_terminate()
-                self.view.refresh([progress_of(run, self.record_of(run), self.base) for run in self.state.runs],
-                                  self.total)
+                self.view.refresh([progress_of(run, self.record_of(run), self.base, self.out_dir / run.run_id)
+                                   for run in self.state.runs], self.total)
                 if not claimed and not self.active:
                     if not self.others_running():
                         break
@@ -655,6 +729,8 @@ class LocalSweep:
             if received:
                 self.interrupt(received[0])
                 return LocalSweepResult(128 + received[0], self.state, self.out_dir)
+        if self.user_mistake is not None:
+            return LocalSweepResult(USER_MISTAKE_EXIT, self.state, self.out_dir, self.user_mistake)
         failed = any(run.state == "failed" for run in self.state.runs)
         return LocalSweepResult(1 if failed else 0, self.state, self.out_dir)
 
@@ -726,10 +802,13 @@ def sweep_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
     plan = load_sweep(args.sweep_file, args.overrides)
     warn_unless_our_entry_point(plan)
     project = args.project or plan.config.get("project") or os.environ.get("WANDB_PROJECT")
-    if not args.offline and choose_mode() == "online":
+    mode = choose_mode()
+    if not args.offline and mode == "online":
         return run_online_sweep(plan, gpus, args.count, project or DEFAULT_PROJECT)
     folder_name = re.sub(r"[^\w.-]+", "-", str(plan.config.get("name") or plan.path.stem))
     out_dir = args.output_dir or DEFAULT_OUTPUT_ROOT / folder_name
+    log.info("%s: running the sweep offline (W&B's sweep proposer on this machine); upload the runs later with "
+             "`wandb sync %s`", offline_reason(args.offline, mode), offline_runs_glob(out_dir))
     shown = [name for name, spec in plan.config["parameters"].items() if "value" not in spec]
     view = LiveView(shown) if sys.stderr.isatty() else LogView(shown)
     result = LocalSweep(plan, out_dir, gpus, args.count, project, view, args.lease_seconds).run()
@@ -737,8 +816,26 @@ def sweep_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
     return result.exit_code
 
 
+def offline_reason(asked: bool, mode: str) -> str:
+    if asked:
+        return "--offline"
+    if os.environ.get("WANDB_MODE") in ("offline", "dryrun", "disabled"):
+        return f"WANDB_MODE={os.environ['WANDB_MODE']}"
+    return "no W&B credentials (`wandb login` or WANDB_API_KEY)"
+
+
+def offline_runs_glob(out_dir: Path) -> str:
+    """Where the runs' offline W&B folders go: WANDB_DIR when set, else the sweep's folder (see `environment`)."""
+    return str(Path(os.environ.get("WANDB_DIR") or out_dir) / "wandb" / "offline-run-*")
+
+
 def print_results(result: LocalSweepResult) -> None:
-    """The results table of the sweep's runs, then the end of each failed run's log."""
+    """The results table of the sweep's runs, then the end of each failed run's log; or, when a user mistake
+    stopped the sweep, that one line."""
+    if result.user_mistake is not None:
+        log.error("%s (the sweep stopped: every run would fail the same way; fix it, then run the same command "
+                  "again)", result.user_mistake)
+        return
     rows = []
     for run in result.state.runs:
         record = read_record(result.out_dir / run.run_id)
@@ -754,3 +851,5 @@ def print_results(result: LocalSweepResult) -> None:
             path = result.out_dir / run.run_id / RUN_LOG
             print(f"run {run.run_id} failed ({exit_text(run)}); last lines of {path}:\n{log_tail(path)}\n")
     print(f"sweep folder: {result.out_dir}  (report: cifar-resnet report {result.out_dir})")
+    if result.exit_code > SIGNAL_EXIT_BASE:
+        print("stopped; run the same command to resume")

@@ -8,10 +8,12 @@ engine and runner can be used without it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +32,7 @@ from .records import (
     EPOCH_SECONDS,
     LR,
     PARAM_COUNT,
+    RUN_INFO_KEY,
     SELECTION_METRIC,
     TEST_ACC,
     TEST_ACC_PER_CLASS,
@@ -41,8 +44,8 @@ if TYPE_CHECKING:  # what finish_run reads; the runner itself needs no W&B
 
 log = logging.getLogger(__name__)
 
-RUN_INFO_KEY = "run_info"  # derived facts (parameter count, device, versions) in the run's config
 RESUME_ARTIFACT_TYPE = "resume-checkpoint"  # artifact `resume-<run id>`: last.pt of a preempted run
+DATA_DIR_VARIABLE = "WANDB_DATA_DIR"  # W&B's data folder; artifact files are staged in its artifacts/staging/
 
 
 def resume_artifact_name(run_id: str) -> str:
@@ -100,7 +103,12 @@ class Tracker:
         return {key: value for key, value in dict(self.run.config).items() if key != RUN_INFO_KEY}
 
     def record_config(self, config: Config) -> None:
-        self.run.config.update(config.to_dict(), allow_val_change=True)
+        """Write back only the settings W&B's config lacks or holds otherwise (the recipe's filled-in values):
+        the sweep's own keys are locked, and writing them again only makes W&B warn that it ignored them."""
+        held = dict(self.run.config)
+        changed = {name: value for name, value in config.to_dict().items() if held.get(name, object()) != value}
+        if changed:
+            self.run.config.update(changed, allow_val_change=True)
 
     def record_run_info(self, **facts: Any) -> None:
         facts.update(
@@ -155,8 +163,28 @@ class Tracker:
                 "config": outcome.record.config,
             },
         )
-        artifact.add_file(str(path), name=path.name)
-        self.run.log_artifact(artifact, aliases=["best", "latest"])
+        with self.staging_in_run_folder():
+            artifact.add_file(str(path), name=path.name)
+            self.run.log_artifact(artifact, aliases=["best", "latest"])
+
+    @contextlib.contextmanager
+    def staging_in_run_folder(self) -> Iterator[None]:
+        """Offline, stage artifact files in the offline run's own folder (`offline-run-*/artifacts/staging/`), not
+        in W&B's data folder (`~/.local/share/wandb`): copying the offline run folder then copies its artifacts
+        too, for `wandb sync`. W&B reads the staging folder from WANDB_DATA_DIR when a file is added and when the
+        artifact is logged; it is set for that moment only."""
+        if not self.run.offline:
+            yield
+            return
+        previous = os.environ.get(DATA_DIR_VARIABLE)
+        os.environ[DATA_DIR_VARIABLE] = str(self.run.settings.sync_dir)
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop(DATA_DIR_VARIABLE, None)
+            else:
+                os.environ[DATA_DIR_VARIABLE] = previous
 
     def fail(self, message: str) -> None:
         self.run.summary["error"] = message
@@ -172,6 +200,7 @@ class Tracker:
                 type=RESUME_ARTIFACT_TYPE,
                 description="Full training state after the last completed epoch, for resuming a preempted run",
             )
-            artifact.add_file(str(resume_checkpoint), name=RESUME_CHECKPOINT)
-            self.run.log_artifact(artifact, aliases=["latest"])
+            with self.staging_in_run_folder():
+                artifact.add_file(str(resume_checkpoint), name=RESUME_CHECKPOINT)
+                self.run.log_artifact(artifact, aliases=["latest"])
         self.run.finish(exit_code=exit_code)  # waits for the upload

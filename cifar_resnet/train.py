@@ -23,6 +23,7 @@ from .runner import RunHooks, run_folder, run_training
 log = logging.getLogger("cifar_resnet")
 
 EXIT_OK, EXIT_CRASH, EXIT_USAGE = 0, 1, 2
+MODULE_COMMAND = "python -m cifar_resnet.train"  # how `wandb agent` starts a run; `cifar-resnet train` is the other
 
 
 @contextlib.contextmanager
@@ -57,11 +58,12 @@ def progress_hooks(hooks: RunHooks) -> Iterator[RunHooks]:
                 handler.setStream(stream)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = MODULE_COMMAND) -> int:
+    """Run one training run from `--name=value` arguments; `prog` is the command typed, for `--help`."""
     setup_logging()
     argv = sys.argv[1:] if argv is None else list(argv)
     if "-h" in argv or "--help" in argv:
-        argument_parser("python -m cifar_resnet.train", __doc__.splitlines()[0]).print_help()
+        argument_parser(prog, __doc__.splitlines()[0]).print_help()
         return EXIT_OK
     try:
         config = Config.from_argv(argv)

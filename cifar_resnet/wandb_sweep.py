@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
 from .records import (
+    DATA_NAMES,
     EPOCH,
+    RUN_INFO_KEY,
     SELECTION_METRIC,
     TEST_ACC,
     TRAIN_ACC,
@@ -110,6 +112,7 @@ def fetch_sweep_results(path: str) -> list[RunResult]:
             run_id=run.id, status=run.state, config=dict(run.config),
             history=list(run.scan_history(keys=list(HISTORY_KEYS))),
             summary=dict(run.summary), seconds=run.summary.get(RUNTIME_KEY),
+            data={name: value for name, value in (run.config.get(RUN_INFO_KEY) or {}).items() if name in DATA_NAMES},
         )
         for run in sweep.runs
     ]

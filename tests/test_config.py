@@ -3,6 +3,8 @@ import pytest
 from cifar_resnet.config import Config, parse_argv
 from cifar_resnet.errors import ConfigError
 
+pytestmark = pytest.mark.quick  # seconds in all: part of `pytest -m quick`
+
 
 def test_defaults_are_the_sweeps_fixed_names_and_values():
     config = Config()

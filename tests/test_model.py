@@ -3,6 +3,8 @@ import torch
 
 from cifar_resnet.model import CIFAR10CNN, ResidualBlock, count_parameters
 
+pytestmark = pytest.mark.quick  # seconds in all: part of `pytest -m quick`
+
 
 def test_full_model_has_the_write_ups_shape_and_parameter_count():
     model = CIFAR10CNN()

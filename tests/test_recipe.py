@@ -10,8 +10,10 @@ from cifar_resnet.engine import build_optimizer, build_scheduler
 from cifar_resnet.errors import ConfigError
 from cifar_resnet.model import CIFAR10CNN
 
-WRITEUP = {"lr_schedule": "constant", "warmup_epochs": 0.0, "label_smoothing": 0.0, "weight_decay": 0.0,
-           "momentum": 0.9, "nesterov": False, "tta": False}
+pytestmark = pytest.mark.quick  # seconds in all: part of `pytest -m quick`
+
+WRITEUP = {"lr_schedule": "constant", "warmup_epochs": 0.0, "warmup_fraction": 1.0, "label_smoothing": 0.0,
+           "weight_decay": 0.0, "momentum": 0.9, "nesterov": False, "tta": False}
 
 
 def recipe_values(config: Config) -> dict:
@@ -83,7 +85,7 @@ def lr_per_step(config: Config, steps_per_epoch: int) -> list[float]:
 @pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
 def test_schedule_warms_up_to_the_learning_rate_then_decays(schedule):
     steps_per_epoch = 10
-    config = Config(lr_schedule=schedule, warmup_epochs=1, epochs=4, learning_rate=0.05)
+    config = Config(lr_schedule=schedule, warmup_epochs=1, warmup_fraction=1, epochs=4, learning_rate=0.05)
     lrs = lr_per_step(config, steps_per_epoch)
     warmup, decay = lrs[:steps_per_epoch], lrs[steps_per_epoch:]
     assert all(a < b for a, b in itertools.pairwise(warmup))
@@ -103,3 +105,19 @@ def test_weight_decay_skips_batch_norm_and_biases():
     assert decayed["weight_decay"] == 5e-4 and exempt["weight_decay"] == 0.0
     assert all(p.ndim == 4 or p.ndim == 2 for p in decayed["params"])  # conv and linear weights
     assert {id(p) for p in exempt["params"]} == {id(p) for p in model.parameters() if p.ndim == 1}
+
+
+@pytest.mark.parametrize(("epochs", "warmup_steps"), [(1, 1), (2, 2), (10, 10), (20, 10)])
+def test_tuned_warm_up_is_a_tenth_of_a_short_run_and_at_most_one_epoch(epochs, warmup_steps):
+    """A 1-epoch run of the tuned recipe must not spend the whole run warming up."""
+    steps_per_epoch = 10
+    config = Config(epochs=epochs, learning_rate=0.05)
+    lrs = lr_per_step(config, steps_per_epoch)
+    peak = lrs.index(max(lrs))
+    assert peak == warmup_steps - 1 and max(lrs) == pytest.approx(config.learning_rate)
+    assert lrs[-1] < 0.2 * config.learning_rate  # and then decays
+
+
+def test_warmup_fraction_outside_0_to_1_is_refused():
+    with pytest.raises(ConfigError, match=r"warmup_fraction: must be in \[0, 1\]"):
+        Config(warmup_fraction=1.5)

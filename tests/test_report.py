@@ -58,9 +58,10 @@ def test_report_writes_the_table_and_plots(sweep_folder, tmp_path, capsys):
     stdout = capsys.readouterr().out
     table = (out / "results.md").read_text()
     assert table in stdout
-    header, _, *rows = table.strip().splitlines()
+    data, _, header, _, *rows = table.strip().splitlines()
+    assert data == "data: synthetic (512 train / 200 val / 200 test images, 10 classes)"
     for column in ("Run", "Learning Rate", "Optimizer", "Batch Size", "Test Accuracy", "Train Accuracy",
-                   "Train Loss", "Val Accuracy", "Val Loss", "Epochs to Best", "Run Time"):
+                   "Train Loss", "Val Accuracy", "Recipe", "Val Loss", "Epochs to Best", "Run Time"):
         assert f" {column} |" in header
     assert len(rows) == 5
     assert "(best)" in rows[0] and sum("(best)" in row for row in rows) == 1
@@ -69,9 +70,9 @@ def test_report_writes_the_table_and_plots(sweep_folder, tmp_path, capsys):
     finished = [results[f"run{index}"] for index in range(len(CELLS))]
     best = max(finished, key=lambda result: result.val_acc)
     assert rows[0].startswith(f"| **{best.run_id}** (best) | {best.config['learning_rate']:g} | "
-                              f"{best.config['optimizer']} | {best.config['batch_size']} |")
+                              f"{best.config['optimizer']} | {best.config['batch_size']} | tuned |")
     assert f"{100 * best.test_acc:.2f}%" in rows[0] and f"{100 * best.val_acc:.2f}%" in rows[0]
-    val_accs = [float(row.split(" | ")[7].rstrip("%")) for row in rows[:-1]]
+    val_accs = [float(row.split(" | ")[8].rstrip("%")) for row in rows[:-1]]
     assert val_accs == sorted(val_accs, reverse=True)
     for name in ("val_acc.png", "loss.png", "test_acc_heatmap.png", "settings_vs_val_acc.png"):
         width, height = png_size(out / name)
@@ -89,9 +90,9 @@ def test_the_table_reports_the_best_epoch_not_the_last():
     result = RunResult("abc", "finished", {"learning_rate": 0.001, "optimizer": "adam", "batch_size": 128},
                        history, {"best_epoch": 1, "test/acc": 0.69}, 75.0)
 
-    row = markdown_table([result]).splitlines()[2]
+    row = markdown_table([result]).splitlines()[4]
 
-    assert row == ("| **abc** (best) | 0.001 | adam | 128 | 69.00% | 60.00% | 1.0000 | 70.00% | 0.9000 | 1 | "
+    assert row == ("| **abc** (best) | 0.001 | adam | 128 | – | 69.00% | 60.00% | 1.0000 | 70.00% | 0.9000 | 1 | "
                    "1m 15s |")
 
 
@@ -109,7 +110,7 @@ def test_bad_sources_are_one_line(capsys, source, extra, message):
 def fake_wandb_run(result: RunResult) -> SimpleNamespace:
     """What `wandb.Api().sweep(path).runs` yields, for a run: id, state, config, summary, scan_history."""
     summary = {**result.summary, "_runtime": result.seconds}
-    return SimpleNamespace(id=result.run_id, state=result.status, config={**result.config, "run_info": {}},
+    return SimpleNamespace(id=result.run_id, state=result.status, config={**result.config, "run_info": result.data},
                            summary=summary,
                            scan_history=lambda keys: [entry for entry in result.history if set(keys) <= set(entry)])
 

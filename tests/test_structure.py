@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
+pytestmark = pytest.mark.quick  # seconds in all: part of `pytest -m quick`
+
+
 PACKAGE = REPO / "cifar_resnet"
 TOOLS = {"sweep", "agent", "report", "bench"}
 WITHOUT_WANDB = {"config", "model", "data", "engine", "checkpoint", "records", "files", "errors", "process",

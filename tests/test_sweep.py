@@ -165,7 +165,7 @@ def test_an_interrupted_sweep_keeps_finished_runs_and_resumes_the_rest(tmp_path,
     finally:
         sweep.kill()
     assert sweep.returncode == 128 + signal.SIGINT, output
-    assert "run the same command again" in output
+    assert output.rstrip().endswith("stopped; run the same command to resume")  # the last line, after the table
     finished, interrupted = sweep_state(out_dir)["runs"]
     assert finished["state"] == "finished" and interrupted["state"] == "preempted"
     assert (out_dir / interrupted["run_id"] / "last.pt").exists()  # its resume checkpoint
