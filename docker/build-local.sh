@@ -160,7 +160,7 @@ read -r -a entrypoint <<< "$(inspect '{{.OCIv1.Config.Entrypoint}}' | tr -d '[]'
 # (never committed) forgets the declarations, so that the -v mounts, as `docker run -v` gives them, hold.
 mapfile -t volumes < <(inspect '{{.OCIv1.Config.Volumes}}' | grep -o '/[^: ]*')
 for volume in /workspace/data /workspace/runs /workspace/wandb /workspace/wandb-data; do
-    printf '%s\n' "${volumes[@]}" | grep -qx "$volume" || fail "the image declares no volume $volume"
+    [[ " ${volumes[*]} " == *" $volume "* ]] || fail "the image declares no volume $volume"
 done
 VOLUMES="$WORK/volumes"
 rm -rf "$VOLUMES"
