@@ -5,7 +5,9 @@
 #      hour with 1, 2 and 4 concurrent full runs;
 #   2. one full 10-epoch run of the real model, timed from process start (the decode cache is warm by then);
 #   3. the write-up's six cells with our default recipe, as many at a time as step 1 found best;
-#   4. the same six cells with recipe=writeup (the write-up's settings on our pipeline, on the same data).
+#   4. the same six cells with recipe=writeup (the write-up's settings on our pipeline, on the same data);
+#   5. with IMAGE=<the worker image> and docker or podman (and the NVIDIA container toolkit): torch inside the
+#      image's own Python sees the GPU and computes on it (skipped, with a message, without a GPU or an engine).
 # Results (JSON) and one log go to $OUT (or ./gpu-check); run folders and checkpoints stay in $WORK.
 #
 #   GIT_COMMIT=$(git rev-parse --short HEAD) benchmarks/gpu_check.sh   # on a GPU machine
@@ -14,7 +16,7 @@
 # Settings (environment): ARCHIVE (default data/cifar10-jpeg.tar.gz, else ../shared/data/cifar10-jpeg.tar.gz),
 # PYTHON (default python3), WORK (default $TMPDIR/cifar_resnet_gpu_check), WORKERS (step 3 and 4; default: the best
 # of step 1), VARIANTS (step 1's tuning variants, comma-separated; default all), SKIP_WRITEUP_GRID=1 leaves out
-# step 4.
+# step 4, IMAGE (step 5: an image to run, e.g. REGISTRY/cifar-resnet-agent:0.1, pulled or built on this host).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -77,6 +79,18 @@ step grid "$PYTHON" -m cifar_resnet.bench grid "--workers=$WORKERS" "${DATA[@]}"
 if [ -z "${SKIP_WRITEUP_GRID:-}" ]; then
     step grid-writeup "$PYTHON" -m cifar_resnet.bench grid "--workers=$WORKERS" --recipe=writeup "${DATA[@]}" \
         "${RUN[@]}" "--out=$WORK/grid-writeup.json"
+fi
+IMAGE_CHECK="import torch; assert torch.cuda.is_available(), 'CUDA is not available to torch in the image'
+print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(0))
+print('sum on the GPU:', torch.ones(1000, device='cuda').sum().item())"
+if [ -z "${IMAGE:-}" ] || ! nvidia-smi -L >/dev/null 2>&1; then
+    echo "=== image: skipped (needs IMAGE=<image> and a GPU)" | tee -a "$LOG"
+elif command -v docker >/dev/null; then
+    step image docker run --rm --gpus all --entrypoint python "$IMAGE" -c "$IMAGE_CHECK"
+elif command -v podman >/dev/null; then  # the NVIDIA container toolkit's CDI spec names the GPUs
+    step image podman run --rm --device nvidia.com/gpu=all --entrypoint python "$IMAGE" -c "$IMAGE_CHECK"
+else
+    echo "=== image: skipped (no docker or podman to run $IMAGE with the GPU)" | tee -a "$LOG"
 fi
 echo "gpu_check: done; results in $OUT_DIR; failed steps: ${FAILED[*]:-none}" | tee -a "$LOG"
 [ ${#FAILED[@]} = 0 ]
