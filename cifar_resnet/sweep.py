@@ -4,8 +4,9 @@ Online (W&B credentials, no `--offline`): the sweep is created on W&B and one `w
 per worker; W&B's controller proposes the runs. Offline: the proposer of W&B's own controller (the `sweeps` package)
 proposes them here, and each run starts as `wandb agent` would start it (the sweep's `command`, expanded by wandb's
 macro code, in a fresh process), with W&B offline. Finished runs' records go back to the proposer, so `bayes` learns
-and `early_terminate` can stop runs. The sweep's state lives in `OUTPUT_DIR/sweep.json`: the same command run again
-continues the sweep, resumes interrupted runs and skips finished ones.
+and `early_terminate` can stop runs. The sweep's state lives in `OUTPUT_DIR/sweep.json` (see `sweep_state`): the
+same command run again continues the sweep, resumes interrupted runs and skips finished ones, and several such
+processes, on one host or many sharing the folder, join one sweep and run each of its runs once.
 """
 
 from __future__ import annotations
@@ -495,36 +496,44 @@ class LocalSweep:
     # --- one step of the poll loop ---
 
     def step(self) -> bool:
-        """Reap ended runs, then in one transaction: record them, renew leases when due, claim runs for the free
-        workers. Then start the claimed runs. Whether it claimed any."""
+        """Reap ended runs; in one transaction record them and renew leases when due; then claim and start runs for
+        the free workers, one transaction each (a run that cannot start is recorded before the next proposal).
+        Whether it claimed any."""
         outcomes = self.reap()
         renew = time.monotonic() - self.renewed_at >= renew_interval(self.lease_seconds)
-        claims: list[tuple[LocalRun, str | None]] = []
-        with self.folder.transaction() as state:
-            now = time.time()
-            ended = self.record_outcomes(state, outcomes, now)
-            lost = self.renew_leases(state, now) if renew else []
-            while self.free_gpus and (run := self.claim(state, now)) is not None:
-                claims.append((run, self.free_gpus.pop(0)))
-            self.state = state
-        if renew:
-            self.renewed_at = time.monotonic()
-        for run in ended:
+        if outcomes or renew:
+            with self.folder.transaction() as state:
+                now = time.time()
+                ended = self.record_outcomes(state, outcomes, now)
+                lost = self.renew_leases(state, now) if renew else []
+                self.state = state
+            if renew:
+                self.renewed_at = time.monotonic()
+            self.report_ended(ended)
+            for run_id in lost:
+                log.warning("run %s: another process took it over (this one's lease ran out); stopping this attempt",
+                            run_id)
+                self.drop(run_id)
+        claimed = False
+        while self.free_gpus:
+            with self.folder.transaction() as state:
+                run = self.claim(state, time.time())
+                self.state = state
+            if run is None:
+                break
+            claimed = True
+            self.start(run, self.free_gpus.pop(0))
+        return claimed
+
+    def report_ended(self, runs: Sequence[LocalRun]) -> None:
+        for run in runs:
             self.view.ended(progress_of(run, self.record_of(run), self.base), self.out_dir / run.run_id / RUN_LOG)
-        for run_id in lost:
-            log.warning("run %s: another process took it over (this one's lease ran out); stopping this attempt",
-                        run_id)
-            self.drop(run_id)
-        for run, gpu in claims:
-            self.start(run, gpu)
-        return bool(claims)
 
     def record_now(self, outcomes: Sequence[Outcome]) -> None:
         with self.folder.transaction() as state:
             ended = self.record_outcomes(state, outcomes, time.time())
             self.state = state
-        for run in ended:
-            self.view.ended(progress_of(run, self.record_of(run), self.base), self.out_dir / run.run_id / RUN_LOG)
+        self.report_ended(ended)
 
     def others_running(self) -> bool:
         return any(run.state == "running" and run.owner != self.owner for run in self.state.runs)
@@ -628,14 +637,20 @@ class LocalSweep:
         log.warning("stopped by signal %d; run the same command again to continue the sweep", signum)
 
     def run(self) -> LocalSweepResult:
+        waiting = False  # idle while other processes' runs are in progress (said once)
         with stop_on_signals(SUPERVISOR_STOP_SIGNALS) as received, self.view:
             while not received:
                 claimed = self.step()
                 self.early_terminate()
                 self.view.refresh([progress_of(run, self.record_of(run), self.base) for run in self.state.runs],
                                   self.total)
-                if not claimed and not self.active and not self.others_running():
-                    break
+                if not claimed and not self.active:
+                    if not self.others_running():
+                        break
+                    if not waiting:
+                        log.info("waiting for the runs of other processes of this sweep (to take over any whose "
+                                 "lease runs out); Ctrl-C to leave them")
+                    waiting = True
                 time.sleep(POLL_SECONDS)
             if received:
                 self.interrupt(received[0])
