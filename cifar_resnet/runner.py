@@ -48,6 +48,7 @@ from .records import (
     DATA_SOURCE,
     DEVICE,
     PARAM_COUNT,
+    PROGRESS_FILE,
     RECORD_FILE,
     RUN_SECONDS,
     TEST_ACC,
@@ -216,6 +217,7 @@ def _run_locked(config: Config, run_id: str, run_dir: Path, hooks: RunHooks) -> 
     }
     save_record()
     resume_path.unlink(missing_ok=True)  # finished: nothing left to resume
+    (run_dir / PROGRESS_FILE).unlink(missing_ok=True)  # nor to follow: the record has it all
     return RunOutcome(run_dir, record, result, data.classes)
 
 

@@ -226,7 +226,7 @@ def test_a_sweep_run_logs_no_warnings_about_the_sweeps_own_settings(tmp_path, ti
     assert "wandb:" in log_text  # W&B did speak
     assert "locked by" not in log_text
     assert capsys.readouterr().out.startswith(TINY_DATA_LINE)
-    assert read_progress(out_dir / run["run_id"]) is not None
+    assert read_progress(out_dir / run["run_id"]) is None  # a finished run keeps its record, not its progress
 
 
 def test_run_time_counts_every_attempt(tiny_config):
