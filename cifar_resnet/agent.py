@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from .credentials import has_credentials
 from .errors import UserError
+from .gpus import AUTO, parse_runs_per_gpu, resolve_runs_per_gpu
 from .process import Launch, reject_unknown_arguments, run_staggered
 from .wandb_sweep import DEFAULT_STAGGER_SECONDS, agent_argv
 
@@ -45,8 +46,9 @@ def plan_agents(argv: Sequence[str], gpus: Sequence[str], agents_per_gpu: int) -
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sweep_id", nargs="?", default=None, metavar="SWEEP_ID",
                         help=f"the sweep, ENTITY/PROJECT/ID as `wandb sweep` prints it (default: ${SWEEP_ID_VARIABLE})")
-    parser.add_argument("--agents-per-gpu", type=int, default=1, metavar="K",
-                        help="agents sharing each GPU, for models too small to keep one busy (default: 1)")
+    parser.add_argument("--agents-per-gpu", default=AUTO, metavar="K|auto",
+                        help="agents sharing each GPU, for models too small to keep one busy; auto: from the table "
+                        "keyed by GPU memory in cifar_resnet/gpus.py (default: auto)")
     parser.add_argument("--project", default=None, help="W&B project, when SWEEP_ID does not name it")
     parser.add_argument("--entity", default=None, help="W&B entity, when SWEEP_ID does not name it")
     parser.add_argument("--stagger", type=float, default=DEFAULT_STAGGER_SECONDS, metavar="SECONDS",
@@ -59,8 +61,7 @@ def agent_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
     if not sweep_id:
         raise UserError(f"SWEEP_ID: no sweep given; pass it (cifar-resnet agent ENTITY/PROJECT/ID) or set "
                         f"${SWEEP_ID_VARIABLE}")
-    if args.agents_per_gpu < 1:
-        raise UserError(f"--agents-per-gpu: must be >= 1, got {args.agents_per_gpu}")
+    agents_per_gpu = parse_runs_per_gpu(args.agents_per_gpu, "--agents-per-gpu")
     if args.stagger < 0:
         raise UserError(f"--stagger: must be >= 0 seconds, got {args.stagger:g}")
     if not has_credentials():
@@ -68,5 +69,7 @@ def agent_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
                         "pass -e WANDB_API_KEY to docker run, or export it")
     if shutil.which("wandb") is None:
         raise UserError("wandb: the `wandb` command is not on PATH; run inside the environment the package is in")
-    launches = plan_agents(agent_argv(sweep_id, args.project, args.entity), visible_gpus(), args.agents_per_gpu)
+    gpus = visible_gpus()
+    launches = plan_agents(agent_argv(sweep_id, args.project, args.entity), gpus,
+                           resolve_runs_per_gpu(agents_per_gpu, gpus) if gpus else 1)
     return run_staggered(launches, args.stagger, "agent")
