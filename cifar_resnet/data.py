@@ -97,8 +97,38 @@ def load_splits(config: Config) -> DataSplits:
     return DataSplits(train=train.subset(rest), val=train.subset(val), test=test, classes=classes)
 
 
+CIFAR10_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
+                 "batches.meta")
+
+
+def _cifar10_cache_file(data_dir: Path) -> Path | None:
+    """The decoded-tensor cache of the extracted batches, named by their names, sizes and modification times (any
+    change means a new name); None while any batch file is missing."""
+    digest = hashlib.sha256(f"v{CACHE_FORMAT_VERSION}".encode())
+    for name in CIFAR10_FILES:
+        try:
+            stat = os.stat(data_dir / CIFAR10_FOLDER / name)
+        except OSError:
+            return None
+        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return data_dir / CACHE_FOLDER / f"cifar10-{digest.hexdigest()[:16]}.pt"
+
+
 def load_cifar10(data_dir: Path) -> tuple[ImageSet, ImageSet, list[str]]:
-    """torchvision's CIFAR10, downloaded into `data_dir` once (one process downloads, the others wait)."""
+    """torchvision's CIFAR10, downloaded into `data_dir` once (one process downloads, the others wait).
+
+    Its decoded tensors are cached beside it, as an image folder's are: torchvision checks every batch file's MD5
+    and unpickles it on each load, which takes seconds; the cache is written only after those checks passed, and
+    is named by the files' sizes and modification times, so a changed file is checked again.
+    """
+    cache_file = _cifar10_cache_file(data_dir)
+    if cache_file is not None and cache_file.exists():
+        try:
+            cached = torch.load(cache_file, weights_only=True, mmap=True)
+            return (ImageSet(cached["train_images"], cached["train_labels"]),
+                    ImageSet(cached["test_images"], cached["test_labels"]), list(cached["classes"]))
+        except Exception as error:  # a damaged cache is rebuilt, never trusted
+            log.warning("ignoring unreadable CIFAR-10 cache %s: %s", cache_file, error)
     import torchvision  # deferred: torchvision's import is slow and only this source and the folder use it
 
     def open_sets() -> list[torchvision.datasets.CIFAR10]:
@@ -123,7 +153,18 @@ def load_cifar10(data_dir: Path) -> tuple[ImageSet, ImageSet, list[str]]:
     train, test = (
         ImageSet(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)) for s in sets
     )
-    return train, test, list(sets[0].classes)
+    classes = list(sets[0].classes)
+    cache_file = _cifar10_cache_file(data_dir)
+    if cache_file is not None and os.access(data_dir, os.W_OK):
+        with file_lock(data_dir / ".cifar10.lock"):
+            for stale in cache_file.parent.glob("cifar10-*.pt"):
+                if stale != cache_file:
+                    stale.unlink(missing_ok=True)
+            if not cache_file.exists():  # another process may have written it while this one waited
+                atomic_torch_save(cache_file, {"train_images": train.images, "train_labels": train.labels,
+                                               "test_images": test.images, "test_labels": test.labels,
+                                               "classes": classes})
+    return train, test, classes
 
 
 def load_image_folder(data_dir: Path) -> tuple[ImageSet, ImageSet, list[str]]:
