@@ -124,10 +124,11 @@ def test_a_tensor_learning_rate_follows_the_schedule_in_place(tiny_config, optim
     for _ in range(config.epochs):
         got = train_one_epoch(model, loader, opt, scheduler, loss_fn, contextlib.nullcontext)
         expected = train_one_epoch(*float_parts[:5], contextlib.nullcontext)
-        assert got == pytest.approx(expected, rel=1e-3)
+        # a float32 rate against a Python float: the same up to rounding (one flipped prediction at most)
+        assert got[0] == pytest.approx(expected[0], rel=1e-3) and got[1] == pytest.approx(expected[1], abs=0.01)
         # the very tensors a graph captured, refilled by the schedule, never replaced
         assert [group["lr"] for group in opt.param_groups] == lr_tensors
-        assert float(lr_tensors[0]) == pytest.approx(float_parts[2].param_groups[0]["lr"], rel=1e-6)
+        assert float(lr_tensors[0]) == pytest.approx(float_parts[2].param_groups[0]["lr"], rel=1e-6, abs=1e-12)
     assert float(lr_tensors[0]) == pytest.approx(0.0, abs=1e-6)  # onecycle ends at zero
 
 
@@ -157,7 +158,8 @@ def test_fit_on_the_graph_path_trains_like_the_eager_path(tiny_config, monkeypat
         graph = fit(tiny_config, build_model(tiny_config, 10, CPU), load_splits(tiny_config), CPU)
     assert sum(r.levelno == logging.WARNING for r in caplog.records) == 1
     for got, expected in zip(graph.history, eager.history, strict=True):
-        for name in ("train/loss", "val/acc", "lr"):
+        for name in ("train/loss", "lr"):
             assert got[name] == pytest.approx(expected[name], rel=1e-3, abs=1e-6)
+        assert got["val/acc"] == pytest.approx(expected["val/acc"], abs=0.01)
         assert isinstance(got["lr"], float)
     assert graph.test.acc == pytest.approx(eager.test.acc, abs=0.02)
