@@ -299,8 +299,8 @@ class CapturedStep(EagerStep):
     def capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         self.static_images = torch.empty_like(images, memory_format=self.memory_format).copy_(images)
         self.static_labels = labels.clone()
-        graph = torch.cuda.CUDAGraph()
         try:
+            graph = torch.cuda.CUDAGraph()
             self.optimizer.zero_grad(set_to_none=True)  # backward allocates the gradients in the graph's pool
             with torch.cuda.graph(graph):
                 loss, correct = train_step(self.model, self.static_images, self.static_labels, self.optimizer,
