@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Every GPU measurement of BENCHMARKS.md in one call (sized for 8 minutes on one H100), on the JPEG copy of
 # CIFAR-10, with nothing but python, torch and torchvision (no W&B; the package needs no installing):
-#   1. the benchmark in GPU mode: write-up's pipeline against ours, the tuning variants one by one, and runs per
-#      hour with 1, 2 and 4 concurrent full runs;
+#   0. one full 10-epoch run of the real model with a cold decode cache (the cache is deleted first), timed from
+#      process start: the first decode of the 60,000 JPEGs included;
+#   1. the benchmark in GPU mode: write-up's pipeline against ours, the tuning variants one by one (ours = the step
+#      captured as one CUDA graph by hand; beside it the eager step, torch.compile's reduce-overhead graphs, and
+#      bf16, channels_last and each optimizer under the graph), and runs per hour with 1, 2, 4 and 8 concurrent
+#      full runs (which sets the runs-per-GPU table of cifar_resnet/gpus.py);
 #   2. one full 10-epoch run of the real model, timed from process start (the decode cache is warm by then);
 #   3. the write-up's six cells with our default recipe, as many at a time as step 1 found best;
-#   4. the same six cells with recipe=writeup (the write-up's settings on our pipeline, on the same data);
+#   4. (WRITEUP_GRID=1 only; measured at b555040) the same six cells with recipe=writeup;
 #   5. with IMAGE=<the worker image> and docker or podman (and the NVIDIA container toolkit): torch inside the
 #      image's own Python sees the GPU and computes on it (skipped, with a message, without a GPU or an engine).
 # Results (JSON) and one log go to $OUT (or ./gpu-check); run folders and checkpoints stay in $WORK.
@@ -15,8 +19,9 @@
 #
 # Settings (environment): ARCHIVE (default data/cifar10-jpeg.tar.gz, else ../shared/data/cifar10-jpeg.tar.gz),
 # PYTHON (default python3), WORK (default $TMPDIR/cifar_resnet_gpu_check), WORKERS (step 3 and 4; default: the best
-# of step 1), VARIANTS (step 1's tuning variants, comma-separated; default all), SKIP_WRITEUP_GRID=1 leaves out
-# step 4, IMAGE (step 5: an image to run, e.g. REGISTRY/cifar-resnet-agent:0.1, pulled or built on this host).
+# of step 1), VARIANTS (step 1's tuning variants, comma-separated; default all), WRITEUP_GRID=1 adds step 4,
+# IMAGE (step 5: an image to run, e.g. REGISTRY/cifar-resnet-agent:0.1, pulled or built on this host).
+# CIFAR10_JPEG_DIR is exported (the extracted folder) for the GPU tests (tests/test_gpu_graph.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,11 +44,12 @@ fi
 DATA_DIR="$WORK/cifar10-jpeg"
 [ -d "$DATA_DIR/test" ] || tar -xzf "$ARCHIVE" -C "$WORK"
 DATA=(--dataset=imagefolder "--data_dir=$DATA_DIR")
+export CIFAR10_JPEG_DIR="$DATA_DIR"
 
 if [ -n "${SMALL:-}" ]; then  # every step, on a CPU, in a few minutes; its accuracies mean nothing
     MODE=cpu
     RUN=(--device=cpu --width=8 --epochs=1 --train_size=1000 --val_size=500)
-    BENCH=(--concurrency=1,2 --variants=ours)
+    BENCH=(--concurrency=1,2 "--variants=ours,eager (no CUDA graph),sgd")
 else
     MODE=gpu
     RUN=(--device=cuda)
@@ -66,6 +72,10 @@ step() {  # step NAME COMMAND...: run it, log it with its wall time, copy its JS
   grep -m1 "model name" /proc/cpuinfo || true; nproc; "$PYTHON" -c "import torch; print('torch', torch.__version__)"
 } | tee -a "$LOG"
 
+rm -rf "$DATA_DIR/.cifar_resnet_cache"  # step 0 decodes from the JPEGs
+step full10-cold "$PYTHON" -m cifar_resnet.bench run --run_id=full10-cold "--result=$WORK/full10-cold.json" "${DATA[@]}" \
+    "${RUN[@]}" "--output_dir=$WORK/full10-runs"
+
 step bench "$PYTHON" -m cifar_resnet.bench "--mode=$MODE" "${DATA[@]}" "${RUN[@]}" "${BENCH[@]}" "--out=$WORK/bench.json"
 
 step full10 "$PYTHON" -m cifar_resnet.bench run --run_id=full10 "--result=$WORK/full10.json" "${DATA[@]}" "${RUN[@]}" \
@@ -76,7 +86,7 @@ if [ -z "${WORKERS:-}" ]; then  # the concurrency with the most runs per hour in
 print(max(c, key=lambda k: c[k]['runs_per_hour']) if c else 1)" "$WORK/bench.json" 2>/dev/null || echo 1)
 fi
 step grid "$PYTHON" -m cifar_resnet.bench grid "--workers=$WORKERS" "${DATA[@]}" "${RUN[@]}" "--out=$WORK/grid.json"
-if [ -z "${SKIP_WRITEUP_GRID:-}" ]; then
+if [ -n "${WRITEUP_GRID:-}" ]; then
     step grid-writeup "$PYTHON" -m cifar_resnet.bench grid "--workers=$WORKERS" --recipe=writeup "${DATA[@]}" \
         "${RUN[@]}" "--out=$WORK/grid-writeup.json"
 fi

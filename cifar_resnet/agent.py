@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 
 from .credentials import has_credentials
 from .errors import UserError
+from .gpus import AUTO, parse_runs_per_gpu, resolve_runs_per_gpu
 from .process import Launch, first_failure, reject_unknown_arguments, run_staggered_statuses, start_process
 from .wandb_sweep import DEFAULT_STAGGER_SECONDS, agent_argv
 
@@ -103,8 +104,9 @@ class AgentOutputs:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sweep_id", nargs="?", default=None, metavar="SWEEP_ID",
                         help=f"the sweep, ENTITY/PROJECT/ID as `wandb sweep` prints it (default: ${SWEEP_ID_VARIABLE})")
-    parser.add_argument("--agents-per-gpu", type=int, default=1, metavar="K",
-                        help="agents sharing each GPU, for models too small to keep one busy (default: 1)")
+    parser.add_argument("--agents-per-gpu", default=AUTO, metavar="K|auto",
+                        help="agents sharing each GPU, for models too small to keep one busy; auto: from the table "
+                        "keyed by GPU memory in cifar_resnet/gpus.py (default: auto)")
     parser.add_argument("--count", type=int, default=None, metavar="N",
                         help="runs per agent, then it exits (`wandb agent --count`; default: until the sweep has no "
                         "more work), so that a batch job gives its GPU back")
@@ -120,8 +122,7 @@ def agent_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
     if not sweep_id:
         raise UserError(f"SWEEP_ID: no sweep given; pass it (cifar-resnet agent ENTITY/PROJECT/ID) or set "
                         f"${SWEEP_ID_VARIABLE}")
-    if args.agents_per_gpu < 1:
-        raise UserError(f"--agents-per-gpu: must be >= 1, got {args.agents_per_gpu}")
+    agents_per_gpu = parse_runs_per_gpu(args.agents_per_gpu, "--agents-per-gpu")
     if args.count is not None and args.count < 1:
         raise UserError(f"--count: must be >= 1, got {args.count}")
     if args.stagger < 0:
@@ -131,8 +132,9 @@ def agent_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
                         "pass -e WANDB_API_KEY to docker run, or export it")
     if shutil.which("wandb") is None:
         raise UserError("wandb: the `wandb` command is not on PATH; run inside the environment the package is in")
-    launches = plan_agents(agent_argv(sweep_id, args.project, args.entity, args.count), visible_gpus(),
-                           args.agents_per_gpu)
+    gpus = visible_gpus()
+    launches = plan_agents(agent_argv(sweep_id, args.project, args.entity, args.count), gpus,
+                           resolve_runs_per_gpu(agents_per_gpu, gpus) if gpus else 1)
     outputs = AgentOutputs()
     statuses = run_staggered_statuses(launches, args.stagger, "agent", outputs.start)
     outputs.wait()

@@ -84,7 +84,10 @@ class Config:
     device: str = _setting("auto", "training device: auto (CUDA when present), cpu, cuda or cuda:N (N a GPU index)")
     bf16: bool = _setting(True, "bf16 autocast on CUDA (ignored on CPU)")
     channels_last: bool = _setting(True, "channels_last memory format on CUDA (ignored on CPU)")
-    compile: bool = _setting(False, "torch.compile the model (its compile time counts against the run)")
+    compile: bool = _setting(False, "torch.compile the model (its compile time counts against the run); on CUDA "
+                             "with cuda_graph=true in mode reduce-overhead (torch.compile's own CUDA graphs)")
+    cuda_graph: bool = _setting(True, "capture the training step (forward, backward, optimizer step) once as one "
+                                "CUDA graph and replay it every step (ignored on CPU)")
 
     # ------------------------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:

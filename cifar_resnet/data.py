@@ -101,8 +101,38 @@ def load_splits(config: Config) -> DataSplits:
     return DataSplits(train=train.subset(rest), val=train.subset(val), test=test, classes=classes)
 
 
+CIFAR10_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
+                 "batches.meta")
+
+
+def _cifar10_cache_file(data_dir: Path) -> Path | None:
+    """The decoded-tensor cache of the extracted batches, named by their names, sizes and modification times (any
+    change means a new name); None while any batch file is missing."""
+    digest = hashlib.sha256(f"v{CACHE_FORMAT_VERSION}".encode())
+    for name in CIFAR10_FILES:
+        try:
+            stat = os.stat(data_dir / CIFAR10_FOLDER / name)
+        except OSError:
+            return None
+        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return data_dir / CACHE_FOLDER / f"cifar10-{digest.hexdigest()[:16]}.pt"
+
+
 def load_cifar10(data_dir: Path) -> tuple[ImageSet, ImageSet, list[str]]:
-    """torchvision's CIFAR10, downloaded into `data_dir` once (one process downloads, the others wait)."""
+    """torchvision's CIFAR10, downloaded into `data_dir` once (one process downloads, the others wait).
+
+    Its decoded tensors are cached beside it, as an image folder's are: torchvision checks every batch file's MD5
+    and unpickles it on each load, which takes seconds; the cache is written only after those checks passed, and
+    is named by the files' sizes and modification times, so a changed file is checked again.
+    """
+    cache_file = _cifar10_cache_file(data_dir)
+    if cache_file is not None and cache_file.exists():
+        try:
+            cached = torch.load(cache_file, weights_only=True, mmap=True)
+            return (ImageSet(cached["train_images"], cached["train_labels"]),
+                    ImageSet(cached["test_images"], cached["test_labels"]), list(cached["classes"]))
+        except Exception as error:  # a damaged cache is rebuilt, never trusted
+            log.warning("ignoring unreadable CIFAR-10 cache %s: %s", cache_file, error)
     import torchvision  # deferred: torchvision's import is slow and only this source and the folder use it
 
     def open_sets() -> list[torchvision.datasets.CIFAR10]:
@@ -127,7 +157,18 @@ def load_cifar10(data_dir: Path) -> tuple[ImageSet, ImageSet, list[str]]:
     train, test = (
         ImageSet(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)) for s in sets
     )
-    return train, test, list(sets[0].classes)
+    classes = list(sets[0].classes)
+    cache_file = _cifar10_cache_file(data_dir)
+    if cache_file is not None and os.access(data_dir, os.W_OK):
+        with file_lock(data_dir / ".cifar10.lock"):
+            for stale in cache_file.parent.glob("cifar10-*.pt"):
+                if stale != cache_file:
+                    stale.unlink(missing_ok=True)
+            if not cache_file.exists():  # another process may have written it while this one waited
+                atomic_torch_save(cache_file, {"train_images": train.images, "train_labels": train.labels,
+                                               "test_images": test.images, "test_labels": test.labels,
+                                               "classes": classes})
+    return train, test, classes
 
 
 def load_image_folder(data_dir: Path) -> tuple[ImageSet, ImageSet, list[str]]:
@@ -228,7 +269,8 @@ def _load_folder_split(folder: Path) -> tuple[ImageSet, list[str]]:
         if not cache_file.exists():
             return None
         try:
-            cached = torch.load(cache_file, weights_only=True)
+            # mmap: the pages are read as the tensors are first touched, with no second copy in memory
+            cached = torch.load(cache_file, weights_only=True, mmap=True)
             return ImageSet(cached["images"], cached["labels"])
         except Exception as error:  # a damaged cache is rebuilt, never trusted
             log.warning("ignoring unreadable decode cache %s: %s", cache_file, error)
@@ -259,25 +301,48 @@ def _load_folder_split(folder: Path) -> tuple[ImageSet, list[str]]:
     return decoded, classes
 
 
-def _decode_images(paths: list[str]) -> torch.Tensor:
+DECODE_CHUNK_IMAGES = 1000  # images per decoding task: enough to amortise a task's overhead, small enough to
+# keep every core busy to the end
+
+
+def decode_threads() -> int:
+    """Threads for the first decode of an image folder: every core this process may use (the decoders release the
+    GIL; the decode runs once per folder, under the cache lock)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _decode_images(paths: list[str], threads: int | None = None) -> torch.Tensor:
+    """Decode `paths` (32x32 images) into one (N, 3, 32, 32) uint8 tensor, in chunks on `threads` threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from torchvision.io import ImageReadMode, decode_image, read_file
 
     images = torch.empty(len(paths), 3, IMAGE_SIZE_PX, IMAGE_SIZE_PX, dtype=torch.uint8)
-    for i, path in enumerate(paths):
-        try:
-            with warnings.catch_warnings():
-                # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec; they are 2.5x faster
-                # than PIL here, give identical pixels, and run once per folder thanks to the cache.
-                warnings.simplefilter("ignore", DeprecationWarning)
+
+    def decode_chunk(start: int) -> None:
+        for i in range(start, min(start + DECODE_CHUNK_IMAGES, len(paths))):
+            path = paths[i]
+            try:
                 image = decode_image(read_file(path), mode=ImageReadMode.RGB)  # (3, H, W) uint8
-        except RuntimeError as error:
-            raise DataError(f"data_dir: cannot read image {path}: {str(error).splitlines()[0]}") from None
-        if image.shape[1:] != (IMAGE_SIZE_PX, IMAGE_SIZE_PX):
-            raise DataError(
-                f"data_dir: image {path} is {image.shape[2]}x{image.shape[1]}; "
-                f"only {IMAGE_SIZE_PX}x{IMAGE_SIZE_PX} images are allowed"
-            )
-        images[i] = image
+            except RuntimeError as error:
+                raise DataError(f"data_dir: cannot read image {path}: {str(error).splitlines()[0]}") from None
+            if image.shape[1:] != (IMAGE_SIZE_PX, IMAGE_SIZE_PX):
+                raise DataError(
+                    f"data_dir: image {path} is {image.shape[2]}x{image.shape[1]}; "
+                    f"only {IMAGE_SIZE_PX}x{IMAGE_SIZE_PX} images are allowed"
+                )
+            images[i] = image
+
+    # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec; they are 2.5x faster than PIL here,
+    # give identical pixels, and run once per folder thanks to the cache. The filter is set here, once, for the
+    # threads too: warning filters are process-wide, and catch_warnings is not thread-safe.
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=threads or decode_threads()) as pool:
+        warnings.simplefilter("ignore", DeprecationWarning)
+        # list(): waits for every chunk and raises the first chunk's error (a DataError naming the file)
+        list(pool.map(decode_chunk, range(0, len(paths), DECODE_CHUNK_IMAGES)))
     return images
 
 

@@ -67,11 +67,13 @@ def build_model(config: Config, num_classes: int, device: torch.device) -> nn.Mo
 
 
 def build_optimizer(
-    config: Config, model: nn.Module, device: torch.device, fused: bool | None = None
+    config: Config, model: nn.Module, device: torch.device, fused: bool | None = None, graph: bool = False
 ) -> torch.optim.Optimizer:
     """Weight decay applies to conv and linear weights only, never to batch-norm parameters or biases.
 
     `fused` (one kernel for the whole update) defaults to True on CUDA; the benchmark turns it off to measure it.
+    `graph` builds it for a captured step (`CapturedStep`): the learning rate is a device tensor, which the schedule
+    updates in place between replays, and Adam and AdamW are `capturable` (their step counters on the device).
     """
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
@@ -81,15 +83,48 @@ def build_optimizer(
     ]
     if fused is None:
         fused = device.type == "cuda"
+    lr: float | torch.Tensor = config.learning_rate
+    capturable: dict[str, bool] = {}
+    if graph:
+        lr = torch.tensor(config.learning_rate, dtype=torch.float32, device=device)
+        if device.type == "cuda":  # torch refuses capturable=True on a CPU
+            capturable = {"capturable": True}
     if config.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=config.learning_rate, fused=fused)
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=config.learning_rate, fused=fused)
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            groups, lr=config.learning_rate, momentum=config.momentum, nesterov=config.nesterov, fused=fused
+        optimizer: torch.optim.Optimizer = torch.optim.Adam(groups, lr=lr, fused=fused, **capturable)
+    elif config.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=lr, fused=fused, **capturable)
+    elif config.optimizer == "sgd":
+        # SGD has no `capturable`: fused SGD takes a tensor learning rate as it is, without a host read.
+        optimizer = torch.optim.SGD(
+            groups, lr=lr, momentum=config.momentum, nesterov=config.nesterov, fused=fused
         )
-    raise ConfigError(f"optimizer: {config.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    else:
+        raise ConfigError(f"optimizer: {config.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    if graph:
+        # The schedule's base rate as a float: the scheduler then computes plain numbers and fills the tensor with
+        # them (no device arithmetic and no host read per step).
+        for group in optimizer.param_groups:
+            group["initial_lr"] = config.learning_rate
+    return optimizer
+
+
+def keep_graph_settings(optimizer: torch.optim.Optimizer, built: list[dict[str, Any]]) -> None:
+    """After `optimizer.load_state_dict`, put back what this process built and a checkpoint must not change: the
+    learning-rate tensors (refilled with the loaded values) and the capturable and fused flags. A checkpoint
+    replaces each param group's dict with the saved one, which may come from an eager run or another device."""
+    for group, own in zip(optimizer.param_groups, built, strict=True):
+        if isinstance(own["lr"], torch.Tensor):
+            loaded = group["lr"]
+            own["lr"].fill_(float(loaded))
+            group["lr"] = own["lr"]
+        for flag in ("capturable", "fused", "foreach"):
+            if flag in own:
+                group[flag] = own[flag]
+    device_steps = any(own.get("capturable") or own.get("fused") for own in built)
+    for param, state in optimizer.state.items():  # capturable and fused Adam keep their step counters on the device
+        step = state.get("step")
+        if device_steps and isinstance(step, torch.Tensor) and step.device != param.device:
+            state["step"] = step.to(param.device, torch.float32)
 
 
 def lr_multiplier(config: Config, step: int, steps_per_epoch: int) -> float:
@@ -119,10 +154,185 @@ def memory_format_for(config: Config, device: torch.device) -> torch.memory_form
     return torch.contiguous_format
 
 
-def autocast_context(config: Config, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+def autocast_context(
+    config: Config, device: torch.device, cache_enabled: bool = True
+) -> Callable[[], contextlib.AbstractContextManager]:
+    """bf16 autocast on CUDA when configured. A captured step needs `cache_enabled=False` (PyTorch's CUDA Graphs
+    notes): the cast weights must be recomputed inside the graph, not taken from a cache filled outside it."""
     if device.type == "cuda" and config.bf16:
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache_enabled)
     return contextlib.nullcontext
+
+
+# --- one step -------------------------------------------------------------------------------------------------
+
+CAPTURE_WARMUP_STEPS = 3  # eager steps on a side stream before the capture (PyTorch's CUDA Graphs notes use 3):
+# they create the optimizer state and the cuDNN and cuBLAS workspaces, which must exist before a capture.
+MIN_GRAPH_CAPABILITY = (7, 0)  # Volta: older GPUs lack the CUDA graph features the capture relies on
+
+
+def train_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, backward and optimizer step on one batch; returns the batch's mean loss (float32) and its number
+    of correct predictions (int64), both still on the device (no host sync).
+
+    The one step function: run as it is on a CPU, captured once as a CUDA graph by `CapturedStep`. Gradients are
+    set to None, not zeroed: under capture, backward then allocates them in the graph's own memory pool and writes
+    them afresh on every replay (PyTorch's whole-network capture does the same).
+    """
+    with autocast():
+        logits = model(images)  # (B, classes)
+        loss = loss_fn(logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach().float(), (logits.argmax(1) == labels).sum()
+
+
+class StepTotals:
+    """An epoch's loss sum and correct count, accumulated on the device: reading them each step would stall the
+    GPU. Their tensors never change (a captured step adds into them); `zero_` starts an epoch."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+
+    def zero_(self) -> None:
+        self.loss_sum.zero_()
+        self.correct.zero_()
+
+    def add_(self, loss: torch.Tensor, correct: torch.Tensor, batch_size: int) -> None:
+        self.loss_sum.add_(loss * batch_size)
+        self.correct.add_(correct)
+
+
+class EagerStep:
+    """`train_step` run as it is, each call, adding into `totals`; `loss` is the last batch's mean loss."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: nn.Module,
+        autocast: Callable[[], contextlib.AbstractContextManager],
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ) -> None:
+        self.model, self.optimizer, self.loss_fn, self.autocast = model, optimizer, loss_fn, autocast
+        self.memory_format = memory_format
+        self.totals = StepTotals(next(model.parameters()).device)
+        self.loss: torch.Tensor | None = None
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        images = images.contiguous(memory_format=self.memory_format)
+        self.loss, correct = train_step(self.model, images, labels, self.optimizer, self.loss_fn, self.autocast)
+        self.totals.add_(self.loss, correct, len(labels))
+
+
+class CapturedStep(EagerStep):
+    """The same step as one CUDA graph: static image and label buffers, captured once, replayed every call.
+
+    The first `CAPTURE_WARMUP_STEPS` calls train eagerly on a side stream; the next captures the step (and the
+    accumulation into `totals`) and replays it for its own batch; every later call copies its batch into the
+    static buffers and replays. These are real training steps: a run takes as many steps as an eager one.
+    Whatever the capture cannot do (no CUDA, a GPU older than Volta, a batch of another shape, the capture
+    raising) makes it train eagerly from then on, after one warning with the reason.
+    The optimizer must come from `build_optimizer(..., graph=True)` and `autocast` use `cache_enabled=False`.
+    """
+
+    def __init__(self, *args: Any, warmup_steps: int = CAPTURE_WARMUP_STEPS, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.warmup_steps = warmup_steps
+        self.warmed_up = 0
+        self.graph: Any = None  # torch.cuda.CUDAGraph once captured
+        self.eager = False  # fell back for good
+        self.capture_seconds = 0.0  # the warm-up steps and the capture, with the syncs they need
+        self.static_images: torch.Tensor | None = None
+        self.static_labels: torch.Tensor | None = None
+        self.side_stream: Any = None
+
+    def fall_back(self, reason: str) -> None:
+        log.warning("training eagerly, without a CUDA graph: %s", reason)
+        self.eager = True
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if self.eager:
+            return super().__call__(images, labels)
+        if self.graph is not None:
+            if images.shape != self.static_images.shape or labels.shape != self.static_labels.shape:
+                self.fall_back(f"a batch of shape {tuple(images.shape)}, captured {tuple(self.static_images.shape)}")
+                return super().__call__(images, labels)
+            self.static_images.copy_(images)  # also converts to the captured memory format
+            self.static_labels.copy_(labels)
+            self.graph.replay()
+            return None
+        started = time.perf_counter()
+        if self.side_stream is None and not self.prepare(images):
+            return super().__call__(images, labels)
+        if self.warmed_up < self.warmup_steps:
+            self.warm_up(images, labels)
+        else:
+            self.capture(images, labels)
+        self.capture_seconds += time.perf_counter() - started
+        return None
+
+    def prepare(self, images: torch.Tensor) -> bool:
+        """Check that a capture is possible here and make the side stream; False (after the warning) if not."""
+        try:
+            if images.device.type != "cuda":
+                raise RuntimeError(f"the device is {images.device.type}, not CUDA")
+            capability = torch.cuda.get_device_capability(images.device)
+            if capability < MIN_GRAPH_CAPABILITY:
+                raise RuntimeError(f"GPU compute capability {capability} is below {MIN_GRAPH_CAPABILITY}")
+            self.side_stream = torch.cuda.Stream(images.device)
+        except Exception as error:  # any reason at all: training goes on eagerly
+            self.fall_back(f"{type(error).__name__}: {error}")
+            return False
+        return True
+
+    def warm_up(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.side_stream.wait_stream(torch.cuda.current_stream(images.device))
+        with torch.cuda.stream(self.side_stream):
+            super().__call__(images, labels)
+        torch.cuda.current_stream(images.device).wait_stream(self.side_stream)
+        self.warmed_up += 1
+
+    def capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.static_images = torch.empty_like(images, memory_format=self.memory_format).copy_(images)
+        self.static_labels = labels.clone()
+        try:
+            graph = torch.cuda.CUDAGraph()
+            self.optimizer.zero_grad(set_to_none=True)  # backward allocates the gradients in the graph's pool
+            with torch.cuda.graph(graph):
+                loss, correct = train_step(self.model, self.static_images, self.static_labels, self.optimizer,
+                                           self.loss_fn, self.autocast)
+                self.totals.add_(loss, correct, len(labels))
+        except Exception as error:  # nothing ran: a capture records kernels without running them
+            self.optimizer.zero_grad(set_to_none=True)  # drop gradients that point into the failed graph's pool
+            self.fall_back(f"the capture failed: {type(error).__name__}: {error}")
+            super().__call__(images, labels)
+            return
+        self.graph, self.loss = graph, loss
+        graph.replay()  # this call's own batch
+        log.info("captured the training step as one CUDA graph (%d warm-up steps and the capture: %.2f s)",
+                 self.warmed_up, self.capture_seconds)
+
+
+def uses_cuda_graph(config: Config, device: torch.device) -> bool:
+    """Whether a run captures its step by hand: on CUDA with cuda_graph, unless torch.compile does the graphs."""
+    return config.cuda_graph and device.type == "cuda" and not config.compile
+
+
+def compile_mode(config: Config, device: torch.device) -> str | None:
+    """torch.compile's mode for the run, or None when it is not compiled."""
+    if not config.compile:
+        return None
+    return "reduce-overhead" if config.cuda_graph and device.type == "cuda" else "default"
 
 
 # --- one epoch ------------------------------------------------------------------------------------------------
@@ -138,30 +348,26 @@ def train_one_epoch(
     memory_format: torch.memory_format = torch.contiguous_format,
     should_stop: Callable[[], bool] = lambda: False,
     on_batch: Callable[[], None] | None = None,
+    step: EagerStep | None = None,
 ) -> tuple[float, float]:
-    """Train over `loader` once; return (mean loss, accuracy). One host sync, at the end."""
+    """Train over `loader` once; return (mean loss, accuracy). One host sync, at the end.
+
+    `step` runs each batch (a `CapturedStep` replays a CUDA graph); by default `train_step` runs eagerly with the
+    model, optimizer, loss and autocast given. The schedule steps outside the step, between batches.
+    """
     model.train()
-    loss_sum = torch.zeros((), device=next(model.parameters()).device)
-    correct = torch.zeros((), dtype=torch.int64, device=loss_sum.device)
+    step = step or EagerStep(model, optimizer, loss_fn, autocast, memory_format)
+    step.totals.zero_()
     seen = 0
     for images, labels in loader:  # images (B, 3, 32, 32) float, labels (B,)
         if should_stop():
             raise Interrupted
-        images = images.contiguous(memory_format=memory_format)
-        with autocast():
-            logits = model(images)  # (B, classes)
-            loss = loss_fn(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        # Accumulated on the device: reading them now would stall the GPU every step.
-        loss_sum += loss.detach().float() * len(labels)
-        correct += (logits.argmax(1) == labels).sum()
+        step(images, labels)
+        scheduler.step()  # on a tensor learning rate: filled in place, as the captured step reads it
         seen += len(labels)
         if on_batch is not None:
             on_batch()
-    loss_value, correct_value = loss_sum.item(), correct.item()  # sync point: once per epoch
+    loss_value, correct_value = step.totals.loss_sum.item(), step.totals.correct.item()  # sync: once per epoch
     return loss_value / max(seen, 1), correct_value / max(seen, 1)
 
 
@@ -319,16 +525,22 @@ def fit(
         raise ConfigError(
             f"batch_size: {config.batch_size} is more than the {len(data.train)} training images; lower it"
         )
-    optimizer = build_optimizer(config, model, device)
+    graph = uses_cuda_graph(config, device)
+    optimizer = build_optimizer(config, model, device, graph=graph)
     scheduler = build_scheduler(config, optimizer, len(train_loader))
     state = TrainState(model, optimizer, scheduler, generator)
     if resume is not None:
+        built = [dict(group) for group in optimizer.param_groups]
         state.load_state_dict(resume)
+        keep_graph_settings(optimizer, built)
         log.info("resuming after epoch %d of %d", state.epoch, config.epochs)
-    step_model = torch.compile(model) if config.compile else model  # state dicts stay those of `model`
+    mode = compile_mode(config, device)
+    step_model = torch.compile(model, mode=mode) if mode else model  # state dicts stay those of `model`
     memory_format = memory_format_for(config, device)
-    autocast = autocast_context(config, device)
+    autocast = autocast_context(config, device, cache_enabled=not graph)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    step_class = CapturedStep if graph else EagerStep  # captured once per run, in the first epoch trained
+    step = step_class(step_model, optimizer, loss_fn, autocast, memory_format)
 
     for epoch in range(state.epoch + 1, config.epochs + 1):
         if hooks.on_epoch_start is not None:
@@ -336,7 +548,7 @@ def fit(
         start = time.perf_counter()
         train_loss, train_acc = train_one_epoch(
             step_model, train_loader, optimizer, scheduler, loss_fn, autocast, memory_format, hooks.should_stop,
-            hooks.on_batch,
+            hooks.on_batch, step,
         )
         train_seconds = time.perf_counter() - start  # train_one_epoch ended on a sync, so this is honest
         if not math.isfinite(train_loss):
@@ -355,7 +567,7 @@ def fit(
             train_acc=train_acc,
             val_loss=val.loss,
             val_acc=val.acc,
-            lr=scheduler.get_last_lr()[0],
+            lr=float(scheduler.get_last_lr()[0]),  # a device tensor under a captured step: read once an epoch
             epoch_seconds=time.perf_counter() - start,
             train_images_per_second=len(train_loader) * config.batch_size / train_seconds,
             is_best=is_best,

@@ -32,6 +32,7 @@ import yaml
 from .config import Config
 from .credentials import DEFAULT_PROJECT, choose_mode
 from .errors import ConfigError, UserError
+from .gpus import AUTO, parse_runs_per_gpu, resolve_runs_per_gpu
 from .process import (
     SIGNAL_EXIT_BASE,
     SUPERVISOR_STOP_SIGNALS,
@@ -759,7 +760,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sweep_file", type=Path, metavar="SWEEP_YAML", help="a W&B sweep file, e.g. sweep.yaml")
     parser.add_argument("--workers", type=int, default=None, help="runs at a time (default: 1, or one per --gpus)")
     parser.add_argument("--gpus", default=None,
-                        help="comma-separated GPU indices, e.g. 0,1: one worker pinned to each (CUDA_VISIBLE_DEVICES)")
+                        help="comma-separated GPU indices, e.g. 0,1: workers pinned to each (CUDA_VISIBLE_DEVICES)")
+    parser.add_argument("--runs-per-gpu", default=AUTO, metavar="N|auto",
+                        help="workers sharing each GPU of --gpus; auto: from the table keyed by GPU memory in "
+                        "cifar_resnet/gpus.py, or --workers / GPUs when --workers is given (default: auto)")
     parser.add_argument("--count", type=int, default=None,
                         help="stop when the sweep has this many runs (counting earlier invocations); needed to end "
                         "random and bayes sweeps")
@@ -778,8 +782,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"died) may be taken over by another process (default {LEASE_SECONDS:.0f})")
 
 
-def parse_gpus(gpus: str | None, workers: int | None) -> list[str | None]:
+def parse_gpus(gpus: str | None, workers: int | None, runs_per_gpu: str | None = None) -> list[str | None]:
     """One entry per worker: the GPU it is pinned to, or None (unpinned)."""
+    per_gpu = parse_runs_per_gpu(runs_per_gpu, "--runs-per-gpu")
     if workers is not None and workers < 1:
         raise UserError(f"--workers: must be >= 1, got {workers}")
     if gpus is None:
@@ -787,9 +792,12 @@ def parse_gpus(gpus: str | None, workers: int | None) -> list[str | None]:
     indices = [item.strip() for item in gpus.split(",")]
     if not all(re.fullmatch(r"\d+", index) for index in indices):
         raise UserError(f"--gpus: expected comma-separated GPU indices such as 0,1, got {gpus!r}")
-    if workers is not None and workers != len(indices):
-        raise UserError(f"--workers: {workers} does not match the {len(indices)} GPUs of --gpus {gpus}")
-    return list(indices)
+    if workers is not None and (workers % len(indices) or (per_gpu and workers != per_gpu * len(indices))):
+        raise UserError(f"--workers: {workers} does not match the {len(indices)} GPUs of --gpus {gpus}"
+                        f"{f' x {per_gpu} runs per GPU' if per_gpu else ''}")
+    if per_gpu is None:
+        per_gpu = workers // len(indices) if workers is not None else resolve_runs_per_gpu(None, indices)
+    return [index for index in indices for _ in range(per_gpu)]
 
 
 def sweep_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
@@ -798,7 +806,7 @@ def sweep_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
         raise UserError(f"--count: must be >= 1, got {args.count}")
     if not args.lease_seconds > 0:
         raise UserError(f"--lease-seconds: must be > 0, got {args.lease_seconds}")
-    gpus = parse_gpus(args.gpus, args.workers)
+    gpus = parse_gpus(args.gpus, args.workers, args.runs_per_gpu)
     plan = load_sweep(args.sweep_file, args.overrides)
     warn_unless_our_entry_point(plan)
     project = args.project or plan.config.get("project") or os.environ.get("WANDB_PROJECT")

@@ -8,7 +8,7 @@ images.
 Reported: training images/s and seconds per epoch with their ratio, the data pipelines alone (batches/s, no model),
 model FLOPs per image (counted), TFLOP/s reached and their fraction of a peak measured in the same run (a large
 bf16 matmul on GPU, fp32 on CPU), peak memory, and in GPU mode the tuning options one by one and runs per hour with
-1, 2 and 4 concurrent runs. Warm-up first; clocks are read after a device sync; figures are medians over repeats.
+1, 2, 4 and 8 concurrent runs. Warm-up first; clocks are read after a device sync; figures are medians over repeats.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from torch import nn
 from ..config import Config
 from ..data import IMAGE_SIZE_PX, DataSplits, DeviceLoader, ImageSet, load_splits
 from ..engine import (
+    CapturedStep,
+    EagerStep,
     autocast_context,
     build_model,
     build_optimizer,
@@ -39,6 +41,7 @@ from ..engine import (
     memory_format_for,
     select_device,
     train_one_epoch,
+    uses_cuda_graph,
 )
 from ..errors import UserError
 from ..files import atomic_write_json
@@ -75,7 +78,7 @@ class Plan:
     def for_mode(cls, mode: str) -> Plan:
         if mode == "gpu":
             return cls(mode, steps=50, warmup_steps=20, repeats=3, data_batches=50, peak_size=8192,
-                       variants=tuple(VARIANTS), concurrency=(1, 2, 4))
+                       variants=tuple(VARIANTS), concurrency=(1, 2, 4, 8))
         return cls(mode, steps=6, warmup_steps=2, repeats=3, data_batches=50, peak_size=2048, variants=("ours",),
                    concurrency=())
 
@@ -101,17 +104,27 @@ class Variant:
     cudnn_benchmark: bool = False  # cuDNN autotuning of convolution algorithms
     sync_every_step: bool = False  # a host sync each step, as reading the loss each step causes
     compile_mode: str | None = None  # torch.compile mode; "reduce-overhead" replays CUDA graphs
+    cuda_graph: bool | None = None  # the step captured as one CUDA graph (CUDA only); None: as the config says
+    optimizer: str | None = None  # None: as the config says
 
 
+# `ours` is what a run does: on CUDA the training step captured as one CUDA graph (the hand capture); the eager
+# rows are the step as it was before, and torch.compile's reduce-overhead is the alternative way to CUDA graphs.
 VARIANTS: dict[str, Variant] = {
     "ours": Variant(),
+    "eager (no CUDA graph)": Variant(cuda_graph=False),
     "no bf16": Variant(bf16=False),
     "no channels_last": Variant(channels_last=False),
+    "no bf16, no channels_last": Variant(bf16=False, channels_last=False),
+    "sgd": Variant(optimizer="sgd"),
+    "adamw": Variant(optimizer="adamw"),
     "foreach optimizer (not fused)": Variant(fused=False),
     "cudnn.benchmark": Variant(cudnn_benchmark=True),
-    "host sync every step": Variant(sync_every_step=True),
-    "torch.compile": Variant(compile_mode="default"),
-    "torch.compile + CUDA graphs": Variant(compile_mode="reduce-overhead"),
+    "eager, no bf16": Variant(cuda_graph=False, bf16=False),
+    "eager, no channels_last": Variant(cuda_graph=False, channels_last=False),
+    "eager, host sync every step": Variant(cuda_graph=False, sync_every_step=True),
+    "torch.compile": Variant(cuda_graph=False, compile_mode="default"),
+    "torch.compile + CUDA graphs": Variant(cuda_graph=False, compile_mode="reduce-overhead"),
 }
 
 
@@ -197,22 +210,27 @@ def train_loader(config: Config, train: ImageSet, device: torch.device) -> Devic
 
 def ours_step_runner(config: Config, train: ImageSet, num_classes: int, device: torch.device,
                      variant: Variant) -> Callable[[int], None]:
-    """The engine's `train_one_epoch` over `steps` batches of `DeviceLoader`, with the variant's options."""
-    changes = {"bf16": variant.bf16, "channels_last": variant.channels_last}
+    """The engine's `train_one_epoch` over `steps` batches of `DeviceLoader`, with the variant's options and the
+    step a run uses (captured as a CUDA graph on CUDA, during the warm-up steps, unless the variant says not)."""
+    changes = {"bf16": variant.bf16, "channels_last": variant.channels_last, "cuda_graph": variant.cuda_graph,
+               "optimizer": variant.optimizer}
     config = config.replace(**{name: value for name, value in changes.items() if value is not None})
+    graph = uses_cuda_graph(config, device) and not variant.compile_mode
     model = build_model(config, num_classes, device)
     step_model = torch.compile(model, mode=variant.compile_mode) if variant.compile_mode else model
-    optimizer = build_optimizer(config, model, device, fused=variant.fused)
+    optimizer = build_optimizer(config, model, device, fused=variant.fused, graph=graph)
     # The schedule's shape costs nothing; a constant one never runs out of steps however long the timing runs.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    autocast, memory_format = autocast_context(config, device), memory_format_for(config, device)
+    autocast = autocast_context(config, device, cache_enabled=not graph)
+    memory_format = memory_format_for(config, device)
+    step = (CapturedStep if graph else EagerStep)(step_model, optimizer, loss_fn, autocast, memory_format)
     on_batch = (lambda: synchronize(device)) if variant.sync_every_step else None
     stream = endless(train_loader(config, train, device))
 
     def run(steps: int) -> None:
         train_one_epoch(step_model, itertools.islice(stream, steps), optimizer, scheduler, loss_fn, autocast,
-                        memory_format, on_batch=on_batch)
+                        memory_format, on_batch=on_batch, step=step)
 
     return run
 

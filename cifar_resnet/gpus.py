@@ -1,0 +1,91 @@
+"""How many runs share one GPU: one small table keyed by the GPU's memory, read by `cifar-resnet agent
+--agents-per-gpu auto` and `cifar-resnet sweep --gpus ... --runs-per-gpu auto`.
+
+One run of the default model does not keep a large GPU busy: it is bound by launching operations, not by
+arithmetic, and needs about 1 GB of GPU memory (its data, weights, activations and CUDA context). Several runs on
+one GPU overlap their launches. The table's one measured point (commit b555040, before the training step was a CUDA
+graph, `../shared/measurements/2026-11-27-h200/`): on one H200 (141 GB), six runs at once finished the write-up's six
+cells in 82 s against about 45 s for one run alone, about 3.3x the throughput of one run at a time. The other rows
+are not measured: they scale that point down by memory, conservatively. With the graph step a single run keeps the
+GPU busier, so fewer runs may be best: `benchmarks/gpu_check.sh` measures runs per hour with 1, 2, 4 and 8 at once,
+and the table is to be re-measured with it (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+from collections.abc import Sequence
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+MIB_PER_GIB = 1024
+NVIDIA_SMI_TIMEOUT_S = 30
+
+# (at least this much memory per GPU in GiB, runs per GPU), largest first. Only the first row is measured (six at
+# once on an H200 of 141 GB: 3.3x one run's throughput, pre-graph); the others are scaled down, unmeasured.
+RUNS_PER_GPU_BY_MEMORY_GIB: tuple[tuple[float, int], ...] = (
+    (70.0, 6),  # H100 80 GB, H200 141 GB, A100 80 GB: the measured six
+    (40.0, 4),  # A100 40 GB, L40S 48 GB, A6000 48 GB
+    (20.0, 2),  # A10 24 GB, L4 24 GB, RTX 4090 24 GB
+    (0.0, 1),  # smaller GPUs, and whenever the memory cannot be read
+)
+
+
+def runs_for_memory(memory_gib: float | None) -> int:
+    """The table's runs per GPU for a GPU with `memory_gib` of memory (None: unknown, so one)."""
+    if memory_gib is None:
+        return 1
+    return next(runs for least_gib, runs in RUNS_PER_GPU_BY_MEMORY_GIB if memory_gib >= least_gib)
+
+
+def parse_runs_per_gpu(text: str | int | None, option: str) -> int | None:
+    """`auto` (or None) -> None; a whole number >= 1 -> itself; anything else is a one-line UserError."""
+    if text is None or str(text).strip().lower() == AUTO:
+        return None
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise UserError(f"{option}: {text!r} is not {AUTO} or a whole number") from None
+    if value < 1:
+        raise UserError(f"{option}: must be >= 1 or {AUTO}, got {value}")
+    return value
+
+
+def gpu_memory_gib(gpus: Sequence[str]) -> float | None:
+    """The smallest memory, in GiB, of `gpus` (indices or UUIDs as CUDA_VISIBLE_DEVICES lists them; empty: every
+    GPU), as `nvidia-smi` reports it; None when it cannot say. nvidia-smi, not torch: querying through CUDA would
+    give this long-lived parent process a CUDA context, and its memory, on every GPU."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        output = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index,uuid,memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, check=True, timeout=NVIDIA_SMI_TIMEOUT_S,
+        ).stdout
+        rows = [[field.strip() for field in line.split(",")] for line in output.splitlines() if line.strip()]
+        memory_mib = {(index, uuid): float(total) for index, uuid, total in rows}
+    except (OSError, subprocess.SubprocessError, ValueError) as error:
+        log.warning("could not read GPU memory from nvidia-smi (%s): one run per GPU", error)
+        return None
+    chosen = [mib for (index, uuid), mib in memory_mib.items() if not gpus or index in gpus or uuid in gpus]
+    return min(chosen) / MIB_PER_GIB if chosen else None
+
+
+def auto_runs_per_gpu(gpus: Sequence[str]) -> int:
+    """Runs per GPU for `gpus` from the table, by the smallest GPU's memory; logged with where it came from."""
+    memory_gib = gpu_memory_gib(gpus)
+    runs = runs_for_memory(memory_gib)
+    where = f"{memory_gib:.0f} GiB per GPU" if memory_gib is not None else "GPU memory unknown"
+    log.info("%d runs per GPU (%s; table in cifar_resnet/gpus.py)", runs, where)
+    return runs
+
+
+def resolve_runs_per_gpu(choice: int | None, gpus: Sequence[str]) -> int:
+    """`choice` when given, else the table's value for `gpus`."""
+    return choice if choice is not None else auto_runs_per_gpu(gpus)
+

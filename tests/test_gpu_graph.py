@@ -1,0 +1,91 @@
+"""The training step captured as one CUDA graph against the eager step, on a GPU (marked gpu; skipped without
+CUDA): the same first 50 losses within bf16's tolerance, Adam, AdamW and SGD captured for real, and a whole short
+run's test accuracy within 0.5 points.
+
+The data: the JPEG copy of CIFAR-10 in CIFAR10_JPEG_DIR (benchmarks/gpu_check.sh exports it), else synthetic.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from cifar_resnet.config import Config
+from cifar_resnet.data import DeviceLoader, load_splits
+from cifar_resnet.engine import (
+    CapturedStep,
+    EagerStep,
+    autocast_context,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    fit,
+    memory_format_for,
+)
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+COMPARED_STEPS = 50
+# bf16 autocast keeps 8 bits of mantissa; two equal computations may take different kernels (a graph replays the
+# ones captured), and the difference grows a little with every step.
+LOSS_RTOL, LOSS_ATOL = 0.03, 0.02
+FIRST_LOSS_RTOL = 1e-3  # the first step has the same weights and the same batch
+ACCURACY_TOLERANCE = 0.005  # 0.5 points of test accuracy
+SHORT_RUN_EPOCHS = 4
+
+
+def data_config(**changes) -> Config:
+    folder = os.environ.get("CIFAR10_JPEG_DIR")
+    source = {"dataset": "imagefolder", "data_dir": folder} if folder else {"dataset": "synthetic"}
+    return Config(device="cuda", **source).replace(**changes)
+
+
+def losses(config: Config, graph: bool, steps: int) -> tuple[list[float], object]:
+    device = torch.device("cuda")
+    data = load_splits(config)
+    model = build_model(config, len(data.classes), device)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    loader = DeviceLoader(data.train, config.batch_size, device, generator=generator, augment=True)
+    optimizer = build_optimizer(config, model, device, graph=graph)
+    scheduler = build_scheduler(config, optimizer, len(loader))
+    autocast = autocast_context(config, device, cache_enabled=not graph)
+    step = (CapturedStep if graph else EagerStep)(model, optimizer, nn.CrossEntropyLoss(
+        label_smoothing=config.label_smoothing), autocast, memory_format_for(config, device))
+    model.train()
+    found = []
+    for _, (images, labels) in zip(range(steps), loader, strict=False):
+        step(images, labels)
+        scheduler.step()
+        found.append(step.loss.item())
+    return found, step
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_the_graph_step_gives_the_eager_steps_losses(optimizer, caplog):
+    config = data_config(optimizer=optimizer, train_size=COMPARED_STEPS * 128)
+    eager, _ = losses(config, graph=False, steps=COMPARED_STEPS)
+    with caplog.at_level(logging.WARNING, logger="cifar_resnet.engine"):
+        graph, step = losses(config, graph=True, steps=COMPARED_STEPS)
+    assert step.graph is not None and not step.eager, [r.getMessage() for r in caplog.records]
+    assert graph[0] == pytest.approx(eager[0], rel=FIRST_LOSS_RTOL)
+    assert graph == pytest.approx(eager, rel=LOSS_RTOL, abs=LOSS_ATOL)
+    assert eager[-1] < eager[0]  # it learns: the comparison is not of two flat lines
+
+
+def test_a_short_run_with_the_graph_reaches_the_eager_runs_accuracy(caplog):
+    config = data_config(epochs=SHORT_RUN_EPOCHS)
+    device = torch.device("cuda")
+    data = load_splits(config)
+    eager = fit(config.replace(cuda_graph=False), build_model(config, len(data.classes), device), data, device)
+    with caplog.at_level(logging.INFO, logger="cifar_resnet.engine"):
+        graph = fit(config, build_model(config, len(data.classes), device), data, device)
+    assert any("captured the training step" in r.getMessage() for r in caplog.records)
+    assert not any(r.levelno >= logging.WARNING for r in caplog.records)
+    assert graph.test.acc == pytest.approx(eager.test.acc, abs=ACCURACY_TOLERANCE)
