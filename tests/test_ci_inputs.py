@@ -1,5 +1,5 @@
 """CI cannot stay green by skipping the real-data tests: with REQUIRE_REAL_DATA=1 (set in .ci/run) a missing
-archive fails them; without it, they skip and say why."""
+archive fails them; without it, they skip and say why. The GPU tests skip, saying why, where there is no GPU."""
 
 from __future__ import annotations
 
@@ -38,3 +38,19 @@ def test_a_missing_archive_fails_under_require_real_data_and_skips_with_the_reas
     assert said in done.stdout and str(tmp_path / "absent.tar.gz") in done.stdout
     if not required:
         assert "REQUIRE_REAL_DATA=1 makes this a failure" in done.stdout
+
+
+def test_gpu_tests_skip_without_cuda_and_need_no_wandb():
+    """As benchmarks/gpu_check.sh runs them, on a machine without wandb: here (no GPU) each skips, saying why."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the GPU tests run for real (pytest -m gpu)")
+    no_wandb = ("import sys; sys.modules['wandb'] = None; import pytest; "
+                "sys.exit(pytest.main(['-m', 'gpu', '-q', '-rs', '-p', 'no:cacheprovider', 'tests/test_gpu.py']))")
+    done = subprocess.run([sys.executable, "-c", no_wandb], cwd=REPO, capture_output=True, text=True,
+                          timeout=WAIT_SECONDS)
+    assert done.returncode == 0, done.stdout[-3000:]
+    skipped = [line for line in done.stdout.splitlines() if line.startswith("SKIPPED")]
+    assert len(skipped) >= 2 and all(line.endswith("no CUDA device") for line in skipped), done.stdout[-3000:]
+    assert "-m pytest -m gpu" in (REPO / "benchmarks" / "gpu_check.sh").read_text()  # its first step
