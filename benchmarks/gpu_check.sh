@@ -72,6 +72,13 @@ step() {  # step NAME COMMAND...: run it, log it with its wall time, copy its JS
   grep -m1 "model name" /proc/cpuinfo || true; nproc; "$PYTHON" -c "import torch; print('torch', torch.__version__)"
 } | tee -a "$LOG"
 
+# 0. The GPU tests first (bf16, channels_last, fused optimizer, resume), only their file: the others need wandb.
+if "$PYTHON" -c "import pytest" 2>/dev/null; then
+    step gpu-tests "$PYTHON" -m pytest -m gpu -p no:cacheprovider -q -rs tests/test_gpu.py tests/test_gpu_graph.py
+else
+    echo "gpu_check: pytest is not installed: the GPU tests did not run" | tee -a "$LOG"; FAILED+=(gpu-tests)
+fi
+
 rm -rf "$DATA_DIR/.cifar_resnet_cache"  # step 0 decodes from the JPEGs
 step full10-cold "$PYTHON" -m cifar_resnet.bench run --run_id=full10-cold "--result=$WORK/full10-cold.json" "${DATA[@]}" \
     "${RUN[@]}" "--output_dir=$WORK/full10-runs"

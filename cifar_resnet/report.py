@@ -62,7 +62,7 @@ def _figure(columns: int = 1) -> tuple[Figure, list[Axes]]:
     return figure, list(axes)
 
 
-def plot_curves(results: Sequence[RunResult], metrics: Sequence[tuple[str, str]], path: Path) -> Path:
+def plot_curves(results: Sequence[RunResult], metrics: Sequence[tuple[str, str]]) -> Figure:
     """One panel per (metric, title): the metric per epoch, one line per run."""
     from matplotlib.ticker import MaxNLocator
 
@@ -77,10 +77,10 @@ def plot_curves(results: Sequence[RunResult], metrics: Sequence[tuple[str, str]]
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize="small")
-    return _save(figure, path, results)
+    return figure
 
 
-def plot_test_acc_heatmap(results: Sequence[RunResult], path: Path) -> Path | None:
+def plot_test_acc_heatmap(results: Sequence[RunResult]) -> Figure | None:
     """Test accuracy over learning rate x optimizer (the mean where several runs share a cell)."""
     tested = [result for result in results if result.test_acc is not None]
     if not tested:
@@ -103,10 +103,10 @@ def plot_test_acc_heatmap(results: Sequence[RunResult], path: Path) -> Path | No
     ax.set_yticks(range(len(optimizers)), optimizers)
     ax.set(title="Test accuracy", xlabel="learning rate", ylabel="optimizer")
     figure.colorbar(image, ax=ax, label="test accuracy (%)")
-    return _save(figure, path, results)
+    return figure
 
 
-def plot_settings_vs_val_acc(results: Sequence[RunResult], path: Path) -> Path | None:
+def plot_settings_vs_val_acc(results: Sequence[RunResult]) -> Figure | None:
     """Best validation accuracy against every varied setting the heat map does not show."""
     settings = [name for name in varied_settings(results) if name not in PLOTTED_TOGETHER]
     scored = [result for result in results if result.val_acc is not None]
@@ -125,13 +125,13 @@ def plot_settings_vs_val_acc(results: Sequence[RunResult], path: Path) -> Path |
         ax.set(xlabel=name, ylabel="best val/acc (%)")
         ax.grid(alpha=0.3)
     figure.suptitle("Validation accuracy against the other varied settings")
-    return _save(figure, path, results)
+    return figure
 
 
-PLOTS: dict[str, Callable[[Sequence[RunResult], Path], Path | None]] = {
-    "val_acc.png": lambda results, path: plot_curves(results, [(VAL_ACC, "Validation accuracy")], path),
-    "loss.png": lambda results, path: plot_curves(
-        results, [(TRAIN_LOSS, "Training loss"), (VAL_LOSS, "Validation loss")], path),
+# Each builds its figure (None: nothing to plot); write_report saves it, so tests can read the figures' data.
+PLOTS: dict[str, Callable[[Sequence[RunResult]], Figure | None]] = {
+    "val_acc.png": lambda results: plot_curves(results, [(VAL_ACC, "Validation accuracy")]),
+    "loss.png": lambda results: plot_curves(results, [(TRAIN_LOSS, "Training loss"), (VAL_LOSS, "Validation loss")]),
     "test_acc_heatmap.png": plot_test_acc_heatmap,
     "settings_vs_val_acc.png": plot_settings_vs_val_acc,
 }
@@ -146,9 +146,9 @@ def write_report(results: Sequence[RunResult], out_dir: Path) -> tuple[str, list
     atomic_write(table_path, lambda f: f.write(table.encode()))
     written = [table_path]
     for name, plot in PLOTS.items():
-        path = plot(results, out_dir / name)
-        if path is not None:
-            written.append(path)
+        figure = plot(results)
+        if figure is not None:
+            written.append(_save(figure, out_dir / name))
     return table, written
 
 

@@ -13,6 +13,11 @@ from cifar_resnet.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHIVE = Path(os.environ.get("CIFAR10_JPEG_ARCHIVE", REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"))
+# The write-up the benchmark's baseline rebuilds.
+WRITEUP = Path(os.environ.get("CIFAR10_WRITEUP", REPO.parent / "shared" / "seed" / "000_16085cfeb4f21457.txt"))
+# Set in CI (.ci/run): a missing shared input (the real-data archive, the write-up) fails the tests that need it
+# instead of skipping them, so that a green CI means they ran.
+REQUIRE_SHARED_INPUTS = os.environ.get("REQUIRE_REAL_DATA") == "1"
 # A few thousand real images: the first N files of each class folder.
 REAL_TRAIN_PER_CLASS = 300
 REAL_TEST_PER_CLASS = 100
@@ -49,11 +54,20 @@ def tiny_args(config: Config) -> list[str]:
     return [f"--{name}={value}" for name, value in config.to_dict().items()]
 
 
+def require_shared_input(path: Path, what: str, variable: str | None = None) -> None:
+    """Skip, saying why, when `path` is absent; fail instead under REQUIRE_REAL_DATA=1 (CI)."""
+    if path.is_file():
+        return
+    where = f" (set {variable})" if variable else ""
+    if REQUIRE_SHARED_INPUTS:
+        pytest.fail(f"{what} {path} is absent{where}, and REQUIRE_REAL_DATA=1 requires it", pytrace=False)
+    pytest.skip(f"{what} {path} is absent{where}; REQUIRE_REAL_DATA=1 makes this a failure")
+
+
 @pytest.fixture(scope="session")
 def cifar_jpeg_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A few thousand images of the JPEG copy of CIFAR-10, in its image-folder layout."""
-    if not ARCHIVE.is_file():
-        pytest.skip(f"real-data archive {ARCHIVE} is absent (set CIFAR10_JPEG_ARCHIVE)")
+    require_shared_input(ARCHIVE, "real-data archive", "CIFAR10_JPEG_ARCHIVE")
     root = tmp_path_factory.mktemp("cifar10-jpeg")
     with tarfile.open(ARCHIVE, "r:gz") as archive:
         for member in archive:

@@ -10,8 +10,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import io
 import json
+import os
 import pickle
+import struct
 import subprocess
 import sys
 import tarfile
@@ -26,6 +29,7 @@ from torchvision.io import encode_jpeg
 
 from cifar_resnet.data import CACHE_FOLDER, CIFAR10_FOLDER, load_cifar10
 from cifar_resnet.errors import DataError
+from cifar_resnet.records import RunRecord
 
 PROCESSES = 3
 WAIT_SECONDS = 120
@@ -35,16 +39,20 @@ TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 
 # One agent's data loading: point torchvision at the stand-in CIFAR-10, count its real downloads, wait for the
 # start signal, load the image folder and CIFAR-10 from the shared data folders, and print what it got.
-LOADER = """
-import hashlib, json, logging, sys, time
-from pathlib import Path
-from torchvision.datasets import CIFAR10, utils
+POINT_AT_STAND_IN = """
+import json, sys
+from torchvision.datasets import CIFAR10
 spec = json.loads(sys.argv[1])
-logging.basicConfig(level=logging.INFO, format="%(message)s")
 stand_in = spec["cifar10"]
 CIFAR10.url, CIFAR10.tgz_md5 = stand_in["url"], stand_in["tgz_md5"]
 CIFAR10.train_list, CIFAR10.test_list = stand_in["train_list"], stand_in["test_list"]
 CIFAR10.meta = {**CIFAR10.meta, "md5": stand_in["meta_md5"]}
+"""
+LOADER = POINT_AT_STAND_IN + """
+import hashlib, logging, time
+from pathlib import Path
+from torchvision.datasets import utils
+logging.basicConfig(level=logging.INFO, format="%(message)s")
 download = utils._urlretrieve
 def counted_download(*args, **kwargs):
     print("DOWNLOAD", file=sys.stderr, flush=True)
@@ -101,6 +109,28 @@ def write_jpeg_folder(root: Path, per_class: dict[str, int]) -> Path:
     return root
 
 
+class Python2Pickler(pickle._Pickler):
+    """Pickles bytes as Python 2's `str` (the BINSTRING opcodes), as CIFAR-10's batches were written: read with
+    encoding="bytes" their keys are b"data", b"labels"; torchvision reads them with encoding="latin1"."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_python2_str(self, obj: bytes) -> None:
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_python2_str
+
+
+def python2_pickle(obj: object) -> bytes:
+    out = io.BytesIO()
+    Python2Pickler(out, protocol=2).dump(obj)
+    return out.getvalue()
+
+
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         pass
@@ -118,9 +148,13 @@ def stand_in_cifar10(tmp_path: Path):
         images = torch.randint(0, 256, (CIFAR10_IMAGES_PER_BATCH, 3, 32, 32), dtype=torch.uint8, generator=generator)
         labels = torch.randint(0, len(CIFAR10_CLASSES), (CIFAR10_IMAGES_PER_BATCH,), generator=generator)
         batches[name] = (images, labels)
-        entry = {"data": images.reshape(len(images), -1).numpy(), "labels": labels.tolist()}
-        (folder / name).write_bytes(pickle.dumps(entry))
-    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": CIFAR10_CLASSES}))
+        entry = {b"batch_label": f"{name} of the stand-in".encode(), b"labels": labels.tolist(),
+                 b"data": images.reshape(len(images), -1).numpy(),
+                 b"filenames": [f"image_{name}_{i}.png".encode() for i in range(len(images))]}
+        (folder / name).write_bytes(python2_pickle(entry))
+    (folder / "batches.meta").write_bytes(python2_pickle({
+        b"label_names": [name.encode() for name in CIFAR10_CLASSES], b"num_cases_per_batch": CIFAR10_IMAGES_PER_BATCH,
+        b"num_vis": 3 * 32 * 32}))
     archive = tmp_path / "server" / "cifar-10-python.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(folder, arcname=CIFAR10_FOLDER)
@@ -209,3 +243,40 @@ def test_failed_cifar10_download_is_one_line_and_leaves_no_data(tmp_path, stand_
     assert str(error.value).startswith(f"data_dir: could not download or read CIFAR-10 in {data_dir}")
     assert "\n" not in str(error.value)
     assert sorted(path.name for path in data_dir.iterdir()) == [".cifar10.lock"]
+
+
+def test_the_stand_in_batches_are_python2_pickles_with_bytes_keys_as_cifar10s(stand_in_cifar10):
+    folder = Path(stand_in_cifar10["archive"]).parent / CIFAR10_FOLDER
+    with open(folder / "data_batch_1", "rb") as batch:
+        as_bytes = pickle.load(batch, encoding="bytes")  # how CIFAR-10's own page says to read its batches
+    assert set(as_bytes) == {b"batch_label", b"labels", b"data", b"filenames"}
+    assert as_bytes[b"data"].shape == (CIFAR10_IMAGES_PER_BATCH, 3 * 32 * 32) and as_bytes[b"data"].dtype == "uint8"
+    with open(folder / "batches.meta", "rb") as meta:
+        assert pickle.load(meta, encoding="latin1")["label_names"] == CIFAR10_CLASSES  # torchvision's way
+
+
+TRAIN_ON_STAND_IN = POINT_AT_STAND_IN + """
+from cifar_resnet.train import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_run_with_dataset_cifar10_downloads_through_torchvision_and_trains(tmp_path, stand_in_cifar10):
+    """`--dataset=cifar10` end to end: torchvision downloads the stand-in over loopback, checks and extracts it,
+    and the run trains and tests on its images."""
+    stand_in = {key: value for key, value in stand_in_cifar10.items() if key not in ("archive", "expected")}
+    data_dir, output_dir = tmp_path / "data", tmp_path / "runs"
+    args = ["--dataset=cifar10", f"--data_dir={data_dir}", "--width=8", "--epochs=2", "--batch_size=16",
+            "--val_size=20", "--eval_batch_size=64", "--device=cpu", f"--output_dir={output_dir}"]
+    done = subprocess.run([sys.executable, "-c", TRAIN_ON_STAND_IN, json.dumps({"cifar10": stand_in}), *args],
+                          capture_output=True, text=True, timeout=WAIT_SECONDS,
+                          env={**os.environ, "WANDB_RUN_ID": "cifar001", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    record = RunRecord.load(output_dir / "cifar001")
+    assert record.status == "finished" and [entry["epoch"] for entry in record.history] == [1, 2]
+    assert record.config["dataset"] == "cifar10"
+    assert sorted(record.summary["test/acc_per_class"]) == sorted(CIFAR10_CLASSES)
+    assert (data_dir / "cifar-10-python.tar.gz").read_bytes() == Path(stand_in_cifar10["archive"]).read_bytes()
+    checkpoint = torch.load(output_dir / "cifar001" / "best.pt", weights_only=True)
+    assert checkpoint["classes"] == CIFAR10_CLASSES

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from cifar_resnet import wandb_sweep
+from cifar_resnet import report, wandb_sweep
 from cifar_resnet.cli import main
 from cifar_resnet.config import Config
 from cifar_resnet.records import RunRecord, RunResult, results_from_folder
@@ -77,6 +77,73 @@ def test_report_writes_the_table_and_plots(sweep_folder, tmp_path, capsys):
     for name in ("val_acc.png", "loss.png", "test_acc_heatmap.png", "settings_vs_val_acc.png"):
         width, height = png_size(out / name)
         assert width > 100 and height > 100
+
+
+def run_records(folder: Path) -> dict[str, RunRecord]:
+    return {path.parent.name: RunRecord.load(path.parent) for path in folder.glob("*/record.json")}
+
+
+def line_data(ax) -> dict[str, tuple[list, list]]:
+    """Each plotted line's (x, y), by the run id its label starts with."""
+    return {line.get_label().split()[0]: (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+
+
+def test_curves_plot_one_line_per_run_with_the_runs_values(sweep_folder):
+    records = run_records(sweep_folder)
+    results = results_from_folder(sweep_folder)
+
+    (val_ax,) = report.PLOTS["val_acc.png"](results).axes
+    train_ax, val_loss_ax = report.PLOTS["loss.png"](results).axes
+
+    for ax, metric in ((val_ax, "val/acc"), (train_ax, "train/loss"), (val_loss_ax, "val/loss")):
+        assert ax.get_ylabel() == metric
+        assert line_data(ax) == {run_id: ([entry["epoch"] for entry in record.history],
+                                          [entry[metric] for entry in record.history])
+                                 for run_id, record in records.items()}, metric
+    assert len(records) == len(CELLS) + 1 and all(len(record.history) >= 1 for record in records.values())
+
+
+def test_heat_map_cells_are_the_runs_test_accuracy(sweep_folder):
+    import numpy as np
+
+    records = {run_id: record for run_id, record in run_records(sweep_folder).items() if record.status == "finished"}
+
+    figure = report.PLOTS["test_acc_heatmap.png"](results_from_folder(sweep_folder))
+
+    ax = figure.axes[0]
+    shown = np.ma.filled(ax.images[0].get_array(), np.nan)
+    rates = sorted({record.config["learning_rate"] for record in records.values()})
+    optimizers = sorted({record.config["optimizer"] for record in records.values()})
+    expected = np.full((len(optimizers), len(rates)), np.nan)
+    for record in records.values():
+        expected[optimizers.index(record.config["optimizer"]), rates.index(record.config["learning_rate"])] = \
+            record.summary["test/acc"]
+    np.testing.assert_allclose(shown, expected)  # every cell filled, each with its run's test accuracy
+    assert [label.get_text() for label in ax.get_yticklabels()] == optimizers
+    assert [float(label.get_text()) for label in ax.get_xticklabels()] == rates
+    assert sorted(text.get_text() for text in ax.texts) == sorted(
+        f"{100 * record.summary['test/acc']:.1f}%" for record in records.values())
+
+
+def test_settings_plot_places_each_run_at_its_setting_and_val_acc(sweep_folder):
+    results = results_from_folder(sweep_folder)
+
+    (ax,) = report.PLOTS["settings_vs_val_acc.png"](results).axes  # batch size is the one other varied setting
+
+    assert ax.get_xlabel() == "batch_size"
+    points = sorted(map(tuple, ax.collections[0].get_offsets().tolist()))
+    expected = []
+    for record in run_records(sweep_folder).values():
+        best = max(entry["val/acc"] for entry in record.history)  # the best epoch's val/acc
+        expected.append((record.config["batch_size"], best))
+    assert [x for x, _ in points] == [x for x, _ in sorted(expected)]
+    assert [y for _, y in points] == pytest.approx([y for _, y in sorted(expected)])
+
+
+def test_nothing_to_plot_gives_no_figure():
+    untested = RunResult("abc", "running", {"learning_rate": 0.001, "optimizer": "adam"}, [], {}, None)
+    assert report.PLOTS["test_acc_heatmap.png"]([untested]) is None
+    assert report.PLOTS["settings_vs_val_acc.png"]([untested]) is None
 
 
 def test_report_defaults_to_a_folder_inside_the_source(sweep_folder, tmp_path):

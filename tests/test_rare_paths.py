@@ -1,0 +1,202 @@
+"""Paths that rarely run but must work when they do: the online resume download, a damaged decode cache, a read-only
+data folder, W&B refusing to create a sweep, and the agent's bad arguments."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import wandb
+import yaml
+from torchvision.io import encode_png
+
+from cifar_resnet.checkpoint import RESUME_CHECKPOINT
+from cifar_resnet.cli import main as cli_main
+from cifar_resnet.data import CACHE_FOLDER, load_image_folder
+from cifar_resnet.tracking import download_resume_checkpoint, resume_artifact_name
+
+WAIT_SECONDS = 300
+# Root writes anywhere, whatever the mode: as root, the decoding process runs without the capability to.
+WITHOUT_ROOTS_OVERRIDE = ["setpriv", "--inh-caps=-dac_override", "--bounding-set=-dac_override"] \
+    if os.geteuid() == 0 else []
+READ_ONLY = 0o555
+READABLE = 0o755
+
+
+# --- the online resume download (tracking.download_resume_checkpoint) -------------------------------------------
+
+
+class StandInArtifact:
+    """What `run.use_artifact(...)` returns online: `get_entry(name).download(root)` puts the file under root.
+    (W&B cannot serve an artifact offline: this stands in for its server's copy of the staged file.)"""
+
+    def __init__(self, staged: Path) -> None:
+        self.staged, self.entries = staged, []
+
+    def get_entry(self, name: str) -> SimpleNamespace:
+        self.entries.append(name)
+
+        def download(root: str) -> str:
+            target = Path(root) / name
+            shutil.copyfile(self.staged, target)
+            return str(target)
+
+        return SimpleNamespace(download=download)
+
+
+def stand_in_run(artifact=None, error: Exception | None = None, offline: bool = False, resumed: bool = True):
+    asked = []
+
+    def use_artifact(name: str):
+        asked.append(name)
+        if error is not None:
+            raise error
+        return artifact
+
+    return SimpleNamespace(id="resume01", offline=offline, resumed=resumed, use_artifact=use_artifact), asked
+
+
+def test_a_resumed_online_run_downloads_its_resume_checkpoint_into_place(tmp_path):
+    staged = tmp_path / "staged.pt"
+    torch.save({"state": {"epoch": 2}}, staged)
+    artifact = StandInArtifact(staged)
+    run, asked = stand_in_run(artifact)
+    destination = tmp_path / "runs" / "resume01" / RESUME_CHECKPOINT
+
+    assert download_resume_checkpoint(run, destination) is True
+
+    assert asked == [f"{resume_artifact_name('resume01')}:latest"] and artifact.entries == [RESUME_CHECKPOINT]
+    assert destination.read_bytes() == staged.read_bytes()
+    assert sorted(path.name for path in destination.parent.iterdir()) == [RESUME_CHECKPOINT]  # no temporary left
+
+
+@pytest.mark.parametrize("error", [ValueError("artifact not found"), wandb.errors.CommError("server said no")])
+def test_a_missing_resume_artifact_means_start_from_scratch(tmp_path, error):
+    run, asked = stand_in_run(error=error)
+    destination = tmp_path / "runs" / "resume01" / RESUME_CHECKPOINT
+
+    assert download_resume_checkpoint(run, destination) is False
+
+    assert len(asked) == 1 and not destination.exists()
+
+
+@pytest.mark.parametrize("kind", ["offline", "new run"])
+def test_offline_or_new_runs_do_not_ask_for_a_resume_artifact(tmp_path, kind):
+    run, asked = stand_in_run(StandInArtifact(tmp_path / "never"), offline=kind == "offline",
+                              resumed=kind == "offline")
+    assert download_resume_checkpoint(run, tmp_path / RESUME_CHECKPOINT) is False
+    assert asked == []
+
+
+# --- the image-folder decode cache ------------------------------------------------------------------------------
+
+
+def write_png_folder(root: Path) -> Path:
+    for split in ("train", "test"):
+        for label, name in enumerate(("cat", "dog")):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(3):
+                image = torch.full((3, 32, 32), 40 * label + i, dtype=torch.uint8)
+                (folder / f"{i}.png").write_bytes(encode_png(image).numpy().tobytes())
+    return root
+
+
+def digest(train, test) -> str:
+    return hashlib.sha256(b"".join(t.numpy().tobytes() for t in (train.images, train.labels, test.images,
+                                                                  test.labels))).hexdigest()
+
+
+def test_a_damaged_decode_cache_is_rebuilt_not_trusted(tmp_path, caplog):
+    root = write_png_folder(tmp_path / "imgs")
+    train, test, _ = load_image_folder(root)
+    (cache,) = (root / CACHE_FOLDER).glob("train-*.pt")
+    cache.write_bytes(cache.read_bytes()[:100])  # cut short, as by a full disk
+
+    with caplog.at_level(logging.WARNING, logger="cifar_resnet.data"):
+        again_train, again_test, _ = load_image_folder(root)
+
+    assert digest(again_train, again_test) == digest(train, test)
+    assert any("ignoring unreadable decode cache" in message and cache.name in message
+               for message in caplog.messages)
+    rebuilt = torch.load(cache, weights_only=True)  # written again, whole
+    assert torch.equal(rebuilt["images"], train.images)
+
+
+DECODE_AND_DIGEST = """
+import hashlib, logging, sys
+from pathlib import Path
+from cifar_resnet.data import load_image_folder
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+train, test, _ = load_image_folder(Path(sys.argv[1]))
+tensors = (train.images, train.labels, test.images, test.labels)
+print(hashlib.sha256(b"".join(t.numpy().tobytes() for t in tensors)).hexdigest())
+"""
+
+
+def test_a_read_only_data_folder_is_decoded_without_a_cache():
+    if WITHOUT_ROOTS_OVERRIDE and shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv (util-linux): root would write into a read-only folder")
+    scratch = Path(tempfile.mkdtemp(prefix="read-only-data-"))
+    try:
+        scratch.chmod(READABLE)
+        root = write_png_folder(scratch / "imgs")
+        for folder in [root, *root.rglob("*")]:
+            if folder.is_dir():
+                folder.chmod(READ_ONLY)
+        done = subprocess.run([*WITHOUT_ROOTS_OVERRIDE, sys.executable, "-c", DECODE_AND_DIGEST, str(root)],
+                              capture_output=True, text=True, timeout=WAIT_SECONDS, cwd=scratch)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"WARNING {root} is read-only: decoding {root / 'train'} without a cache" in done.stderr
+        assert not (root / CACHE_FOLDER).exists()
+        for folder in [root, *root.rglob("*")]:
+            if folder.is_dir():
+                folder.chmod(READABLE)
+        assert done.stdout.strip() == digest(*load_image_folder(root)[:2])  # what a writable folder decodes
+    finally:
+        for folder in [scratch, *scratch.rglob("*")]:
+            if folder.is_dir():
+                folder.chmod(READABLE)
+        shutil.rmtree(scratch)
+
+
+# --- W&B refusing to create a sweep (wandb_sweep.create_sweep) --------------------------------------------------
+
+
+def test_a_sweep_wandb_cannot_create_is_one_line_and_starts_no_agent(tmp_path, tiny_config):
+    """The real `wandb.sweep`, with credentials, against a W&B address where nothing listens."""
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"program": "cifar_resnet.train", "method": "grid",
+                                    "parameters": {"epochs": {"value": 1}, "width": {"value": 8}}}))
+    env = {key: value for key, value in os.environ.items() if key != "WANDB_MODE"}
+    env.update(WANDB_API_KEY="k" * 40, WANDB_BASE_URL="http://127.0.0.1:9")  # port 9: discard, nothing there
+    done = subprocess.run([sys.executable, "-m", "cifar_resnet", "sweep", str(path), "--project", "proj"],
+                          capture_output=True, text=True, timeout=WAIT_SECONDS, env=env)
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1 and errors[0].startswith("ERROR: W&B could not create the sweep: ")
+    assert "Traceback" not in done.stderr and "agent" not in done.stderr
+    assert not (tmp_path / "sweeps").exists()
+
+
+# --- the agent's bad arguments ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["ent/proj/abc", "--stagger=-1"], "ERROR: --stagger: must be >= 0 seconds, got -1"),
+    (["ent/proj/abc", "--no-such-option"], "ERROR: agent: unknown argument '--no-such-option' (see cifar-resnet "
+                                           "agent --help)"),
+])
+def test_bad_agent_arguments_are_one_line_and_exit_2(monkeypatch, capsys, args, message):
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)  # with credentials: the arguments alone are at fault
+    assert cli_main(["agent", *args]) == 2
+    assert capsys.readouterr().err.splitlines() == [message]
