@@ -148,7 +148,7 @@ def write_report(results: Sequence[RunResult], out_dir: Path) -> tuple[str, list
     for name, plot in PLOTS.items():
         figure = plot(results)
         if figure is not None:
-            written.append(_save(figure, out_dir / name))
+            written.append(_save(figure, out_dir / name, results))
     return table, written
 
 

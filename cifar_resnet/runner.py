@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from .checkpoint import (
     BEST_CHECKPOINT,
     RESUME_CHECKPOINT,
@@ -23,7 +26,7 @@ from .checkpoint import (
     save_resume,
 )
 from .config import Config
-from .data import DeviceLoader, load_splits
+from .data import DataSplits, DeviceLoader, load_splits
 from .engine import (
     EpochResult,
     EvalResult,
@@ -125,23 +128,26 @@ def run_training(config: Config, run_id: str, hooks: RunHooks | None = None) -> 
 
     A `last.pt` already in the run folder (a preempted earlier attempt with the same run id), or else the one
     `hooks.fetch_resume` provides, is resumed: training continues after its last completed epoch. The run holds
-    its folder's lock throughout: a second process with the same run id is refused in one line.
+    its folder's lock once its data and model are ready (a mistake in the data leaves no folder behind): a second
+    process with the same run id is refused in one line.
     """
-    run_dir = run_folder(config, run_id)
-    try:
-        with folder_lock(run_dir):
-            return _run_locked(config, run_id, run_dir, hooks or RunHooks())
-    except FolderBusy:
-        raise UserError(f"run {run_id}: another process is training it in {run_dir}; wait for it to end, or "
-                        "give this run another id") from None
-
-
-def _run_locked(config: Config, run_id: str, run_dir: Path, hooks: RunHooks) -> RunOutcome:
+    hooks = hooks or RunHooks()
     started = time.perf_counter()
     log.info("config: %s", config.to_dict())
     device = select_device(config.device)
     data = load_splits(config)
     model = build_model(config, len(data.classes), device)
+    run_dir = run_folder(config, run_id)
+    try:
+        with folder_lock(run_dir):
+            return _run_locked(config, run_id, run_dir, hooks, started, device, data, model)
+    except FolderBusy:
+        raise UserError(f"run {run_id}: another process is training it in {run_dir}; wait for it to end, or "
+                        "give this run another id") from None
+
+
+def _run_locked(config: Config, run_id: str, run_dir: Path, hooks: RunHooks, started: float, device: torch.device,
+                data: DataSplits, model: nn.Module) -> RunOutcome:
     data_facts = {DATA_SOURCE: config.dataset, TRAIN_IMAGES: len(data.train), VAL_IMAGES: len(data.val),
                   TEST_IMAGES: len(data.test), CLASS_COUNT: len(data.classes)}
     if hooks.on_start is not None:

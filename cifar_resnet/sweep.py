@@ -81,6 +81,7 @@ MAX_INITIAL_FAILURES = 5  # `wandb agent`'s: no new runs once this many failed a
 USER_MISTAKE_EXIT = 2  # a run's exit status for a user mistake (data not found, download impossible, a bad value)
 PROGRESS_LOG_SECONDS = 30.0  # outside a terminal, one progress line per running run this often
 RUN_BAR_WIDTH = 20  # characters of each run's bar in the live table
+RUN_ID_CHARS = 8  # W&B's run ids: 8 letters and digits
 ERROR_LINE_PREFIX = "ERROR: "  # how a run's log marks its one-line error (process.setup_logging's format)
 GRID_SIZE_LIMIT = 100_000
 # What W&B's grid search accepts: finite sets of values.
@@ -248,11 +249,13 @@ def exit_text(run: LocalRun) -> str:
 
 
 def error_line(path: Path) -> str | None:
-    """The last one-line error a run logged (`ERROR: ...`), without its prefix; None when there is none."""
-    if not path.exists():
-        return None
-    errors = [line for line in path.read_text(errors="replace").splitlines() if line.startswith(ERROR_LINE_PREFIX)]
-    return errors[-1].removeprefix(ERROR_LINE_PREFIX) if errors else None
+    """The last one-line error a run logged (`ERROR: ...`), without its prefix, or else the log's last line (what
+    a command that never reached our training said, such as Python's "can't open file"); None for no log."""
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    errors = [line for line in lines if line.startswith(ERROR_LINE_PREFIX)]
+    if errors:
+        return errors[-1].removeprefix(ERROR_LINE_PREFIX)
+    return next((line.strip() for line in reversed(lines) if line.strip()), None)
 
 
 def log_tail(path: Path, lines: int = FAILED_LOG_LINES) -> str:
@@ -390,8 +393,10 @@ class LiveView(LogView):
         from rich.table import Table
 
         table = Table(box=None, header_style="bold")
-        for column in ("run", "state", *self.shown, "progress", "epoch", "best val acc", "img/s", "time", "left"):
-            table.add_column(column)
+        # The run id, its state and its figures stay whole on a narrow terminal; the settings and the bar give way.
+        table.add_column("run", no_wrap=True, min_width=RUN_ID_CHARS)
+        for column in ("state", *self.shown, "progress", "epoch", "best val acc", "img/s", "time", "left"):
+            table.add_column(column, no_wrap=column not in self.shown and column != "progress")
         for item in progress:
             best = "" if item.best_val_acc is None else f"{100 * item.best_val_acc:.2f}%"
             speed = "" if item.images_per_second is None else f"{item.images_per_second:,.0f}"
@@ -815,11 +820,12 @@ def sweep_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
         return run_online_sweep(plan, gpus, args.count, project or DEFAULT_PROJECT)
     folder_name = re.sub(r"[^\w.-]+", "-", str(plan.config.get("name") or plan.path.stem))
     out_dir = args.output_dir or DEFAULT_OUTPUT_ROOT / folder_name
-    log.info("%s: running the sweep offline (W&B's sweep proposer on this machine); upload the runs later with "
-             "`wandb sync %s`", offline_reason(args.offline, mode), offline_runs_glob(out_dir))
     shown = [name for name, spec in plan.config["parameters"].items() if "value" not in spec]
     view = LiveView(shown) if sys.stderr.isatty() else LogView(shown)
-    result = LocalSweep(plan, out_dir, gpus, args.count, project, view, args.lease_seconds).run()
+    local_sweep = LocalSweep(plan, out_dir, gpus, args.count, project, view, args.lease_seconds)  # may refuse
+    log.info("%s: running the sweep offline (W&B's sweep proposer on this machine); upload the runs later with "
+             "`wandb sync %s`", offline_reason(args.offline, mode), offline_runs_glob(out_dir))
+    result = local_sweep.run()
     print_results(result)
     return result.exit_code
 

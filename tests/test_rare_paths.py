@@ -176,6 +176,7 @@ def test_a_sweep_wandb_cannot_create_is_one_line_and_starts_no_agent(tmp_path, t
     """The real `wandb.sweep`, with credentials, against a W&B address where nothing listens."""
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump({"program": "cifar_resnet.train", "method": "grid",
+                                    "command": ["${env}", "${interpreter}", "-m", "${program}", "${args}"],
                                     "parameters": {"epochs": {"value": 1}, "width": {"value": 8}}}))
     env = {key: value for key, value in os.environ.items() if key != "WANDB_MODE"}
     env.update(WANDB_API_KEY="k" * 40, WANDB_BASE_URL="http://127.0.0.1:9")  # port 9: discard, nothing there

@@ -95,10 +95,12 @@ def test_curves_plot_one_line_per_run_with_the_runs_values(sweep_folder):
     (val_ax,) = report.PLOTS["val_acc.png"](results).axes
     train_ax, val_loss_ax = report.PLOTS["loss.png"](results).axes
 
-    for ax, metric in ((val_ax, "val/acc"), (train_ax, "train/loss"), (val_loss_ax, "val/loss")):
-        assert ax.get_ylabel() == metric
+    # Accuracy is drawn in % (as people read it), losses as they are.
+    for ax, metric, scale, label in ((val_ax, "val/acc", 100, "val/acc (%)"), (train_ax, "train/loss", 1, "train/loss"),
+                                     (val_loss_ax, "val/loss", 1, "val/loss")):
+        assert ax.get_ylabel() == label
         assert line_data(ax) == {run_id: ([entry["epoch"] for entry in record.history],
-                                          [entry[metric] for entry in record.history])
+                                          [pytest.approx(scale * entry[metric]) for entry in record.history])
                                  for run_id, record in records.items()}, metric
     assert len(records) == len(CELLS) + 1 and all(len(record.history) >= 1 for record in records.values())
 
@@ -117,8 +119,8 @@ def test_heat_map_cells_are_the_runs_test_accuracy(sweep_folder):
     expected = np.full((len(optimizers), len(rates)), np.nan)
     for record in records.values():
         expected[optimizers.index(record.config["optimizer"]), rates.index(record.config["learning_rate"])] = \
-            record.summary["test/acc"]
-    np.testing.assert_allclose(shown, expected)  # every cell filled, each with its run's test accuracy
+            100 * record.summary["test/acc"]
+    np.testing.assert_allclose(shown, expected)  # every cell filled, each with its run's test accuracy in %
     assert [label.get_text() for label in ax.get_yticklabels()] == optimizers
     assert [float(label.get_text()) for label in ax.get_xticklabels()] == rates
     assert sorted(text.get_text() for text in ax.texts) == sorted(
@@ -135,7 +137,7 @@ def test_settings_plot_places_each_run_at_its_setting_and_val_acc(sweep_folder):
     expected = []
     for record in run_records(sweep_folder).values():
         best = max(entry["val/acc"] for entry in record.history)  # the best epoch's val/acc
-        expected.append((record.config["batch_size"], best))
+        expected.append((record.config["batch_size"], 100 * best))  # in %
     assert [x for x, _ in points] == [x for x, _ in sorted(expected)]
     assert [y for _, y in points] == pytest.approx([y for _, y in sorted(expected)])
 

@@ -28,6 +28,7 @@ from cifar_resnet import engine
 from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
 from cifar_resnet.config import Config
 from cifar_resnet.engine import EpochResult
+from cifar_resnet.errors import StorageError
 from cifar_resnet.files import LOCK_FILE
 from cifar_resnet.records import RECORD_FILE, RunRecord
 from cifar_resnet.runner import run_training
@@ -213,7 +214,7 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_resumable
         real_save(value, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save_then_fail)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(StorageError, match="no space left on device"):  # one line, naming last.pt
         run_training(config, "killed01")
     monkeypatch.setattr(torch, "save", real_save)
     assert RunRecord.load(run_dir).status == "failed"

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
@@ -16,10 +15,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-import yaml
+from test_sweep import sweep_state, tiny_settings, write_sweep
 
 from cifar_resnet.cli import main
-from cifar_resnet.config import Config
 from cifar_resnet.records import RECORD_FILE, RunRecord
 
 SIGTERM_EXIT = 128 + 15
@@ -33,20 +31,8 @@ def one_thread_per_run(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
-def tiny_settings(config: Config, epochs: int = 1) -> dict[str, Any]:
-    names = ("dataset", "width", "batch_size", "eval_batch_size", "val_size", "train_size", "test_size", "device")
-    return {name: {"value": getattr(config, name)} for name in names} | {"epochs": {"value": epochs}}
-
-
-def write_sweep(path: Path, parameters: dict[str, Any], method: str, **extra: Any) -> Path:
-    path.write_text(yaml.safe_dump({
-        "program": "cifar_resnet.train", "method": method, "metric": {"name": "val/acc", "goal": "maximize"},
-        "parameters": parameters, "command": ["${env}", "${interpreter}", "-m", "${program}", "${args}"], **extra}))
-    return path
-
-
 def sweep_runs(out_dir: Path) -> list[dict[str, Any]]:
-    return json.loads((out_dir / "sweep.json").read_text())["runs"]
+    return sweep_state(out_dir)["runs"]
 
 
 def sweep(path: Path, out_dir: Path, *args: str) -> int:
@@ -94,11 +80,14 @@ def test_bayes_proposes_from_the_runs_records_and_a_rerun_starts_no_finished_run
 
 def test_early_terminate_stops_a_run_that_falls_behind_and_marks_it_stopped(tmp_path, tiny_config):
     # Two runs at once: Adam at a good rate, and at a rate far too small to learn anything. Hyperband with
-    # min_iter 1 and eta 3 judges them at epochs 1, 3, 9...: at epoch 1 the hopeless run is below the top third.
-    parameters = tiny_settings(tiny_config.replace(train_size=2000), epochs=6) | {
+    # min_iter 2 and eta 3 judges them at epochs 2, 6, 18...: at epoch 2 the hopeless run (still at chance) is below
+    # the top third, while the good one has learned well clear of chance (at epoch 1 the two can still tie near
+    # chance on the synthetic set); the good one ends at epoch 5, before the next band.
+    epochs = 5
+    parameters = tiny_settings(tiny_config.replace(train_size=2000), epochs=epochs) | {
         "optimizer": {"value": "adam"}, "learning_rate": {"values": [0.002, 1e-9]}}
     path = write_sweep(tmp_path / "hyperband.yaml", parameters, method="grid",
-                       early_terminate={"type": "hyperband", "min_iter": 1, "eta": 3})
+                       early_terminate={"type": "hyperband", "min_iter": 2, "eta": 3})
     out_dir = tmp_path / "out"
 
     assert sweep(path, out_dir, "--workers", "2") == 0  # a stopped run is not a failure
@@ -106,10 +95,10 @@ def test_early_terminate_stops_a_run_that_falls_behind_and_marks_it_stopped(tmp_
     runs = {run["params"]["learning_rate"]: run for run in sweep_runs(out_dir)}
     good, hopeless = runs[0.002], runs[1e-9]
     assert good["state"] == "finished"
-    assert [entry["epoch"] for entry in RunRecord.load(out_dir / good["run_id"]).history] == list(range(1, 7))
+    assert [entry["epoch"] for entry in RunRecord.load(out_dir / good["run_id"]).history] == list(range(1, epochs + 1))
     # Stopped by SIGTERM from the sweep's loop: the run saved its state and exited with 128 + 15.
     assert hopeless["state"] == "stopped" and hopeless["exit_code"] == SIGTERM_EXIT
     stopped = RunRecord.load(out_dir / hopeless["run_id"])
-    assert 1 <= len(stopped.history) < 6 and stopped.status == "preempted"
+    assert 2 <= len(stopped.history) < epochs and stopped.status == "preempted"
     assert max(entry["val/acc"] for entry in stopped.history) < max(
         entry["val/acc"] for entry in RunRecord.load(out_dir / good["run_id"]).history)

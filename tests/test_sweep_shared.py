@@ -238,15 +238,15 @@ def test_the_repository_sweep_starts_our_training_without_a_warning(caplog):
 
 
 def test_a_program_without_a_command_is_warned_about_and_its_runs_fail(tmp_path, tiny_config, capsys):
-    """W&B's default command runs `python cifar_resnet.train`, a file path: warned when the sweep starts; the runs
-    then fail with Python's own message."""
+    """W&B's default command runs `python cifar_resnet.train`, a file path: warned when the sweep starts; the first
+    run then fails with Python's own message (exit 2), which every run would repeat: the sweep stops there."""
     path = write_sweep(tmp_path / "no-command.yaml", tiny_settings(tiny_config))
     sweep = yaml.safe_load(path.read_text())
     del sweep["command"]
     path.write_text(yaml.safe_dump(sweep))
     out_dir = tmp_path / "out"
 
-    assert main(["sweep", str(path), "--offline", "--output-dir", str(out_dir)]) == 1
+    assert main(["sweep", str(path), "--offline", "--output-dir", str(out_dir)]) == 2
 
     captured = capsys.readouterr()
     warning = next(line for line in captured.err.splitlines() if line.startswith("WARNING: "))
@@ -254,7 +254,8 @@ def test_a_program_without_a_command_is_warned_about_and_its_runs_fail(tmp_path,
     assert "-m, ${program}" in warning
     (run,) = sweep_state(out_dir)["runs"]
     assert run["state"] == "failed" and run["exit_code"] == 2
-    assert "can't open file" in captured.out and "cifar_resnet.train" in captured.out
+    stopped = [line for line in captured.err.splitlines() if line.startswith("ERROR: ")][-1]  # the sweep's last word
+    assert "can't open file" in stopped and "cifar_resnet.train" in stopped and "the sweep stopped" in stopped
 
 
 def test_a_command_that_exits_0_without_a_run_record_fails(tmp_path, tiny_config, capsys):
