@@ -734,7 +734,7 @@ class LocalSweep:
                 time.sleep(POLL_SECONDS)
             if received:
                 self.interrupt(received[0])
-                return LocalSweepResult(128 + received[0], self.state, self.out_dir)
+                return LocalSweepResult(SIGNAL_EXIT_BASE + received[0], self.state, self.out_dir)
         if self.user_mistake is not None:
             return LocalSweepResult(USER_MISTAKE_EXIT, self.state, self.out_dir, self.user_mistake)
         failed = any(run.state == "failed" for run in self.state.runs)
