@@ -9,9 +9,16 @@
 #      full runs (which sets the runs-per-GPU table of cifar_resnet/gpus.py);
 #   2. one full 10-epoch run of the real model, timed from process start (the decode cache is warm by then);
 #   3. the write-up's six cells with our default recipe, as many at a time as step 1 found best;
-#   4. (WRITEUP_GRID=1 only; measured at b555040) the same six cells with recipe=writeup;
+#   4. (grid-writeup, not by default; measured at b555040) the same six cells with recipe=writeup;
 #   5. with IMAGE=<the worker image> and docker or podman (and the NVIDIA container toolkit): torch inside the
-#      image's own Python sees the GPU and computes on it (skipped, with a message, without a GPU or an engine).
+#      image's own Python sees the GPU and computes on it (skipped, with a message, without a GPU or an engine);
+#   6. (recipe-candidates, not by default; about 7 minutes) issue 10's recipe candidates, 2 seeds each, at Adam 0.001;
+#   7. (recipe-grid, not by default; about 7 minutes) the six cells x 2 seeds under the recipe in RECIPE_SETTINGS
+#      (e.g. "--ema_decay=0.99 --alternating_flip=true") and under recipe=writeup;
+#   8. (recipe, not by default) steps 6 and 7 in one: the grid with the candidates that won in 6.
+# STEPS (comma-separated) picks the steps: default gpu-tests,full10-cold,bench,full10,grid,image. Each of steps 6 and
+# 7 fills an 8-minute call alone (estimated): STEPS=recipe-candidates, then STEPS=recipe-grid RECIPE_SETTINGS="...".
+# The recipe steps write their JSON into $OUT after each phase, so a call cut short keeps its finished phases.
 # Results (JSON) and one log go to $OUT (or ./gpu-check); run folders and checkpoints stay in $WORK.
 #
 #   GIT_COMMIT=$(git rev-parse --short HEAD) benchmarks/gpu_check.sh   # on a GPU machine
@@ -19,7 +26,9 @@
 #
 # Settings (environment): ARCHIVE (default data/cifar10-jpeg.tar.gz, else ../shared/data/cifar10-jpeg.tar.gz),
 # PYTHON (default python3), WORK (default $TMPDIR/cifar_resnet_gpu_check), WORKERS (step 3 and 4; default: the best
-# of step 1), VARIANTS (step 1's tuning variants, comma-separated; default all), WRITEUP_GRID=1 adds step 4,
+# of step 1; 6 for steps 6 and 7), SEEDS (steps 6 and 7; default 2), VARIANTS (step 1's tuning variants,
+# comma-separated; default all), RECIPE_ONLY (the candidates of steps 6 and 8, comma-separated labels; default all),
+# RECIPE_SETTINGS (step 7),
 # IMAGE (step 5: an image to run, e.g. REGISTRY/cifar-resnet-agent:0.1, pulled or built on this host).
 # CIFAR10_JPEG_DIR is exported (the extracted folder) for the GPU tests (tests/test_gpu_graph.py).
 set -euo pipefail
@@ -48,17 +57,21 @@ export CIFAR10_JPEG_DIR="$DATA_DIR"
 
 if [ -n "${SMALL:-}" ]; then  # every step, on a CPU, in a few minutes; its accuracies mean nothing
     MODE=cpu
-    RUN=(--device=cpu --width=8 --epochs=1 --train_size=1000 --val_size=500)
+    RUN=(--device=cpu --width=8 --epochs=1 --train_size=1000 --val_size=500 --test_size=1000)
     BENCH=(--concurrency=1,2 "--variants=ours,eager (no CUDA graph),sgd")
+    RECIPE_RUNS=(--workers=2 --seeds=1)
 else
     MODE=gpu
     RUN=(--device=cuda)
     BENCH=(${VARIANTS:+"--variants=$VARIANTS"})
+    RECIPE_RUNS=("--workers=${WORKERS:-6}" "--seeds=${SEEDS:-2}")
 fi
 
+STEPS=${STEPS:-gpu-tests,full10-cold,bench,full10,grid,image}
 FAILED=()
 step() {  # step NAME COMMAND...: run it, log it with its wall time, copy its JSON to $OUT_DIR; go on if it fails
     local name=$1 started status=0; shift
+    [[ ",$STEPS," == *",$name,"* ]] || return 0  # not asked for
     started=$(date +%s%N)
     echo "=== $name: $*" | tee -a "$LOG"
     "$@" 2>&1 | tee -a "$LOG" || status=$?
@@ -73,13 +86,13 @@ step() {  # step NAME COMMAND...: run it, log it with its wall time, copy its JS
 } | tee -a "$LOG"
 
 # 0. The GPU tests first (bf16, channels_last, fused optimizer, resume), only their file: the others need wandb.
-if "$PYTHON" -c "import pytest" 2>/dev/null; then
+if "$PYTHON" -c "import pytest" 2>/dev/null || [[ ",$STEPS," != *",gpu-tests,"* ]]; then
     step gpu-tests "$PYTHON" -m pytest -m gpu -p no:cacheprovider -q -rs tests/test_gpu.py tests/test_gpu_graph.py
 else
     echo "gpu_check: pytest is not installed: the GPU tests did not run" | tee -a "$LOG"; FAILED+=(gpu-tests)
 fi
 
-rm -rf "$DATA_DIR/.cifar_resnet_cache"  # step 0 decodes from the JPEGs
+if [[ ",$STEPS," == *",full10-cold,"* ]]; then rm -rf "$DATA_DIR/.cifar_resnet_cache"; fi  # decode from the JPEGs
 step full10-cold "$PYTHON" -m cifar_resnet.bench run --run_id=full10-cold "--result=$WORK/full10-cold.json" "${DATA[@]}" \
     "${RUN[@]}" "--output_dir=$WORK/full10-runs"
 
@@ -88,19 +101,27 @@ step bench "$PYTHON" -m cifar_resnet.bench "--mode=$MODE" "${DATA[@]}" "${RUN[@]
 step full10 "$PYTHON" -m cifar_resnet.bench run --run_id=full10 "--result=$WORK/full10.json" "${DATA[@]}" "${RUN[@]}" \
     "--output_dir=$WORK/full10-runs"
 
-if [ -z "${WORKERS:-}" ]; then  # the concurrency with the most runs per hour in step 1
-    WORKERS=$("$PYTHON" -c "import json, sys; c = json.load(open(sys.argv[1]))['concurrency']
+GRID_WORKERS=${WORKERS:-}
+if [ -z "$GRID_WORKERS" ]; then  # the concurrency with the most runs per hour in step 1
+    GRID_WORKERS=$("$PYTHON" -c "import json, sys; c = json.load(open(sys.argv[1]))['concurrency']
 print(max(c, key=lambda k: c[k]['runs_per_hour']) if c else 1)" "$WORK/bench.json" 2>/dev/null || echo 1)
 fi
-step grid "$PYTHON" -m cifar_resnet.bench grid "--workers=$WORKERS" "${DATA[@]}" "${RUN[@]}" "--out=$WORK/grid.json"
-if [ -n "${WRITEUP_GRID:-}" ]; then
-    step grid-writeup "$PYTHON" -m cifar_resnet.bench grid "--workers=$WORKERS" --recipe=writeup "${DATA[@]}" \
-        "${RUN[@]}" "--out=$WORK/grid-writeup.json"
-fi
+step grid "$PYTHON" -m cifar_resnet.bench grid "--workers=$GRID_WORKERS" "${DATA[@]}" "${RUN[@]}" \
+    "--out=$WORK/grid.json"
+step grid-writeup "$PYTHON" -m cifar_resnet.bench grid "--workers=$GRID_WORKERS" --recipe=writeup "${DATA[@]}" \
+    "${RUN[@]}" "--out=$WORK/grid-writeup.json"
+RECIPE=("$PYTHON" benchmarks/recipe_experiments.py "${RECIPE_RUNS[@]}" "--runs_dir=$WORK/recipe-runs" "${DATA[@]}"
+        "${RUN[@]}" ${RECIPE_ONLY:+"--only=$RECIPE_ONLY"})
+step recipe-candidates "${RECIPE[@]}" candidates "--out=$OUT_DIR/recipe-candidates.json"
+# shellcheck disable=SC2086  # RECIPE_SETTINGS is a list of --name=value words
+step recipe-grid "${RECIPE[@]}" grid ${RECIPE_SETTINGS:-} "--out=$OUT_DIR/recipe-grid.json"
+step recipe "${RECIPE[@]}" both "--out=$OUT_DIR/recipe.json"
 IMAGE_CHECK="import torch; assert torch.cuda.is_available(), 'CUDA is not available to torch in the image'
 print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(0))
 print('sum on the GPU:', torch.ones(1000, device='cuda').sum().item())"
-if [ -z "${IMAGE:-}" ] || ! nvidia-smi -L >/dev/null 2>&1; then
+if [[ ",$STEPS," != *",image,"* ]]; then
+    :
+elif [ -z "${IMAGE:-}" ] || ! nvidia-smi -L >/dev/null 2>&1; then
     echo "=== image: skipped (needs IMAGE=<image> and a GPU)" | tee -a "$LOG"
 elif command -v docker >/dev/null; then
     step image docker run --rm --gpus all --entrypoint python "$IMAGE" -c "$IMAGE_CHECK"

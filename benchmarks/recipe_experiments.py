@@ -1,117 +1,244 @@
-"""Side-by-side recipe experiments on a narrow model and a subset of the JPEG copy of CIFAR-10 (CPU-sized).
+"""Recipe experiments (issue 10): each candidate over seeds, then the six cells, as concurrent runs on one device.
 
-Every variant starts from the write-up's settings (`recipe=writeup`) and changes one or two things, so each row
-of the table says what that change is worth. Each run's best checkpoint is tested twice: without and with flip
-TTA (TTA changes evaluation only, so one training run gives both numbers).
+Two phases, alone or one after the other (`both`). Every run is `cifar-resnet bench run` in its own process (no
+W&B), its best weights tested without TTA, with flip TTA and with flip plus 1 px shifts TTA (evaluation only, so
+one training run gives all three numbers and the multi-crop TTA candidate needs no runs of its own).
 
-    mkdir -p /tmp/cifar10-sub && tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C /tmp/cifar10-sub \\
-        --wildcards 'cifar10-jpeg/train/*/0[0-4]??.jpg' 'cifar10-jpeg/test/*/0[0-2]??.jpg'
-    python benchmarks/recipe_experiments.py --data_dir=/tmp/cifar10-sub/cifar10-jpeg --out=recipe.json
+  candidates  the tuned recipe at the sweep's best cell (Adam 0.001), then each candidate alone on top of it, then
+              all of them together; --seeds seeds each. The table gives each row's mean and spread (min to max)
+              and its difference from the tuned row.
+  grid        the write-up's six cells under the recipe given by the settings on the command line and under
+              `recipe=writeup`, --seeds seeds each, beside the write-up's published table.
+  both        candidates, then grid with the candidates that won (`choose_winners` says how) on top of tuned.
 
-(500 training and 300 test images per class; 1,000 of the training images are held out for validation.)
+Any `cifar-resnet train` setting (`--name=value`) applies to every run of the phase. On a GPU, with the JPEG copy
+unpacked into data/ (about 80 s per six concurrent 10-epoch runs on an H200 at b555040, before the graph step):
+
+    python benchmarks/recipe_experiments.py candidates --workers=6 --seeds=2 --out=candidates.json \\
+        --dataset=imagefolder --data_dir=data/cifar10-jpeg
+    python benchmarks/recipe_experiments.py grid --workers=6 --seeds=2 --out=grid.json \\
+        --dataset=imagefolder --data_dir=data/cifar10-jpeg --zero_init_residual=true ...
+    python benchmarks/recipe_experiments.py both ...   # the two, the grid with the winners
+
+`--small` shrinks every run to CPU size (width 16, 2 epochs, 2,000 synthetic training images): it proves the
+script end to end and decides nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import sys
-import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from cifar_resnet.bench.machine import machine_info
+from cifar_resnet.bench.runs import TEST_VIEWS, spawn_runs
+from cifar_resnet.bench.writeup import WRITEUP_TABLE
 from cifar_resnet.config import Config
-from cifar_resnet.data import DeviceLoader, load_splits
-from cifar_resnet.engine import build_model, evaluate, fit, select_device
+from cifar_resnet.engine import select_device
 from cifar_resnet.files import atomic_write_json
 
 log = logging.getLogger("recipe_experiments")
 
-# (label, settings on top of the write-up's recipe). learning_rate and optimizer are the sweep's own cells.
-ADAM = {"optimizer": "adam", "learning_rate": 0.001}
-SGD = {"optimizer": "sgd", "learning_rate": 0.001}
-VARIANTS: list[tuple[str, dict[str, Any]]] = [
-    ("adam writeup", ADAM),
-    ("adam cosine", {**ADAM, "lr_schedule": "cosine"}),
-    ("adam cosine warmup1", {**ADAM, "lr_schedule": "cosine", "warmup_epochs": 1}),
-    ("adam onecycle warmup1", {**ADAM, "lr_schedule": "onecycle", "warmup_epochs": 1}),
-    ("adam onecycle warmup1 ls0.1", {**ADAM, "lr_schedule": "onecycle", "warmup_epochs": 1, "label_smoothing": 0.1}),
-    ("adam onecycle warmup1 L2 5e-4", {**ADAM, "lr_schedule": "onecycle", "warmup_epochs": 1, "weight_decay": 5e-4}),
-    ("adamw onecycle warmup1 wd 0.05", {**ADAM, "optimizer": "adamw", "lr_schedule": "onecycle", "warmup_epochs": 1,
-                                        "weight_decay": 0.05}),
-    ("adam recipe=tuned", {**ADAM, "recipe": "tuned"}),
-    ("sgd writeup", SGD),
-    ("sgd nesterov", {**SGD, "nesterov": True}),
-    # The sweep fixes SGD's learning rate at 0.001 and below, far under SGD's usual 0.1; its momentum is not fixed.
-    ("sgd recipe=tuned momentum 0.9", {**SGD, "recipe": "tuned", "momentum": 0.9}),
-    ("sgd recipe=tuned momentum 0.9 constant lr", {**SGD, "recipe": "tuned", "momentum": 0.9,
-                                                   "lr_schedule": "constant", "warmup_epochs": 0}),
-    ("sgd recipe=tuned momentum 0.95", {**SGD, "recipe": "tuned", "momentum": 0.95}),
-    ("sgd recipe=tuned", {**SGD, "recipe": "tuned"}),  # momentum 0.99
-    ("sgd 0.0001 writeup", {**SGD, "learning_rate": 0.0001}),
-    ("sgd 0.0001 recipe=tuned", {**SGD, "learning_rate": 0.0001, "recipe": "tuned"}),
+BEST_CELL = {"optimizer": "adam", "learning_rate": 0.001}
+REFERENCE, ALL_TOGETHER = "tuned", "all together"
+# (label, settings on top of the tuned recipe). Values follow the sources the issue names: airbench94 and
+# hlb-CIFAR10 (EMA, whitening, alternating flips, label smoothing 0.2) and Page's ResNet series (schedule shape).
+CANDIDATES: list[tuple[str, dict[str, Any]]] = [
+    (REFERENCE, {}),
+    ("zero-init residual", {"zero_init_residual": True}),
+    ("whitened stem", {"whiten_stem": True}),
+    ("EMA 0.99 per step", {"ema_decay": 0.99}),
+    ("EMA 0.998 per step", {"ema_decay": 0.998}),
+    ("label smoothing 0.2", {"label_smoothing": 0.2}),
+    ("warm-up 2 epochs", {"warmup_epochs": 2.0, "warmup_fraction": 0.2}),
+    ("warm-up 0.3 epochs", {"warmup_epochs": 0.3}),
+    ("cosine decay", {"lr_schedule": "cosine"}),
+    ("norm lr x4", {"norm_lr_scale": 4.0}),
+    ("alternating flip", {"alternating_flip": True}),
+    ("Adam beta2 0.99", {"adam_beta2": 0.99}),
+    ("Adam eps 1e-6", {"adam_eps": 1e-6}),
+    (ALL_TOGETHER, {"zero_init_residual": True, "whiten_stem": True, "ema_decay": 0.99, "label_smoothing": 0.2,
+                      "alternating_flip": True}),
 ]
+SMALL = {"dataset": "synthetic", "width": 16, "epochs": 2, "train_size": 2000, "val_size": 500, "test_size": 1000,
+         "device": "cpu"}
+ACC_KEYS = tuple(TEST_VIEWS)  # test_acc, test_acc_tta, test_acc_tta_shift1
 
 
-def run_variant(base: Config, overrides: dict[str, Any], data, device: torch.device) -> dict[str, Any]:
-    config = Config.from_mapping(overrides, base=base)
-    started = time.perf_counter()
-    model = build_model(config, len(data.classes), device)
-    result = fit(config, model, data, device)
-    test_loader = DeviceLoader(data.test, config.eval_batch_size, device)
-    plain, flipped = (evaluate(result.model, test_loader, len(data.classes), tta=tta) for tta in (False, True))
-    return {
-        "settings": overrides,
-        "config": config.to_dict(),
-        "best_epoch": result.best_epoch,
-        "best_val_acc": result.best_val_acc,
-        "final_train_loss": result.history[-1]["train/loss"],
-        "test_acc": plain.acc,
-        "test_acc_tta": flipped.acc,
-        "seconds": time.perf_counter() - started,
-    }
+def slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")
 
 
-def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
-    lines = ["| variant | best val acc | test acc | test acc, flip TTA | best epoch | train loss (last) | s |",
-             "|---|---|---|---|---|---|---|"]
-    for label, row in rows.items():
-        lines.append(f"| {label} | {row['best_val_acc']:.2%} | {row['test_acc']:.2%} | {row['test_acc_tta']:.2%} | "
-                     f"{row['best_epoch']} | {row['final_train_loss']:.3f} | {row['seconds']:.0f} |")
+def failures(runs: Sequence[dict[str, Any]]) -> int:
+    return sum(run.get("status") == "failed" for run in runs)
+
+
+def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean, min and max over seeds of each test accuracy and of the run time; failed runs counted apart."""
+    done = [run for run in runs if run.get("status") != "failed"]
+    summary: dict[str, Any] = {"seeds": len(done), "failed": failures(runs)}
+    for key in (*ACC_KEYS, "process_s"):
+        values = [run[key] for run in done]
+        summary[key] = ({"mean": statistics.fmean(values), "min": min(values), "max": max(values)} if values
+                        else None)
+    return summary
+
+
+def percent(stat: dict[str, float] | None, spread: bool = False) -> str:
+    if stat is None:
+        return "failed"
+    text = f"{stat['mean']:.2%}"
+    return f"{text} ({stat['min']:.2%}–{stat['max']:.2%})" if spread else text
+
+
+def points(stat: dict[str, float] | None, reference: dict[str, float] | None) -> str:
+    if stat is None or reference is None:
+        return "–"
+    return f"{100 * (stat['mean'] - reference['mean']):+.2f}"
+
+
+def run_candidates(base: Config, seeds: int, workers: int, folder: Path, only: set[str]) -> dict[str, Any]:
+    chosen = [(label, settings) for label, settings in CANDIDATES if not only or label in only]
+    jobs = [(f"{slug(label)}-s{seed}", base.replace(**BEST_CELL, **settings, seed=seed))
+            for label, settings in chosen for seed in range(base.seed, base.seed + seeds)]
+    log.info("%d candidates x %d seeds, %d runs at a time", len(chosen), seeds, workers)
+    results, wall_s = spawn_runs(jobs, workers, folder)
+    rows = []
+    for index, (label, settings) in enumerate(chosen):
+        runs = results[index * seeds : (index + 1) * seeds]
+        rows.append({"label": label, "settings": settings, "summary": summarise(runs), "runs": runs})
+    return {"phase": "candidates", "wall_s": wall_s, "failed": failures(results), "rows": rows}
+
+
+def candidates_table(result: dict[str, Any]) -> str:
+    rows = result["rows"]
+    reference = next((row["summary"] for row in rows if row["label"] == REFERENCE), None)
+    lines = ["| candidate (on tuned, adam 0.001) | seeds | test (min–max) | flip TTA (min–max) | "
+             "flip + 1 px shifts TTA | vs tuned, points (flip TTA) | run s |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        s = row["summary"]
+        seconds = f"{s['process_s']['mean']:.0f}" if s["process_s"] else "–"
+        failed = f" ({s['failed']} failed)" if s["failed"] else ""
+        lines.append(f"| {row['label']} | {s['seeds']}{failed} | {percent(s['test_acc'], True)} | "
+                     f"{percent(s['test_acc_tta'], True)} | {percent(s['test_acc_tta_shift1'])} | "
+                     f"{points(s['test_acc_tta'], reference and reference['test_acc_tta'])} | {seconds} |")
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data_dir", required=True, help="image folder with train/ and test/")
-    parser.add_argument("--out", default="recipe_experiments.json", help="JSON results, rewritten after each run")
-    parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--val_size", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--only", default="", help="comma-separated variant labels (default: all)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+def half_range(stat: dict[str, float]) -> float:
+    return (stat["max"] - stat["min"]) / 2
 
-    base = Config(recipe="writeup", dataset="imagefolder", data_dir=args.data_dir, width=args.width,
-                  epochs=args.epochs, val_size=args.val_size, seed=args.seed, device="cpu")
-    device = select_device(base.device)
-    data = load_splits(base)
-    wanted = {label.strip() for label in args.only.split(",") if label.strip()}
-    rows: dict[str, dict[str, Any]] = {}
-    for label, overrides in VARIANTS:
-        if wanted and label not in wanted:
+
+def choose_winners(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The settings the candidates phase says to keep, for the grid phase of `both`.
+
+    A candidate wins when its mean flip-TTA test accuracy beats the tuned row's by more than the larger of the two
+    rows' spreads (half their min-max range over seeds; with one seed any gain wins). Of winners that set the same
+    setting (two EMA decays, two warm-ups), the best is kept. The multi-crop TTA is kept when, over the tuned row's
+    own runs (the same weights), flip + 1 px shifts beats flip alone on average. "all together" is a check of the
+    combination, never a source.
+    """
+    reference = next((row["summary"] for row in rows if row["label"] == REFERENCE), None)
+    if reference is None or reference["test_acc_tta"] is None:
+        return {}
+    base = reference["test_acc_tta"]
+    winners = []
+    for row in rows:
+        stat = row["summary"]["test_acc_tta"]
+        if row["label"] in (REFERENCE, ALL_TOGETHER) or stat is None:
             continue
-        log.info("variant %s: %s", label, overrides)
-        rows[label] = run_variant(base, overrides, data, device)
-        atomic_write_json(Path(args.out), {
-            "machine": {"torch": torch.__version__, "threads": torch.get_num_threads()},
-            "base": base.to_dict(), "train_images": len(data.train), "test_images": len(data.test), "runs": rows,
-        })
-    print(markdown_table(rows))
-    return 0
+        margin = stat["mean"] - base["mean"]
+        if margin > max(half_range(stat), half_range(base)):
+            winners.append((margin, row["settings"]))
+    chosen: dict[str, Any] = {}
+    for _, settings in sorted(winners, key=lambda winner: winner[0], reverse=True):
+        if not settings.keys() & chosen.keys():
+            chosen.update(settings)
+    if reference["test_acc_tta_shift1"]["mean"] > base["mean"]:
+        chosen["tta_translate_px"] = 1
+    return chosen
+
+
+def run_six_cells(base: Config, seeds: int, workers: int, folder: Path) -> dict[str, Any]:
+    recipes = {"new": base, "writeup": base.replace(recipe="writeup")}  # the writeup keeps non-recipe settings
+    jobs = [(f"{name}-{cell['optimizer']}-lr{cell['learning_rate']}-s{seed}",
+             config.replace(optimizer=cell["optimizer"], learning_rate=cell["learning_rate"], seed=seed))
+            for name, config in recipes.items() for cell in WRITEUP_TABLE
+            for seed in range(base.seed, base.seed + seeds)]
+    log.info("six cells x 2 recipes x %d seeds, %d runs at a time", seeds, workers)
+    results, wall_s = spawn_runs(jobs, workers, folder)
+    per_recipe = len(WRITEUP_TABLE) * seeds
+    cells = []
+    for index, cell in enumerate(WRITEUP_TABLE):
+        new, writeup = (results[offset + index * seeds : offset + (index + 1) * seeds]
+                        for offset in (0, per_recipe))
+        cells.append({"writeup_published": cell, "new": summarise(new), "writeup": summarise(writeup),
+                      "runs": {"new": new, "writeup": writeup}})
+    return {"phase": "grid", "wall_s": wall_s, "failed": failures(results), "new_recipe": base.to_dict(),
+            "cells": cells}
+
+
+def grid_table(result: dict[str, Any]) -> str:
+    lines = ["| cell | write-up, published (PNG data) | `recipe=writeup` | new | new, flip TTA | new, flip + 1 px "
+             "shifts TTA | new (flip TTA) vs `recipe=writeup`, points |", "|---|---|---|---|---|---|---|"]
+    for cell in result["cells"]:
+        published, new, writeup = cell["writeup_published"], cell["new"], cell["writeup"]
+        lines.append(f"| {published['optimizer']} {published['learning_rate']} | {published['test_acc']:.2%} | "
+                     f"{percent(writeup['test_acc'], True)} | {percent(new['test_acc'], True)} | "
+                     f"{percent(new['test_acc_tta'], True)} | {percent(new['test_acc_tta_shift1'])} | "
+                     f"{points(new['test_acc_tta'], writeup['test_acc'])} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                     epilog="Any other --name=value is a `cifar-resnet train` setting for every run.")
+    parser.add_argument("phase", choices=("candidates", "grid", "both"),
+                        help="both: candidates, then the grid with the winners (see choose_winners)")
+    parser.add_argument("--seeds", type=int, default=2, help="seeds per row, from the base seed up (default 2)")
+    parser.add_argument("--workers", type=int, default=1, help="runs at a time on the device (default 1)")
+    parser.add_argument("--out", default="recipe_experiments.json",
+                        help="JSON file of every run and the tables, rewritten after each phase")
+    parser.add_argument("--runs_dir", default="", help="run folders and logs (default: next to --out)")
+    parser.add_argument("--only", default="", help="candidates: comma-separated labels (default: all)")
+    parser.add_argument("--small", action="store_true", help="CPU-sized runs: proves the script, decides nothing")
+    args, rest = parser.parse_known_args(list(argv))
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    if args.seeds < 1 or args.workers < 1:
+        parser.error("--seeds and --workers must be >= 1")
+    only = {label.strip() for label in args.only.split(",") if label.strip()}
+    unknown = only - {label for label, _ in CANDIDATES}
+    if unknown:
+        parser.error(f"--only: unknown {', '.join(sorted(unknown))}; "
+                     f"candidates: {', '.join(label for label, _ in CANDIDATES)}")
+    out = Path(args.out)
+    folder = Path(args.runs_dir) if args.runs_dir else out.parent / f"{out.stem}-runs"
+    base = Config(output_dir=str(folder / "runs"), **(SMALL if args.small else {}))
+    base = Config.from_argv(rest, base=base)
+    report: dict[str, Any] = {"machine": machine_info(select_device(base.device)), "base": base.to_dict(),
+                              "seeds": args.seeds, "workers": args.workers, "small": args.small}
+
+    def finish(phase: str, result: dict[str, Any], table: str) -> None:
+        report[phase] = {**result, "table": table}
+        atomic_write_json(out, report)  # after each phase: a later phase that is cut short loses only itself
+        print(f"{table}\n\n{phase}: {result['wall_s']:.0f} s wall; written: {out}\n", flush=True)
+
+    grid_base = base
+    if args.phase in ("candidates", "both"):
+        result = run_candidates(base, args.seeds, args.workers, folder, only)
+        finish("candidates", result, candidates_table(result))
+    if args.phase == "both":
+        report["winners"] = choose_winners(report["candidates"]["rows"])
+        log.info("the grid's recipe: tuned with %s", report["winners"] or "no change")
+        grid_base = base.replace(**report["winners"])
+    if args.phase in ("grid", "both"):
+        result = run_six_cells(grid_base, args.seeds, args.workers, folder)
+        finish("grid", result, grid_table(result))
+    return 1 if any(report[phase]["failed"] for phase in ("candidates", "grid") if phase in report) else 0
 
 
 if __name__ == "__main__":

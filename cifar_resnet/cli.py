@@ -30,7 +30,8 @@ def _evaluate(args: argparse.Namespace, rest: list[str]) -> int:
 
     config, result = evaluate_checkpoint(Path(args.checkpoint), parse_argv(rest))
     print(f"{args.checkpoint}: test loss {result.loss:.4f}  test acc {percent(result.acc)}  "
-          f"({int(result.confusion.sum())} images, dataset={config.dataset}, tta={config.tta})")
+          f"({int(result.confusion.sum())} images, dataset={config.dataset}, tta={config.tta}, "
+          f"tta_translate_px={config.tta_translate_px})")
     return 0
 
 

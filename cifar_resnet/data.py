@@ -367,17 +367,21 @@ def make_synthetic(num_train: int, num_test: int) -> tuple[ImageSet, ImageSet, l
 # --- device-side batches --------------------------------------------------------------------------------------
 
 
-def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random `padding`-px zero-padded crop and random horizontal flip of each image, in one gather.
+def random_crop_flip(
+    images: torch.Tensor, padding: int, generator: torch.Generator | None = None, flip: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Random `padding`-px zero-padded crop and horizontal flip of each image, in one gather.
 
-    images: (B, C, H, W), any dtype, on any device (the generator must be on the same device).
+    images: (B, C, H, W), any dtype, on any device (the generator must be on the same device). flip: (B,) bool,
+    which images to mirror; a coin toss per image when None.
     """
     n, c, h, w = images.shape
     device = images.device
     padded = F.pad(images, (padding, padding, padding, padding))  # (B, C, H+2p, W+2p), zeros outside
     top = torch.randint(0, 2 * padding + 1, (n,), device=device, generator=generator)
     left = torch.randint(0, 2 * padding + 1, (n,), device=device, generator=generator)
-    flip = torch.rand(n, device=device, generator=generator) < 0.5
+    if flip is None:
+        flip = torch.rand(n, device=device, generator=generator) < 0.5
     rows = top[:, None] + torch.arange(h, device=device)  # (B, H)
     cols = left[:, None] + torch.arange(w, device=device)  # (B, W)
     cols = torch.where(flip[:, None], cols.flip(1), cols)  # a flip is the crop's columns read backwards
@@ -390,7 +394,9 @@ def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Genera
 class DeviceLoader:
     """One split on the training device as one uint8 tensor, served as normalised float batches.
 
-    Training order: a fresh permutation each epoch, drop_last (fixed shapes), crop + flip per batch.
+    Training order: a fresh permutation each epoch, drop_last (fixed shapes), crop + flip per batch. With
+    `alternating_flip` (airbench), a random half of the images is mirrored in odd epochs and the other half in even
+    ones, so each image is seen both ways every two epochs; `set_epoch` says which epoch comes next.
     Evaluation order: as stored, every image once, no augmentation.
     """
 
@@ -401,14 +407,24 @@ class DeviceLoader:
         device: torch.device,
         generator: torch.Generator | None = None,
         augment: bool = False,
+        alternating_flip: bool = False,
     ) -> None:
         self.images = data.images.to(device)  # (N, 3, 32, 32) uint8: the whole split lives on the device
         self.labels = data.labels.to(device)  # (N,)
         self.batch_size = batch_size
         self.generator = generator
         self.augment = augment
+        self.epoch = 1
+        # Drawn once, here: a resumed run restores the generator after this draw, so it gets the same halves.
+        self.flipped_in_odd_epochs: torch.Tensor | None = None  # (N,) bool
+        if augment and alternating_flip:
+            self.flipped_in_odd_epochs = torch.rand(len(self.labels), device=device, generator=generator) < 0.5
         self.mean = torch.tensor(CIFAR10_MEAN, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(CIFAR10_STD, device=device).view(1, 3, 1, 1) * 255
+
+    def set_epoch(self, epoch: int) -> None:
+        """The 1-based epoch the next pass serves (for alternating flips)."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         if self.augment:
@@ -430,5 +446,8 @@ class DeviceLoader:
             index = order[start : start + self.batch_size]
             images = self.images[index]
             if self.augment:
-                images = random_crop_flip(images, CROP_PADDING_PX, self.generator)
+                flip = None
+                if self.flipped_in_odd_epochs is not None:
+                    flip = self.flipped_in_odd_epochs[index] ^ (self.epoch % 2 == 0)
+                images = random_crop_flip(images, CROP_PADDING_PX, self.generator, flip)
             yield self.normalize(images), self.labels[index]

@@ -8,6 +8,7 @@ step.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import time
@@ -21,7 +22,7 @@ from torch import nn
 from .config import OPTIMIZERS, Config
 from .data import DataSplits, DeviceLoader
 from .errors import ConfigError, TrainingDiverged
-from .model import CIFAR10CNN
+from .model import CIFAR10CNN, init_stem_whitening, zero_init_residual
 from .records import (
     EPOCH,
     EPOCH_SECONDS,
@@ -63,48 +64,45 @@ def build_model(config: Config, num_classes: int, device: torch.device) -> nn.Mo
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = CIFAR10CNN(num_classes=num_classes, width=config.width)
+    if config.zero_init_residual:
+        zero_init_residual(model)
     return model.to(device, memory_format=memory_format_for(config, device))
 
 
 def build_optimizer(
     config: Config, model: nn.Module, device: torch.device, fused: bool | None = None, graph: bool = False
 ) -> torch.optim.Optimizer:
-    """Weight decay applies to conv and linear weights only, never to batch-norm parameters or biases.
+    """Weight decay applies to conv and linear weights only, never to batch-norm parameters or biases; those
+    take `norm_lr_scale` times the learning rate.
 
     `fused` (one kernel for the whole update) defaults to True on CUDA; the benchmark turns it off to measure it.
     `graph` builds it for a captured step (`CapturedStep`): the learning rate is a device tensor, which the schedule
     updates in place between replays, and Adam and AdamW are `capturable` (their step counters on the device).
     """
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": config.weight_decay,
+         "initial_lr": config.learning_rate},
+        {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0,
+         "initial_lr": config.learning_rate * config.norm_lr_scale},
     ]
+    # `initial_lr`, a float, is the schedule's base rate. Under `graph` each group's rate is a tensor of its own,
+    # which the scheduler fills with plain numbers (no device arithmetic and no host read per step).
+    for group in groups:
+        group["lr"] = (torch.tensor(group["initial_lr"], dtype=torch.float32, device=device) if graph
+                       else group["initial_lr"])
     if fused is None:
         fused = device.type == "cuda"
-    lr: float | torch.Tensor = config.learning_rate
-    capturable: dict[str, bool] = {}
-    if graph:
-        lr = torch.tensor(config.learning_rate, dtype=torch.float32, device=device)
-        if device.type == "cuda":  # torch refuses capturable=True on a CPU
-            capturable = {"capturable": True}
+    capturable = {"capturable": True} if graph and device.type == "cuda" else {}  # torch refuses it on a CPU
+    adam = {"betas": (config.adam_beta1, config.adam_beta2), "eps": config.adam_eps, "fused": fused, **capturable}
     if config.optimizer == "adam":
-        optimizer: torch.optim.Optimizer = torch.optim.Adam(groups, lr=lr, fused=fused, **capturable)
+        optimizer: torch.optim.Optimizer = torch.optim.Adam(groups, **adam)
     elif config.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=lr, fused=fused, **capturable)
+        optimizer = torch.optim.AdamW(groups, **adam)
     elif config.optimizer == "sgd":
         # SGD has no `capturable`: fused SGD takes a tensor learning rate as it is, without a host read.
-        optimizer = torch.optim.SGD(
-            groups, lr=lr, momentum=config.momentum, nesterov=config.nesterov, fused=fused
-        )
+        optimizer = torch.optim.SGD(groups, momentum=config.momentum, nesterov=config.nesterov, fused=fused)
     else:
         raise ConfigError(f"optimizer: {config.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-    if graph:
-        # The schedule's base rate as a float: the scheduler then computes plain numbers and fills the tensor with
-        # them (no device arithmetic and no host read per step).
-        for group in optimizer.param_groups:
-            group["initial_lr"] = config.learning_rate
     return optimizer
 
 
@@ -335,6 +333,41 @@ def compile_mode(config: Config, device: torch.device) -> str | None:
     return "reduce-overhead" if config.cuda_graph and device.type == "cuda" else "default"
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights and batch-norm statistics, kept in a copy of the model
+    that validation, test and the checkpoints use in place of the trained one.
+
+    `update` runs after each optimizer step, outside a captured step, as a few fused kernels on the device (no host
+    sync). The decay ramps up as (1 + n) / (10 + n) over the first updates (TensorFlow's ExponentialMovingAverage
+    with num_updates), so the early average is not dominated by the random initial weights.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.model = copy.deepcopy(model)
+        self.decay = decay
+        self.updates = 0
+        averaged, live = self.model.state_dict(), model.state_dict()  # tensors sharing the modules' storage
+        self.averaged = [t for t in averaged.values() if t.is_floating_point()]
+        self.live = [t for t in live.values() if t.is_floating_point()]
+        self.counters = [averaged[k] for k, t in live.items() if not t.is_floating_point()]
+        self.live_counters = [t for t in live.values() if not t.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.averaged, self.live, 1.0 - decay)  # what torch.optim.swa_utils' EMA runs
+        if self.counters:
+            torch._foreach_copy_(self.counters, self.live_counters)  # batch norm's num_batches_tracked
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.updates = state["updates"]
+
+
 # --- one epoch ------------------------------------------------------------------------------------------------
 
 
@@ -349,11 +382,13 @@ def train_one_epoch(
     should_stop: Callable[[], bool] = lambda: False,
     on_batch: Callable[[], None] | None = None,
     step: EagerStep | None = None,
+    average: WeightAverage | None = None,
 ) -> tuple[float, float]:
     """Train over `loader` once; return (mean loss, accuracy). One host sync, at the end.
 
     `step` runs each batch (a `CapturedStep` replays a CUDA graph); by default `train_step` runs eagerly with the
-    model, optimizer, loss and autocast given. The schedule steps outside the step, between batches.
+    model, optimizer, loss and autocast given. The schedule and the weight average step outside the step, between
+    batches.
     """
     model.train()
     step = step or EagerStep(model, optimizer, loss_fn, autocast, memory_format)
@@ -363,6 +398,8 @@ def train_one_epoch(
         if should_stop():
             raise Interrupted
         step(images, labels)
+        if average is not None:
+            average.update()
         scheduler.step()  # on a tensor learning rate: filled in place, as the captured step reads it
         seen += len(labels)
         if on_batch is not None:
@@ -382,6 +419,29 @@ class EvalResult:
         return (self.confusion.diag() / totals).tolist()
 
 
+def tta_logits(model: nn.Module, images: torch.Tensor, tta: bool, translate_px: int) -> torch.Tensor:
+    """Logits of `images` (B, 3, H, W), averaged over test-time views: the image alone; with `tta` the image and its
+    mirror; with `translate_px` as well, half that pair's mean and half the mean of the same pair shifted by
+    `translate_px` up-left and down-right (reflected borders), as airbench does."""
+
+    def mirrored(views: torch.Tensor) -> torch.Tensor:
+        return (model(views).float() + model(views.flip(3)).float()) / 2
+
+    if not tta:
+        return model(images).float()
+    if translate_px == 0:
+        return mirrored(images)
+    p, (h, w) = translate_px, images.shape[2:]
+    padded = nn.functional.pad(images, (p, p, p, p), mode="reflect")  # (B, 3, H+2p, W+2p)
+    shifted = (mirrored(padded[:, :, : h, : w]) + mirrored(padded[:, :, 2 * p :, 2 * p :])) / 2
+    return (mirrored(images) + shifted) / 2
+
+
+def tta_views(tta: bool, translate_px: int) -> int:
+    """Forward passes per image under these TTA settings."""
+    return 1 if not tta else 2 if translate_px == 0 else 6
+
+
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
@@ -390,9 +450,11 @@ def evaluate(
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     memory_format: torch.memory_format = torch.contiguous_format,
     tta: bool = False,
+    translate_px: int = 0,
 ) -> EvalResult:
     """Mean cross-entropy, accuracy and confusion matrix over `loader`; with `tta`, logits of each image and its
-    mirror are averaged."""
+    mirror are averaged, and with `translate_px` too, those of the views shifted up-left and down-right (see
+    `tta_logits`)."""
     model.eval()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
@@ -400,9 +462,7 @@ def evaluate(
     for images, labels in loader:
         images = images.contiguous(memory_format=memory_format)
         with autocast():
-            logits = model(images).float()  # (B, classes)
-            if tta:
-                logits = (logits + model(images.flip(3)).float()) / 2
+            logits = tta_logits(model, images, tta, translate_px)  # (B, classes) float32
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
         confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
     confusion = confusion.view(num_classes, num_classes).cpu()  # sync point
@@ -412,6 +472,9 @@ def evaluate(
 
 
 # --- the whole run --------------------------------------------------------------------------------------------
+
+WHITENING_IMAGES = 5000  # training images whose patches set the stem's whitening (airbench's number): plenty for
+# a 27 x 27 covariance, and seconds on a CPU
 
 
 @dataclass
@@ -448,6 +511,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     generator: torch.Generator  # shuffling and augmentation
+    average: WeightAverage | None = None  # with ema_decay: the averaged weights, which are the ones evaluated
     epoch: int = 0  # completed epochs
     best_epoch: int = 0
     best_val_acc: float = -1.0
@@ -465,6 +529,7 @@ class TrainState:
             "best_val_acc": self.best_val_acc,
             "best_model_state": self.best_model_state,
             "history": self.history,
+            **({"average": self.average.state_dict()} if self.average is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -477,6 +542,10 @@ class TrainState:
         self.best_val_acc = state["best_val_acc"]
         self.best_model_state = state["best_model_state"]
         self.history = list(state["history"])
+        if self.average is not None and "average" in state:
+            self.average.load_state_dict(state["average"])
+        elif self.average is not None:  # saved without an average: start it from the loaded weights
+            self.average.model.load_state_dict(state["model"])
 
 
 @dataclass
@@ -510,7 +579,8 @@ def fit(
     resume: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train `model` (from `build_model`, on `device`) for `config.epochs`, keep the weights of the best
-    validation epoch, and test them once at the end.
+    validation epoch, and test them once at the end. With `whiten_stem` the stem's filters are first set from the
+    training images (not on resume); with `ema_decay` the weights validated, tested and kept are the average.
 
     `resume` is a `TrainState.state_dict()`; training continues after its last completed epoch. When
     `hooks.should_stop` returns True, `Interrupted` is raised and the state of the last completed epoch stays as
@@ -519,16 +589,20 @@ def fit(
     hooks = hooks or TrainHooks()
     num_classes = len(data.classes)
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    train_loader = DeviceLoader(data.train, config.batch_size, device, generator=generator, augment=True)
+    train_loader = DeviceLoader(data.train, config.batch_size, device, generator=generator, augment=True,
+                                alternating_flip=config.alternating_flip)
     val_loader = DeviceLoader(data.val, config.eval_batch_size, device)
     if len(train_loader) == 0:
         raise ConfigError(
             f"batch_size: {config.batch_size} is more than the {len(data.train)} training images; lower it"
         )
+    if config.whiten_stem and resume is None:
+        init_stem_whitening(model, train_loader.normalize(train_loader.images[:WHITENING_IMAGES]))
     graph = uses_cuda_graph(config, device)
     optimizer = build_optimizer(config, model, device, graph=graph)
     scheduler = build_scheduler(config, optimizer, len(train_loader))
-    state = TrainState(model, optimizer, scheduler, generator)
+    average = WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None
+    state = TrainState(model, optimizer, scheduler, generator, average)
     if resume is not None:
         built = [dict(group) for group in optimizer.param_groups]
         state.load_state_dict(resume)
@@ -542,13 +616,17 @@ def fit(
     step_class = CapturedStep if graph else EagerStep  # captured once per run, in the first epoch trained
     step = step_class(step_model, optimizer, loss_fn, autocast, memory_format)
 
+    # With ema_decay the averaged copy is what is validated, tested and kept; else the model trained.
+    evaluated, kept = (average.model, average.model) if average is not None else (step_model, model)
+    tta = (config.tta, config.tta_translate_px)
     for epoch in range(state.epoch + 1, config.epochs + 1):
         if hooks.on_epoch_start is not None:
             hooks.on_epoch_start(epoch, len(train_loader))
         start = time.perf_counter()
+        train_loader.set_epoch(epoch)
         train_loss, train_acc = train_one_epoch(
             step_model, train_loader, optimizer, scheduler, loss_fn, autocast, memory_format, hooks.should_stop,
-            hooks.on_batch, step,
+            hooks.on_batch, step, average,
         )
         train_seconds = time.perf_counter() - start  # train_one_epoch ended on a sync, so this is honest
         if not math.isfinite(train_loss):
@@ -556,11 +634,11 @@ def fit(
                 f"training loss became {train_loss} in epoch {epoch}; lower learning_rate "
                 f"(now {config.learning_rate})"
             )
-        val = evaluate(step_model, val_loader, num_classes, autocast, memory_format, config.tta)
+        val = evaluate(evaluated, val_loader, num_classes, autocast, memory_format, *tta)
         is_best = val.acc > state.best_val_acc
         if is_best:
             state.best_epoch, state.best_val_acc = epoch, val.acc
-            state.best_model_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            state.best_model_state = {k: v.detach().clone() for k, v in kept.state_dict().items()}
         result = EpochResult(
             epoch=epoch,
             train_loss=train_loss,
@@ -584,6 +662,6 @@ def fit(
 
     model.load_state_dict(state.best_model_state)
     test_loader = DeviceLoader(data.test, config.eval_batch_size, device)
-    test = evaluate(step_model, test_loader, num_classes, autocast, memory_format, config.tta)
+    test = evaluate(step_model, test_loader, num_classes, autocast, memory_format, *tta)
     log.info("test (best epoch %d): loss %.4f acc %.2f%%", state.best_epoch, test.loss, 100 * test.acc)
     return FitResult(state.history, state.best_epoch, state.best_val_acc, test, model)

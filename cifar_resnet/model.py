@@ -60,5 +60,42 @@ class CIFAR10CNN(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))  # (N, num_classes)
 
 
+def zero_init_residual(model: CIFAR10CNN) -> None:
+    """Zero each residual block's last batch-norm scale: every block then starts as its shortcut, so the signal
+    passes the untrained network almost unchanged (Goyal et al. 2017; torchvision's `zero_init_residual`)."""
+    for module in model.modules():
+        if isinstance(module, ResidualBlock):
+            nn.init.zeros_(module.bn2.weight)
+
+
+WHITENING_EPS = 5e-4  # added to each eigenvalue (patch variance, normalised pixels) before its inverse root: airbench's
+
+
+@torch.no_grad()
+def init_stem_whitening(model: CIFAR10CNN, images: torch.Tensor, chunk: int = 500) -> None:
+    """Set the stem convolution's first filters to a whitening of the images' k x k patches (airbench's init).
+
+    images: (N, 3, 32, 32) normalised float, as the model sees them. The covariance of the patches (3*k*k dims)
+    gives eigenvectors e_i and eigenvalues l_i; filter pairs +e_i/sqrt(l_i + eps) and -e_i/sqrt(l_i + eps), largest
+    first, fill min(2*3*k*k, out_channels) filters (54 of 64 at k=3); the rest keep their random init. The pairs
+    keep both signs of each component through the ReLU after the stem.
+    """
+    conv = model.stem[0]
+    out_channels, in_channels, kh, kw = conv.weight.shape
+    dims = in_channels * kh * kw
+    covariance = torch.zeros(dims, dims, dtype=torch.float64, device=images.device)
+    count = 0
+    for start in range(0, len(images), chunk):  # in chunks: all patches of 5,000 images at once are ~0.5 GB
+        patches = images[start : start + chunk].float().unfold(2, kh, 1).unfold(3, kw, 1)  # (B, C, H', W', kh, kw)
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, dims).double()  # (B*H'*W', C*kh*kw)
+        covariance += patches.T @ patches
+        count += len(patches)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance / count)  # ascending
+    pairs = min(dims, out_channels // 2)
+    filters = (eigenvectors.T.flip(0)[:pairs] / (eigenvalues.flip(0)[:pairs, None] + WHITENING_EPS).sqrt())
+    filters = filters.view(pairs, in_channels, kh, kw).to(conv.weight.dtype)
+    conv.weight[: 2 * pairs] = torch.cat((filters, -filters))
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

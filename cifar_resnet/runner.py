@@ -106,7 +106,7 @@ class RunOutcome:
     run_dir: Path
     record: RunRecord
     fit: FitResult
-    classes: list[str]
+    data: DataSplits  # what it trained and was tested on, still in memory
 
 
 @dataclass
@@ -224,7 +224,7 @@ def _run_locked(config: Config, run_id: str, run_dir: Path, hooks: RunHooks, sta
     save_record()
     resume_path.unlink(missing_ok=True)  # finished: nothing left to resume
     (run_dir / PROGRESS_FILE).unlink(missing_ok=True)  # nor to follow: the record has it all
-    return RunOutcome(run_dir, record, result, data.classes)
+    return RunOutcome(run_dir, record, result, data)
 
 
 def evaluate_checkpoint(path: Path, overrides: dict[str, Any]) -> tuple[Config, EvalResult]:
@@ -249,5 +249,6 @@ def evaluate_checkpoint(path: Path, overrides: dict[str, Any]) -> tuple[Config, 
         ) from None
     memory_format = memory_format_for(config, device)
     loader = DeviceLoader(data.test, config.eval_batch_size, device)
-    result = evaluate(model, loader, len(data.classes), autocast_context(config, device), memory_format, config.tta)
+    result = evaluate(model, loader, len(data.classes), autocast_context(config, device), memory_format, config.tta,
+                      config.tta_translate_px)
     return config, result

@@ -142,11 +142,11 @@ class Tracker:
         for name, acc in summary[TEST_ACC_PER_CLASS].items():
             self.run.summary[f"{TEST_ACC}/{name}"] = acc
         # wandb's confusion-matrix chart wants per-image labels: expand the (true, predicted) counts.
-        num_classes = len(outcome.classes)
+        num_classes = len(outcome.data.classes)
         pairs = torch.arange(num_classes * num_classes).repeat_interleave(test.confusion.flatten())
         y_true, preds = (pairs // num_classes).tolist(), (pairs % num_classes).tolist()
         self.run.log({"test/confusion_matrix": wandb.plot.confusion_matrix(
-            y_true=y_true, preds=preds, class_names=outcome.classes, title="Test confusion matrix (best epoch)")})
+            y_true=y_true, preds=preds, class_names=outcome.data.classes, title="Test confusion matrix (best epoch)")})
         self.log_checkpoint(outcome.run_dir / BEST_CHECKPOINT, outcome)
         self.run.finish(exit_code=0)
 

@@ -74,7 +74,7 @@ def test_cpu_mode_writes_every_figure(tmp_path, capsys, monkeypatch):
     assert set(result["tuning"]) == {"ours", "broken", "foreach optimizer (not fused)"}
     assert "no such mode" in result["tuning"]["broken"]["error"]
     assert positive(result["tuning"]["foreach optimizer (not fused)"]["images_per_s"])
-    assert all(positive(v) for v in result["eval_images_per_s"].values()) and len(result["eval_images_per_s"]) == 3
+    assert all(positive(v) for v in result["eval_images_per_s"].values()) and len(result["eval_images_per_s"]) == 4
     flops64 = result["flops_per_image"]["64"]  # 384 training, 128 validation and 128 test images; TTA doubles eval
     assert result["run_flops"]["64"] == pytest.approx(384 * flops64["train"] + 2 * 2 * 128 * flops64["forward"])
     assert result["floor_s"]["64"] == pytest.approx(result["run_flops"]["64"] / (result["peak"]["tflops"] * 1e12))

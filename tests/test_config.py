@@ -1,3 +1,7 @@
+import dataclasses
+import re
+from pathlib import Path
+
 import pytest
 
 from cifar_resnet.config import Config, parse_argv
@@ -61,3 +65,11 @@ def test_unknown_mapping_key_is_an_error():
 
 def test_parse_argv_keeps_only_given_settings():
     assert parse_argv(["--tta=true", "--data_dir=/x"]) == {"tta": "true", "data_dir": "/x"}
+
+
+def test_the_readmes_settings_table_lists_every_setting_once():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("<!-- settings-table -->")[1].split("<!-- /settings-table -->")[0]
+    first_cells = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
+    listed = [name for cell in first_cells for name in re.findall(r"`(\w+)`", cell)]
+    assert sorted(listed) == sorted(f.name for f in dataclasses.fields(Config))

@@ -1,6 +1,7 @@
 """The training step captured as one CUDA graph against the eager step, on a GPU (marked gpu; skipped without
 CUDA): the same first 50 losses within bf16's tolerance, Adam, AdamW and SGD captured for real, and a whole short
-run's test accuracy within 0.5 points.
+run's test accuracy within 0.5 points; the same with the recipe candidates that touch the step or run
+beside it.
 
 The data: the JPEG copy of CIFAR-10 in CIFAR10_JPEG_DIR (benchmarks/gpu_check.sh exports it), else synthetic.
 """
@@ -67,9 +68,14 @@ def losses(config: Config, graph: bool, steps: int) -> tuple[list[float], object
     return found, step
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
-def test_the_graph_step_gives_the_eager_steps_losses(optimizer, caplog):
-    config = data_config(optimizer=optimizer, train_size=COMPARED_STEPS * 128)
+# The recipe candidates that touch the step: two learning-rate tensors (one per param group) and Adam's betas.
+CANDIDATE_STEP = {"norm_lr_scale": 4.0, "adam_beta2": 0.99, "adam_eps": 1e-6, "zero_init_residual": True}
+
+
+@pytest.mark.parametrize(("optimizer", "candidates"), [("adam", {}), ("adamw", {}), ("sgd", {}),
+                                                       ("adam", CANDIDATE_STEP)])
+def test_the_graph_step_gives_the_eager_steps_losses(optimizer, candidates, caplog):
+    config = data_config(optimizer=optimizer, train_size=COMPARED_STEPS * 128, **candidates)
     eager, _ = losses(config, graph=False, steps=COMPARED_STEPS)
     with caplog.at_level(logging.WARNING, logger="cifar_resnet.engine"):
         graph, step = losses(config, graph=True, steps=COMPARED_STEPS)
@@ -79,8 +85,11 @@ def test_the_graph_step_gives_the_eager_steps_losses(optimizer, caplog):
     assert eager[-1] < eager[0]  # it learns: the comparison is not of two flat lines
 
 
-def test_a_short_run_with_the_graph_reaches_the_eager_runs_accuracy(caplog):
-    config = data_config(epochs=SHORT_RUN_EPOCHS)
+@pytest.mark.parametrize("candidates", [{}, {"ema_decay": 0.99, "alternating_flip": True, "whiten_stem": True,
+                                              "tta_translate_px": 1}], ids=["tuned", "with-candidates"])
+def test_a_short_run_with_the_graph_reaches_the_eager_runs_accuracy(candidates, caplog):
+    """The weight average is updated between replays, outside the graph: it must see every step's weights."""
+    config = data_config(epochs=SHORT_RUN_EPOCHS, **candidates)
     device = torch.device("cuda")
     data = load_splits(config)
     eager = fit(config.replace(cuda_graph=False), build_model(config, len(data.classes), device), data, device)

@@ -13,7 +13,10 @@ from cifar_resnet.model import CIFAR10CNN
 pytestmark = pytest.mark.quick  # seconds in all: part of `pytest -m quick`
 
 WRITEUP = {"lr_schedule": "constant", "warmup_epochs": 0.0, "warmup_fraction": 1.0, "label_smoothing": 0.0,
-           "weight_decay": 0.0, "momentum": 0.9, "nesterov": False, "tta": False}
+           "weight_decay": 0.0, "momentum": 0.9, "nesterov": False, "tta": False,
+           # none of the recipe candidates; Adam as torch builds it by default, as the write-up did
+           "zero_init_residual": False, "whiten_stem": False, "ema_decay": 0.0, "norm_lr_scale": 1.0,
+           "alternating_flip": False, "tta_translate_px": 0, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8}
 
 
 def recipe_values(config: Config) -> dict:

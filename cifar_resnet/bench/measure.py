@@ -41,6 +41,7 @@ from ..engine import (
     memory_format_for,
     select_device,
     train_one_epoch,
+    tta_views,
     uses_cuda_graph,
 )
 from ..errors import UserError
@@ -268,17 +269,18 @@ def measure_eval(config: Config, val: ImageSet, num_classes: int, plan: Plan,
     """Evaluation images/s under inference_mode: at the evaluation batch, at the training batch, and with TTA."""
     model = build_model(config, num_classes, device)
     autocast, memory_format = autocast_context(config, device), memory_format_for(config, device)
-    cases = {
-        f"batch {config.eval_batch_size}": (config.eval_batch_size, False),
-        f"batch {config.batch_size}": (config.batch_size, False),
-        f"batch {config.eval_batch_size}, flip TTA": (config.eval_batch_size, True),
+    cases = {  # (batch size, tta, translate_px)
+        f"batch {config.eval_batch_size}": (config.eval_batch_size, False, 0),
+        f"batch {config.batch_size}": (config.batch_size, False, 0),
+        f"batch {config.eval_batch_size}, flip TTA": (config.eval_batch_size, True, 0),
+        f"batch {config.eval_batch_size}, flip and 1 px shifts TTA": (config.eval_batch_size, True, 1),
     }
     results = {}
-    for label, (batch_size, tta) in cases.items():
+    for label, (batch_size, tta, translate_px) in cases.items():
         loader = DeviceLoader(val, batch_size, device)
 
-        def work(loader: DeviceLoader = loader, tta: bool = tta) -> None:
-            evaluate(model, loader, num_classes, autocast, memory_format, tta)
+        def work(loader: DeviceLoader = loader, tta: bool = tta, translate_px: int = translate_px) -> None:
+            evaluate(model, loader, num_classes, autocast, memory_format, tta, translate_px)
 
         work()  # warm-up
         results[label] = len(val) / statistics.median(time_repeats(work, plan.repeats, device))
@@ -297,7 +299,7 @@ def derived_rates(timing: dict[str, Any], train_flops: float, peak_tflops: float
 def run_flops(flops: dict[str, float], splits: DataSplits, config: Config) -> float:
     """A whole run's FLOPs: training steps, validation every epoch and one test pass (each image twice with TTA)."""
     eval_images = config.epochs * len(splits.val) + len(splits.test)
-    passes = 2 if config.tta else 1
+    passes = tta_views(config.tta, config.tta_translate_px)
     return config.epochs * len(splits.train) * flops["train"] + passes * eval_images * flops["forward"]
 
 

@@ -1,6 +1,6 @@
-"""Whole runs without W&B, each in its own process: `cifar-resnet bench run` (one run, its best checkpoint tested
-with and without flip TTA) and `cifar-resnet bench grid` (the write-up's six cells beside its published table), and
-the concurrent runs of the benchmark's runs-per-hour figure.
+"""Whole runs without W&B, each in its own process: `cifar-resnet bench run` (one run, its best weights tested
+without TTA, with flip TTA and with flip plus 1 px shifts), `cifar-resnet bench grid` (the write-up's six cells
+beside its published table), and the concurrent runs of the benchmark's runs-per-hour figure.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import BEST_CHECKPOINT
 from ..config import Config, argument_parser
-from ..engine import select_device
+from ..data import DeviceLoader
+from ..engine import autocast_context, evaluate, memory_format_for, select_device
 from ..errors import UserError
 from ..files import atomic_write_json
 from ..process import child_environment, run_logged
@@ -95,22 +95,29 @@ def measure_concurrency(config: Config, count: int, work_dir: Path) -> dict[str,
     }
 
 
-def run_one(config: Config, run_id: str) -> dict[str, Any]:
-    """One run through the runner (files, no W&B), its best checkpoint tested with and without flip TTA.
+# The test accuracies `bench run` reports for each run, whatever its own tta settings: (tta, translate_px).
+TEST_VIEWS = {"test_acc": (False, 0), "test_acc_tta": (True, 0), "test_acc_tta_shift1": (True, 1)}
 
-    `process_s` is taken when the run ends, before the second test (not part of a run)."""
-    from ..runner import evaluate_checkpoint, run_training
+
+def run_one(config: Config, run_id: str) -> dict[str, Any]:
+    """One run through the runner (files, no W&B), its best weights tested without TTA, with flip TTA and with flip
+    plus 1 px shifts TTA.
+
+    `process_s` is taken when the run ends, before the extra tests (not part of a run)."""
+    from ..runner import run_training
 
     outcome = run_training(config, run_id)
     process_s = seconds_since_process_start()  # the run as a user sees it: interpreter, imports, data, all
-    _, other = evaluate_checkpoint(outcome.run_dir / BEST_CHECKPOINT, {"tta": not config.tta})
-    with_tta, without_tta = (outcome.fit.test.acc, other.acc) if config.tta else (other.acc, outcome.fit.test.acc)
+    device = select_device(config.device)
+    loader = DeviceLoader(outcome.data.test, config.eval_batch_size, device)
+    tested = {name: evaluate(outcome.fit.model, loader, len(outcome.data.classes), autocast_context(config, device),
+                             memory_format_for(config, device), tta, translate_px).acc
+              for name, (tta, translate_px) in TEST_VIEWS.items()}
     best = outcome.record.history[outcome.fit.best_epoch - 1]
     return {
         "run_id": run_id,
         "config": config.to_dict(),
-        "test_acc": without_tta,
-        "test_acc_tta": with_tta,
+        **tested,
         "train_acc": best[TRAIN_ACC],
         "train_loss": best[TRAIN_LOSS],
         "val_acc": best[VAL_ACC],
@@ -159,8 +166,8 @@ def run_main(argv: Sequence[str]) -> int:
     parser.add_argument("--result", required=True, help="JSON file the run's results are written to")
     if "-h" in argv or "--help" in argv:
         print("usage: cifar-resnet bench run --run_id=ID --result=FILE [--name=value ...]\n\nOne training run "
-              "through the runner (checkpoints and record.json in output_dir/ID), without W&B; its best checkpoint "
-              "is tested with and without flip TTA.\n")
+              "through the runner (checkpoints and record.json in output_dir/ID), without W&B; its best weights "
+              "are tested without TTA, with flip TTA and with flip plus 1 px shifts TTA.\n")
         print_settings_help("cifar-resnet bench run")
         return 0
     args, rest = parser.parse_known_args(list(argv))
