@@ -78,8 +78,9 @@ class Config:
     adam_beta2: float = _recipe_setting("[recipe] Adam and AdamW: decay of the squared-gradient average, in [0, 1)")
     adam_eps: float = _recipe_setting("[recipe] Adam and AdamW: term added to the update's denominator, > 0")
     ema_decay: float = _recipe_setting(
-        "[recipe] exponential moving average of the weights, decay per optimizer step, in [0, 1): validation, test "
-        "and the checkpoints use the averaged weights; 0 turns it off")
+        "[recipe] exponential moving average of the weights, decay per optimizer step, in [0, 1), after a ramp "
+        "min(decay, (1 + n) / (10 + n)) over the first n steps: validation, test and the checkpoints use the "
+        "averaged weights; 0 turns it off")
     zero_init_residual: bool = _recipe_setting(
         "[recipe] start each residual block's last batch-norm scale at zero, so every block starts as its shortcut")
     whiten_stem: bool = _recipe_setting(
