@@ -64,7 +64,7 @@ CANDIDATES: list[tuple[str, dict[str, Any]]] = [
     ("Adam beta2 0.99", {"adam_beta2": 0.99}),
     ("Adam eps 1e-6", {"adam_eps": 1e-6}),
     (ALL_TOGETHER, {"zero_init_residual": True, "whiten_stem": True, "ema_decay": 0.99, "label_smoothing": 0.2,
-                      "alternating_flip": True}),
+                    "alternating_flip": True}),
 ]
 SMALL = {"dataset": "synthetic", "width": 16, "epochs": 2, "train_size": 2000, "val_size": 500, "test_size": 1000,
          "device": "cpu"}
