@@ -297,7 +297,7 @@ def derived_rates(timing: dict[str, Any], train_flops: float, peak_tflops: float
 
 
 def run_flops(flops: dict[str, float], splits: DataSplits, config: Config) -> float:
-    """A whole run's FLOPs: training steps, validation every epoch and one test pass (each image twice with TTA)."""
+    """A whole run's FLOPs: training steps, validation every epoch and one test pass (each image once per TTA view)."""
     eval_images = config.epochs * len(splits.val) + len(splits.test)
     passes = tta_views(config.tta, config.tta_translate_px)
     return config.epochs * len(splits.train) * flops["train"] + passes * eval_images * flops["forward"]
