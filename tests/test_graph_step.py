@@ -150,12 +150,16 @@ def test_resuming_keeps_the_captured_learning_rate_tensor_and_flags(tiny_config)
         assert float(own_lr) == pytest.approx(float(checkpoint["param_groups"][0]["lr"]))
 
 
-def test_fit_on_the_graph_path_trains_like_the_eager_path(tiny_config, monkeypatch, caplog):
-    """fit as on CUDA (tensor learning rate, CapturedStep), on the CPU: it warns once and trains eagerly."""
-    eager = fit(tiny_config, build_model(tiny_config, 10, CPU), load_splits(tiny_config), CPU)
+@pytest.mark.parametrize("candidates", [{}, {"norm_lr_scale": 4.0, "ema_decay": 0.9, "alternating_flip": True}],
+                         ids=["tuned", "two-rates-and-an-average"])
+def test_fit_on_the_graph_path_trains_like_the_eager_path(tiny_config, monkeypatch, caplog, candidates):
+    """fit as on CUDA (a tensor learning rate per group, CapturedStep), on the CPU: it warns once and trains
+    eagerly; the weight average is updated between the steps as on the eager path."""
+    config = tiny_config.replace(**candidates)
+    eager = fit(config, build_model(config, 10, CPU), load_splits(config), CPU)
     monkeypatch.setattr(engine, "uses_cuda_graph", lambda config, device: True)
     with caplog.at_level(logging.WARNING, logger="cifar_resnet.engine"):
-        graph = fit(tiny_config, build_model(tiny_config, 10, CPU), load_splits(tiny_config), CPU)
+        graph = fit(config, build_model(config, 10, CPU), load_splits(config), CPU)
     assert sum(r.levelno == logging.WARNING for r in caplog.records) == 1
     for got, expected in zip(graph.history, eager.history, strict=True):
         for name in ("train/loss", "lr"):
