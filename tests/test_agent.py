@@ -88,6 +88,15 @@ def wait_for(condition, what: str) -> None:
         time.sleep(POLL_SECONDS)
 
 
+def two_waiting_agents(stand_in, monkeypatch) -> subprocess.Popen:
+    """The pool on two GPUs, both agents started and waiting for a signal."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setenv("STAND_IN_WAIT", "1")
+    pool = agent_process("ent/proj/abc123")
+    wait_for(lambda: len(records(stand_in)) == 2, "both agents")
+    return pool
+
+
 def test_one_pinned_agent_per_gpu_and_k_per_gpu(stand_in, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
     assert cli_main(["agent", "ent/proj/abc123", "--agents-per-gpu=2", "--project=proj", "--entity=ent",
@@ -109,12 +118,9 @@ def test_without_cuda_visible_devices_it_counts_the_gpus_and_reads_sweep_id(stan
 
 
 def test_sigterm_reaches_every_agent_and_a_failed_agent_fails_the_pool(stand_in, monkeypatch):
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    monkeypatch.setenv("STAND_IN_WAIT", "1")
     monkeypatch.setenv("STAND_IN_LINGER", "0.5")
     monkeypatch.setenv("STAND_IN_STATUS", json.dumps({"1": 3}))  # the agent on GPU 1 fails
-    pool = agent_process("ent/proj/abc123")
-    wait_for(lambda: len(records(stand_in)) == 2, "both agents")
+    pool = two_waiting_agents(stand_in, monkeypatch)
     pool.send_signal(signal.SIGTERM)
     _, stderr = pool.communicate(timeout=WAIT_SECONDS)
     assert pool.returncode == 3, stderr
@@ -175,10 +181,7 @@ def test_count_is_passed_on_and_agents_that_end_for_want_of_work_end_the_pool_wi
 
 def test_sigusr1_the_schedulers_warning_reaches_every_agent_as_sigterm(stand_in, monkeypatch):
     # W&B's agent forwards SIGUSR1 to its run but would then take the next one; SIGTERM stops run and agent both.
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    monkeypatch.setenv("STAND_IN_WAIT", "1")
-    pool = agent_process("ent/proj/abc123")
-    wait_for(lambda: len(records(stand_in)) == 2, "both agents")
+    pool = two_waiting_agents(stand_in, monkeypatch)
     pool.send_signal(signal.SIGUSR1)
     _, stderr = pool.communicate(timeout=WAIT_SECONDS)
     assert pool.returncode == 0, stderr
