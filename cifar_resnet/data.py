@@ -47,16 +47,50 @@ SYNTHETIC_CLASS_CONTRAST = 0.2
 SYNTHETIC_NOISE_STD = 0.3  # per-pixel Gaussian noise on the 0..1 scale
 
 
-@dataclass
 class ImageSet:
-    images: torch.Tensor  # (N, 3, 32, 32) uint8
-    labels: torch.Tensor  # (N,) int64
+    """Images (N, 3, 32, 32) uint8 and their labels (N,) int64, as a view: the rows `rows` of stored tensors that
+    other views share (a run's training and validation images are views of one stored training set, and the runs of
+    a pack share one stored copy on the device). `images` and `labels` are the view's own, copied out on access;
+    `DeviceLoader` reads the stored tensors through `rows` instead.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        self.stored_images = images  # (M, 3, 32, 32) uint8
+        self.stored_labels = labels  # (M,) int64
+        self.rows = rows  # (N,) int64 indices into the stored tensors, in order; None: all M of them
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.stored_labels) if self.rows is None else len(self.rows)
+
+    @property
+    def images(self) -> torch.Tensor:  # (N, 3, 32, 32) uint8
+        return self.stored_images if self.rows is None else self.stored_images[self.rows]
+
+    @property
+    def labels(self) -> torch.Tensor:  # (N,)
+        return self.stored_labels if self.rows is None else self.stored_labels[self.rows]
 
     def subset(self, indices: torch.Tensor) -> ImageSet:
-        return ImageSet(self.images[indices], self.labels[indices])
+        """The images at `indices` (of this set), as a view of the same stored tensors."""
+        rows = indices if self.rows is None else self.rows[indices]
+        return ImageSet(self.stored_images, self.stored_labels, rows)
+
+    def to(self, device: torch.device) -> ImageSet:
+        """The same view on `device` (the stored tensors moved once; nothing copied when already there)."""
+        rows = None if self.rows is None else self.rows.to(device)
+        return ImageSet(self.stored_images.to(device), self.stored_labels.to(device), rows)
+
+
+@dataclass
+class DataSource:
+    """A data source as loaded, before the validation split: what runs on the same source can share."""
+
+    train: ImageSet
+    test: ImageSet
+    classes: list[str]
+
+    def to(self, device: torch.device) -> DataSource:
+        return DataSource(self.train.to(device), self.test.to(device), self.classes)
 
 
 @dataclass
@@ -70,17 +104,34 @@ class DataSplits:
 # --- sources --------------------------------------------------------------------------------------------------
 
 
-def load_splits(config: Config) -> DataSplits:
-    """Load the configured source and split it: `val_size` training images held out (chosen by `seed`),
-    then at most `train_size` training and `test_size` test images."""
-    if config.dataset == "cifar10":
-        train, test, classes = load_cifar10(Path(config.data_dir))
-    elif config.dataset == "imagefolder":
-        train, test, classes = load_image_folder(Path(config.data_dir))
-    else:
-        train_images = config.val_size + (config.train_size or SYNTHETIC_TRAIN_IMAGES)
-        train, test, classes = make_synthetic(train_images, config.test_size or SYNTHETIC_TEST_IMAGES)
+def load_splits(config: Config, device: torch.device | None = None) -> DataSplits:
+    """The configured source on `device` (default: the CPU), split as `split` does."""
+    source = load_source(config)
+    return split(source.to(device) if device is not None else source, config)
 
+
+def source_key(config: Config) -> tuple:
+    """What `load_source` depends on: runs with the same key can share one loaded copy of the data."""
+    if config.dataset == "synthetic":
+        return (config.dataset, config.val_size + (config.train_size or SYNTHETIC_TRAIN_IMAGES),
+                config.test_size or SYNTHETIC_TEST_IMAGES)
+    return (config.dataset, os.path.realpath(config.data_dir))
+
+
+def load_source(config: Config) -> DataSource:
+    """The configured source's training and test images and class names, on the CPU."""
+    if config.dataset == "cifar10":
+        return DataSource(*load_cifar10(Path(config.data_dir)))
+    if config.dataset == "imagefolder":
+        return DataSource(*load_image_folder(Path(config.data_dir)))
+    train_images = config.val_size + (config.train_size or SYNTHETIC_TRAIN_IMAGES)
+    return DataSource(*make_synthetic(train_images, config.test_size or SYNTHETIC_TEST_IMAGES))
+
+
+def split(source: DataSource, config: Config) -> DataSplits:
+    """`val_size` training images held out (chosen by `seed`), then at most `train_size` training and `test_size`
+    test images: views of the source's stored tensors, wherever they are."""
+    train, test = source.train, source.test
     if config.val_size >= len(train):
         raise DataError(f"val_size: {config.val_size} leaves no training images out of {len(train)}")
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))
@@ -97,8 +148,10 @@ def load_splits(config: Config) -> DataSplits:
         # A random subset (folders list the test set class by class), the same one whatever the run's seed, so
         # that the runs of a sweep are tested on the same images.
         chosen = torch.randperm(len(test), generator=torch.Generator().manual_seed(TEST_SUBSET_SEED))
-        test = test.subset(chosen[: config.test_size])
-    return DataSplits(train=train.subset(rest), val=train.subset(val), test=test, classes=classes)
+        test = test.subset(chosen[: config.test_size].to(test.stored_labels.device))
+    device = train.stored_labels.device  # the indices live where the stored tensors do
+    return DataSplits(train=train.subset(rest.to(device)), val=train.subset(val.to(device)), test=test,
+                      classes=source.classes)
 
 
 CIFAR10_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
@@ -392,7 +445,8 @@ def random_crop_flip(
 
 
 class DeviceLoader:
-    """One split on the training device as one uint8 tensor, served as normalised float batches.
+    """One split on the training device, served as normalised float batches. The split is a view (`ImageSet`): its
+    images stay in the stored uint8 tensor it shares with the other splits, and with other runs of a pack.
 
     Training order: a fresh permutation each epoch, drop_last (fixed shapes), crop + flip per batch. With
     `alternating_flip` (airbench), a random half of the images is mirrored in odd epochs and the other half in even
@@ -409,8 +463,7 @@ class DeviceLoader:
         augment: bool = False,
         alternating_flip: bool = False,
     ) -> None:
-        self.images = data.images.to(device)  # (N, 3, 32, 32) uint8: the whole split lives on the device
-        self.labels = data.labels.to(device)  # (N,)
+        self.data = data.to(device)  # the stored tensors are moved once, and shared with every view of them
         self.batch_size = batch_size
         self.generator = generator
         self.augment = augment
@@ -418,7 +471,7 @@ class DeviceLoader:
         # Drawn once, here: a resumed run restores the generator after this draw, so it gets the same halves.
         self.flipped_in_odd_epochs: torch.Tensor | None = None  # (N,) bool
         if augment and alternating_flip:
-            self.flipped_in_odd_epochs = torch.rand(len(self.labels), device=device, generator=generator) < 0.5
+            self.flipped_in_odd_epochs = torch.rand(len(data), device=device, generator=generator) < 0.5
         self.mean = torch.tensor(CIFAR10_MEAN, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(CIFAR10_STD, device=device).view(1, 3, 1, 1) * 255
 
@@ -428,8 +481,17 @@ class DeviceLoader:
 
     def __len__(self) -> int:
         if self.augment:
-            return len(self.labels) // self.batch_size
-        return -(-len(self.labels) // self.batch_size)
+            return len(self.data) // self.batch_size
+        return -(-len(self.data) // self.batch_size)
+
+    def stored_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """The stored tensors' rows of the split's images at `index`."""
+        return index if self.data.rows is None else self.data.rows[index]
+
+    def first(self, count: int) -> torch.Tensor:
+        """The split's first `count` images, (count, 3, 32, 32) uint8, unaugmented."""
+        return self.data.stored_images[self.stored_rows(torch.arange(min(count, len(self.data)),
+                                                                         device=self.data.stored_labels.device))]
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         # In place on the fresh float copy (uint8 in, never the caller's tensor): one allocation per batch, not
@@ -437,17 +499,18 @@ class DeviceLoader:
         return images.to(torch.float32, copy=True).sub_(self.mean).div_(self.std)  # (B, 3, 32, 32) float32
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.labels)
+        n, device = len(self.data), self.data.stored_labels.device
         if self.augment:
-            order = torch.randperm(n, device=self.labels.device, generator=self.generator)
+            order = torch.randperm(n, device=device, generator=self.generator)
         else:
-            order = torch.arange(n, device=self.labels.device)
+            order = torch.arange(n, device=device)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
-            index = order[start : start + self.batch_size]
-            images = self.images[index]
+            index = order[start : start + self.batch_size]  # (B,) positions in the split
+            rows = self.stored_rows(index)  # (B,) rows of the stored tensors
+            images = self.data.stored_images[rows]
             if self.augment:
                 flip = None
                 if self.flipped_in_odd_epochs is not None:
                     flip = self.flipped_in_odd_epochs[index] ^ (self.epoch % 2 == 0)
                 images = random_crop_flip(images, CROP_PADDING_PX, self.generator, flip)
-            yield self.normalize(images), self.labels[index]
+            yield self.normalize(images), self.data.stored_labels[rows]

@@ -12,9 +12,9 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -35,6 +35,11 @@ from .records import (
 )
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# A run's training, or one epoch of it, as a generator that yields after every optimizer step and returns its
+# result: `drive` runs one alone; `pack.Pack` steps several in turn on one device.
+TrainingSteps = Generator[None, None, T]
 
 
 class Interrupted(Exception):
@@ -372,40 +377,44 @@ class WeightAverage:
 
 
 def train_one_epoch(
-    model: nn.Module,
+    step: EagerStep,
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    loss_fn: nn.Module,
-    autocast: Callable[[], contextlib.AbstractContextManager],
-    memory_format: torch.memory_format = torch.contiguous_format,
-    should_stop: Callable[[], bool] = lambda: False,
-    on_batch: Callable[[], None] | None = None,
-    step: EagerStep | None = None,
     average: WeightAverage | None = None,
-) -> tuple[float, float]:
-    """Train over `loader` once; return (mean loss, accuracy). One host sync, at the end.
+    hooks: TrainHooks | None = None,
+) -> TrainingSteps[tuple[float, float]]:
+    """Train over `loader` once with `step` (which holds the model, optimizer, loss and autocast; a `CapturedStep`
+    replays a CUDA graph); return (mean loss, accuracy). One host sync, at the end.
 
-    `step` runs each batch (a `CapturedStep` replays a CUDA graph); by default `train_step` runs eagerly with the
-    model, optimizer, loss and autocast given. The schedule and the weight average step outside the step, between
-    batches.
+    A generator: it yields after every optimizer step, so that a pack (`pack.Pack`) can interleave several runs'
+    steps; `drive` runs it alone. The schedule and the weight average step outside the step, between batches.
     """
-    model.train()
-    step = step or EagerStep(model, optimizer, loss_fn, autocast, memory_format)
+    hooks = hooks or TrainHooks()
+    step.model.train()
     step.totals.zero_()
     seen = 0
     for images, labels in loader:  # images (B, 3, 32, 32) float, labels (B,)
-        if should_stop():
+        if hooks.should_stop():
             raise Interrupted
         step(images, labels)
         if average is not None:
             average.update()
         scheduler.step()  # on a tensor learning rate: filled in place, as the captured step reads it
         seen += len(labels)
-        if on_batch is not None:
-            on_batch()
+        if hooks.on_batch is not None:
+            hooks.on_batch()
+        yield
     loss_value, correct_value = step.totals.loss_sum.item(), step.totals.correct.item()  # sync: once per epoch
     return loss_value / max(seen, 1), correct_value / max(seen, 1)
+
+
+def drive(steps: TrainingSteps[T]) -> T:
+    """Run a generator of training steps (`train_one_epoch`, `training`) to its end, alone; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as end:
+            return end.value
 
 
 @dataclass
@@ -578,6 +587,18 @@ def fit(
     hooks: TrainHooks | None = None,
     resume: dict[str, Any] | None = None,
 ) -> FitResult:
+    """`training` run alone, to its end."""
+    return drive(training(config, model, data, device, hooks, resume))
+
+
+def training(
+    config: Config,
+    model: nn.Module,
+    data: DataSplits,
+    device: torch.device,
+    hooks: TrainHooks | None = None,
+    resume: dict[str, Any] | None = None,
+) -> TrainingSteps[FitResult]:
     """Train `model` (from `build_model`, on `device`) for `config.epochs`, keep the weights of the best
     validation epoch, and test them once at the end. With `whiten_stem` the stem's filters are first set from the
     training images (not on resume); with `ema_decay` the weights validated, tested and kept are the average.
@@ -585,6 +606,9 @@ def fit(
     `resume` is a `TrainState.state_dict()`; training continues after its last completed epoch. When
     `hooks.should_stop` returns True, `Interrupted` is raised and the state of the last completed epoch stays as
     `hooks.on_epoch` last saw it.
+
+    A generator that yields after every optimizer step (`fit` drives it alone; a `pack.Pack` interleaves several);
+    its return value is the `FitResult`.
     """
     hooks = hooks or TrainHooks()
     num_classes = len(data.classes)
@@ -597,7 +621,7 @@ def fit(
             f"batch_size: {config.batch_size} is more than the {len(data.train)} training images; lower it"
         )
     if config.whiten_stem and resume is None:
-        init_stem_whitening(model, train_loader.normalize(train_loader.images[:WHITENING_IMAGES]))
+        init_stem_whitening(model, train_loader.normalize(train_loader.first(WHITENING_IMAGES)))
     graph = uses_cuda_graph(config, device)
     optimizer = build_optimizer(config, model, device, graph=graph)
     scheduler = build_scheduler(config, optimizer, len(train_loader))
@@ -624,10 +648,7 @@ def fit(
             hooks.on_epoch_start(epoch, len(train_loader))
         start = time.perf_counter()
         train_loader.set_epoch(epoch)
-        train_loss, train_acc = train_one_epoch(
-            step_model, train_loader, optimizer, scheduler, loss_fn, autocast, memory_format, hooks.should_stop,
-            hooks.on_batch, step, average,
-        )
+        train_loss, train_acc = yield from train_one_epoch(step, train_loader, scheduler, average, hooks)
         train_seconds = time.perf_counter() - start  # train_one_epoch ended on a sync, so this is honest
         if not math.isfinite(train_loss):
             raise TrainingDiverged(

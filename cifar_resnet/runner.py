@@ -135,7 +135,7 @@ def run_training(config: Config, run_id: str, hooks: RunHooks | None = None) -> 
     started = time.perf_counter()
     log.info("config: %s", config.to_dict())
     device = select_device(config.device)
-    data = load_splits(config)
+    data = load_splits(config, device)  # on the device once: the splits are views of it
     model = build_model(config, len(data.classes), device)
     run_dir = run_folder(config, run_id)
     try:

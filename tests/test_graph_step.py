@@ -21,6 +21,7 @@ from cifar_resnet.engine import (
     build_model,
     build_optimizer,
     build_scheduler,
+    drive,
     fit,
     keep_graph_settings,
     train_one_epoch,
@@ -65,16 +66,22 @@ def test_the_step_function_gives_the_previous_loops_results_bit_for_bit(tiny_con
     ours = training_parts(config)
     for _ in range(2):
         expected = previous_loop(*reference)
-        got = train_one_epoch(*ours[:5], contextlib.nullcontext)
+        got = one_epoch(*ours)
         assert got == expected
     for a, b in zip(reference[0].state_dict().values(), ours[0].state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
 
+def one_epoch(model, loader, optimizer, scheduler, loss_fn, step=None):
+    """The engine's `train_one_epoch`, driven alone, with an eager step unless one is given."""
+    step = step or EagerStep(model, optimizer, loss_fn, contextlib.nullcontext)
+    return drive(train_one_epoch(step, loader, scheduler))
+
+
 def epoch_with(step_class, config, **step_options):
     model, loader, optimizer, scheduler, loss_fn = training_parts(config)
     step = step_class(model, optimizer, loss_fn, contextlib.nullcontext, **step_options)
-    result = train_one_epoch(model, loader, optimizer, scheduler, loss_fn, contextlib.nullcontext, step=step)
+    result = one_epoch(model, loader, optimizer, scheduler, loss_fn, step)
     return result, model, step
 
 
@@ -122,8 +129,8 @@ def test_a_tensor_learning_rate_follows_the_schedule_in_place(tiny_config, optim
     lr_tensors = [group["lr"] for group in opt.param_groups]
     assert all(isinstance(lr, torch.Tensor) for lr in lr_tensors)
     for _ in range(config.epochs):
-        got = train_one_epoch(model, loader, opt, scheduler, loss_fn, contextlib.nullcontext)
-        expected = train_one_epoch(*float_parts[:5], contextlib.nullcontext)
+        got = one_epoch(model, loader, opt, scheduler, loss_fn)
+        expected = one_epoch(*float_parts)
         # a float32 rate against a Python float: the same up to rounding (one flipped prediction at most)
         assert got[0] == pytest.approx(expected[0], rel=1e-3) and got[1] == pytest.approx(expected[1], abs=0.01)
         # the very tensors a graph captured, refilled by the schedule, never replaced
@@ -135,7 +142,7 @@ def test_a_tensor_learning_rate_follows_the_schedule_in_place(tiny_config, optim
 def test_resuming_keeps_the_captured_learning_rate_tensor_and_flags(tiny_config):
     config = tiny_config.replace(optimizer="adam")
     model, loader, opt, scheduler, loss_fn = training_parts(config, graph=True)
-    train_one_epoch(model, loader, opt, scheduler, loss_fn, contextlib.nullcontext)
+    one_epoch(model, loader, opt, scheduler, loss_fn)
     saved = opt.state_dict()
     eager_saved = training_parts(config)[2].state_dict()  # a checkpoint of an eager run: a float rate
 

@@ -33,10 +33,12 @@ from ..config import Config
 from ..data import IMAGE_SIZE_PX, DataSplits, DeviceLoader, ImageSet, load_splits
 from ..engine import (
     CapturedStep,
+    TrainHooks,
     EagerStep,
     autocast_context,
     build_model,
     build_optimizer,
+    drive,
     evaluate,
     memory_format_for,
     select_device,
@@ -230,8 +232,8 @@ def ours_step_runner(config: Config, train: ImageSet, num_classes: int, device: 
     stream = endless(train_loader(config, train, device))
 
     def run(steps: int) -> None:
-        train_one_epoch(step_model, itertools.islice(stream, steps), optimizer, scheduler, loss_fn, autocast,
-                        memory_format, on_batch=on_batch, step=step)
+        drive(train_one_epoch(step, itertools.islice(stream, steps), scheduler,
+                              hooks=TrainHooks(on_batch=on_batch)))
 
     return run
 

@@ -1,0 +1,101 @@
+"""A pack: several runs stepped in turn in one process give each run exactly what it gets alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cifar_resnet.data import load_splits
+from cifar_resnet.engine import Interrupted, TrainHooks, build_model, fit, training
+from cifar_resnet.pack import Pack, train_together
+from cifar_resnet.records import EPOCH_SECONDS, TRAIN_IMAGES_PER_SECOND
+
+CPU = torch.device("cpu")
+TIMINGS = (EPOCH_SECONDS, TRAIN_IMAGES_PER_SECOND)  # wall-clock figures: the only ones a pack may change
+
+
+def three_cells(tiny_config):
+    """Three runs that share nothing but the data source: other optimizers, learning rates and seeds."""
+    return {
+        "adam": tiny_config.replace(optimizer="adam", learning_rate=0.002, seed=1),
+        "sgd": tiny_config.replace(optimizer="sgd", learning_rate=0.05, seed=2),
+        "adam-ema": tiny_config.replace(optimizer="adam", learning_rate=0.001, seed=3, ema_decay=0.9),
+    }
+
+
+def steps_of(config, hooks=None):
+    data = load_splits(config, CPU)
+    return training(config, build_model(config, len(data.classes), CPU), data, CPU, hooks)
+
+
+def without_timings(history):
+    return [{k: v for k, v in epoch.items() if k not in TIMINGS} for epoch in history]
+
+
+def assert_same_run(packed, alone):
+    assert without_timings(packed.history) == without_timings(alone.history)
+    assert (packed.best_epoch, packed.test.loss, packed.test.acc) == (alone.best_epoch, alone.test.loss,
+                                                                       alone.test.acc)
+    assert torch.equal(packed.test.confusion, alone.test.confusion)
+    for name, tensor in alone.model.state_dict().items():
+        assert torch.equal(packed.model.state_dict()[name], tensor), name
+
+
+def test_three_runs_packed_give_each_run_its_own_results_bit_for_bit(tiny_config):
+    configs = three_cells(tiny_config)
+    ended = train_together({name: steps_of(config) for name, config in configs.items()}, CPU)
+    assert {name: end.error for name, end in ended.items()} == dict.fromkeys(configs)
+    for name, config in configs.items():
+        data = load_splits(config, CPU)
+        alone = fit(config, build_model(config, len(data.classes), CPU), data, CPU)
+        assert_same_run(ended[name].result, alone)
+
+
+def test_a_member_stopped_mid_run_leaves_the_others_bit_identical(tiny_config):
+    configs = three_cells(tiny_config)
+    undisturbed = train_together({name: steps_of(config) for name, config in configs.items()}, CPU)
+    steps_taken = {"sgd": 0}
+
+    def count_and_stop() -> bool:
+        steps_taken["sgd"] += 1
+        return steps_taken["sgd"] > 20  # in its second epoch (15 steps an epoch)
+
+    members = {name: steps_of(config, TrainHooks(should_stop=count_and_stop) if name == "sgd" else None)
+               for name, config in configs.items()}
+    ended = train_together(members, CPU)
+    assert isinstance(ended["sgd"].error, Interrupted)
+    for name in ("adam", "adam-ema"):
+        assert_same_run(ended[name].result, undisturbed[name].result)
+
+
+def test_a_member_that_fails_leaves_and_the_pack_goes_on(tiny_config):
+    configs = three_cells(tiny_config)
+    bad = configs["sgd"].replace(batch_size=5000)  # more than its training images: fails in its first step
+    pack = Pack(CPU)
+    for name, config in {**configs, "sgd": bad}.items():
+        pack.add(name, steps_of(config))
+    first_round = pack.step()
+    assert [(end.name, type(end.error).__name__) for end in first_round] == [("sgd", "ConfigError")]
+    assert pack.names() == ["adam", "adam-ema"]
+    while pack:
+        pack.step()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_members_on_their_own_cuda_streams_match_runs_alone(tiny_config):
+    cuda = torch.device("cuda")
+    configs = {name: config.replace(device="cuda", bf16=False) for name, config in three_cells(tiny_config).items()}
+
+    def cuda_steps(config):
+        data = load_splits(config, cuda)
+        return training(config, build_model(config, len(data.classes), cuda), data, cuda)
+
+    ended = train_together({name: cuda_steps(config) for name, config in configs.items()}, cuda)
+    for name, config in configs.items():
+        data = load_splits(config, cuda)
+        alone = fit(config, build_model(config, len(data.classes), cuda), data, cuda)
+        packed = ended[name].result
+        # The same kernels on another stream: the same numbers, up to cuDNN picking other algorithms.
+        for got, expected in zip(without_timings(packed.history), without_timings(alone.history), strict=True):
+            assert got == pytest.approx(expected, rel=1e-3, abs=1e-3)
