@@ -41,6 +41,18 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
     return bench_main(rest)
 
 
+def _trainer(args: argparse.Namespace, rest: list[str]) -> int:
+    from .trainer import trainer_command
+
+    return trainer_command(args, rest)
+
+
+def _trainer_doc() -> str:
+    return ("One trainer per GPU: runs whose process finds its socket in CIFAR_RESNET_TRAINER hand it their "
+            "training, and it trains them together, in lockstep, each on a CUDA stream of its own, writing each "
+            "run's files as the run would. `cifar-resnet sweep` and `cifar-resnet agent` start one per GPU.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -97,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agent.add_arguments(agent_parser)
     agent_parser.set_defaults(handler=agent.agent_command)
+
+    trainer_parser = commands.add_parser(
+        "trainer", help="train the runs of one GPU together (started by `sweep` and `agent`, one per GPU)",
+        description=_trainer_doc(), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    trainer_parser.add_argument("--socket", required=True, help="the Unix socket to serve runs on")
+    trainer_parser.add_argument("--device", default="auto", help="the device to train on (default: auto)")
+    trainer_parser.set_defaults(handler=_trainer)
     return parser
 
 

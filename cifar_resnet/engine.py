@@ -32,6 +32,7 @@ from .records import (
     TRAIN_LOSS,
     VAL_ACC,
     VAL_LOSS,
+    describe_epoch,
 )
 
 log = logging.getLogger(__name__)
@@ -673,11 +674,7 @@ def training(
         )
         state.epoch = epoch
         state.history.append(result.metrics())
-        log.info(
-            "epoch %d/%d  train loss %.4f acc %.2f%%  val loss %.4f acc %.2f%%  lr %.2e  %.1fs  %.0f img/s%s",
-            epoch, config.epochs, train_loss, 100 * train_acc, val.loss, 100 * val.acc, result.lr, result.epoch_seconds,
-            result.train_images_per_second, "  (best)" if is_best else "",
-        )
+        log.info("%s", describe_epoch(state.history, config.epochs))
         if hooks.on_epoch is not None:
             hooks.on_epoch(result, state)
 

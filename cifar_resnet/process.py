@@ -35,6 +35,8 @@ SUPERVISOR_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 # SIGTERM stops both the run (which saves its state) and the agent.
 FORWARDED_AS = {signal.SIGUSR1: signal.SIGTERM}
 POLL_SECONDS = 0.2  # how often a supervisor forwards signals and checks its children
+# The socket of the trainer (`cifar-resnet trainer`) that a run hands its training to, set by its supervisor.
+TRAINER_VARIABLE = "CIFAR_RESNET_TRAINER"
 
 
 def setup_logging() -> None:

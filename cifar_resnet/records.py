@@ -34,7 +34,9 @@ BEST_EPOCH = "best_epoch"
 BEST_VAL_ACC = "best/val_acc"
 TEST_LOSS = "test/loss"  # of the best epoch's weights
 TEST_ACC = "test/acc"
-TEST_ACC_PER_CLASS = "test/acc_per_class"  # {class name: accuracy}; W&B gets one `test/acc/<class>` key each
+TEST_ACC_PER_CLASS = "test/acc_per_class"  # {class name: accuracy}, in the classes' order; W&B gets one
+# `test/acc/<class>` key each
+TEST_CONFUSION = "test/confusion"  # (classes x classes) counts: rows are true labels, columns predictions
 PARAM_COUNT = "param_count"
 DEVICE = "device"
 RUN_SECONDS = "run_seconds"  # wall time of every attempt of the run (a resumed run's included), data loading too
@@ -51,6 +53,15 @@ RUN_INFO_KEY = "run_info"  # derived facts (parameter count, device, data, versi
 
 # --- a run's progress inside an epoch: `progress.json` in its run folder, rewritten a few times a second ----------
 PROGRESS_FILE = "progress.json"
+
+
+def describe_epoch(history: list[dict[str, float]], epochs: int) -> str:
+    """The log line of the last epoch of `history` (one run's, `EPOCH_METRICS` each)."""
+    last = history[-1]
+    best = all(last[VAL_ACC] > earlier[VAL_ACC] for earlier in history[:-1])
+    return (f"epoch {last[EPOCH]}/{epochs}  train loss {last[TRAIN_LOSS]:.4f} acc {100 * last[TRAIN_ACC]:.2f}%  "
+            f"val loss {last[VAL_LOSS]:.4f} acc {100 * last[VAL_ACC]:.2f}%  lr {last[LR]:.2e}  "
+            f"{last[EPOCH_SECONDS]:.1f}s  {last[TRAIN_IMAGES_PER_SECOND]:.0f} img/s{'  (best)' if best else ''}")
 
 
 @dataclass

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -33,13 +32,15 @@ from .engine import (
     FitResult,
     Interrupted,
     TrainHooks,
+    TrainingSteps,
     TrainState,
     autocast_context,
     build_model,
+    drive,
     evaluate,
-    fit,
     memory_format_for,
     select_device,
+    training,
 )
 from .errors import StorageError, UserError
 from .files import FolderBusy, folder_lock
@@ -56,6 +57,7 @@ from .records import (
     RUN_SECONDS,
     TEST_ACC,
     TEST_ACC_PER_CLASS,
+    TEST_CONFUSION,
     TEST_IMAGES,
     TEST_LOSS,
     TRAIN_IMAGES,
@@ -73,7 +75,7 @@ class ProgressWriter:
     """Writes the run's `progress.json` from the engine's host-side hooks: steps are counted on the host and timed
     with the monotonic clock (no device sync), and the file is rewritten at most every PROGRESS_WRITE_SECONDS."""
 
-    def __init__(self, run_dir: Path, config: Config, elapsed: Callable[[], float], hooks: TrainHooks) -> None:
+    def __init__(self, run_dir: Path, config: Config, elapsed: Callable[[], float], hooks: RunHooks) -> None:
         self.run_dir, self.config, self.elapsed, self.hooks = run_dir, config, elapsed, hooks
         self.epoch = self.step = self.steps = 0
         self.epoch_started = self.last_write = time.monotonic()
@@ -110,10 +112,15 @@ class RunOutcome:
 
 
 @dataclass
-class RunHooks(TrainHooks):
-    """The engine's hooks (`on_epoch` is called after that epoch's files are written), and two of a whole run."""
+class RunHooks:
+    """What a run tells the outside world (the W&B layer, a progress bar, a trainer's client) and how it is asked to
+    stop; every field is optional. Called on the host between steps: none may read a device tensor."""
 
     on_start: Callable[[dict[str, Any]], None] | None = None  # facts known once data and model are built
+    on_epoch_start: Callable[[int, int], None] | None = None  # (epoch, batches in it)
+    on_batch: Callable[[], None] | None = None  # after each optimizer step
+    on_epoch: Callable[[RunRecord], None] | None = None  # after the epoch's files are written: its record holds it
+    should_stop: Callable[[], bool] = lambda: False  # polled every step; True stops the run (Interrupted)
     # Puts a resume checkpoint saved elsewhere (another machine's, via W&B) at the given path when the run folder
     # has none; returns whether it did.
     fetch_resume: Callable[[Path], bool] | None = None
@@ -124,7 +131,19 @@ def run_folder(config: Config, run_id: str) -> Path:
 
 
 def run_training(config: Config, run_id: str, hooks: RunHooks | None = None) -> RunOutcome:
-    """Train one run; write `best.pt`, `last.pt` (removed when the run finishes) and `record.json`.
+    """Train one run in this process: `run_steps` driven alone."""
+    started = time.perf_counter()
+    log.info("config: %s", config.to_dict())
+    device = select_device(config.device)
+    data = load_splits(config, device)  # on the device once: the splits are views of it
+    return drive(run_steps(config, run_id, data, device, hooks, started=started))
+
+
+def run_steps(config: Config, run_id: str, data: DataSplits, device: torch.device, hooks: RunHooks | None = None,
+              run_dir: Path | None = None, started: float | None = None) -> TrainingSteps[RunOutcome]:
+    """One run with its files: write `best.pt`, `last.pt` (removed when the run finishes) and `record.json` in
+    `run_dir` (default `output_dir/<run id>`), training on `data` (views on `device`, perhaps shared with other
+    runs). A generator of steps, as `engine.training` is: `run_training` drives it alone, a trainer in a pack.
 
     A `last.pt` already in the run folder (a preempted earlier attempt with the same run id), or else the one
     `hooks.fetch_resume` provides, is resumed: training continues after its last completed epoch. The run holds
@@ -132,22 +151,19 @@ def run_training(config: Config, run_id: str, hooks: RunHooks | None = None) -> 
     process with the same run id is refused in one line.
     """
     hooks = hooks or RunHooks()
-    started = time.perf_counter()
-    log.info("config: %s", config.to_dict())
-    device = select_device(config.device)
-    data = load_splits(config, device)  # on the device once: the splits are views of it
+    started = time.perf_counter() if started is None else started
     model = build_model(config, len(data.classes), device)
-    run_dir = run_folder(config, run_id)
+    run_dir = run_dir or run_folder(config, run_id)
     try:
         with folder_lock(run_dir):
-            return _run_locked(config, run_id, run_dir, hooks, started, device, data, model)
+            return (yield from _run_locked(config, run_id, run_dir, hooks, started, device, data, model))
     except FolderBusy:
         raise UserError(f"run {run_id}: another process is training it in {run_dir}; wait for it to end, or "
                         "give this run another id") from None
 
 
 def _run_locked(config: Config, run_id: str, run_dir: Path, hooks: RunHooks, started: float, device: torch.device,
-                data: DataSplits, model: nn.Module) -> RunOutcome:
+                data: DataSplits, model: nn.Module) -> TrainingSteps[RunOutcome]:
     data_facts = {DATA_SOURCE: config.dataset, TRAIN_IMAGES: len(data.train), VAL_IMAGES: len(data.val),
                   TEST_IMAGES: len(data.test), CLASS_COUNT: len(data.classes)}
     if hooks.on_start is not None:
@@ -197,15 +213,16 @@ def _run_locked(config: Config, run_id: str, run_dir: Path, hooks: RunHooks, sta
         save_resume(resume_path, state.state_dict(), config)
         save_record()
         if hooks.on_epoch is not None:
-            hooks.on_epoch(result, state)
+            hooks.on_epoch(record)
 
     progress = ProgressWriter(run_dir, config, elapsed, hooks)
-    engine_hooks = dataclasses.replace(hooks, on_epoch=on_epoch, on_epoch_start=progress.on_epoch_start,
-                                       on_batch=progress.on_batch)
+    engine_hooks = TrainHooks(on_epoch_start=progress.on_epoch_start, on_batch=progress.on_batch, on_epoch=on_epoch,
+                              should_stop=hooks.should_stop)
     try:
-        result = fit(config, model, data, device, engine_hooks, resume=resume)
+        result = yield from training(config, model, data, device, engine_hooks, resume=resume)
     except BaseException as error:
-        record.status = "preempted" if isinstance(error, Interrupted) else "failed"
+        # Interrupted: asked to stop; GeneratorExit: its pack was closed. Either way last.pt holds the last epoch.
+        record.status = "preempted" if isinstance(error, (Interrupted, GeneratorExit)) else "failed"
         record.error = str(error) or type(error).__name__
         with contextlib.suppress(StorageError):  # a disk too full for the record too: report the first error
             save_record()
@@ -217,6 +234,7 @@ def _run_locked(config: Config, run_id: str, run_dir: Path, hooks: RunHooks, sta
         TEST_LOSS: result.test.loss,
         TEST_ACC: result.test.acc,
         TEST_ACC_PER_CLASS: dict(zip(data.classes, result.test.per_class_acc())),
+        TEST_CONFUSION: result.test.confusion.tolist(),
         PARAM_COUNT: count_parameters(result.model),
         DEVICE: str(device),
         RUN_SECONDS: elapsed(),

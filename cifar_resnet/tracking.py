@@ -15,7 +15,7 @@ import platform
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torchvision
@@ -25,7 +25,6 @@ from . import __version__
 from .checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
 from .config import Config
 from .credentials import DEFAULT_PROJECT, choose_mode
-from .engine import EpochResult, TrainState
 from .records import (
     BEST_EPOCH,
     EPOCH,
@@ -36,11 +35,10 @@ from .records import (
     SELECTION_METRIC,
     TEST_ACC,
     TEST_ACC_PER_CLASS,
+    TEST_CONFUSION,
     TEST_LOSS,
+    RunRecord,
 )
-
-if TYPE_CHECKING:  # what finish_run reads; the runner itself needs no W&B
-    from .runner import RunOutcome
 
 log = logging.getLogger(__name__)
 
@@ -117,50 +115,52 @@ class Tracker:
         )
         self.run.config.update({RUN_INFO_KEY: facts}, allow_val_change=True)
 
-    def on_epoch(self, result: EpochResult, state: TrainState) -> None:
+    def on_epoch(self, record: RunRecord) -> None:
         """Log the epochs W&B's history lacks, each at step = epoch, so that every epoch appears once across the
         attempts of a preempted run (and the offline runs of its attempts sync one after another)."""
+        epoch = record.history[-1][EPOCH]
         if self.next_epoch_to_log is None:
             # Online, a resumed run's history already holds what its earlier attempts logged: it may lack epochs
             # saved by an attempt killed before logging them, or hold epochs this attempt repeats. Offline, each
             # attempt has an offline run of its own, holding the epochs that attempt trained.
-            self.next_epoch_to_log = max(1, self.run.step) if self.run.resumed else result.epoch
-        for metrics in state.history[self.next_epoch_to_log - 1 :]:
+            self.next_epoch_to_log = max(1, self.run.step) if self.run.resumed else epoch
+        for metrics in record.history[self.next_epoch_to_log - 1 :]:
             self.run.log(metrics, step=metrics[EPOCH], commit=True)  # written now: a kill cannot lose it
-        self.next_epoch_to_log = max(self.next_epoch_to_log, result.epoch + 1)
+        self.next_epoch_to_log = max(self.next_epoch_to_log, epoch + 1)
 
     def fetch_resume_checkpoint(self, destination: Path) -> bool:
         """`RunHooks.fetch_resume`: the resume checkpoint a preempted attempt of this run uploaded, if any."""
         return download_resume_checkpoint(self.run, destination)
 
-    def finish_run(self, outcome: RunOutcome) -> None:
-        """Summary, confusion matrix and the best-checkpoint artifact, then end the run as finished."""
-        summary = outcome.record.summary
-        test = outcome.fit.test
+    def finish_run(self, record: RunRecord, run_dir: Path) -> None:
+        """Summary, confusion matrix and the best-checkpoint artifact, all from the finished run's record, then end
+        the run as finished."""
+        summary = record.summary
         for key in (BEST_EPOCH, TEST_LOSS, TEST_ACC, PARAM_COUNT):
             self.run.summary[key] = summary[key]
+        classes = list(summary[TEST_ACC_PER_CLASS])  # in the classes' order
         for name, acc in summary[TEST_ACC_PER_CLASS].items():
             self.run.summary[f"{TEST_ACC}/{name}"] = acc
         # wandb's confusion-matrix chart wants per-image labels: expand the (true, predicted) counts.
-        num_classes = len(outcome.data.classes)
-        pairs = torch.arange(num_classes * num_classes).repeat_interleave(test.confusion.flatten())
-        y_true, preds = (pairs // num_classes).tolist(), (pairs % num_classes).tolist()
+        confusion = torch.tensor(summary[TEST_CONFUSION])  # (classes, classes)
+        pairs = torch.arange(confusion.numel()).repeat_interleave(confusion.flatten())
+        y_true, preds = (pairs // len(classes)).tolist(), (pairs % len(classes)).tolist()
         self.run.log({"test/confusion_matrix": wandb.plot.confusion_matrix(
-            y_true=y_true, preds=preds, class_names=outcome.data.classes, title="Test confusion matrix (best epoch)")})
-        self.log_checkpoint(outcome.run_dir / BEST_CHECKPOINT, outcome)
+            y_true=y_true, preds=preds, class_names=classes, title="Test confusion matrix (best epoch)")})
+        self.log_checkpoint(run_dir / BEST_CHECKPOINT, record)
         self.run.finish(exit_code=0)
 
-    def log_checkpoint(self, path: Path, outcome: RunOutcome) -> None:
-        best = outcome.fit.history[outcome.fit.best_epoch - 1]
+    def log_checkpoint(self, path: Path, record: RunRecord) -> None:
+        best_epoch = record.summary[BEST_EPOCH]
         artifact = wandb.Artifact(
             name=f"model-{self.run.id}",
             type="model",
             description="CIFAR10CNN weights of the best validation epoch",
             metadata={
-                EPOCH: outcome.fit.best_epoch,
-                SELECTION_METRIC: best[SELECTION_METRIC],
-                TEST_ACC: outcome.fit.test.acc,
-                "config": outcome.record.config,
+                EPOCH: best_epoch,
+                SELECTION_METRIC: record.history[best_epoch - 1][SELECTION_METRIC],
+                TEST_ACC: record.summary[TEST_ACC],
+                "config": record.config,
             },
         )
         with self.staging_in_run_folder():

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
 import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 from .checkpoint import RESUME_CHECKPOINT
 from .config import Config, argument_parser
 from .engine import Interrupted
-from .errors import StorageError, TrainingDiverged, UserError
-from .process import SIGNAL_EXIT_BASE, setup_logging, stop_on_signals
+from .errors import RunFailed, StorageError, TrainingDiverged, UserError
+from .process import SIGNAL_EXIT_BASE, TRAINER_VARIABLE, setup_logging, stop_on_signals
+from .records import RunRecord
 from .runner import RunHooks, run_folder, run_training
+from .trainer import train_in_trainer
 
 log = logging.getLogger("cifar_resnet")
 
@@ -58,6 +63,18 @@ def progress_hooks(hooks: RunHooks) -> Iterator[RunHooks]:
                 handler.setStream(stream)
 
 
+def train(config: Config, run_id: str, hooks: RunHooks, received: Sequence[int]) -> RunRecord:
+    """The run's training: in the trainer that TRAINER_VARIABLE names, when there is one and it takes the run;
+    else in this process, with a progress bar on a terminal."""
+    trainer_socket = os.environ.get(TRAINER_VARIABLE)
+    if trainer_socket:
+        record = train_in_trainer(Path(trainer_socket), config, run_id, hooks, received)
+        if record is not None:
+            return record
+    with progress_hooks(hooks):
+        return run_training(config, run_id, hooks).record
+
+
 def main(argv: Sequence[str] | None = None, prog: str = MODULE_COMMAND) -> int:
     """Run one training run from `--name=value` arguments; `prog` is the command typed, for `--help`."""
     setup_logging()
@@ -80,23 +97,25 @@ def main(argv: Sequence[str] | None = None, prog: str = MODULE_COMMAND) -> int:
             tracker.record_config(config)
             hooks = RunHooks(on_start=lambda facts: tracker.record_run_info(**facts), on_epoch=tracker.on_epoch,
                              should_stop=lambda: bool(received), fetch_resume=tracker.fetch_resume_checkpoint)
-            with progress_hooks(hooks):
-                outcome = run_training(config, tracker.run_id, hooks)
-            tracker.finish_run(outcome)
+            record = train(config, tracker.run_id, hooks, received)
+            tracker.finish_run(record, run_folder(config, tracker.run_id))
             return EXIT_OK
         except UserError as error:
             log.error("%s", error)
             tracker.fail(str(error))
             return EXIT_USAGE
-        except (TrainingDiverged, StorageError) as error:  # not the user's settings: exit 1, in one line
+        except (TrainingDiverged, StorageError, RunFailed) as error:  # not the user's settings: exit 1, in one line
             log.error("%s", error)
             tracker.fail(str(error))
             return EXIT_CRASH
-        except Interrupted:  # the resume checkpoint of the last completed epoch is already on disk
-            log.warning("stopped by signal %d; the run resumes from its last completed epoch", received[0])
-            tracker.preempt(exit_code=SIGNAL_EXIT_BASE + received[0],
+        except Interrupted as stop:  # the resume checkpoint of the last completed epoch is already on disk
+            # By a signal to this process, or (in a trainer) with the trainer, which its supervisor stopped.
+            signum = received[0] if received else signal.SIGTERM
+            log.warning("stopped (%s); the run resumes from its last completed epoch",
+                        f"signal {signum}" if received else stop)
+            tracker.preempt(exit_code=SIGNAL_EXIT_BASE + signum,
                             resume_checkpoint=run_folder(config, tracker.run_id) / RESUME_CHECKPOINT)
-            return SIGNAL_EXIT_BASE + received[0]
+            return SIGNAL_EXIT_BASE + signum
         except Exception as error:
             log.exception("run crashed")
             tracker.fail(f"{type(error).__name__}: {error}")

@@ -236,7 +236,7 @@ def test_run_time_counts_every_attempt(tiny_config):
     def stop_after_first_epoch() -> bool:
         return len(epochs_seen) >= 1
 
-    hooks = RunHooks(on_epoch=lambda result, state: epochs_seen.append(result.epoch),
+    hooks = RunHooks(on_epoch=lambda record: epochs_seen.append(len(record.history)),
                      should_stop=stop_after_first_epoch)
     with pytest.raises(Interrupted):
         run_training(config, "time0001", hooks)

@@ -290,5 +290,5 @@ def test_resumed_online_run_logs_each_epoch_once(wandb_next_step, resumed_after,
     history = [epoch_result(epoch).metrics() for epoch in range(1, resumed_after + 1)]
     for epoch in range(resumed_after + 1, resumed_after + 4):  # this attempt trains three epochs
         history.append(epoch_result(epoch).metrics())
-        tracker.on_epoch(epoch_result(epoch), SimpleNamespace(history=history))
+        tracker.on_epoch(SimpleNamespace(history=history))
     assert steps == [(epoch, epoch) for epoch in logged]

@@ -1,0 +1,180 @@
+"""Runs handed to one trainer (`cifar-resnet trainer`) by their own processes, as W&B's agent starts them.
+
+Real processes throughout: a trainer on the CPU, `python -m cifar_resnet.train` runs with CIFAR_RESNET_TRAINER set,
+real signals, W&B offline. Each run must end exactly as it would alone: its history, its best weights, its W&B run
+with history and model artifact, and its exit status.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_args
+from wandb_records import offline_run_file, read_records
+
+from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
+from cifar_resnet.process import TRAINER_VARIABLE
+from cifar_resnet.records import EPOCH_SECONDS, TRAIN_IMAGES_PER_SECOND, RunRecord, read_record
+from cifar_resnet.runner import run_training
+
+WAIT_SECONDS = 300
+POLL_SECONDS = 0.05
+TIMINGS = (EPOCH_SECONDS, TRAIN_IMAGES_PER_SECOND)
+
+
+@pytest.fixture
+def socket_path():
+    """A short path: a Unix socket's path has at most 107 bytes, more than some pytest folders leave."""
+    folder = Path(tempfile.mkdtemp(prefix="cr-", dir="/tmp"))
+    yield folder / "trainer.sock"
+    for path in folder.iterdir():
+        path.unlink()
+    folder.rmdir()
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def start_trainer(socket_path: Path, log: Path) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "cifar_resnet", "trainer", f"--socket={socket_path}",
+                                 "--device=cpu"], env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def start_run(config, run_id: str, socket_path: Path, log: Path) -> subprocess.Popen:
+    env = dict(os.environ, WANDB_RUN_ID=run_id, OMP_NUM_THREADS="1", **{TRAINER_VARIABLE: str(socket_path)})
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "cifar_resnet.train", *tiny_args(config)], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+
+
+def cells(tiny_config):
+    config = tiny_config.replace(train_size=480, batch_size=32, epochs=3)  # 15 steps an epoch
+    return {
+        "adam0001": config.replace(optimizer="adam", learning_rate=0.002, seed=1),
+        "sgd00001": config.replace(optimizer="sgd", learning_rate=0.05, seed=2),
+        "adamema1": config.replace(optimizer="adam", learning_rate=0.001, seed=3, ema_decay=0.9),
+    }
+
+
+def without_timings(history):
+    return [{k: v for k, v in epoch.items() if k not in TIMINGS} for epoch in history]
+
+
+def best_weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / BEST_CHECKPOINT, weights_only=True)["model"]
+
+
+def assert_like_alone(run_dir: Path, alone) -> None:
+    record = RunRecord.load(run_dir)
+    assert record.status == "finished"
+    assert without_timings(record.history) == without_timings(alone.record.history)
+    assert record.summary["test/acc"] == alone.record.summary["test/acc"]
+    for name, tensor in best_weights(alone.run_dir).items():
+        assert torch.equal(best_weights(run_dir)[name], tensor), name
+
+
+def wait_all(processes: dict, logs: Path) -> dict:
+    return {run_id: process.wait(WAIT_SECONDS) for run_id, process in processes.items()}
+
+
+def alone_runs(configs, tmp_path):
+    return {run_id: run_training(config.replace(output_dir=str(tmp_path / "alone")), run_id)
+            for run_id, config in configs.items()}
+
+
+def test_three_runs_in_one_trainer_end_as_three_runs_alone_with_their_own_wandb_runs(tmp_path, tiny_config,
+                                                                                    socket_path, one_thread):
+    configs = cells(tiny_config)
+    trainer = start_trainer(socket_path, tmp_path / "trainer.log")
+    try:
+        runs = {run_id: start_run(config, run_id, socket_path, tmp_path / f"{run_id}.log")
+                for run_id, config in configs.items()}
+        statuses = wait_all(runs, tmp_path)
+    finally:
+        trainer.send_signal(signal.SIGTERM)
+        assert trainer.wait(WAIT_SECONDS) == 0
+    assert statuses == dict.fromkeys(configs, 0), (tmp_path / "trainer.log").read_text()[-3000:]
+    trainer_log = (tmp_path / "trainer.log").read_text()
+    assert trainer_log.count("joins the pack") == 3
+    alone = alone_runs(configs, tmp_path)
+    for run_id, config in configs.items():
+        run_dir = Path(config.output_dir) / run_id
+        assert_like_alone(run_dir, alone[run_id])
+        assert not (run_dir / RESUME_CHECKPOINT).exists()
+        records = read_records(offline_run_file(tmp_path, run_id))
+        logged = [item.key or "/".join(item.nested_key) for r in records if r.HasField("history")
+                  for item in r.history.item]
+        assert logged.count("val/acc") == config.epochs
+        (model,) = [r.artifact for r in records if r.HasField("artifact") and r.artifact.type == "model"]
+        assert model.name == f"model-{run_id}"
+        assert next(r.exit for r in records if r.HasField("exit")).exit_code == 0
+
+
+def test_a_run_stopped_in_its_trainer_resumes_there_and_the_others_are_undisturbed(tmp_path, tiny_config,
+                                                                                  socket_path, one_thread):
+    configs = cells(tiny_config)
+    trainer = start_trainer(socket_path, tmp_path / "trainer.log")
+    try:
+        runs = {run_id: start_run(config, run_id, socket_path, tmp_path / f"{run_id}.log")
+                for run_id, config in configs.items()}
+        stopped = "sgd00001"
+        run_dir = Path(configs[stopped].output_dir) / stopped
+        deadline = time.monotonic() + WAIT_SECONDS
+        while (record := read_record(run_dir)) is None or len(record.history) < 1:
+            assert time.monotonic() < deadline and runs[stopped].poll() is None
+            time.sleep(POLL_SECONDS)
+        runs[stopped].send_signal(signal.SIGTERM)
+        assert runs[stopped].wait(WAIT_SECONDS) == 128 + signal.SIGTERM
+        assert RunRecord.load(run_dir).status == "preempted" and (run_dir / RESUME_CHECKPOINT).exists()
+        # The same run again, in the same trainer: it resumes from its last.pt.
+        runs[stopped] = start_run(configs[stopped], stopped, socket_path, tmp_path / f"{stopped}.log")
+        statuses = wait_all(runs, tmp_path)
+    finally:
+        trainer.send_signal(signal.SIGTERM)
+        trainer.wait(WAIT_SECONDS)
+    assert statuses == dict.fromkeys(configs, 0), (tmp_path / "trainer.log").read_text()[-3000:]
+    alone = alone_runs(configs, tmp_path)
+    for run_id, config in configs.items():
+        assert_like_alone(Path(config.output_dir) / run_id, alone[run_id])
+
+
+def test_runs_of_a_killed_trainer_are_preempted_and_resume_in_the_next_one(tmp_path, tiny_config, socket_path,
+                                                                           one_thread):
+    configs = cells(tiny_config)
+    trainer = start_trainer(socket_path, tmp_path / "trainer.log")
+    runs = {run_id: start_run(config, run_id, socket_path, tmp_path / f"{run_id}.log")
+            for run_id, config in configs.items()}
+    watched = Path(configs["adam0001"].output_dir) / "adam0001"
+    deadline = time.monotonic() + WAIT_SECONDS
+    while (record := read_record(watched)) is None or len(record.history) < 1:
+        assert time.monotonic() < deadline and trainer.poll() is None
+        time.sleep(POLL_SECONDS)
+    trainer.kill()
+    trainer.wait()
+    assert wait_all(runs, tmp_path) == dict.fromkeys(configs, 128 + signal.SIGTERM)
+    trainer = start_trainer(socket_path, tmp_path / "trainer2.log")
+    try:
+        runs = {run_id: start_run(config, run_id, socket_path, tmp_path / f"{run_id}.log")
+                for run_id, config in configs.items()}
+        assert wait_all(runs, tmp_path) == dict.fromkeys(configs, 0)
+    finally:
+        trainer.send_signal(signal.SIGTERM)
+        trainer.wait(WAIT_SECONDS)
+    alone = alone_runs(configs, tmp_path)
+    for run_id, config in configs.items():
+        assert_like_alone(Path(config.output_dir) / run_id, alone[run_id])
