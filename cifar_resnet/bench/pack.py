@@ -1,0 +1,158 @@
+"""`cifar-resnet bench pack`: K runs sharing one device, for each way of sharing it, side by side in one call.
+
+- `streams`: one process, the runs as one pack (`pack.Pack`), each on a CUDA stream of its own (what the trainer
+  does);
+- `turns`: the same pack on one stream, each run's step after the other (what streams add over it);
+- `processes`: K processes, one run each (`bench run`), as runs were before the trainer.
+
+Each case trains K whole runs (validation every epoch and the test included) of the settings given, the cells of
+the write-up's grid in turn (Adam and SGD at its three learning rates), seeds differing. Reported per case: the wall
+seconds, the training images per second of all K together (`together_img_s`: the images they trained over the
+wall time; for processes, the sum of each run's own rate, as its runs overlap only partly), each run's own rate and
+test accuracy, and the training runs per GPU-hour that rate gives for a full run of `--run_epochs` epochs. The JSON
+is rewritten after each case, so a call cut short keeps the cases it finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import Config
+from ..data import load_source, split
+from ..engine import build_model, select_device, start_device, training
+from ..errors import UserError
+from ..files import atomic_write_json
+from ..pack import Pack
+from ..records import TRAIN_IMAGES_PER_SECOND
+from .machine import machine_info
+from .runs import SECONDS_PER_HOUR, print_settings_help, spawn_runs
+from .writeup import WRITEUP_TABLE
+
+log = logging.getLogger(__name__)
+
+SHARINGS = ("streams", "turns", "processes")
+DEFAULT_MEMBERS = (1, 2, 6)
+FULL_RUN_EPOCHS = 10  # the sweep's runs: what runs per GPU-hour are projected for
+
+
+def member_configs(base: Config, count: int) -> list[tuple[str, Config]]:
+    """`count` runs: the write-up's cells in turn, each with a seed of its own."""
+    cells = [WRITEUP_TABLE[i % len(WRITEUP_TABLE)] for i in range(count)]
+    return [(f"m{i}-{cell['optimizer']}-lr{cell['learning_rate']}",
+             base.replace(optimizer=cell["optimizer"], learning_rate=cell["learning_rate"], seed=base.seed + i))
+            for i, cell in enumerate(cells)]
+
+
+def train_images(config: Config, train_size: int) -> int:
+    """Images one run trains: whole batches of its training split, every epoch."""
+    return train_size // config.batch_size * config.batch_size * config.epochs
+
+
+def measure_pack(base: Config, count: int, streams: bool) -> dict[str, Any]:
+    """`count` runs as one pack in this process: on streams of their own, or taking turns on one."""
+    device = select_device(base.device)
+    source = load_source(base).to(device)  # loaded once, shared by every member
+    members = member_configs(base, count)
+    pack = Pack(device, streams=streams)
+    images = 0
+    started = time.perf_counter()
+    for name, config in members:
+        data = split(source, config)
+        images += train_images(config, len(data.train))
+        pack.add(name, training(config, build_model(config, len(data.classes), device), data, device))
+    results: dict[str, Any] = {}
+    while pack:
+        for end in pack.step():
+            if end.error is not None:
+                raise end.error
+            results[end.name] = end.result
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall_s = time.perf_counter() - started
+    return {
+        "wall_s": wall_s,
+        "together_img_s": images / wall_s,
+        "run_img_s": [statistics.median(e[TRAIN_IMAGES_PER_SECOND] for e in results[name].history)
+                      for name, _ in members],
+        "test_acc": [results[name].test.acc for name, _ in members],
+    }
+
+
+def measure_processes(base: Config, count: int, work_dir: Path) -> dict[str, Any]:
+    """`count` runs as `count` processes at once, one run each."""
+    results, wall_s = spawn_runs(member_configs(base, count), count, work_dir / f"processes{count}")
+    failed = [r for r in results if r.get("status") == "failed"]
+    if failed:
+        raise UserError(f"bench pack: {len(failed)} of {count} runs failed; see {failed[0]['log']}")
+    rates = [r["train_images_per_s"] for r in results]
+    return {"wall_s": wall_s, "together_img_s": sum(rates), "run_img_s": rates,
+            "test_acc": [r["test_acc"] for r in results]}
+
+
+def run_pack_benchmark(base: Config, members: Sequence[int], sharings: Sequence[str], work_dir: Path,
+                       save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    device = select_device(base.device)
+    start_device(device)()
+    train_size = len(split(load_source(base), base).train)
+    full_run_images = train_size // base.batch_size * base.batch_size * FULL_RUN_EPOCHS
+    result: dict[str, Any] = {"machine": machine_info(device), "config": base.to_dict(), "cases": []}
+    for sharing in sharings:
+        for count in members:
+            log.info("%d runs, sharing by %s", count, sharing)
+            if sharing == "processes":
+                case = measure_processes(base, count, work_dir)
+            else:
+                case = measure_pack(base, count, streams=sharing == "streams")
+            case = {"sharing": sharing, "members": count, **case,
+                    "training_runs_per_hour": case["together_img_s"] * SECONDS_PER_HOUR / full_run_images}
+            result["cases"].append(case)
+            save(result)
+    return result
+
+
+def pack_table(result: dict[str, Any]) -> str:
+    lines = [f"{'sharing':<10}{'runs':>5}{'wall s':>9}{'together img/s':>16}{'each img/s':>12}"
+             f"{'runs/GPU-h':>12}{'test acc':>10}"]
+    for case in result["cases"]:
+        lines.append(f"{case['sharing']:<10}{case['members']:>5}{case['wall_s']:>9.1f}"
+                     f"{case['together_img_s']:>16,.0f}{statistics.median(case['run_img_s']):>12,.0f}"
+                     f"{case['training_runs_per_hour']:>12.0f}{statistics.mean(case['test_acc']):>10.2%}")
+    return "\n".join(lines)
+
+
+def pack_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="cifar-resnet bench pack", add_help=False, allow_abbrev=False)
+    parser.add_argument("--members", default=",".join(map(str, DEFAULT_MEMBERS)))
+    parser.add_argument("--sharing", default=",".join(SHARINGS))
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--runs_dir", default=None)
+    if "-h" in argv or "--help" in argv:
+        print(f"usage: cifar-resnet bench pack --out=FILE [--members=1,2,6] [--sharing={','.join(SHARINGS)}] "
+              f"[--runs_dir=DIR] [--name=value ...]\n\n{__doc__}")
+        print_settings_help("cifar-resnet bench pack")
+        return 0
+    args, rest = parser.parse_known_args(argv)
+    try:
+        members = [int(count) for count in args.members.split(",")]
+    except ValueError:
+        raise UserError(f"--members: {args.members!r} is not a comma-separated list of whole numbers") from None
+    if any(count < 1 for count in members):
+        raise UserError(f"--members: each count must be >= 1, got {args.members}")
+    sharings = args.sharing.split(",")
+    if unknown := [sharing for sharing in sharings if sharing not in SHARINGS]:
+        raise UserError(f"--sharing: {unknown[0]!r} is not one of {', '.join(SHARINGS)}")
+    base = Config.from_argv(rest)
+    out = Path(args.out)
+    work_dir = Path(args.runs_dir) if args.runs_dir else out.parent / "pack-runs"
+    result = run_pack_benchmark(base, members, sharings, work_dir, lambda partial: atomic_write_json(out, partial))
+    print(pack_table(result), file=sys.stderr)
+    return 0
