@@ -267,6 +267,40 @@ def test_a_crash_ends_the_run_as_failed_not_preempting(tmp_path, tiny_config, mo
     assert RunRecord.load(Path(tiny_config.output_dir) / "crash001").status == "failed"
 
 
+def test_lookahead_and_the_average_resume_from_last_pt_as_the_uninterrupted_run(tiny_config, monkeypatch,
+                                                                               one_thread):
+    """Lookahead's slow weights and step count travel in last.pt beside the weight average: a run that fails in
+    epoch 2, when its last.pt holds epoch 1 in the middle of a Lookahead cycle, runs again to the same end."""
+    config = tiny_config.replace(epochs=3, optimizer="sgd", learning_rate=0.01, sgd_norm_lr_scale=16.0,
+                                 lookahead_steps=4, ema_decay=0.9)  # 15 steps an epoch: a sync every 4
+    run_dir = Path(config.output_dir) / "ahead01"
+    real_epoch = engine.train_one_epoch
+    epochs_started = []
+
+    def crash_in_epoch_2(*args, **kwargs):
+        epochs_started.append(1)
+        if len(epochs_started) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_one_epoch", crash_in_epoch_2)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        run_training(config, "ahead01")
+    monkeypatch.setattr(engine, "train_one_epoch", real_epoch)
+    saved = torch.load(run_dir / RESUME_CHECKPOINT, weights_only=True)["state"]
+    assert saved["epoch"] == 1 and saved["lookahead"]["steps_taken"] == 15 and "average" in saved
+    slow, fast = saved["lookahead"]["slow"], saved["model"]
+    assert slow.keys() < fast.keys()  # the parameters, not the batch-norm statistics
+    assert not all(torch.equal(slow[name], fast[name]) for name in slow)  # 3 steps after the last sync
+
+    resumed, reference = run_training(config, "ahead01"), run_training(config, "straight03")
+    assert without_timing(resumed.record.history) == without_timing(reference.record.history)
+    assert resumed.record.summary["test/loss"] == reference.record.summary["test/loss"]
+    best, reference_best = (torch.load(o.run_dir / BEST_CHECKPOINT, weights_only=True) for o in (resumed, reference))
+    assert best["epoch"] == reference_best["epoch"]
+    assert all(torch.equal(best["model"][name], tensor) for name, tensor in reference_best["model"].items())
+
+
 def epoch_result(epoch: int) -> EpochResult:
     return EpochResult(epoch=epoch, train_loss=1.0, train_acc=0.5, val_loss=1.0, val_acc=0.5, lr=0.1,
                        epoch_seconds=1.0, train_images_per_second=100.0, is_best=False)
