@@ -245,18 +245,23 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_resumable
     assert sorted(path.name for path in run_dir.iterdir()) == [LOCK_FILE, BEST_CHECKPOINT, RECORD_FILE]
 
 
-def test_a_crash_ends_the_run_as_failed_not_preempting(tmp_path, tiny_config, monkeypatch, one_thread):
-    """A bug must fail the run, or the sweep would requeue it for ever."""
+def crash_in_epoch_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training raises, as a GPU fault would, when its second epoch starts (after epoch 1's checkpoint)."""
     real_epoch = engine.train_one_epoch
     epochs_started = []
 
-    def crash_in_epoch_2(*args, **kwargs):
+    def crashing(*args, **kwargs):
         epochs_started.append(1)
         if len(epochs_started) == 2:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "train_one_epoch", crash_in_epoch_2)
+    monkeypatch.setattr(engine, "train_one_epoch", crashing)
+
+
+def test_a_crash_ends_the_run_as_failed_not_preempting(tmp_path, tiny_config, monkeypatch, one_thread):
+    """A bug must fail the run, or the sweep would requeue it for ever."""
+    crash_in_epoch_2(monkeypatch)
     monkeypatch.setenv("WANDB_RUN_ID", "crash001")
     assert train_main(tiny_args(tiny_config)) == 1
     wandb.teardown()  # as at the end of the process: W&B's service writes out the run's last records
@@ -275,15 +280,7 @@ def test_lookahead_and_the_average_resume_from_last_pt_as_the_uninterrupted_run(
                                  lookahead_steps=4, ema_decay=0.9)  # 15 steps an epoch: a sync every 4
     run_dir = Path(config.output_dir) / "ahead01"
     real_epoch = engine.train_one_epoch
-    epochs_started = []
-
-    def crash_in_epoch_2(*args, **kwargs):
-        epochs_started.append(1)
-        if len(epochs_started) == 2:
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "train_one_epoch", crash_in_epoch_2)
+    crash_in_epoch_2(monkeypatch)
     with pytest.raises(RuntimeError, match="illegal memory access"):
         run_training(config, "ahead01")
     monkeypatch.setattr(engine, "train_one_epoch", real_epoch)
