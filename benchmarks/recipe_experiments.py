@@ -20,7 +20,7 @@ with the JPEG copy unpacked into data/ (six concurrent 10-epoch runs take 72 s o
     python benchmarks/recipe_experiments.py candidates --workers=6 --seeds=2 --out=candidates.json \\
         --dataset=imagefolder --data_dir=data/cifar10-jpeg
     python benchmarks/recipe_experiments.py grid --workers=6 --seeds=2 --out=grid.json \\
-        --dataset=imagefolder --data_dir=data/cifar10-jpeg --zero_init_residual=true ...
+        --dataset=imagefolder --data_dir=data/cifar10-jpeg --norm_lr_scale=8 --label_smoothing=0.2 --ema_decay=0.99
     python benchmarks/recipe_experiments.py both ...   # the two, the grid with the winners
 
 `--small` shrinks every run to CPU size (width 16, 2 epochs, 2,000 synthetic training images): it proves the
@@ -79,7 +79,7 @@ CANDIDATES: list[tuple[str, dict[str, Any]]] = [
     ("norm lr x32", {"norm_lr_scale": 32.0}),
     ("label smoothing 0.3", {"label_smoothing": 0.3}),
     ("lookahead k5 alpha 0.5", {"lookahead_steps": 5, "lookahead_alpha": 0.5}),  # Zhang et al. 2019's defaults
-    # The onecycle peak at 25% and 30% of a 10-epoch run (warm-up 2 epochs above: 20%), airbench's triangle.
+    # The onecycle peak at 25% and 30% of the run (warm-up 2 epochs above: 20%).
     ("warm-up 2.5 epochs", {"warmup_epochs": 2.5, "warmup_fraction": 0.25}),
     ("warm-up 3 epochs", {"warmup_epochs": 3.0, "warmup_fraction": 0.3}),
     (SGD_REFERENCE, SGD_CELL),
