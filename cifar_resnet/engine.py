@@ -374,7 +374,7 @@ class Lookahead:
     """Lookahead (Zhang et al. 2019, "k steps forward, 1 step back") around the run's own optimizer: every `steps`
     optimizer steps the slow weights move `alpha` of the way to the fast weights (the model's parameters, which the
     optimizer trains), and the fast weights start again from there. The optimizer's own state (momentum, Adam's
-    moments) carries on across a sync, as in the paper's algorithm.
+    moments) carries on across a sync, neither reset nor pulled.
 
     Parameters only: batch-norm running statistics are buffers of the forward pass and stay those of the fast
     weights (neither pulled nor reset at a sync), as in the published implementations, which see only an
