@@ -199,6 +199,15 @@ def test_run_preempted_twice_resumes_locally_then_from_its_artifact_and_ends_as_
     assert not list(runs.rglob("*.tmp"))
 
 
+def assert_same_end(resumed, reference) -> None:
+    """Two runs' outcomes (`run_training`'s) agree bit for bit: per-epoch metrics, test loss, best epoch and weights."""
+    assert without_timing(resumed.record.history) == without_timing(reference.record.history)
+    assert resumed.record.summary["test/loss"] == reference.record.summary["test/loss"]
+    best, reference_best = (torch.load(o.run_dir / BEST_CHECKPOINT, weights_only=True) for o in (resumed, reference))
+    assert best["epoch"] == reference_best["epoch"]
+    assert all(torch.equal(best["model"][name], tensor) for name, tensor in reference_best["model"].items())
+
+
 def test_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_resumable(tiny_config, monkeypatch,
                                                                                    one_thread):
     config = tiny_config.replace(epochs=3)
@@ -237,11 +246,7 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_resumable
     # The next attempt resumes from epoch 1, clears the leftovers, and ends as an uninterrupted run does (its
     # best.pt too, though the failed attempt may have written epoch 2's just before failing on last.pt).
     resumed, reference = run_training(config, "killed01"), run_training(config, "straight02")
-    assert without_timing(resumed.record.history) == without_timing(reference.record.history)
-    assert resumed.record.summary["test/loss"] == reference.record.summary["test/loss"]
-    best, reference_best = (torch.load(o.run_dir / BEST_CHECKPOINT, weights_only=True) for o in (resumed, reference))
-    assert best["epoch"] == reference_best["epoch"]
-    assert all(torch.equal(best["model"][name], tensor) for name, tensor in reference_best["model"].items())
+    assert_same_end(resumed, reference)
     assert sorted(path.name for path in run_dir.iterdir()) == [LOCK_FILE, BEST_CHECKPOINT, RECORD_FILE]
 
 
@@ -291,11 +296,7 @@ def test_lookahead_and_the_average_resume_from_last_pt_as_the_uninterrupted_run(
     assert not all(torch.equal(slow[name], fast[name]) for name in slow)  # 3 steps after the last sync
 
     resumed, reference = run_training(config, "ahead01"), run_training(config, "straight03")
-    assert without_timing(resumed.record.history) == without_timing(reference.record.history)
-    assert resumed.record.summary["test/loss"] == reference.record.summary["test/loss"]
-    best, reference_best = (torch.load(o.run_dir / BEST_CHECKPOINT, weights_only=True) for o in (resumed, reference))
-    assert best["epoch"] == reference_best["epoch"]
-    assert all(torch.equal(best["model"][name], tensor) for name, tensor in reference_best["model"].items())
+    assert_same_end(resumed, reference)
 
 
 def epoch_result(epoch: int) -> EpochResult:
