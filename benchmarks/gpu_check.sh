@@ -12,9 +12,10 @@
 #   4. (grid-writeup, not by default; measured at b555040) the same six cells with recipe=writeup;
 #   5. with IMAGE=<the worker image> and docker or podman (and the NVIDIA container toolkit): torch inside the
 #      image's own Python sees the GPU and computes on it (skipped, with a message, without a GPU or an engine);
-#   6. (recipe-candidates, not by default; about 7 minutes) issue 10's recipe candidates, 2 seeds each, at Adam 0.001;
-#   7. (recipe-grid, not by default; about 7 minutes) the six cells x 2 seeds under the recipe in RECIPE_SETTINGS
-#      (e.g. "--ema_decay=0.99 --alternating_flip=true") and under recipe=writeup;
+#   6. (recipe-candidates, not by default) the recipe candidates of issues 10 and 22, 2 seeds each, at Adam 0.001
+#      (SGD's own at SGD 0.001), on top of RECIPE_SETTINGS; pick them with RECIPE_ONLY to fit a call;
+#   7. (recipe-grid, not by default; an estimated 5 minutes on an H200) the six cells x 2 seeds under the recipe in
+#      RECIPE_SETTINGS (e.g. "--norm_lr_scale=8 --label_smoothing=0.2 --ema_decay=0.99") and under recipe=writeup;
 #   8. (recipe, not by default) steps 6 and 7 in one: the grid with the candidates that won in 6.
 # STEPS (comma-separated) picks the steps: default gpu-tests,full10-cold,bench,full10,grid,image. Each of steps 6 and
 # 7 fills an 8-minute call alone (estimated): STEPS=recipe-candidates, then STEPS=recipe-grid RECIPE_SETTINGS="...".
@@ -28,7 +29,7 @@
 # PYTHON (default python3), WORK (default $TMPDIR/cifar_resnet_gpu_check), WORKERS (step 3 and 4; default: the best
 # of step 1; 6 for steps 6 and 7), SEEDS (steps 6 and 7; default 2), VARIANTS (step 1's tuning variants,
 # comma-separated; default all), RECIPE_ONLY (the candidates of steps 6 and 8, comma-separated labels; default all),
-# RECIPE_SETTINGS (step 7),
+# RECIPE_SETTINGS (steps 6 to 8: --name=value settings on top of tuned for every run but recipe=writeup's),
 # IMAGE (step 5: an image to run, e.g. REGISTRY/cifar-resnet-agent:0.1, pulled or built on this host).
 # CIFAR10_JPEG_DIR is exported (the extracted folder) for the GPU tests (tests/test_gpu_graph.py).
 set -euo pipefail
@@ -110,11 +111,11 @@ step grid "$PYTHON" -m cifar_resnet.bench grid "--workers=$GRID_WORKERS" "${DATA
     "--out=$WORK/grid.json"
 step grid-writeup "$PYTHON" -m cifar_resnet.bench grid "--workers=$GRID_WORKERS" --recipe=writeup "${DATA[@]}" \
     "${RUN[@]}" "--out=$WORK/grid-writeup.json"
+# shellcheck disable=SC2206  # RECIPE_SETTINGS is a list of --name=value words
 RECIPE=("$PYTHON" benchmarks/recipe_experiments.py "${RECIPE_RUNS[@]}" "--runs_dir=$WORK/recipe-runs" "${DATA[@]}"
-        "${RUN[@]}" ${RECIPE_ONLY:+"--only=$RECIPE_ONLY"})
+        "${RUN[@]}" ${RECIPE_ONLY:+"--only=$RECIPE_ONLY"} ${RECIPE_SETTINGS:-})
 step recipe-candidates "${RECIPE[@]}" candidates "--out=$OUT_DIR/recipe-candidates.json"
-# shellcheck disable=SC2086  # RECIPE_SETTINGS is a list of --name=value words
-step recipe-grid "${RECIPE[@]}" grid ${RECIPE_SETTINGS:-} "--out=$OUT_DIR/recipe-grid.json"
+step recipe-grid "${RECIPE[@]}" grid "--out=$OUT_DIR/recipe-grid.json"
 step recipe "${RECIPE[@]}" both "--out=$OUT_DIR/recipe.json"
 IMAGE_CHECK="import torch; assert torch.cuda.is_available(), 'CUDA is not available to torch in the image'
 print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(0))

@@ -30,6 +30,7 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|cuda|cuda:[0-9]+")  # cuda:N, N a GPU ind
 RECIPE_CANDIDATES_OFF: dict[str, Any] = {
     "zero_init_residual": False, "whiten_stem": False, "ema_decay": 0.0, "norm_lr_scale": 1.0,
     "alternating_flip": False, "tta_translate_px": 0, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8,
+    "sgd_norm_lr_scale": 0.0, "lookahead_steps": 0, "lookahead_alpha": 0.5,
 }
 RECIPE_PRESETS: dict[str, dict[str, Any]] = {
     # warmup_fraction 0.1 keeps a 10-epoch run's 1-epoch warm-up, and lets a 1- or 2-epoch run learn after it.
@@ -74,6 +75,10 @@ class Config:
     norm_lr_scale: float = _recipe_setting(
         "[recipe] learning-rate factor, > 0, for the parameters without weight decay (batch-norm scales and shifts, "
         "the head's bias)")
+    sgd_norm_lr_scale: float = _recipe_setting(
+        "[recipe] SGD only: the learning-rate factor, >= 0, for the parameters without weight decay, in place of "
+        "norm_lr_scale (which Adam and AdamW keep), so that one sweep over both optimizers gives each its own; "
+        "0: norm_lr_scale")
     adam_beta1: float = _recipe_setting("[recipe] Adam and AdamW: decay of the gradient average, in [0, 1)")
     adam_beta2: float = _recipe_setting("[recipe] Adam and AdamW: decay of the squared-gradient average, in [0, 1)")
     adam_eps: float = _recipe_setting("[recipe] Adam and AdamW: term added to the update's denominator, > 0")
@@ -81,6 +86,13 @@ class Config:
         "[recipe] exponential moving average of the weights, decay per optimizer step, in [0, 1), after a ramp "
         "min(decay, (1 + n) / (10 + n)) over the first n steps: validation, test and the checkpoints use the "
         "averaged weights; 0 turns it off")
+    lookahead_steps: int = _recipe_setting(
+        "[recipe] Lookahead (Zhang et al. 2019) around the optimizer: every this many optimizer steps, slow weights "
+        "move lookahead_alpha of the way to the trained (fast) weights, and training goes on from them; in "
+        "optimizer steps, >= 0; 0 turns it off")
+    lookahead_alpha: float = _recipe_setting(
+        "[recipe] Lookahead's step: the fraction of the way, in (0, 1], the slow weights move at each sync "
+        "(1: the optimizer alone)")
     zero_init_residual: bool = _recipe_setting(
         "[recipe] start each residual block's last batch-norm scale at zero, so every block starts as its shortcut")
     whiten_stem: bool = _recipe_setting(
@@ -141,7 +153,8 @@ class Config:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.val_size <= 0:  # the best checkpoint is chosen on validation accuracy
             raise ConfigError(f"val_size: must be > 0 (the best epoch is chosen on it), got {self.val_size}")
-        non_negative = ("momentum", "weight_decay", "warmup_epochs", "train_size", "test_size", "seed")
+        non_negative = ("momentum", "weight_decay", "warmup_epochs", "train_size", "test_size", "seed",
+                        "sgd_norm_lr_scale", "lookahead_steps")
         for name in non_negative:
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
@@ -152,6 +165,8 @@ class Config:
         for name in ("ema_decay", "adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
+        if not 0 < self.lookahead_alpha <= 1:
+            raise ConfigError(f"lookahead_alpha: must be in (0, 1], got {self.lookahead_alpha}")
         if not 0 <= self.tta_translate_px <= MAX_TRANSLATE_PX:
             raise ConfigError(f"tta_translate_px: must be in 0..{MAX_TRANSLATE_PX} pixels, got {self.tta_translate_px}")
         if self.nesterov and self.momentum == 0:  # torch refuses it, and only once the optimizer is built

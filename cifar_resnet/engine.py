@@ -12,7 +12,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -79,17 +79,19 @@ def build_optimizer(
     config: Config, model: nn.Module, device: torch.device, fused: bool | None = None, graph: bool = False
 ) -> torch.optim.Optimizer:
     """Weight decay applies to conv and linear weights only, never to batch-norm parameters or biases; those
-    take `norm_lr_scale` times the learning rate.
+    take `norm_lr_scale` times the learning rate (`sgd_norm_lr_scale` times for SGD, when it is set).
 
     `fused` (one kernel for the whole update) defaults to True on CUDA; the benchmark turns it off to measure it.
     `graph` builds it for a captured step (`CapturedStep`): the learning rate is a device tensor, which the schedule
     updates in place between replays, and Adam and AdamW are `capturable` (their step counters on the device).
     """
+    norm_lr_scale = (config.sgd_norm_lr_scale if config.optimizer == "sgd" and config.sgd_norm_lr_scale > 0
+                     else config.norm_lr_scale)
     groups = [
         {"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": config.weight_decay,
          "initial_lr": config.learning_rate},
         {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0,
-         "initial_lr": config.learning_rate * config.norm_lr_scale},
+         "initial_lr": config.learning_rate * norm_lr_scale},
     ]
     # `initial_lr`, a float, is the schedule's base rate. Under `graph` each group's rate is a tensor of its own,
     # which the scheduler fills with plain numbers (no device arithmetic and no host read per step).
@@ -374,21 +376,66 @@ class WeightAverage:
         self.updates = state["updates"]
 
 
+class Lookahead:
+    """Lookahead (Zhang et al. 2019, "k steps forward, 1 step back") around the run's own optimizer: every `steps`
+    optimizer steps the slow weights move `alpha` of the way to the fast weights (the model's parameters, which the
+    optimizer trains), and the fast weights start again from there. The optimizer's own state (momentum, Adam's
+    moments) carries on across a sync, neither reset nor pulled.
+
+    Parameters only: batch-norm running statistics are buffers of the forward pass and stay those of the fast
+    weights (neither pulled nor reset at a sync), as in the published implementations, which see only an
+    optimizer's parameters. Validation and test see the model as it stands (fast weights, synced or not).
+    `update` runs after each optimizer step, outside a captured step: the steps are counted on the host, and a
+    sync is two fused kernels in place on the parameters (the captured graph keeps their storage), no host sync.
+    """
+
+    def __init__(self, model: nn.Module, steps: int, alpha: float) -> None:
+        self.steps, self.alpha = steps, alpha
+        self.names = [name for name, _ in model.named_parameters()]
+        self.fast = [p.detach() for p in model.parameters()]  # the parameters' own storage
+        self.slow = [p.clone() for p in self.fast]
+        self.steps_taken = 0  # optimizer steps of the run so far: the syncs fall on its multiples of `steps`
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.steps_taken += 1
+        if self.steps_taken % self.steps:
+            return
+        torch._foreach_lerp_(self.slow, self.fast, self.alpha)  # slow += alpha * (fast - slow)
+        torch._foreach_copy_(self.fast, self.slow)
+
+    def restart(self) -> None:
+        """Slow weights from the parameters as they are now, counting steps from zero (a resume without state)."""
+        torch._foreach_copy_(self.slow, self.fast)
+        self.steps_taken = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"slow": dict(zip(self.names, self.slow, strict=True)), "steps_taken": self.steps_taken}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, slow in zip(self.names, self.slow, strict=True):
+            slow.copy_(state["slow"][name])  # onto this run's device, whichever the checkpoint was loaded onto
+        self.steps_taken = state["steps_taken"]
+
+
 # --- one epoch ------------------------------------------------------------------------------------------------
 
 
 def train_one_epoch(
     step: EagerStep,
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    average: WeightAverage | None = None,
+    after_step: Sequence[Callable[[], None]] = (),
     hooks: TrainHooks | None = None,
 ) -> TrainingSteps[tuple[float, float]]:
     """Train over `loader` once with `step` (which holds the model, optimizer, loss and autocast; a `CapturedStep`
     replays a CUDA graph); return (mean loss, accuracy). One host sync, at the end.
 
+    `after_step` runs after every step, outside it (and outside a captured graph), in order: in a run, the Lookahead,
+    the weight average and the schedule (the average sees the weights after a Lookahead sync; the schedule fills the
+    next step's learning rate in place, as a captured step reads it).
     A generator: it yields after every optimizer step, so that a pack (`pack.Pack`) can interleave several runs'
-    steps; `drive` runs it alone. The schedule and the weight average step outside the step, between batches.
+    steps; `drive` runs it alone.
     """
     hooks = hooks or TrainHooks()
     step.model.train()
@@ -398,9 +445,8 @@ def train_one_epoch(
         if hooks.should_stop():
             raise Interrupted
         step(images, labels)
-        if average is not None:
-            average.update()
-        scheduler.step()  # on a tensor learning rate: filled in place, as the captured step reads it
+        for update in after_step:
+            update()
         seen += len(labels)
         if hooks.on_batch is not None:
             hooks.on_batch()
@@ -522,6 +568,7 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     generator: torch.Generator  # shuffling and augmentation
     average: WeightAverage | None = None  # with ema_decay: the averaged weights, which are the ones evaluated
+    lookahead: Lookahead | None = None  # with lookahead_steps: the slow weights and the steps counted
     epoch: int = 0  # completed epochs
     best_epoch: int = 0
     best_val_acc: float = -1.0
@@ -540,6 +587,7 @@ class TrainState:
             "best_model_state": self.best_model_state,
             "history": self.history,
             **({"average": self.average.state_dict()} if self.average is not None else {}),
+            **({"lookahead": self.lookahead.state_dict()} if self.lookahead is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -556,6 +604,10 @@ class TrainState:
             self.average.load_state_dict(state["average"])
         elif self.average is not None:  # saved without an average: start it from the loaded weights
             self.average.model.load_state_dict(state["model"])
+        if self.lookahead is not None and "lookahead" in state:
+            self.lookahead.load_state_dict(state["lookahead"])
+        elif self.lookahead is not None:  # saved without Lookahead: slow weights from the loaded ones
+            self.lookahead.restart()
 
 
 @dataclass
@@ -602,7 +654,8 @@ def training(
 ) -> TrainingSteps[FitResult]:
     """Train `model` (from `build_model`, on `device`) for `config.epochs`, keep the weights of the best
     validation epoch, and test them once at the end. With `whiten_stem` the stem's filters are first set from the
-    training images (not on resume); with `ema_decay` the weights validated, tested and kept are the average.
+    training images (not on resume); with `ema_decay` the weights validated, tested and kept are the average;
+    with `lookahead_steps` Lookahead wraps the optimizer.
 
     `resume` is a `TrainState.state_dict()`; training continues after its last completed epoch. When
     `hooks.should_stop` returns True, `Interrupted` is raised and the state of the last completed epoch stays as
@@ -627,7 +680,8 @@ def training(
     optimizer = build_optimizer(config, model, device, graph=graph)
     scheduler = build_scheduler(config, optimizer, len(train_loader))
     average = WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None
-    state = TrainState(model, optimizer, scheduler, generator, average)
+    lookahead = Lookahead(model, config.lookahead_steps, config.lookahead_alpha) if config.lookahead_steps else None
+    state = TrainState(model, optimizer, scheduler, generator, average, lookahead)
     if resume is not None:
         built = [dict(group) for group in optimizer.param_groups]
         state.load_state_dict(resume)
@@ -641,6 +695,7 @@ def training(
     step_class = CapturedStep if graph else EagerStep  # captured once per run, in the first epoch trained
     step = step_class(step_model, optimizer, loss_fn, autocast, memory_format)
 
+    after_step = [part.update for part in (lookahead, average) if part is not None] + [scheduler.step]
     # With ema_decay the averaged copy is what is validated, tested and kept; else the model trained.
     evaluated, kept = (average.model, average.model) if average is not None else (step_model, model)
     tta = (config.tta, config.tta_translate_px)
@@ -649,7 +704,7 @@ def training(
             hooks.on_epoch_start(epoch, len(train_loader))
         start = time.perf_counter()
         train_loader.set_epoch(epoch)
-        train_loss, train_acc = yield from train_one_epoch(step, train_loader, scheduler, average, hooks)
+        train_loss, train_acc = yield from train_one_epoch(step, train_loader, after_step, hooks)
         train_seconds = time.perf_counter() - start  # train_one_epoch ended on a sync, so this is honest
         if not math.isfinite(train_loss):
             raise TrainingDiverged(

@@ -20,6 +20,7 @@ from cifar_resnet.data import DeviceLoader, load_splits
 from cifar_resnet.engine import (
     CapturedStep,
     EagerStep,
+    Lookahead,
     autocast_context,
     build_model,
     build_optimizer,
@@ -59,10 +60,13 @@ def losses(config: Config, graph: bool, steps: int) -> tuple[list[float], object
     autocast = autocast_context(config, device, cache_enabled=not graph)
     step = (CapturedStep if graph else EagerStep)(model, optimizer, nn.CrossEntropyLoss(
         label_smoothing=config.label_smoothing), autocast, memory_format_for(config, device))
+    lookahead = Lookahead(model, config.lookahead_steps, config.lookahead_alpha) if config.lookahead_steps else None
     model.train()
     found = []
     for _, (images, labels) in zip(range(steps), loader, strict=False):
         step(images, labels)
+        if lookahead is not None:  # between replays, in place on the parameters the graph reads and updates
+            lookahead.update()
         scheduler.step()
         found.append(step.loss.item())
     return found, step
@@ -70,10 +74,14 @@ def losses(config: Config, graph: bool, steps: int) -> tuple[list[float], object
 
 # The recipe candidates that touch the step: two learning-rate tensors (one per param group) and Adam's betas.
 CANDIDATE_STEP = {"norm_lr_scale": 4.0, "adam_beta2": 0.99, "adam_eps": 1e-6, "zero_init_residual": True}
+# Issue 22's: Lookahead between the replays, SGD's own batch-norm factor and Nesterov momentum 0.9.
+LOOKAHEAD = {"lookahead_steps": 5, "lookahead_alpha": 0.5}
+SGD_CANDIDATES = {"sgd_norm_lr_scale": 16.0, "momentum": 0.9, **LOOKAHEAD}
 
 
 @pytest.mark.parametrize(("optimizer", "candidates"), [("adam", {}), ("adamw", {}), ("sgd", {}),
-                                                       ("adam", CANDIDATE_STEP)])
+                                                       ("adam", CANDIDATE_STEP), ("adam", LOOKAHEAD),
+                                                       ("sgd", SGD_CANDIDATES)])
 def test_the_graph_step_gives_the_eager_steps_losses(optimizer, candidates, caplog):
     config = data_config(optimizer=optimizer, train_size=COMPARED_STEPS * 128, **candidates)
     eager, _ = losses(config, graph=False, steps=COMPARED_STEPS)
@@ -86,9 +94,12 @@ def test_the_graph_step_gives_the_eager_steps_losses(optimizer, candidates, capl
 
 
 @pytest.mark.parametrize("candidates", [{}, {"ema_decay": 0.99, "alternating_flip": True, "whiten_stem": True,
-                                              "tta_translate_px": 1}], ids=["tuned", "with-candidates"])
+                                              "tta_translate_px": 1},
+                                         {"ema_decay": 0.99, "norm_lr_scale": 8.0, **LOOKAHEAD}],
+                         ids=["tuned", "with-candidates", "with-lookahead"])
 def test_a_short_run_with_the_graph_reaches_the_eager_runs_accuracy(candidates, caplog):
-    """The weight average is updated between replays, outside the graph: it must see every step's weights."""
+    """The weight average and Lookahead are updated between replays, outside the graph: they must see every step's
+    weights, and the graph must train from the weights Lookahead writes."""
     config = data_config(epochs=SHORT_RUN_EPOCHS, **candidates)
     device = torch.device("cuda")
     data = load_splits(config)

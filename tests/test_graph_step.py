@@ -75,7 +75,7 @@ def test_the_step_function_gives_the_previous_loops_results_bit_for_bit(tiny_con
 def one_epoch(model, loader, optimizer, scheduler, loss_fn, step=None):
     """The engine's `train_one_epoch`, driven alone, with an eager step unless one is given."""
     step = step or EagerStep(model, optimizer, loss_fn, contextlib.nullcontext)
-    return drive(train_one_epoch(step, loader, scheduler))
+    return drive(train_one_epoch(step, loader, [scheduler.step]))
 
 
 def epoch_with(step_class, config, **step_options):
@@ -157,11 +157,15 @@ def test_resuming_keeps_the_captured_learning_rate_tensor_and_flags(tiny_config)
         assert float(own_lr) == pytest.approx(float(checkpoint["param_groups"][0]["lr"]))
 
 
-@pytest.mark.parametrize("candidates", [{}, {"norm_lr_scale": 4.0, "ema_decay": 0.9, "alternating_flip": True}],
-                         ids=["tuned", "two-rates-and-an-average"])
+@pytest.mark.parametrize("candidates", [
+    {},
+    {"norm_lr_scale": 4.0, "ema_decay": 0.9, "alternating_flip": True},
+    {"optimizer": "sgd", "learning_rate": 0.01, "sgd_norm_lr_scale": 16.0, "momentum": 0.9, "ema_decay": 0.9,
+     "lookahead_steps": 4},
+], ids=["tuned", "two-rates-and-an-average", "sgd-with-lookahead-and-an-average"])
 def test_fit_on_the_graph_path_trains_like_the_eager_path(tiny_config, monkeypatch, caplog, candidates):
     """fit as on CUDA (a tensor learning rate per group, CapturedStep), on the CPU: it warns once and trains
-    eagerly; the weight average is updated between the steps as on the eager path."""
+    eagerly; the Lookahead and the weight average are updated between the steps as on the eager path."""
     config = tiny_config.replace(**candidates)
     eager = fit(config, build_model(config, 10, CPU), load_splits(config), CPU)
     monkeypatch.setattr(engine, "uses_cuda_graph", lambda config, device: True)

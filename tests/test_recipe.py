@@ -16,7 +16,8 @@ WRITEUP = {"lr_schedule": "constant", "warmup_epochs": 0.0, "warmup_fraction": 1
            "weight_decay": 0.0, "momentum": 0.9, "nesterov": False, "tta": False,
            # none of the recipe candidates; Adam as torch builds it by default, as the write-up did
            "zero_init_residual": False, "whiten_stem": False, "ema_decay": 0.0, "norm_lr_scale": 1.0,
-           "alternating_flip": False, "tta_translate_px": 0, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8}
+           "alternating_flip": False, "tta_translate_px": 0, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8,
+           "sgd_norm_lr_scale": 0.0, "lookahead_steps": 0, "lookahead_alpha": 0.5}
 
 
 def recipe_values(config: Config) -> dict:
@@ -119,6 +120,17 @@ def test_tuned_warm_up_is_a_tenth_of_a_short_run_and_at_most_one_epoch(epochs, w
     peak = lrs.index(max(lrs))
     assert peak == warmup_steps - 1 and max(lrs) == pytest.approx(config.learning_rate)
     assert lrs[-1] < 0.2 * config.learning_rate  # and then decays
+
+
+@pytest.mark.parametrize(("warmup_epochs", "warmup_fraction"), [(2.0, 0.2), (2.5, 0.25), (3.0, 0.3)])
+def test_the_onecycle_peak_at_20_to_30_percent_of_the_run_is_the_two_warm_up_settings(warmup_epochs, warmup_fraction):
+    """A 10-epoch run at batch 128 (351 steps an epoch): the peak falls at that fraction of its 3,510 steps."""
+    steps_per_epoch = 45_000 // 128
+    config = Config(epochs=10, learning_rate=0.05, warmup_epochs=warmup_epochs, warmup_fraction=warmup_fraction)
+    lrs = lr_per_step(config, steps_per_epoch)
+    peak = lrs.index(max(lrs))
+    assert max(lrs) == pytest.approx(config.learning_rate)
+    assert (peak + 1) / len(lrs) == pytest.approx(warmup_fraction, abs=1 / len(lrs))
 
 
 def test_warmup_fraction_outside_0_to_1_is_refused():

@@ -1,9 +1,11 @@
-"""The recipe candidates of issue 10 (zero-init residuals, a whitened stem, a weight average, a batch-norm learning
-rate, Adam's betas and eps, alternating flips, shifted TTA views): each setting checked, each doing what its help
-says, and a run with all of them resuming exactly."""
+"""The recipe candidates of issues 10 and 22 (zero-init residuals, a whitened stem, a weight average, a batch-norm
+learning rate and SGD's own, Adam's betas and eps, alternating flips, shifted TTA views, Lookahead): each setting
+checked, each doing what its help says, and a run with all of them resuming exactly."""
 
 import copy
 import io
+
+import sweeps
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from cifar_resnet.data import DeviceLoader, ImageSet, load_splits, make_syntheti
 from cifar_resnet.engine import (
     WHITENING_IMAGES,
     Interrupted,
+    Lookahead,
     TrainHooks,
     WeightAverage,
     build_model,
@@ -27,11 +30,16 @@ from cifar_resnet.engine import (
 from cifar_resnet.errors import ConfigError
 from cifar_resnet.model import CIFAR10CNN, ResidualBlock, init_stem_whitening
 from cifar_resnet.records import EPOCH_SECONDS, TRAIN_IMAGES_PER_SECOND
+from cifar_resnet.sweep import load_sweep
+
+from conftest import REPO
 
 CPU = torch.device("cpu")
 ALL_CANDIDATES = {"zero_init_residual": True, "whiten_stem": True, "ema_decay": 0.9, "norm_lr_scale": 4.0,
                   "alternating_flip": True, "tta_translate_px": 1, "adam_beta1": 0.85, "adam_beta2": 0.99,
-                  "adam_eps": 1e-6}
+                  "adam_eps": 1e-6, "lookahead_steps": 4, "lookahead_alpha": 0.8}
+# Lookahead syncs every 4 of the tiny run's 15 steps an epoch, so an epoch ends mid-cycle; alpha 0.8, as 0.5 halves
+# the progress of its 45 steps, and the run must learn something.
 
 
 @pytest.mark.quick
@@ -44,6 +52,11 @@ ALL_CANDIDATES = {"zero_init_residual": True, "whiten_stem": True, "ema_decay": 
     ("--norm_lr_scale=0", r"norm_lr_scale: must be > 0"),
     ("--tta_translate_px=5", r"tta_translate_px: must be in 0..4 pixels, got 5"),
     ("--whiten_stem=maybe", r"whiten_stem: 'maybe' is not a valid bool"),
+    ("--sgd_norm_lr_scale=-1", r"sgd_norm_lr_scale: must be >= 0, got -1.0"),
+    ("--lookahead_steps=-5", r"lookahead_steps: must be >= 0, got -5"),
+    ("--lookahead_steps=2.5", r"lookahead_steps: '2.5' is not a valid int"),
+    ("--lookahead_alpha=0", r"lookahead_alpha: must be in \(0, 1\], got 0.0"),
+    ("--lookahead_alpha=1.5", r"lookahead_alpha: must be in \(0, 1\]"),
 ])
 def test_each_candidate_setting_is_checked_in_one_line(argument, message):
     with pytest.raises(ConfigError, match=message):
@@ -120,6 +133,57 @@ def test_norm_lr_scale_and_adams_betas_reach_the_optimizer_and_follow_the_schedu
         optimizer.step()
         scheduler.step()
         assert float(norms["lr"]) == pytest.approx(8 * float(weights["lr"]), rel=1e-6) and float(weights["lr"]) > 0
+
+
+def sweep_cells(*fixed: str) -> list[dict]:
+    """The runs W&B's own grid proposes for the repository's sweep.yaml with `fixed` (`name=value`) added to it."""
+    sweep = load_sweep(REPO / "sweep.yaml", fixed).config
+    runs: list[sweeps.SweepRun] = []
+    while (proposal := sweeps.next_run(sweep, runs)) is not None:
+        runs.append(sweeps.SweepRun(name=f"r{len(runs)}", state=sweeps.RunState.finished, config=proposal.config))
+    return [{name: item["value"] for name, item in run.config.items()} for run in runs]
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize(("sgd_norm_lr_scale", "sgd_factor"), [(32.0, 32.0), (0.0, 8.0)])
+def test_one_sweep_over_adam_and_sgd_gives_sgd_its_own_batch_norm_factor_and_momentum(sgd_norm_lr_scale, sgd_factor):
+    """The SGD-only settings are plain fixed parameters of the one sweep file: Adam's cells ignore them."""
+    cells = sweep_cells("norm_lr_scale=8", f"sgd_norm_lr_scale={sgd_norm_lr_scale}", "momentum=0.9")
+    assert sorted(cell["optimizer"] for cell in cells) == ["adam"] * 3 + ["sgd"] * 3
+    for cell in cells:
+        config = Config.from_mapping({**cell, "width": 8})
+        weights, norms = build_optimizer(config, build_model(config, 10, CPU), CPU).param_groups
+        factor = sgd_factor if config.optimizer == "sgd" else 8.0
+        assert norms["lr"] == pytest.approx(factor * weights["lr"]) and weights["lr"] == config.learning_rate
+        if config.optimizer == "sgd":
+            assert (weights["momentum"], weights["nesterov"]) == (0.9, True)  # tuned's Nesterov, momentum 0.9
+        else:
+            assert "momentum" not in weights and weights["betas"] == (0.9, 0.999)
+
+
+@pytest.mark.quick
+def test_lookahead_pulls_the_slow_weights_every_k_steps_in_place_and_leaves_batch_norm_statistics():
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    model(torch.randn(8, 3))  # batch-norm statistics of their own
+    lookahead = Lookahead(model, steps=3, alpha=0.25)
+    storage = [p.data_ptr() for p in model.parameters()]  # what a captured graph reads and writes
+    buffers = {name: tensor.clone() for name, tensor in model.named_buffers()}
+    slow = [p.detach().clone() for p in model.parameters()]
+    for step in range(1, 10):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))  # the optimizer's step
+        fast = [p.detach().clone() for p in model.parameters()]
+        lookahead.update()
+        if step % 3 == 0:  # k steps forward, one step back: slow += alpha (fast - slow), and fast = slow
+            slow = [s + 0.25 * (f - s) for s, f in zip(slow, fast, strict=True)]
+            fast = slow
+        for p, expected in zip(model.parameters(), fast, strict=True):
+            assert torch.allclose(p, expected, atol=1e-6), step
+    assert [p.data_ptr() for p in model.parameters()] == storage
+    assert all(torch.equal(tensor, buffers[name]) for name, tensor in model.named_buffers())
+    saved = lookahead.state_dict()
+    assert saved["steps_taken"] == 9 and list(saved["slow"]) == [name for name, _ in model.named_parameters()]
 
 
 def flips_seen(loader: DeviceLoader, epoch: int) -> dict[int, bool]:
@@ -230,6 +294,7 @@ def test_a_run_with_every_candidate_trains_keeps_averaged_weights_and_resumes_ex
             TrainHooks(on_epoch=lambda r, s: first_epoch_only.append(snapshot(s.state_dict())),
                        should_stop=stop_in_epoch_two))
     assert len(first_epoch_only) == 1
+    assert first_epoch_only[0]["lookahead"]["steps_taken"] == config.train_size // config.batch_size  # mid-cycle
     resumed = fit(config, build_model(config, 10, CPU), data, CPU, resume=copy.deepcopy(first_epoch_only[0]))
     assert without_timing(resumed.history) == without_timing(straight.history)
     for name, tensor in straight.model.state_dict().items():

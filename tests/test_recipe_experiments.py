@@ -1,5 +1,6 @@
-"""benchmarks/recipe_experiments.py, issue 10's experiment script, on tiny runs: candidates over seeds with their
-mean and spread, the six-cell comparison against recipe=writeup, and a failed run reported as failed."""
+"""benchmarks/recipe_experiments.py, the experiment script of issues 10 and 22, on tiny runs: candidates over seeds
+with their mean and spread, SGD's own candidates against SGD's tuned row, the six-cell comparison against
+recipe=writeup, and a failed run reported as failed."""
 
 import importlib.util
 import json
@@ -7,7 +8,7 @@ import json
 import pytest
 
 from cifar_resnet.bench import writeup
-from cifar_resnet.config import RECIPE_PRESETS
+from cifar_resnet.config import RECIPE_PRESETS, Config
 
 from conftest import REPO
 
@@ -96,3 +97,62 @@ def test_winners_beat_the_tuned_row_by_more_than_the_spread_and_the_best_of_alte
     assert experiments.choose_winners(rows) == {"ema_decay": 0.95, "zero_init_residual": True,
                                                  "tta_translate_px": 1}
     assert experiments.choose_winners(rows[:1] + rows[5:6]) == {"tta_translate_px": 1}
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("epochs", [10, 2, 1])  # the real run, the script's --small, gpu_check.sh's SMALL=1
+def test_every_candidate_is_a_valid_run_at_its_cell_and_sgds_set_only_what_sgd_reads(experiments, epochs):
+    labels = [label for label, _ in experiments.CANDIDATES]
+    assert len(set(labels)) == len(labels)
+    cells = {experiments.cell_of(settings) for _, settings in experiments.CANDIDATES
+             if not experiments.beyond_cell(settings)}
+    for label, settings in experiments.CANDIDATES:
+        fitted = experiments.for_run_length(settings, epochs)
+        config = Config(epochs=epochs).replace(**{**experiments.BEST_CELL, **fitted})  # raises if not valid
+        assert experiments.cell_of(settings) in cells, f"{label}: no tuned row at its cell"
+        assert (config.optimizer, config.learning_rate) == experiments.cell_of(settings)
+        assert fitted.get("warmup_fraction") == settings.get("warmup_fraction")  # the peak stays where it was put
+        if experiments.cell_of(settings) != experiments.cell_of({}):
+            assert experiments.beyond_cell(settings).keys() <= set(experiments.SGD_ONLY_SETTINGS), label
+
+
+@pytest.mark.quick
+def test_sgd_candidates_win_against_sgds_tuned_row_and_change_only_sgd_settings(experiments):
+    sgd = experiments.SGD_CELL
+    rows = [
+        row("tuned", {}, [0.870, 0.872]),
+        row("norm lr x16", {"norm_lr_scale": 16.0}, [0.880, 0.882]),  # wins
+        row("sgd 0.001: tuned", sgd, [0.830, 0.832]),
+        row("sgd 0.001: norm lr x32", {**sgd, "sgd_norm_lr_scale": 32.0}, [0.845, 0.847]),  # below adam's tuned row,
+        # above sgd's: wins
+        row("sgd 0.001: Nesterov momentum 0.9", {**sgd, "momentum": 0.9}, [0.800, 0.802]),  # loses
+    ]
+    assert experiments.choose_winners(rows) == {"norm_lr_scale": 16.0, "sgd_norm_lr_scale": 32.0}
+    assert experiments.choose_winners(rows[2:4]) == {"sgd_norm_lr_scale": 32.0}  # without Adam's rows
+    table = experiments.candidates_table({"rows": [{**r, "summary": {**r["summary"], "seeds": 2, "failed": 0,
+                                                                     "test_acc": r["summary"]["test_acc_tta"],
+                                                                     "process_s": None}} for r in rows]})
+    (line,) = [line for line in table.splitlines() if line.startswith("| sgd 0.001: norm lr x32 | 2 |")]
+    assert line.endswith("| +1.50 | – |")  # against sgd's tuned row
+
+
+def test_sgd_candidates_run_at_the_sgd_cell_and_a_long_warm_up_fits_a_short_run(experiments, tmp_path,
+                                                                                  monkeypatch, capsys):
+    sgd = experiments.SGD_CELL
+    monkeypatch.setattr(experiments, "CANDIDATES", [
+        ("tuned", {}),
+        ("warm-up 3 epochs", {"warmup_epochs": 3.0, "warmup_fraction": 0.3}),  # the runs have 1 epoch
+        ("sgd 0.001: tuned", sgd),
+        ("sgd 0.001: norm lr x32", {**sgd, "sgd_norm_lr_scale": 32.0}),
+    ])
+    out = tmp_path / "candidates.json"
+    assert experiments.main(["candidates", "--seeds=1", "--workers=2", f"--out={out}", "--norm_lr_scale=4",
+                             *TINY]) == 0
+    tuned, warm, sgd_tuned, sgd_x32 = (row["runs"][0]["config"] for row in json.loads(out.read_text())
+                                       ["candidates"]["rows"])
+    assert (warm["warmup_epochs"], warm["warmup_fraction"], warm["epochs"]) == (1.0, 0.3, 1)
+    assert [(c["optimizer"], c["learning_rate"]) for c in (tuned, warm, sgd_tuned, sgd_x32)] == [
+        ("adam", 0.001), ("adam", 0.001), ("sgd", 0.001), ("sgd", 0.001)]
+    assert all(c["norm_lr_scale"] == 4.0 for c in (tuned, sgd_tuned, sgd_x32))  # the command line's, everywhere
+    assert (sgd_tuned["sgd_norm_lr_scale"], sgd_x32["sgd_norm_lr_scale"]) == (0.0, 32.0)
+    assert "| sgd 0.001: norm lr x32 | 1 |" in capsys.readouterr().out

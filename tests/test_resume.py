@@ -199,6 +199,15 @@ def test_run_preempted_twice_resumes_locally_then_from_its_artifact_and_ends_as_
     assert not list(runs.rglob("*.tmp"))
 
 
+def assert_same_end(resumed, reference) -> None:
+    """Two runs' outcomes (`run_training`'s) agree bit for bit: per-epoch metrics, test loss, best epoch and weights."""
+    assert without_timing(resumed.record.history) == without_timing(reference.record.history)
+    assert resumed.record.summary["test/loss"] == reference.record.summary["test/loss"]
+    best, reference_best = (torch.load(o.run_dir / BEST_CHECKPOINT, weights_only=True) for o in (resumed, reference))
+    assert best["epoch"] == reference_best["epoch"]
+    assert all(torch.equal(best["model"][name], tensor) for name, tensor in reference_best["model"].items())
+
+
 def test_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_resumable(tiny_config, monkeypatch,
                                                                                    one_thread):
     config = tiny_config.replace(epochs=3)
@@ -237,26 +246,27 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_resumable
     # The next attempt resumes from epoch 1, clears the leftovers, and ends as an uninterrupted run does (its
     # best.pt too, though the failed attempt may have written epoch 2's just before failing on last.pt).
     resumed, reference = run_training(config, "killed01"), run_training(config, "straight02")
-    assert without_timing(resumed.record.history) == without_timing(reference.record.history)
-    assert resumed.record.summary["test/loss"] == reference.record.summary["test/loss"]
-    best, reference_best = (torch.load(o.run_dir / BEST_CHECKPOINT, weights_only=True) for o in (resumed, reference))
-    assert best["epoch"] == reference_best["epoch"]
-    assert all(torch.equal(best["model"][name], tensor) for name, tensor in reference_best["model"].items())
+    assert_same_end(resumed, reference)
     assert sorted(path.name for path in run_dir.iterdir()) == [LOCK_FILE, BEST_CHECKPOINT, RECORD_FILE]
 
 
-def test_a_crash_ends_the_run_as_failed_not_preempting(tmp_path, tiny_config, monkeypatch, one_thread):
-    """A bug must fail the run, or the sweep would requeue it for ever."""
+def crash_in_epoch_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training raises, as a GPU fault would, when its second epoch starts (after epoch 1's checkpoint)."""
     real_epoch = engine.train_one_epoch
     epochs_started = []
 
-    def crash_in_epoch_2(*args, **kwargs):
+    def crashing(*args, **kwargs):
         epochs_started.append(1)
         if len(epochs_started) == 2:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "train_one_epoch", crash_in_epoch_2)
+    monkeypatch.setattr(engine, "train_one_epoch", crashing)
+
+
+def test_a_crash_ends_the_run_as_failed_not_preempting(tmp_path, tiny_config, monkeypatch, one_thread):
+    """A bug must fail the run, or the sweep would requeue it for ever."""
+    crash_in_epoch_2(monkeypatch)
     monkeypatch.setenv("WANDB_RUN_ID", "crash001")
     assert train_main(tiny_args(tiny_config)) == 1
     wandb.teardown()  # as at the end of the process: W&B's service writes out the run's last records
@@ -265,6 +275,28 @@ def test_a_crash_ends_the_run_as_failed_not_preempting(tmp_path, tiny_config, mo
     assert exit_code(records) == 1
     assert not artifacts(records, RESUME_ARTIFACT_TYPE)
     assert RunRecord.load(Path(tiny_config.output_dir) / "crash001").status == "failed"
+
+
+def test_lookahead_and_the_average_resume_from_last_pt_as_the_uninterrupted_run(tiny_config, monkeypatch,
+                                                                               one_thread):
+    """Lookahead's slow weights and step count travel in last.pt beside the weight average: a run that fails in
+    epoch 2, when its last.pt holds epoch 1 in the middle of a Lookahead cycle, runs again to the same end."""
+    config = tiny_config.replace(epochs=3, optimizer="sgd", learning_rate=0.01, sgd_norm_lr_scale=16.0,
+                                 lookahead_steps=4, ema_decay=0.9)  # 15 steps an epoch: a sync every 4
+    run_dir = Path(config.output_dir) / "ahead01"
+    real_epoch = engine.train_one_epoch
+    crash_in_epoch_2(monkeypatch)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        run_training(config, "ahead01")
+    monkeypatch.setattr(engine, "train_one_epoch", real_epoch)
+    saved = torch.load(run_dir / RESUME_CHECKPOINT, weights_only=True)["state"]
+    assert saved["epoch"] == 1 and saved["lookahead"]["steps_taken"] == 15 and "average" in saved
+    slow, fast = saved["lookahead"]["slow"], saved["model"]
+    assert slow.keys() < fast.keys()  # the parameters, not the batch-norm statistics
+    assert not all(torch.equal(slow[name], fast[name]) for name in slow)  # 3 steps after the last sync
+
+    resumed, reference = run_training(config, "ahead01"), run_training(config, "straight03")
+    assert_same_end(resumed, reference)
 
 
 def epoch_result(epoch: int) -> EpochResult:

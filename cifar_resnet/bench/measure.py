@@ -232,7 +232,7 @@ def ours_step_runner(config: Config, train: ImageSet, num_classes: int, device: 
     stream = endless(train_loader(config, train, device))
 
     def run(steps: int) -> None:
-        drive(train_one_epoch(step, itertools.islice(stream, steps), scheduler,
+        drive(train_one_epoch(step, itertools.islice(stream, steps), [scheduler.step],
                               hooks=TrainHooks(on_batch=on_batch)))
 
     return run
