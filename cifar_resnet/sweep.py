@@ -12,6 +12,7 @@ processes, on one host or many sharing the folder, join one sweep and run each o
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -71,6 +72,7 @@ RUN_LOG = "run.log"  # a run's stdout and stderr, in its run folder
 PARAM_FILE = "sweep-params.yaml"  # what WANDB_SWEEP_PARAM_PATH names
 ARGS_JSON_FILE = "sweep-args.json"  # for a command that uses ${args_json_file}
 DEFAULT_OUTPUT_ROOT = Path("sweeps")
+FOLDER_DIGEST_CHARS = 8  # hex digits of the settings' digest in a sweep's default folder name
 TRAIN_MODULE = "cifar_resnet.train"  # the training entry point a sweep's command must start
 PACKAGE_MODULE, PACKAGE_COMMAND = "cifar_resnet", "cifar-resnet"  # `-m cifar_resnet train`, `cifar-resnet train`
 OUR_COMMAND = ("${env}", "${interpreter}", "-m", "${program}", "${args}")  # sweep.yaml's
@@ -144,6 +146,21 @@ def load_sweep(path: Path, overrides: Sequence[str]) -> SweepPlan:
     if "program" not in config and "${program}" in (config.get("command") or ["${program}"]):
         raise UserError(f"{path}: no program, and the command runs ${{program}}; add program: cifar_resnet.train")
     return SweepPlan(path, config, grid_size)
+
+
+def sweep_name(plan: SweepPlan) -> str:
+    """The sweep's `name`, or its file's stem."""
+    return str(plan.config.get("name") or plan.path.stem)
+
+
+def default_output_dir(plan: SweepPlan) -> Path:
+    """`sweeps/<name>-<digest>`: the sweep's name and a digest of everything that makes it this sweep (its settings,
+    `--set` values included; what `sweep.json` must match), so that the same command finds its own folder again and
+    a changed one, such as the trial with `--set dataset=imagefolder`, gets a folder of its own."""
+    name = re.sub(r"[^\w.-]+", "-", sweep_name(plan))
+    settings = json.dumps(plan.config, sort_keys=True)  # as sweep.json holds it: key order does not matter
+    digest = hashlib.sha256(settings.encode()).hexdigest()[:FOLDER_DIGEST_CHARS]
+    return DEFAULT_OUTPUT_ROOT / f"{name}-{digest}"
 
 
 def starts_our_training(argv: Sequence[str]) -> bool:
@@ -648,7 +665,7 @@ class LocalSweep:
         Not WANDB_SWEEP_ID: the local sweep id is unknown to the W&B server, and `wandb sync` refuses runs of an
         unknown sweep ("sweep ... not found", wandb/wandb#8115). The runs are grouped by sweep instead.
         """
-        name = self.plan.config.get("name") or self.plan.path.stem
+        name = sweep_name(self.plan)
         # `${interpreter}` is `python` from PATH, as under `wandb agent`: the child environment puts this one's
         # first, so that the runs get the interpreter cifar_resnet is installed in even when it is not activated.
         env = child_environment(
@@ -780,7 +797,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fix a setting for the whole sweep, e.g. --set epochs=2 (repeatable)")
     parser.add_argument("--output-dir", type=Path, default=None,
                         help=f"the sweep's folder: its state, and one folder per run (default: "
-                        f"{DEFAULT_OUTPUT_ROOT}/<sweep name>); offline only. Other sweep processes, on this host or "
+                        f"{DEFAULT_OUTPUT_ROOT}/<sweep name>-<digest of its settings>); offline only. Other sweep processes, on this host or "
                         "others (shared filesystem), join the sweep by giving the same folder")
     parser.add_argument("--lease-seconds", type=float, default=LEASE_SECONDS,
                         help=f"offline: a run of this process that goes this long without a heartbeat (its host "
@@ -818,13 +835,12 @@ def sweep_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
     mode = choose_mode()
     if not args.offline and mode == "online":
         return run_online_sweep(plan, gpus, args.count, project or DEFAULT_PROJECT)
-    folder_name = re.sub(r"[^\w.-]+", "-", str(plan.config.get("name") or plan.path.stem))
-    out_dir = args.output_dir or DEFAULT_OUTPUT_ROOT / folder_name
+    out_dir = args.output_dir or default_output_dir(plan)
     shown = [name for name, spec in plan.config["parameters"].items() if "value" not in spec]
     view = LiveView(shown) if sys.stderr.isatty() else LogView(shown)
     local_sweep = LocalSweep(plan, out_dir, gpus, args.count, project, view, args.lease_seconds)  # may refuse
-    log.info("%s: running the sweep offline (W&B's sweep proposer on this machine); upload the runs later with "
-             "`wandb sync %s`", offline_reason(args.offline, mode), offline_runs_glob(out_dir))
+    log.info("%s: running the sweep offline in %s (W&B's sweep proposer on this machine); upload the runs later "
+             "with `wandb sync %s`", offline_reason(args.offline, mode), out_dir, offline_runs_glob(out_dir))
     result = local_sweep.run()
     print_results(result)
     return result.exit_code

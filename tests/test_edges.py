@@ -1,0 +1,73 @@
+"""What a W&B user expects at the edges (issue 21): a sweep's folder of its own, hints that work as written, one
+line where W&B would give a traceback, and the small things that tell a user the tool is careful."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from test_faults import image_folder
+from test_sweep import sweep_state, tiny_settings, write_sweep
+
+from cifar_resnet.cli import main
+from cifar_resnet.sweep import default_output_dir, load_sweep
+
+# --- a sweep's folder is named by the sweep ----------------------------------------------------------------------
+
+
+def folder_of(sweep_file: Path, *overrides: str) -> Path:
+    return default_output_dir(load_sweep(sweep_file, overrides))
+
+
+@pytest.mark.quick
+def test_the_default_folder_is_the_sweeps_name_and_a_digest_of_its_settings(tmp_path):
+    trial = REPO / "examples" / "trial-sweep.yaml"
+    folder = folder_of(trial)
+    assert re.fullmatch(r"sweeps/trial-[0-9a-f]{8}", folder.as_posix())
+    assert folder_of(trial) == folder  # the same command finds its folder again
+    real = folder_of(trial, "dataset=imagefolder", "data_dir=/data/cifar10-jpeg")
+    assert real != folder and real.name.startswith("trial-")
+    # --set values are typed, and their order does not matter: the same sweep, the same folder.
+    assert folder_of(trial, "epochs=03", "width=8") == folder_of(trial, "width=8", "epochs=3")
+    unnamed = write_sweep(tmp_path / "my grid.yaml", {"epochs": {"value": 1}})
+    assert folder_of(unnamed).name.startswith("my-grid-")  # no name: the file's stem, made a folder name
+
+
+@pytest.mark.quick
+def test_the_readmes_report_command_reads_the_folder_its_sweep_command_writes():
+    """README's main job is `cifar-resnet sweep FILE ... && cifar-resnet report FOLDER`: FOLDER must be FILE's."""
+    lines = [line for line in (REPO / "README.md").read_text().splitlines()
+             if "cifar-resnet sweep " in line and "cifar-resnet report " in line]
+    assert lines
+    for line in lines:
+        sweep_part, report_part = line.split("&&")
+        words = shlex.split(sweep_part)
+        sweep_file = REPO / words[words.index("sweep") + 1]
+        overrides = [words[i + 1] for i, word in enumerate(words) if word == "--set"]
+        assert shlex.split(report_part)[-1] == folder_of(sweep_file, *overrides).as_posix(), line
+
+
+def test_a_mistake_every_run_would_repeat_is_fixed_as_its_line_says(tmp_path, tiny_config, capsys):
+    """"fix it, then run the same command again", followed literally: both fixes a user would make (the data put
+    where the sweep said, or `--set` to where it is) work in the sweep's default folder."""
+    missing = tmp_path / "images"
+    parameters = tiny_settings(tiny_config) | {"dataset": {"value": "imagefolder"}, "data_dir": {"value": str(missing)},
+                                               "val_size": {"value": 2}, "train_size": {"value": 0},
+                                               "test_size": {"value": 0}, "batch_size": {"value": 2}}
+    command = ["sweep", str(write_sweep(tmp_path / "nodata.yaml", parameters)), "--offline"]
+
+    assert main(command) == 2
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if "the sweep stopped" in line]
+    assert error.startswith(f"ERROR: data_dir: {missing}/train is not a folder") and error.endswith(
+        "fix it, then run the same command again)")
+
+    elsewhere = image_folder(tmp_path / "elsewhere", per_class=4)  # fix: point the sweep at the data
+    assert main([*command, "--set", f"data_dir={elsewhere}"]) == 0
+
+    image_folder(missing, per_class=4)  # or fix: put the data where the sweep looks, and run the same command
+    assert main(command) == 0
+    runs = sweep_state(tmp_path / folder_of(Path(command[1])))["runs"]
+    assert [(run["state"], run["attempts"]) for run in runs] == [("finished", 2)]  # the failed run, retried
