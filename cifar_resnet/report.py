@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .credentials import NO_CREDENTIALS, has_credentials
 from .errors import UserError
 from .process import reject_unknown_arguments
 from .records import TRAIN_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS, RunResult, results_from_folder
@@ -166,12 +167,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also save a W&B workspace view of the sweep (a W&B sweep path only)")
 
 
+def is_wandb_sweep_path(source: str) -> bool:
+    """Whether `source` names a W&B sweep, ENTITY/PROJECT/SWEEP_ID, rather than a local folder: a path that exists
+    here, or whose first part is a folder here (`sweeps/trial/x`, a mistyped sweep folder), is local."""
+    if W_AND_B_SWEEP_PATH.match(source) is None:
+        return False
+    return not Path(source).exists() and not Path(source.split("/")[0]).is_dir()
+
+
 def report_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
     reject_unknown_arguments("report", rest)
     folder = Path(args.source)
-    online = not folder.is_dir() and W_AND_B_SWEEP_PATH.match(args.source) is not None
+    online = is_wandb_sweep_path(args.source)
     if args.wandb_view and not online:
         raise UserError("--wandb-view: needs a W&B sweep path entity/project/sweep_id, not a local folder")
+    if not online and not folder.is_dir() and W_AND_B_SWEEP_PATH.match(args.source):
+        raise UserError(f"{folder}: no such folder (read as a local path, since {args.source.split('/')[0]}/ is a "
+                        "folder here; a W&B sweep is ENTITY/PROJECT/SWEEP_ID)")
+    if online and not has_credentials():
+        raise UserError(f"{NO_CREDENTIALS}; reading the W&B sweep {args.source} needs W&B's server: `wandb login` "
+                        "or export WANDB_API_KEY (a local sweep's report needs neither: give its folder)")
     if online:
         from .wandb_sweep import fetch_sweep_results
 

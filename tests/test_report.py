@@ -176,6 +176,33 @@ def test_bad_sources_are_one_line(capsys, source, extra, message):
     assert err.count("\n") == 1 and message in err
 
 
+@pytest.mark.quick
+def test_a_wandb_sweep_without_credentials_is_one_line_and_never_reaches_wandb(capsys, monkeypatch):
+    import wandb
+
+    monkeypatch.setattr(wandb, "Api", lambda *args, **kwargs: pytest.fail("reached W&B's public API"))
+
+    assert main(["report", "team/cifar/sw33p"]) == 2
+
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ERROR: WANDB_API_KEY: not set") and "team/cifar/sw33p" in err
+
+
+@pytest.mark.quick
+def test_a_mistyped_local_path_of_three_parts_is_not_taken_for_a_wandb_sweep(tmp_path, capsys, monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)  # even with credentials, W&B is not asked
+    monkeypatch.setattr(wandb, "Api", lambda *args, **kwargs: pytest.fail("reached W&B's public API"))
+    (tmp_path / "sweeps" / "trial").mkdir(parents=True)
+
+    assert main(["report", "sweeps/trial/x"]) == 2
+
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ERROR: sweeps/trial/x: no such folder") and "sweeps/" in err
+    assert report.is_wandb_sweep_path("team/cifar/sw33p") and not report.is_wandb_sweep_path("./trial/x")
+
+
 def fake_wandb_run(result: RunResult) -> SimpleNamespace:
     """What `wandb.Api().sweep(path).runs` yields, for a run: id, state, config, summary, scan_history."""
     summary = {**result.summary, "_runtime": result.seconds}
@@ -197,6 +224,7 @@ def test_a_wandb_sweep_gives_the_same_table_and_a_view(sweep_folder, tmp_path, m
             return SimpleNamespace(runs=[fake_wandb_run(result) for result in local])
 
     monkeypatch.setattr(wandb, "Api", StandInApi)
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
     saved = []
     monkeypatch.setattr(wandb_sweep, "save_sweep_view", lambda view: saved.append(view) or "https://w.example/v")
 
