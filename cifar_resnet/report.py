@@ -33,6 +33,8 @@ FIGURE_DPI = 120
 PERCENT = 100  # accuracies are plotted in %, as people read them; the records and W&B keep fractions
 ACCURACY_METRICS = (TRAIN_ACC, VAL_ACC)
 CAPTION_FONT_SIZE = "small"
+# The relative luminance (WCAG 2) at which black and white text contrast equally with a cell: sqrt(1.05 x 0.05) - 0.05.
+EQUAL_CONTRAST_LUMINANCE = 0.179
 
 
 # --- the plots --------------------------------------------------------------------------------------------------
@@ -81,6 +83,25 @@ def plot_curves(results: Sequence[RunResult], metrics: Sequence[tuple[str, str]]
     return figure
 
 
+def plot_losses(results: Sequence[RunResult]) -> Figure:
+    """Training and validation loss per epoch. Training's is the loss the run minimised, label-smoothed where the
+    run smooths its labels; validation's never is (smoothing puts a floor under the loss): the titles say so."""
+    smoothing = sorted({float(result.config.get("label_smoothing") or 0) for result in results})
+    if smoothing == [0.0]:
+        return plot_curves(results, [(TRAIN_LOSS, "Training loss"), (VAL_LOSS, "Validation loss")])
+    how = (f"label smoothing {setting_text(smoothing[0])}" if len(smoothing) == 1
+           else "label-smoothed as each run sets it")
+    return plot_curves(results, [(TRAIN_LOSS, f"Training loss ({how})"), (VAL_LOSS, "Validation loss (no smoothing)")])
+
+
+def label_colour(rgba: Sequence[float]) -> str:
+    """Black or white, whichever contrasts more with a background of colour `rgba` (sRGB, 0 to 1): chosen by the
+    background's relative luminance, as WCAG 2 defines it."""
+    linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgba[:3]]
+    luminance = 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+    return "black" if luminance > EQUAL_CONTRAST_LUMINANCE else "white"
+
+
 def plot_test_acc_heatmap(results: Sequence[RunResult]) -> Figure | None:
     """Test accuracy over learning rate x optimizer (the mean where several runs share a cell)."""
     tested = [result for result in results if result.test_acc is not None]
@@ -99,7 +120,9 @@ def plot_test_acc_heatmap(results: Sequence[RunResult]) -> Figure | None:
     image = ax.imshow(grid, cmap="viridis", aspect="auto")
     for (row, column), values in cells.items():
         count = f"\n(n={len(values)})" if len(values) > 1 else ""
-        ax.text(column, row, f"{grid[row][column]:.1f}%{count}", ha="center", va="center", color="white")
+        cell_colour = image.cmap(image.norm(grid[row][column]))
+        ax.text(column, row, f"{grid[row][column]:.1f}%{count}", ha="center", va="center",
+                color=label_colour(cell_colour))
     ax.set_xticks(range(len(rates)), [setting_text(rate) for rate in rates])
     ax.set_yticks(range(len(optimizers)), optimizers)
     ax.set(title="Test accuracy", xlabel="learning rate", ylabel="optimizer")
@@ -132,7 +155,7 @@ def plot_settings_vs_val_acc(results: Sequence[RunResult]) -> Figure | None:
 # Each builds its figure (None: nothing to plot); write_report saves it, so tests can read the figures' data.
 PLOTS: dict[str, Callable[[Sequence[RunResult]], Figure | None]] = {
     "val_acc.png": lambda results: plot_curves(results, [(VAL_ACC, "Validation accuracy")]),
-    "loss.png": lambda results: plot_curves(results, [(TRAIN_LOSS, "Training loss"), (VAL_LOSS, "Validation loss")]),
+    "loss.png": plot_losses,
     "test_acc_heatmap.png": plot_test_acc_heatmap,
     "settings_vs_val_acc.png": plot_settings_vs_val_acc,
 }
