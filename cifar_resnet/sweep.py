@@ -831,6 +831,9 @@ def sweep_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
     gpus = parse_gpus(args.gpus, args.workers, args.runs_per_gpu)
     plan = load_sweep(args.sweep_file, args.overrides)
     warn_unless_our_entry_point(plan)
+    if plan.grid_size is None and args.count is None:
+        log.warning("%s: method %s without --count proposes runs until it is stopped (Ctrl-C; the same command "
+                    "resumes it); --count N ends it after N runs", plan.path, plan.config["method"])
     project = args.project or plan.config.get("project") or os.environ.get("WANDB_PROJECT")
     mode = choose_mode()
     if not args.offline and mode == "online":

@@ -71,3 +71,25 @@ def test_a_mistake_every_run_would_repeat_is_fixed_as_its_line_says(tmp_path, ti
     assert main(command) == 0
     runs = sweep_state(tmp_path / folder_of(Path(command[1])))["runs"]
     assert [(run["state"], run["attempts"]) for run in runs] == [("finished", 2)]  # the failed run, retried
+
+
+# --- the small things -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("count", [None, 2])
+def test_random_without_count_says_at_the_start_that_it_runs_until_stopped(tmp_path, tiny_config, capsys, count):
+    # A command that cannot start: the sweep gives up after a few failed runs instead of running for ever.
+    parameters = tiny_settings(tiny_config) | {"seed": {"distribution": "int_uniform", "min": 0, "max": 1000}}
+    path = write_sweep(tmp_path / "endless.yaml", parameters, method="random",
+                       command=["no-such-python", "-m", "${program}", "${args}"])
+
+    main(["sweep", str(path), "--offline", *(["--count", str(count)] if count else [])])
+
+    lines = capsys.readouterr().err.splitlines()
+    said = [index for index, line in enumerate(lines) if "until it is stopped" in line]
+    if count:
+        assert said == []
+    else:
+        assert said == [0] and lines[0] == (f"WARNING: {path}: method random without --count proposes runs until it "
+                                            "is stopped (Ctrl-C; the same command resumes it); --count N ends it "
+                                            "after N runs")
