@@ -48,6 +48,23 @@ def setup_logging() -> None:
 
 
 @contextlib.contextmanager
+def logs_to_current_stderr() -> Iterator[None]:
+    """While inside, the package's log lines go to `sys.stderr` as it is now. A live display (rich's bars and tables)
+    puts a proxy there that prints each line above the display; a handler still writing to the terminal itself would
+    print onto the display's last line."""
+    handlers = [handler for handler in logging.getLogger(PACKAGE_LOGGER).handlers
+                if isinstance(handler, logging.StreamHandler)]
+    streams = [handler.stream for handler in handlers]
+    for handler in handlers:
+        handler.setStream(sys.stderr)
+    try:
+        yield
+    finally:
+        for handler, stream in zip(handlers, streams):
+            handler.setStream(stream)
+
+
+@contextlib.contextmanager
 def stop_on_signals(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[list[int]]:
     """While inside, `signals` are recorded instead of killing the process; the yielded list holds them, in order."""
     received: list[int] = []

@@ -12,6 +12,7 @@ processes, on one host or many sharing the folder, join one sweep and run each o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -39,6 +40,7 @@ from .process import (
     SUPERVISOR_STOP_SIGNALS,
     Launch,
     child_environment,
+    logs_to_current_stderr,
     reject_unknown_arguments,
     run_staggered,
     start_process,
@@ -392,11 +394,13 @@ class LiveView(LogView):
                        TimeElapsedColumn(), TextColumn("remaining"), TimeRemainingColumn())
         self.task = self.bar.add_task("", total=None)
         self.live = Live(console=Console(stderr=True), refresh_per_second=2)
-        self.live.__enter__()
+        self.entered = contextlib.ExitStack()
+        self.entered.enter_context(self.live)
+        self.entered.enter_context(logs_to_current_stderr())  # log lines above the table, not onto its last line
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.live.__exit__(*exc)
+        self.entered.__exit__(*exc)
 
     def started(self, run: LocalRun, gpu: str | None) -> None:
         return None
