@@ -14,17 +14,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import heapq
 import json
 import logging
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import IO, Any
@@ -309,6 +311,28 @@ class RunProgress:
         return self.seconds * (self.epochs - self.done_epochs) / self.done_epochs
 
 
+@dataclass
+class RunTiming:
+    """When a run's process started and when the sweep first saw it train (time.monotonic() seconds): what its
+    projected wall time is made of."""
+
+    started_at: float
+    first_steps: tuple[float, float] | None = None  # (when, epochs done then): the first progress seen
+
+    def saw(self, done_epochs: float, now: float) -> None:
+        if self.first_steps is None and done_epochs > 0:
+            self.first_steps = (now, done_epochs)
+
+    def projected_seconds(self, done_epochs: float, epochs: int, now: float) -> float | None:
+        """Process start to exit: its start as measured, then its epochs at the rate since its first steps (which
+        counts validation once an epoch has ended). None before there is a rate."""
+        if self.first_steps is None or now <= self.first_steps[0] or done_epochs <= self.first_steps[1]:
+            return None
+        (seen_at, done_then) = self.first_steps
+        rate = (done_epochs - done_then) / (now - seen_at)  # epochs per second
+        return seen_at - self.started_at + (epochs - done_then) / rate
+
+
 def progress_of(run: LocalRun, record: RunRecord | None, base: Config, run_dir: Path | None = None) -> RunProgress:
     """A run's progress from its record and, while it runs, its progress file (rewritten inside each epoch)."""
     epochs = int(run.params.get("epochs", base.epochs))
@@ -335,6 +359,44 @@ def progress_text(item: RunProgress) -> str:
     speed = f", {item.images_per_second:,.0f} img/s" if item.images_per_second else ""
     left = f", about {duration_text(item.seconds_left)} left" if item.seconds_left is not None else ""
     return f"{item.epoch}/{item.epochs} epochs{steps}{speed}, {duration_text(item.seconds)}{left}"
+
+
+def sweep_seconds_left(progress: Sequence[RunProgress], total_runs: int | None, workers: int,
+                       timings: Mapping[str, RunTiming], whole_runs: Sequence[float], now: float) -> float | None:
+    """The sweep's time left. Each run costs a whole run's wall time, not just its epochs: its start (Python, torch,
+    W&B, the data), its validation passes and its end (the test pass, W&B's finish) are paid by every run, and the
+    runs not yet started wait for a free worker. (The bar's own estimate, epochs left over the recent rate of
+    training steps, left all of that out: 1:58 left at 0:10 of a trial that took 3:45.)
+
+    - A whole run: the median of those that finished in this process (`whole_runs`, seconds from process start to
+      exit); before one has, the mean of the running runs' projections (`RunTiming.projected_seconds`).
+    - A running run of this process ends at its projection (a whole run, before its first steps; at least a whole
+      run once some have finished, since the projection cannot see the run's end); another process's run, a whole
+      run after its own clock started. Each run not yet started takes a whole run on the first worker to come free.
+    """
+    if not total_runs:
+        return None
+    running = [item for item in progress if item.run.state == "running"]
+    elapsed, projected = {}, {}
+    for item in running:
+        timing = timings.get(item.run.run_id)
+        elapsed[item.run.run_id] = now - timing.started_at if timing else item.seconds or 0.0
+        if timing and (seconds := timing.projected_seconds(item.done_epochs, item.epochs, now)) is not None:
+            projected[item.run.run_id] = seconds
+    whole = statistics.median(whole_runs) if whole_runs else (
+        statistics.mean(projected.values()) if projected else None)
+    if whole is None:
+        return None
+    # When each worker comes free, in seconds from now (runs beyond this process's workers are other processes').
+    # Once runs have finished, a running run takes at least a whole run: its projection leaves its end out.
+    ends = {run_id: max(projected.get(run_id, whole), whole if whole_runs else 0.0) for run_id in elapsed}
+    free_at = [max(0.0, ends[run_id] - seconds) for run_id, seconds in elapsed.items()]
+    free_at += [0.0] * max(0, workers - len(free_at))
+    heapq.heapify(free_at)
+    ended = sum(item.run.state in (*DONE, "failed") for item in progress)
+    for _ in range(max(0, total_runs - ended - len(running))):
+        heapq.heappush(free_at, heapq.heappop(free_at) + whole)
+    return max(free_at)
 
 
 class LogView:
@@ -366,7 +428,8 @@ class LogView:
             log.info("run %s %s after %d/%d epochs: best val acc %s", run.run_id, run.state, progress.epoch,
                      progress.epochs, best)
 
-    def refresh(self, progress: Sequence[RunProgress], total_runs: int | None) -> None:
+    def refresh(self, progress: Sequence[RunProgress], total_runs: int | None,
+                seconds_left: float | None = None) -> None:
         if time.monotonic() < self.next_progress_log:
             return
         self.next_progress_log = time.monotonic() + self.progress_every
@@ -386,13 +449,12 @@ class LiveView(LogView):
             MofNCompleteColumn,
             TextColumn,
             TimeElapsedColumn,
-            TimeRemainingColumn,
         )
         from rich.progress import Progress as Bar
 
         self.bar = Bar(TextColumn("epochs"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                       TimeElapsedColumn(), TextColumn("remaining"), TimeRemainingColumn())
-        self.task = self.bar.add_task("", total=None)
+                       TimeElapsedColumn(), TextColumn("remaining {task.fields[left]}"))
+        self.task = self.bar.add_task("", total=None, left="-:--")
         self.live = Live(console=Console(stderr=True), refresh_per_second=2)
         self.entered = contextlib.ExitStack()
         self.entered.enter_context(self.live)
@@ -408,7 +470,8 @@ class LiveView(LogView):
     def ended(self, progress: RunProgress, log_path: Path) -> None:
         return None
 
-    def refresh(self, progress: Sequence[RunProgress], total_runs: int | None) -> None:
+    def refresh(self, progress: Sequence[RunProgress], total_runs: int | None,
+                seconds_left: float | None = None) -> None:
         from rich.console import Group
         from rich.progress_bar import ProgressBar
         from rich.table import Table
@@ -429,10 +492,11 @@ class LiveView(LogView):
         done = sum(item.run.state in (*DONE, "failed") for item in progress)
         expected = max(total_runs or 0, len(progress))
         epochs_each = max((item.epochs for item in progress), default=0)
-        # Fractional epochs, moving every progress write: the bar's time remaining is an estimate from the start.
+        # Fractional epochs, moving every progress write; the time left is the sweep's estimate (sweep_seconds_left).
         self.bar.update(self.task, completed=sum(item.done_epochs for item in progress),
                         total=expected * epochs_each if total_runs else None,
-                        description=f"runs {done}/{total_runs if total_runs else '?'}")
+                        description=f"runs {done}/{total_runs if total_runs else '?'}",
+                        left="-:--" if seconds_left is None else duration_text(seconds_left))
         self.live.update(Group(table, self.bar))
 
 
@@ -454,6 +518,7 @@ class Worker:
     process: subprocess.Popen
     gpu: str | None
     log_file: IO[bytes]
+    timing: RunTiming = field(default_factory=lambda: RunTiming(time.monotonic()))
 
 
 @dataclass(frozen=True)
@@ -494,6 +559,7 @@ class LocalSweep:
         self.workers = len(gpus)
         self.active: dict[str, Worker] = {}
         self.stopping: set[str] = set()  # runs that early_terminate stopped
+        self.whole_runs: list[float] = []  # seconds from process start to exit of each run that finished here
         self.done_records: dict[str, RunRecord | None] = {}  # records of done runs do not change: read them once
         self.renewed_at = -math.inf  # time.monotonic() of the last lease renewal
         self.proposer_done = False  # the proposer had no more runs (a complete grid): it never has again
@@ -717,7 +783,10 @@ class LocalSweep:
         """The runs whose process has ended (their GPUs freed)."""
         outcomes = []
         for run_id in [run_id for run_id, worker in self.active.items() if worker.process.poll() is not None]:
-            outcomes.append(self.outcome(run_id, self.release(run_id).process.returncode))
+            worker = self.release(run_id)
+            outcomes.append(self.outcome(run_id, worker.process.returncode))
+            if outcomes[-1].state == "finished":
+                self.whole_runs.append(time.monotonic() - worker.timing.started_at)
         return outcomes
 
     def early_terminate(self) -> None:
@@ -743,8 +812,15 @@ class LocalSweep:
             while not received:
                 claimed = self.step()
                 self.early_terminate()
-                self.view.refresh([progress_of(run, self.record_of(run), self.base, self.out_dir / run.run_id)
-                                   for run in self.state.runs], self.total)
+                progress = [progress_of(run, self.record_of(run), self.base, self.out_dir / run.run_id)
+                            for run in self.state.runs]
+                now = time.monotonic()
+                timings = {run_id: worker.timing for run_id, worker in self.active.items()}
+                for item in progress:
+                    if item.run.run_id in timings:
+                        timings[item.run.run_id].saw(item.done_epochs, now)
+                self.view.refresh(progress, self.total, sweep_seconds_left(progress, self.total, self.workers,
+                                                                           timings, self.whole_runs, now))
                 if not claimed and not self.active:
                     if not self.others_running():
                         break
