@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .credentials import NO_CREDENTIALS, has_credentials
-from .errors import UserError
+from .errors import UserError, extra_needed
 from .process import reject_unknown_arguments
 from .records import TRAIN_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS, RunResult, results_from_folder
 from .table import data_line, markdown_table, setting_text, varied_settings
@@ -200,6 +200,10 @@ def is_wandb_sweep_path(source: str) -> bool:
 
 def report_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
     reject_unknown_arguments("report", rest)
+    with extra_needed("report", "report"):  # before any work: the plots need matplotlib, the view wandb-workspaces
+        import matplotlib  # noqa: F401
+        if args.wandb_view:
+            import wandb_workspaces  # noqa: F401
     folder = Path(args.source)
     online = is_wandb_sweep_path(args.source)
     if args.wandb_view and not online:

@@ -35,7 +35,7 @@ import yaml
 
 from .config import Config
 from .credentials import DEFAULT_PROJECT, choose_mode
-from .errors import ConfigError, UserError
+from .errors import ConfigError, UserError, extra_needed
 from .gpus import AUTO, parse_runs_per_gpu, resolve_runs_per_gpu
 from .process import (
     SIGNAL_EXIT_BASE,
@@ -103,7 +103,7 @@ PROPOSER_STATE = {"pending": "pending", "running": "running", "finished": "finis
 def sweep_proposer() -> ModuleType:
     """W&B's `sweeps` package, the proposer of its sweep controller (grid, random, bayes, hyperband): its
     pydantic-v1-style classes warn on import, which is not the user's concern."""
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), extra_needed("sweep", "sweep"):
         warnings.simplefilter("ignore")
         import sweeps
         import sweeps.params  # noqa: F401  (HyperParameter, used to check parameters)
@@ -904,6 +904,7 @@ def parse_gpus(gpus: str | None, workers: int | None, runs_per_gpu: str | None =
 
 def sweep_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
     reject_unknown_arguments("sweep", rest)
+    sweep_proposer()  # first: without the sweep extra (a worker's install), say so before anything else
     if args.count is not None and args.count < 1:
         raise UserError(f"--count: must be >= 1, got {args.count}")
     if not args.lease_seconds > 0:

@@ -13,12 +13,13 @@ import struct
 import subprocess
 import sys
 import termios
+import textwrap
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, tiny_args
 from test_faults import image_folder
 from test_sweep import sweep_state, tiny_settings, write_sweep
 
@@ -237,3 +238,60 @@ def test_the_live_view_shows_the_sweeps_time_left(capsys):
     with LiveView([]) as view:
         view.refresh([RunProgress(run, 1, 2, 0.42, 3.0)], total_runs=6, seconds_left=225.0)
     assert "remaining 3m 45s" in capsys.readouterr().err
+
+
+# --- a worker's install -----------------------------------------------------------------------------------------
+
+# `python -c` this, then a command line: the package's CLI in a process where what only the sweep and report extras
+# install cannot be imported, as in a worker's install (the Docker image's). The image's build test (slow, CI) runs
+# the same commands in the real worker install.
+WORKER_ONLY = textwrap.dedent("""
+    import importlib.machinery
+    import sys
+
+    EXTRAS_ONLY = {"sweeps", "scipy", "sklearn", "matplotlib", "wandb_workspaces"}
+
+    class HideTheExtras:  # an import of one of them fails as if it were not installed
+        def find_spec(self, name, path=None, target=None):
+            if name.partition(".")[0] in EXTRAS_ONLY:
+                return importlib.machinery.ModuleSpec(name, self)  # no origin: probes (torch's) pass it by
+
+        def create_module(self, spec):
+            raise ModuleNotFoundError(f"No module named {spec.name!r}", name=spec.name)
+
+        def exec_module(self, module):
+            pass
+
+    sys.meta_path.insert(0, HideTheExtras())
+    from cifar_resnet.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+STAND_IN_WANDB = "#!/bin/sh\nexit 0\n"  # `wandb agent` without a W&B server: joins nothing, ends well
+
+
+def worker_only(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", WORKER_ONLY, *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **env})
+
+
+def test_a_workers_install_trains_evaluates_and_runs_agents_and_sweep_and_report_name_their_extra(
+        tmp_path, tiny_config):
+    trained = worker_only("train", *tiny_args(tiny_config.replace(epochs=1)))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    (best,) = Path(tiny_config.output_dir).glob("*/best.pt")
+    evaluated = worker_only("evaluate", str(best))
+    assert evaluated.returncode == 0 and "test acc" in evaluated.stdout, evaluated.stderr[-3000:]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "wandb").write_text(STAND_IN_WANDB)
+    (bin_dir / "wandb").chmod(0o755)
+    agents = worker_only("agent", "team/cifar/sw33p", "--stagger", "0", WANDB_API_KEY="k" * 40,
+                         CUDA_VISIBLE_DEVICES="", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert agents.returncode == 0, agents.stderr[-3000:]
+
+    sweep_file = write_sweep(tmp_path / "grid.yaml", tiny_settings(tiny_config))
+    for command, extra in ((["sweep", str(sweep_file), "--offline"], "sweep"), (["report", str(tmp_path)], "report")):
+        refused = worker_only(*command)
+        assert refused.returncode == 2 and refused.stdout == "", refused.stderr[-3000:]
+        assert refused.stderr.count("\n") == 1 and refused.stderr.startswith(
+            f"ERROR: cifar-resnet {command[0]} needs the [{extra}] extra (") and f"cifar-resnet[{extra}]" in refused.stderr
