@@ -17,7 +17,7 @@ from .checkpoint import RESUME_CHECKPOINT
 from .config import Config, argument_parser
 from .engine import Interrupted
 from .errors import StorageError, TrainingDiverged, UserError
-from .process import SIGNAL_EXIT_BASE, logs_to_current_stderr, setup_logging, stop_on_signals
+from .process import SIGNAL_EXIT_BASE, logs_to_current_stderr, set_cpu_threads, setup_logging, stop_on_signals
 from .runner import RunHooks, run_folder, run_training
 
 log = logging.getLogger("cifar_resnet")
@@ -63,6 +63,7 @@ def main(argv: Sequence[str] | None = None, prog: str = MODULE_COMMAND) -> int:
     except UserError as error:
         log.error("%s", error)
         return EXIT_USAGE
+    set_cpu_threads()  # a run alone takes every core; one started by a tool has its share in OMP_NUM_THREADS
 
     from .tracking import Tracker  # wandb is imported only once a run really starts
 
