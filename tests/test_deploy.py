@@ -203,6 +203,9 @@ def test_the_kubernetes_manifest_is_valid_against_the_kubernetes_schemas():
         validator.validate(document, version, strict=True)
     # The validator does fail: a misspelt field and a wrong type are both refused.
     job = next(document for document in manifest() if document["kind"] == "Job")
+    template = next(d for d in yaml.safe_load_all(K8S_MANIFEST.read_text()) if d["kind"] == "Job")
+    with pytest.raises(validator.ValidationError):  # the template unrendered: `parallelism: ${GPUS}` is refused
+        validator.validate(template, version, strict=True)
     for mistake in ({"backofLimit": 3}, {"parallelism": "four"}):
         broken = copy.deepcopy(job)
         broken["spec"].update(mistake)
@@ -322,12 +325,11 @@ def test_the_skypilot_task_parses_with_skypilot_and_recovers_spot_jobs():
     assert mode in ("MOUNT", "MOUNT_CACHED")
     assert task["envs"]["TORCHINDUCTOR_CACHE_DIR"].startswith(mount_path)
     assert 'cifar-resnet agent "$SWEEP_ID"' in task["run"]
-    # A private image: the registry's credentials, as the task's comments give them at launch, the password a secret.
-    registry = {"SKYPILOT_DOCKER_SERVER": "registry.example.com", "SKYPILOT_DOCKER_USERNAME": "user"}
-    for name in (*registry, "SKYPILOT_DOCKER_PASSWORD"):
-        assert name in SKYPILOT_TASK.read_text(), name
-    private = parse_skypilot_task({"SWEEP_ID": "ent/proj/abc123", **registry},
-                                  {"WANDB_API_KEY": "k", "SKYPILOT_DOCKER_PASSWORD": "p"})
+    # A private image: the registry's credentials as the task's comments give them at launch, all three secrets.
+    registry = {"SKYPILOT_DOCKER_SERVER": "registry.example.com", "SKYPILOT_DOCKER_USERNAME": "user",
+                "SKYPILOT_DOCKER_PASSWORD": "token"}
+    for name in registry:
+        assert f"--secret {name}" in SKYPILOT_TASK.read_text(), name
+    private = parse_skypilot_task({"SWEEP_ID": "ent/proj/abc123"}, {"WANDB_API_KEY": "k", **registry})
     assert "error" not in private, private
-    assert private["secrets"] == ["SKYPILOT_DOCKER_PASSWORD", "WANDB_API_KEY"]
-    assert registry.items() <= private["envs"].items() and "SKYPILOT_DOCKER_PASSWORD" not in private["envs"]
+    assert private["secrets"] == sorted([*registry, "WANDB_API_KEY"]) and not registry.keys() & private["envs"].keys()
