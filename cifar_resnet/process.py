@@ -188,6 +188,8 @@ def run_staggered_statuses(
     """`run_staggered`'s work: every child's exit status, in order. `start(argv, env)` starts one."""
     children: list[subprocess.Popen] = []
     forwarded = 0
+    # Each child (an agent) runs one run at a time: their runs share the cores as a sweep's do, unless set already.
+    threads = {"OMP_NUM_THREADS": str(cpu_threads_per_run(len(launches)))}
     # The handlers only record signals; they are forwarded here, between steps, so that none is lost or sent twice
     # to a child started meanwhile.
     with stop_on_signals(SUPERVISOR_STOP_SIGNALS) as received:
@@ -214,8 +216,6 @@ def run_staggered_statuses(
             if received:  # asked to stop before every child started: start no more
                 break
             pinned = {} if launch.gpu is None else {"CUDA_VISIBLE_DEVICES": launch.gpu}
-            # Each child (an agent) runs one run at a time: the runs share the cores as a sweep's do.
-            threads = {"OMP_NUM_THREADS": str(cpu_threads_per_run(len(launches)))}
             children.append(start(launch.argv, {**threads, **os.environ, **pinned}))
             log.info("%s %d of %d started (pid %d) on %s", what, index + 1, len(launches), children[-1].pid,
                      f"GPU {launch.gpu}" if launch.gpu is not None else "no GPU")

@@ -877,8 +877,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fix a setting for the whole sweep, e.g. --set epochs=2 (repeatable)")
     parser.add_argument("--output-dir", type=Path, default=None,
                         help=f"the sweep's folder: its state, and one folder per run (default: "
-                        f"{DEFAULT_OUTPUT_ROOT}/<sweep name>-<digest of its settings>); offline only. Other sweep processes, on this host or "
-                        "others (shared filesystem), join the sweep by giving the same folder")
+                        f"{DEFAULT_OUTPUT_ROOT}/<sweep name>-<digest of its settings>); offline only. Other sweep "
+                        "processes, on this host or others (shared filesystem), join the sweep by giving the same "
+                        "folder")
     parser.add_argument("--lease-seconds", type=float, default=LEASE_SECONDS,
                         help=f"offline: a run of this process that goes this long without a heartbeat (its host "
                         f"died) may be taken over by another process (default {LEASE_SECONDS:.0f})")

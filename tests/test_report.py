@@ -159,7 +159,8 @@ def test_heat_map_labels_are_readable_on_every_cell(sweep_folder):
 def test_the_loss_plot_says_which_loss_is_label_smoothed(sweep_folder, recipe, train_title, val_title):
     results = results_from_folder(sweep_folder)
     for result in results:
-        result.config = {**result.config, "recipe": recipe, "label_smoothing": RECIPE_PRESETS[recipe]["label_smoothing"]}
+        smoothing = RECIPE_PRESETS[recipe]["label_smoothing"]
+        result.config = {**result.config, "recipe": recipe, "label_smoothing": smoothing}
 
     train_ax, val_ax = report.PLOTS["loss.png"](results).axes
 
