@@ -56,13 +56,15 @@ def logs_to_current_stderr() -> Iterator[None]:
     handlers = [handler for handler in logging.getLogger(PACKAGE_LOGGER).handlers
                 if isinstance(handler, logging.StreamHandler)]
     streams = [handler.stream for handler in handlers]
+    # Set, not setStream(): that flushes the stream it replaces, which may be closed (an in-process caller's
+    # captured stderr) and has nothing left to flush: every log line is flushed as it is written.
     for handler in handlers:
-        handler.setStream(sys.stderr)
+        handler.stream = sys.stderr
     try:
         yield
     finally:
         for handler, stream in zip(handlers, streams):
-            handler.setStream(stream)
+            handler.stream = stream
 
 
 @contextlib.contextmanager

@@ -265,9 +265,7 @@ WORKER_ONLY = textwrap.dedent("""
             pass
 
     sys.meta_path.insert(0, HideTheExtras())
-    from cifar_resnet import process
-from cifar_resnet.cli import main
-from cifar_resnet.process import Launch, cpu_threads_per_run, run_staggered_statuses, usable_cpu_cores
+    from cifar_resnet.cli import main
     sys.exit(main(sys.argv[1:]))
 """)
 STAND_IN_WANDB = "#!/bin/sh\nexit 0\n"  # `wandb agent` without a W&B server: joins nothing, ends well
