@@ -17,7 +17,7 @@ from .checkpoint import RESUME_CHECKPOINT
 from .config import Config, argument_parser
 from .engine import Interrupted
 from .errors import StorageError, TrainingDiverged, UserError
-from .process import SIGNAL_EXIT_BASE, setup_logging, stop_on_signals
+from .process import SIGNAL_EXIT_BASE, logs_to_current_stderr, set_cpu_threads, setup_logging, stop_on_signals
 from .runner import RunHooks, run_folder, run_training
 
 log = logging.getLogger("cifar_resnet")
@@ -40,10 +40,7 @@ def progress_hooks(hooks: RunHooks) -> Iterator[RunHooks]:
     )
 
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), transient=True) as bar:
-        # Log lines go through rich's redirected stderr, so that they print above the bar, not through it.
-        handlers = [h for h in log.handlers if isinstance(h, logging.StreamHandler)]
-        streams = [h.setStream(sys.stderr) for h in handlers]
+                  TimeRemainingColumn(), transient=True) as bar, logs_to_current_stderr():
         task = bar.add_task("", total=None)
 
         def on_epoch_start(epoch: int, batches: int) -> None:
@@ -51,11 +48,7 @@ def progress_hooks(hooks: RunHooks) -> Iterator[RunHooks]:
 
         hooks.on_epoch_start = on_epoch_start
         hooks.on_batch = lambda: bar.advance(task)
-        try:
-            yield hooks
-        finally:
-            for handler, stream in zip(handlers, streams):
-                handler.setStream(stream)
+        yield hooks
 
 
 def main(argv: Sequence[str] | None = None, prog: str = MODULE_COMMAND) -> int:
@@ -70,6 +63,7 @@ def main(argv: Sequence[str] | None = None, prog: str = MODULE_COMMAND) -> int:
     except UserError as error:
         log.error("%s", error)
         return EXIT_USAGE
+    set_cpu_threads()  # a run alone takes every core; one started by a tool has its share in OMP_NUM_THREADS
 
     from .tracking import Tracker  # wandb is imported only once a run really starts
 
