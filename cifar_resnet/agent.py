@@ -23,7 +23,7 @@ import sys
 import threading
 from collections.abc import Mapping, Sequence
 
-from .credentials import has_credentials
+from .credentials import NO_CREDENTIALS, has_credentials
 from .errors import UserError
 from .gpus import AUTO, parse_runs_per_gpu, resolve_runs_per_gpu
 from .process import Launch, first_failure, reject_unknown_arguments, run_staggered_statuses, start_process
@@ -128,8 +128,8 @@ def agent_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
     if args.stagger < 0:
         raise UserError(f"--stagger: must be >= 0 seconds, got {args.stagger:g}")
     if not has_credentials():
-        raise UserError("WANDB_API_KEY: not set (and no `wandb login` key); agents need W&B's server: "
-                        "pass -e WANDB_API_KEY to docker run, or export it")
+        raise UserError(f"{NO_CREDENTIALS}; agents need W&B's server: pass -e WANDB_API_KEY to docker run, or "
+                        "export it")
     if shutil.which("wandb") is None:
         raise UserError("wandb: the `wandb` command is not on PATH; run inside the environment the package is in")
     gpus = visible_gpus()

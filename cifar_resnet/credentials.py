@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 
 DEFAULT_PROJECT = "cifar-resnet"
 DEFAULT_BASE_URL = "https://api.wandb.ai"
+NO_CREDENTIALS = "WANDB_API_KEY: not set (and no `wandb login` key)"  # how a tool that needs W&B's server refuses
 
 
 def has_credentials() -> bool:

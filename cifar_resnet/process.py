@@ -37,6 +37,7 @@ FORWARDED_AS = {signal.SIGUSR1: signal.SIGTERM}
 POLL_SECONDS = 0.2  # how often a supervisor forwards signals and checks its children
 # The socket of the trainer (`cifar-resnet trainer`) that a run hands its training to, set by its supervisor.
 TRAINER_VARIABLE = "CIFAR_RESNET_TRAINER"
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" in microseconds, or "max <period>"
 
 
 def setup_logging() -> None:
@@ -47,6 +48,25 @@ def setup_logging() -> None:
     package_log.handlers[:] = [handler]
     package_log.setLevel(logging.INFO)
     package_log.propagate = False
+
+
+@contextlib.contextmanager
+def logs_to_current_stderr() -> Iterator[None]:
+    """While inside, the package's log lines go to `sys.stderr` as it is now. A live display (rich's bars and tables)
+    puts a proxy there that prints each line above the display; a handler still writing to the terminal itself would
+    print onto the display's last line."""
+    handlers = [handler for handler in logging.getLogger(PACKAGE_LOGGER).handlers
+                if isinstance(handler, logging.StreamHandler)]
+    streams = [handler.stream for handler in handlers]
+    # Set, not setStream(): that flushes the stream it replaces, which may be closed (an in-process caller's
+    # captured stderr) and has nothing left to flush: every log line is flushed as it is written.
+    for handler in handlers:
+        handler.stream = sys.stderr
+    try:
+        yield
+    finally:
+        for handler, stream in zip(handlers, streams):
+            handler.stream = stream
 
 
 @contextlib.contextmanager
@@ -70,10 +90,35 @@ def reject_unknown_arguments(command: str, rest: Sequence[str]) -> None:
 # --- child processes ---------------------------------------------------------------------------------------------
 
 
+def usable_cpu_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """The CPU cores this process may use: its affinity, capped by a cgroup CPU quota (a container's `--cpus`, a
+    Kubernetes CPU limit), which the affinity does not show (a pod limited to 7 cores still sees all of a node's)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):  # no cgroup v2 here, or no quota file: the affinity alone
+        pass
+    return cores
+
+
 def cpu_threads_per_run(concurrent_runs: int) -> int:
-    """The CPU cores shared out among runs at once, so that they do not oversubscribe them (on 2 cores, two runs
-    of 2 threads each took 3.8x as long as two runs of 1 thread)."""
-    return max(1, len(os.sched_getaffinity(0)) // concurrent_runs)
+    """The one place that decides a run's CPU threads: the usable cores shared out among the runs at once, so that
+    they do not oversubscribe them (on 2 cores, two runs of 2 threads each took 3.8x as long as two runs of 1
+    thread). A run alone gets every core; OMP_NUM_THREADS, where set, wins over this everywhere."""
+    return max(1, usable_cpu_cores() // concurrent_runs)
+
+
+def set_cpu_threads(concurrent_runs: int = 1) -> int:
+    """Give torch this process's share of the cores as one of `concurrent_runs` (`train`, `bench`); where
+    OMP_NUM_THREADS is set (by the tool that started it, or by the user), torch has read it already. Returns the
+    threads torch uses."""
+    import torch  # deferred: the tools that never train need not import it
+
+    if not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(cpu_threads_per_run(concurrent_runs))
+    return torch.get_num_threads()
 
 
 def child_environment(concurrent_runs: int, **variables: str) -> dict[str, str]:
@@ -147,6 +192,8 @@ def run_staggered_statuses(
     """`run_staggered`'s work: every child's exit status, in order. `start(argv, env)` starts one."""
     children: list[subprocess.Popen] = []
     forwarded = 0
+    # Each child (an agent) runs one run at a time: their runs share the cores as a sweep's do, unless set already.
+    threads = {"OMP_NUM_THREADS": str(cpu_threads_per_run(len(launches)))}
     # The handlers only record signals; they are forwarded here, between steps, so that none is lost or sent twice
     # to a child started meanwhile.
     with stop_on_signals(SUPERVISOR_STOP_SIGNALS) as received:
@@ -173,7 +220,7 @@ def run_staggered_statuses(
             if received:  # asked to stop before every child started: start no more
                 break
             pinned = {} if launch.gpu is None else {"CUDA_VISIBLE_DEVICES": launch.gpu}
-            children.append(start(launch.argv, {**os.environ, **pinned}))
+            children.append(start(launch.argv, {**threads, **os.environ, **pinned}))
             log.info("%s %d of %d started (pid %d) on %s", what, index + 1, len(launches), children[-1].pid,
                      f"GPU {launch.gpu}" if launch.gpu is not None else "no GPU")
         while any(child.poll() is None for child in children):

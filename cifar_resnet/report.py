@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import UserError
+from .credentials import NO_CREDENTIALS, has_credentials
+from .errors import UserError, extra_needed
 from .process import reject_unknown_arguments
 from .records import TRAIN_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS, RunResult, results_from_folder
 from .table import data_line, markdown_table, setting_text, varied_settings
@@ -32,6 +33,8 @@ FIGURE_DPI = 120
 PERCENT = 100  # accuracies are plotted in %, as people read them; the records and W&B keep fractions
 ACCURACY_METRICS = (TRAIN_ACC, VAL_ACC)
 CAPTION_FONT_SIZE = "small"
+# The relative luminance (WCAG 2) at which black and white text contrast equally with a cell: sqrt(1.05 x 0.05) - 0.05.
+EQUAL_CONTRAST_LUMINANCE = 0.179
 
 
 # --- the plots --------------------------------------------------------------------------------------------------
@@ -80,6 +83,25 @@ def plot_curves(results: Sequence[RunResult], metrics: Sequence[tuple[str, str]]
     return figure
 
 
+def plot_losses(results: Sequence[RunResult]) -> Figure:
+    """Training and validation loss per epoch. Training's is the loss the run minimised, label-smoothed where the
+    run smooths its labels; validation's never is (smoothing puts a floor under the loss): the titles say so."""
+    smoothing = sorted({float(result.config.get("label_smoothing") or 0) for result in results})
+    if smoothing == [0.0]:
+        return plot_curves(results, [(TRAIN_LOSS, "Training loss"), (VAL_LOSS, "Validation loss")])
+    how = (f"label smoothing {setting_text(smoothing[0])}" if len(smoothing) == 1
+           else "label-smoothed as each run sets it")
+    return plot_curves(results, [(TRAIN_LOSS, f"Training loss ({how})"), (VAL_LOSS, "Validation loss (no smoothing)")])
+
+
+def label_colour(rgba: Sequence[float]) -> str:
+    """Black or white, whichever contrasts more with a background of colour `rgba` (sRGB, 0 to 1): chosen by the
+    background's relative luminance, as WCAG 2 defines it."""
+    linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgba[:3]]
+    luminance = 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+    return "black" if luminance > EQUAL_CONTRAST_LUMINANCE else "white"
+
+
 def plot_test_acc_heatmap(results: Sequence[RunResult]) -> Figure | None:
     """Test accuracy over learning rate x optimizer (the mean where several runs share a cell)."""
     tested = [result for result in results if result.test_acc is not None]
@@ -98,7 +120,9 @@ def plot_test_acc_heatmap(results: Sequence[RunResult]) -> Figure | None:
     image = ax.imshow(grid, cmap="viridis", aspect="auto")
     for (row, column), values in cells.items():
         count = f"\n(n={len(values)})" if len(values) > 1 else ""
-        ax.text(column, row, f"{grid[row][column]:.1f}%{count}", ha="center", va="center", color="white")
+        cell_colour = image.cmap(image.norm(grid[row][column]))
+        ax.text(column, row, f"{grid[row][column]:.1f}%{count}", ha="center", va="center",
+                color=label_colour(cell_colour))
     ax.set_xticks(range(len(rates)), [setting_text(rate) for rate in rates])
     ax.set_yticks(range(len(optimizers)), optimizers)
     ax.set(title="Test accuracy", xlabel="learning rate", ylabel="optimizer")
@@ -131,7 +155,7 @@ def plot_settings_vs_val_acc(results: Sequence[RunResult]) -> Figure | None:
 # Each builds its figure (None: nothing to plot); write_report saves it, so tests can read the figures' data.
 PLOTS: dict[str, Callable[[Sequence[RunResult]], Figure | None]] = {
     "val_acc.png": lambda results: plot_curves(results, [(VAL_ACC, "Validation accuracy")]),
-    "loss.png": lambda results: plot_curves(results, [(TRAIN_LOSS, "Training loss"), (VAL_LOSS, "Validation loss")]),
+    "loss.png": plot_losses,
     "test_acc_heatmap.png": plot_test_acc_heatmap,
     "settings_vs_val_acc.png": plot_settings_vs_val_acc,
 }
@@ -166,12 +190,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also save a W&B workspace view of the sweep (a W&B sweep path only)")
 
 
+def is_wandb_sweep_path(source: str) -> bool:
+    """Whether `source` names a W&B sweep, ENTITY/PROJECT/SWEEP_ID, rather than a local folder: a path that exists
+    here, or whose first part is a folder here (`sweeps/trial/x`, a mistyped sweep folder), is local."""
+    if W_AND_B_SWEEP_PATH.match(source) is None:
+        return False
+    return not Path(source).exists() and not Path(source.split("/")[0]).is_dir()
+
+
 def report_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
     reject_unknown_arguments("report", rest)
+    with extra_needed("report", "report"):  # before any work: the plots need matplotlib, the view wandb-workspaces
+        import matplotlib  # noqa: F401
+        if args.wandb_view:
+            import wandb_workspaces  # noqa: F401
     folder = Path(args.source)
-    online = not folder.is_dir() and W_AND_B_SWEEP_PATH.match(args.source) is not None
+    online = is_wandb_sweep_path(args.source)
     if args.wandb_view and not online:
         raise UserError("--wandb-view: needs a W&B sweep path entity/project/sweep_id, not a local folder")
+    if not online and not folder.is_dir() and W_AND_B_SWEEP_PATH.match(args.source):
+        raise UserError(f"{folder}: no such folder (read as a local path, since {args.source.split('/')[0]}/ is a "
+                        "folder here; a W&B sweep is ENTITY/PROJECT/SWEEP_ID)")
+    if online and not has_credentials():
+        raise UserError(f"{NO_CREDENTIALS}; reading the W&B sweep {args.source} needs W&B's server: `wandb login` "
+                        "or export WANDB_API_KEY (a local sweep's report needs neither: give its folder)")
     if online:
         from .wandb_sweep import fetch_sweep_results
 

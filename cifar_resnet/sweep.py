@@ -12,17 +12,21 @@ processes, on one host or many sharing the folder, join one sweep and run each o
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import heapq
 import json
 import logging
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import IO, Any
@@ -31,13 +35,14 @@ import yaml
 
 from .config import Config
 from .credentials import DEFAULT_PROJECT, choose_mode
-from .errors import ConfigError, UserError
+from .errors import ConfigError, UserError, extra_needed
 from .gpus import AUTO, parse_runs_per_gpu, resolve_runs_per_gpu
 from .process import (
     SIGNAL_EXIT_BASE,
     SUPERVISOR_STOP_SIGNALS,
     Launch,
     child_environment,
+    logs_to_current_stderr,
     reject_unknown_arguments,
     run_staggered,
     start_process,
@@ -71,6 +76,7 @@ RUN_LOG = "run.log"  # a run's stdout and stderr, in its run folder
 PARAM_FILE = "sweep-params.yaml"  # what WANDB_SWEEP_PARAM_PATH names
 ARGS_JSON_FILE = "sweep-args.json"  # for a command that uses ${args_json_file}
 DEFAULT_OUTPUT_ROOT = Path("sweeps")
+FOLDER_DIGEST_CHARS = 8  # hex digits of the settings' digest in a sweep's default folder name
 TRAIN_MODULE = "cifar_resnet.train"  # the training entry point a sweep's command must start
 PACKAGE_MODULE, PACKAGE_COMMAND = "cifar_resnet", "cifar-resnet"  # `-m cifar_resnet train`, `cifar-resnet train`
 OUR_COMMAND = ("${env}", "${interpreter}", "-m", "${program}", "${args}")  # sweep.yaml's
@@ -97,7 +103,7 @@ PROPOSER_STATE = {"pending": "pending", "running": "running", "finished": "finis
 def sweep_proposer() -> ModuleType:
     """W&B's `sweeps` package, the proposer of its sweep controller (grid, random, bayes, hyperband): its
     pydantic-v1-style classes warn on import, which is not the user's concern."""
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), extra_needed("sweep", "sweep"):
         warnings.simplefilter("ignore")
         import sweeps
         import sweeps.params  # noqa: F401  (HyperParameter, used to check parameters)
@@ -144,6 +150,21 @@ def load_sweep(path: Path, overrides: Sequence[str]) -> SweepPlan:
     if "program" not in config and "${program}" in (config.get("command") or ["${program}"]):
         raise UserError(f"{path}: no program, and the command runs ${{program}}; add program: cifar_resnet.train")
     return SweepPlan(path, config, grid_size)
+
+
+def sweep_name(plan: SweepPlan) -> str:
+    """The sweep's `name`, or its file's stem."""
+    return str(plan.config.get("name") or plan.path.stem)
+
+
+def default_output_dir(plan: SweepPlan) -> Path:
+    """`sweeps/<name>-<digest>`: the sweep's name and a digest of everything that makes it this sweep (its settings,
+    `--set` values included; what `sweep.json` must match), so that the same command finds its own folder again and
+    a changed one, such as the trial with `--set dataset=imagefolder`, gets a folder of its own."""
+    name = re.sub(r"[^\w.-]+", "-", sweep_name(plan))
+    settings = json.dumps(plan.config, sort_keys=True)  # as sweep.json holds it: key order does not matter
+    digest = hashlib.sha256(settings.encode()).hexdigest()[:FOLDER_DIGEST_CHARS]
+    return DEFAULT_OUTPUT_ROOT / f"{name}-{digest}"
 
 
 def starts_our_training(argv: Sequence[str]) -> bool:
@@ -290,6 +311,28 @@ class RunProgress:
         return self.seconds * (self.epochs - self.done_epochs) / self.done_epochs
 
 
+@dataclass
+class RunTiming:
+    """When a run's process started and when the sweep first saw it train (time.monotonic() seconds): what its
+    projected wall time is made of."""
+
+    started_at: float
+    first_steps: tuple[float, float] | None = None  # (when, epochs done then): the first progress seen
+
+    def saw(self, done_epochs: float, now: float) -> None:
+        if self.first_steps is None and done_epochs > 0:
+            self.first_steps = (now, done_epochs)
+
+    def projected_seconds(self, done_epochs: float, epochs: int, now: float) -> float | None:
+        """Process start to exit: its start as measured, then its epochs at the rate since its first steps (which
+        counts validation once an epoch has ended). None before there is a rate."""
+        if self.first_steps is None or now <= self.first_steps[0] or done_epochs <= self.first_steps[1]:
+            return None
+        (seen_at, done_then) = self.first_steps
+        rate = (done_epochs - done_then) / (now - seen_at)  # epochs per second
+        return seen_at - self.started_at + (epochs - done_then) / rate
+
+
 def progress_of(run: LocalRun, record: RunRecord | None, base: Config, run_dir: Path | None = None) -> RunProgress:
     """A run's progress from its record and, while it runs, its progress file (rewritten inside each epoch)."""
     epochs = int(run.params.get("epochs", base.epochs))
@@ -316,6 +359,44 @@ def progress_text(item: RunProgress) -> str:
     speed = f", {item.images_per_second:,.0f} img/s" if item.images_per_second else ""
     left = f", about {duration_text(item.seconds_left)} left" if item.seconds_left is not None else ""
     return f"{item.epoch}/{item.epochs} epochs{steps}{speed}, {duration_text(item.seconds)}{left}"
+
+
+def sweep_seconds_left(progress: Sequence[RunProgress], total_runs: int | None, workers: int,
+                       timings: Mapping[str, RunTiming], whole_runs: Sequence[float], now: float) -> float | None:
+    """The sweep's time left. Each run costs a whole run's wall time, not just its epochs: its start (Python, torch,
+    W&B, the data), its validation passes and its end (the test pass, W&B's finish) are paid by every run, and the
+    runs not yet started wait for a free worker. (The bar's own estimate, epochs left over the recent rate of
+    training steps, left all of that out: 1:58 left at 0:10 of a trial that took 3:45.)
+
+    - A whole run: the median of those that finished in this process (`whole_runs`, seconds from process start to
+      exit); before one has, the mean of the running runs' projections (`RunTiming.projected_seconds`).
+    - A running run of this process ends at its projection (a whole run, before its first steps; at least a whole
+      run once some have finished, since the projection cannot see the run's end); another process's run, a whole
+      run after its own clock started. Each run not yet started takes a whole run on the first worker to come free.
+    """
+    if not total_runs:
+        return None
+    running = [item for item in progress if item.run.state == "running"]
+    elapsed, projected = {}, {}
+    for item in running:
+        timing = timings.get(item.run.run_id)
+        elapsed[item.run.run_id] = now - timing.started_at if timing else item.seconds or 0.0
+        if timing and (seconds := timing.projected_seconds(item.done_epochs, item.epochs, now)) is not None:
+            projected[item.run.run_id] = seconds
+    whole = statistics.median(whole_runs) if whole_runs else (
+        statistics.mean(projected.values()) if projected else None)
+    if whole is None:
+        return None
+    # When each worker comes free, in seconds from now (runs beyond this process's workers are other processes').
+    # Once runs have finished, a running run takes at least a whole run: its projection leaves its end out.
+    ends = {run_id: max(projected.get(run_id, whole), whole if whole_runs else 0.0) for run_id in elapsed}
+    free_at = [max(0.0, ends[run_id] - seconds) for run_id, seconds in elapsed.items()]
+    free_at += [0.0] * max(0, workers - len(free_at))
+    heapq.heapify(free_at)
+    ended = sum(item.run.state in (*DONE, "failed") for item in progress)
+    for _ in range(max(0, total_runs - ended - len(running))):
+        heapq.heappush(free_at, heapq.heappop(free_at) + whole)
+    return max(free_at)
 
 
 class LogView:
@@ -347,7 +428,8 @@ class LogView:
             log.info("run %s %s after %d/%d epochs: best val acc %s", run.run_id, run.state, progress.epoch,
                      progress.epochs, best)
 
-    def refresh(self, progress: Sequence[RunProgress], total_runs: int | None) -> None:
+    def refresh(self, progress: Sequence[RunProgress], total_runs: int | None,
+                seconds_left: float | None = None) -> None:
         if time.monotonic() < self.next_progress_log:
             return
         self.next_progress_log = time.monotonic() + self.progress_every
@@ -367,19 +449,20 @@ class LiveView(LogView):
             MofNCompleteColumn,
             TextColumn,
             TimeElapsedColumn,
-            TimeRemainingColumn,
         )
         from rich.progress import Progress as Bar
 
         self.bar = Bar(TextColumn("epochs"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                       TimeElapsedColumn(), TextColumn("remaining"), TimeRemainingColumn())
-        self.task = self.bar.add_task("", total=None)
+                       TimeElapsedColumn(), TextColumn("remaining {task.fields[left]}"))
+        self.task = self.bar.add_task("", total=None, left="-:--")
         self.live = Live(console=Console(stderr=True), refresh_per_second=2)
-        self.live.__enter__()
+        self.entered = contextlib.ExitStack()
+        self.entered.enter_context(self.live)
+        self.entered.enter_context(logs_to_current_stderr())  # log lines above the table, not onto its last line
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.live.__exit__(*exc)
+        self.entered.__exit__(*exc)
 
     def started(self, run: LocalRun, gpu: str | None) -> None:
         return None
@@ -387,7 +470,8 @@ class LiveView(LogView):
     def ended(self, progress: RunProgress, log_path: Path) -> None:
         return None
 
-    def refresh(self, progress: Sequence[RunProgress], total_runs: int | None) -> None:
+    def refresh(self, progress: Sequence[RunProgress], total_runs: int | None,
+                seconds_left: float | None = None) -> None:
         from rich.console import Group
         from rich.progress_bar import ProgressBar
         from rich.table import Table
@@ -408,10 +492,11 @@ class LiveView(LogView):
         done = sum(item.run.state in (*DONE, "failed") for item in progress)
         expected = max(total_runs or 0, len(progress))
         epochs_each = max((item.epochs for item in progress), default=0)
-        # Fractional epochs, moving every progress write: the bar's time remaining is an estimate from the start.
+        # Fractional epochs, moving every progress write; the time left is the sweep's estimate (sweep_seconds_left).
         self.bar.update(self.task, completed=sum(item.done_epochs for item in progress),
                         total=expected * epochs_each if total_runs else None,
-                        description=f"runs {done}/{total_runs if total_runs else '?'}")
+                        description=f"runs {done}/{total_runs if total_runs else '?'}",
+                        left="-:--" if seconds_left is None else duration_text(seconds_left))
         self.live.update(Group(table, self.bar))
 
 
@@ -433,6 +518,7 @@ class Worker:
     process: subprocess.Popen
     gpu: str | None
     log_file: IO[bytes]
+    timing: RunTiming = field(default_factory=lambda: RunTiming(time.monotonic()))
 
 
 @dataclass(frozen=True)
@@ -473,6 +559,7 @@ class LocalSweep:
         self.workers = len(gpus)
         self.active: dict[str, Worker] = {}
         self.stopping: set[str] = set()  # runs that early_terminate stopped
+        self.whole_runs: list[float] = []  # seconds from process start to exit of each run that finished here
         self.done_records: dict[str, RunRecord | None] = {}  # records of done runs do not change: read them once
         self.renewed_at = -math.inf  # time.monotonic() of the last lease renewal
         self.proposer_done = False  # the proposer had no more runs (a complete grid): it never has again
@@ -648,7 +735,7 @@ class LocalSweep:
         Not WANDB_SWEEP_ID: the local sweep id is unknown to the W&B server, and `wandb sync` refuses runs of an
         unknown sweep ("sweep ... not found", wandb/wandb#8115). The runs are grouped by sweep instead.
         """
-        name = self.plan.config.get("name") or self.plan.path.stem
+        name = sweep_name(self.plan)
         # `${interpreter}` is `python` from PATH, as under `wandb agent`: the child environment puts this one's
         # first, so that the runs get the interpreter cifar_resnet is installed in even when it is not activated.
         env = child_environment(
@@ -696,7 +783,10 @@ class LocalSweep:
         """The runs whose process has ended (their GPUs freed)."""
         outcomes = []
         for run_id in [run_id for run_id, worker in self.active.items() if worker.process.poll() is not None]:
-            outcomes.append(self.outcome(run_id, self.release(run_id).process.returncode))
+            worker = self.release(run_id)
+            outcomes.append(self.outcome(run_id, worker.process.returncode))
+            if outcomes[-1].state == "finished":
+                self.whole_runs.append(time.monotonic() - worker.timing.started_at)
         return outcomes
 
     def early_terminate(self) -> None:
@@ -722,8 +812,15 @@ class LocalSweep:
             while not received:
                 claimed = self.step()
                 self.early_terminate()
-                self.view.refresh([progress_of(run, self.record_of(run), self.base, self.out_dir / run.run_id)
-                                   for run in self.state.runs], self.total)
+                progress = [progress_of(run, self.record_of(run), self.base, self.out_dir / run.run_id)
+                            for run in self.state.runs]
+                now = time.monotonic()
+                timings = {run_id: worker.timing for run_id, worker in self.active.items()}
+                for item in progress:
+                    if item.run.run_id in timings:
+                        timings[item.run.run_id].saw(item.done_epochs, now)
+                self.view.refresh(progress, self.total, sweep_seconds_left(progress, self.total, self.workers,
+                                                                           timings, self.whole_runs, now))
                 if not claimed and not self.active:
                     if not self.others_running():
                         break
@@ -780,8 +877,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fix a setting for the whole sweep, e.g. --set epochs=2 (repeatable)")
     parser.add_argument("--output-dir", type=Path, default=None,
                         help=f"the sweep's folder: its state, and one folder per run (default: "
-                        f"{DEFAULT_OUTPUT_ROOT}/<sweep name>); offline only. Other sweep processes, on this host or "
-                        "others (shared filesystem), join the sweep by giving the same folder")
+                        f"{DEFAULT_OUTPUT_ROOT}/<sweep name>-<digest of its settings>); offline only. Other sweep "
+                        "processes, on this host or others (shared filesystem), join the sweep by giving the same "
+                        "folder")
     parser.add_argument("--lease-seconds", type=float, default=LEASE_SECONDS,
                         help=f"offline: a run of this process that goes this long without a heartbeat (its host "
                         f"died) may be taken over by another process (default {LEASE_SECONDS:.0f})")
@@ -807,6 +905,7 @@ def parse_gpus(gpus: str | None, workers: int | None, runs_per_gpu: str | None =
 
 def sweep_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
     reject_unknown_arguments("sweep", rest)
+    sweep_proposer()  # first: without the sweep extra (a worker's install), say so before anything else
     if args.count is not None and args.count < 1:
         raise UserError(f"--count: must be >= 1, got {args.count}")
     if not args.lease_seconds > 0:
@@ -814,17 +913,19 @@ def sweep_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
     gpus = parse_gpus(args.gpus, args.workers, args.runs_per_gpu)
     plan = load_sweep(args.sweep_file, args.overrides)
     warn_unless_our_entry_point(plan)
+    if plan.grid_size is None and args.count is None:
+        log.warning("%s: method %s without --count proposes runs until it is stopped (Ctrl-C; the same command "
+                    "resumes it); --count N ends it after N runs", plan.path, plan.config["method"])
     project = args.project or plan.config.get("project") or os.environ.get("WANDB_PROJECT")
     mode = choose_mode()
     if not args.offline and mode == "online":
         return run_online_sweep(plan, gpus, args.count, project or DEFAULT_PROJECT)
-    folder_name = re.sub(r"[^\w.-]+", "-", str(plan.config.get("name") or plan.path.stem))
-    out_dir = args.output_dir or DEFAULT_OUTPUT_ROOT / folder_name
+    out_dir = args.output_dir or default_output_dir(plan)
     shown = [name for name, spec in plan.config["parameters"].items() if "value" not in spec]
     view = LiveView(shown) if sys.stderr.isatty() else LogView(shown)
     local_sweep = LocalSweep(plan, out_dir, gpus, args.count, project, view, args.lease_seconds)  # may refuse
-    log.info("%s: running the sweep offline (W&B's sweep proposer on this machine); upload the runs later with "
-             "`wandb sync %s`", offline_reason(args.offline, mode), offline_runs_glob(out_dir))
+    log.info("%s: running the sweep offline in %s (W&B's sweep proposer on this machine); upload the runs later "
+             "with `wandb sync %s`", offline_reason(args.offline, mode), out_dir, offline_runs_glob(out_dir))
     result = local_sweep.run()
     print_results(result)
     return result.exit_code

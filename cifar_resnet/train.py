@@ -20,7 +20,14 @@ from .checkpoint import RESUME_CHECKPOINT
 from .config import Config, argument_parser
 from .engine import Interrupted
 from .errors import RunFailed, StorageError, TrainingDiverged, UserError
-from .process import SIGNAL_EXIT_BASE, TRAINER_VARIABLE, setup_logging, stop_on_signals
+from .process import (
+    SIGNAL_EXIT_BASE,
+    TRAINER_VARIABLE,
+    logs_to_current_stderr,
+    set_cpu_threads,
+    setup_logging,
+    stop_on_signals,
+)
 from .records import RunRecord
 from .runner import RunHooks, run_folder, run_training
 from .trainer import train_in_trainer
@@ -45,10 +52,7 @@ def progress_hooks(hooks: RunHooks) -> Iterator[RunHooks]:
     )
 
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), transient=True) as bar:
-        # Log lines go through rich's redirected stderr, so that they print above the bar, not through it.
-        handlers = [h for h in log.handlers if isinstance(h, logging.StreamHandler)]
-        streams = [h.setStream(sys.stderr) for h in handlers]
+                  TimeRemainingColumn(), transient=True) as bar, logs_to_current_stderr():
         task = bar.add_task("", total=None)
 
         def on_epoch_start(epoch: int, batches: int) -> None:
@@ -56,11 +60,7 @@ def progress_hooks(hooks: RunHooks) -> Iterator[RunHooks]:
 
         hooks.on_epoch_start = on_epoch_start
         hooks.on_batch = lambda: bar.advance(task)
-        try:
-            yield hooks
-        finally:
-            for handler, stream in zip(handlers, streams):
-                handler.setStream(stream)
+        yield hooks
 
 
 def train(config: Config, run_id: str, hooks: RunHooks, received: Sequence[int]) -> RunRecord:
@@ -87,6 +87,7 @@ def main(argv: Sequence[str] | None = None, prog: str = MODULE_COMMAND) -> int:
     except UserError as error:
         log.error("%s", error)
         return EXIT_USAGE
+    set_cpu_threads()  # a run alone takes every core; one started by a tool has its share in OMP_NUM_THREADS
 
     from .tracking import Tracker  # wandb is imported only once a run really starts
 

@@ -16,7 +16,8 @@
 #   5. inside the image, as the image's own user: `cifar-resnet --help`; the entry point without W&B credentials,
 #      which must refuse in one line; one tiny offline training run on a small image folder in the data volume,
 #      with the data, runs and W&B volumes bind-mounted from DIR/volumes, which must leave its decode cache in the
-#      data volume and best.pt and record.json in the runs volume;
+#      data volume and best.pt and record.json in the runs volume; `cifar-resnet evaluate` of that best.pt; and
+#      `cifar-resnet sweep` and `report`, which must say in one line which extra they need (a worker's install);
 #   6. exports the image's layers and fails if one holds a .netrc or another credentials file, or anything under
 #      /mnt or /root/.config/pip (the build's local pip settings), or if the image's config holds a secret-like
 #      variable or a 40-hex (W&B API key like) string;
@@ -112,11 +113,11 @@ step "base $BASE: $(buildah run "$PREFIX-download" -- python --version)"
 
 # --- 3. the wheels the build installs, downloaded inside the base (its Python, its platform) -------------------
 mkdir -p "$WORK/wheels"
-have_all_wheels() {  # a wheel of every locked name and version, and of setuptools (to build the package)
+have_all_wheels() {  # a wheel of every locked name and version, and of setuptools >= 77 (to build the package)
     local pin name listing
     listing=$(ls "$WORK/wheels")
-    grep -qi '^setuptools-' <<< "$listing" || return 1
-    while read -r pin; do
+    grep -qiE '^setuptools-(7[7-9]|[89][0-9]|[1-9][0-9]{2,})\.' <<< "$listing" || return 1
+    while read -r pin _; do  # `name==version ; marker \`: the first word
         name=${pin%%==*}
         grep -qiE "^${name//[-_.]/[-_.]}-${pin#*==}(-|\.whl)" <<< "$listing" || return 1
     done < <(grep -hE '^[A-Za-z0-9].*==' "$REPO/docker/requirements-torch.lock" "$REPO/docker/requirements.lock")
@@ -128,9 +129,10 @@ else
     buildah run -v "$WORK/wheels:/wheels" -v "$REPO/docker:/locks:ro" \
         -v /etc/ssl/certs/ca-certificates.crt:/tmp/host-ca.crt:ro \
         --env PIP_CERT=/tmp/host-ca.crt --env PIP_INDEX_URL="$INDEX_URL" --env PIP_DISABLE_PIP_VERSION_CHECK=1 \
-        "$PREFIX-download" -- pip download --quiet --only-binary=:all: --dest /wheels \
-        -r /locks/requirements-torch.lock -r /locks/requirements.lock "setuptools>=69" \
-        || fail "pip download of the locked wheels"
+        "$PREFIX-download" -- sh -c 'pip download --quiet --only-binary=:all: --dest /wheels --require-hashes \
+        -r /locks/requirements-torch.lock -r /locks/requirements.lock \
+        && pip download --quiet --only-binary=:all: --dest /wheels "setuptools>=77"' \
+        || fail "pip download of the locked wheels (their hashes checked)"
 fi
 buildah rm "$PREFIX-download" >/dev/null
 step "wheels: $(find "$WORK/wheels" -name '*.whl' | wc -l) files, $(du -sm "$WORK/wheels" | cut -f1) MB"
@@ -223,6 +225,20 @@ ls "$VOLUMES/data/.cifar_resnet_cache/"train-*.pt >/dev/null 2>&1 \
 ls -d "$VOLUMES/wandb/wandb/offline-run-"* >/dev/null 2>&1 || fail "no offline W&B run in the wandb volume"
 echo "runs volume: $(cd "$VOLUMES/runs" && find . -type f | sort | tr '\n' ' ')"
 echo "data volume: $(cd "$VOLUMES/data" && find .cifar_resnet_cache -type f | sort | tr '\n' ' ')"
+
+step "smoke: evaluate the run's best.pt; sweep and report, whose extras a worker's install lacks, say so in one line"
+best=$(cd "$VOLUMES/runs" && ls -- */best.pt | head -n 1)
+run cifar-resnet evaluate "/workspace/runs/$best" --data_dir=/workspace/data --device=cpu > "$WORK/evaluate.log" 2>&1 \
+    || { tail -n 20 "$WORK/evaluate.log" >&2; fail "evaluate (log: $WORK/evaluate.log)"; }
+tail -n 1 "$WORK/evaluate.log"
+for command in sweep report; do
+    out=$(run sh -c '"$@" 2>&1; echo "exit status $?"' sh cifar-resnet "$command" /workspace/runs) \
+        || fail "running cifar-resnet $command"
+    refusal=${out%$'\n'exit status *}
+    echo "$refusal"
+    [ "${out##*exit status }" = 2 ] && [ "$(wc -l <<< "$refusal")" = 1 ] && grep -qF "[$command] extra" <<< "$refusal" \
+        || fail "cifar-resnet $command in a worker's install: not one line naming the [$command] extra"
+done
 buildah rm "$PREFIX-smoke" >/dev/null
 
 # --- 6. no secret in any layer ---------------------------------------------------------------------------------

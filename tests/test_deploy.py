@@ -93,15 +93,18 @@ def stand_ins(tmp_path: Path) -> dict[str, str]:
     scontrol.write_text(STAND_IN_SCONTROL)
     for program in (command, scontrol):
         program.chmod(0o755)
-    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CIFAR_RESNET": str(command),
-            "STAND_IN_RECORD": str(tmp_path / "command.json"), "SCONTROL_CALLS": str(tmp_path / "scontrol.txt"),
-            "SLURM_JOB_ID": "42", "SLURM_ARRAY_JOB_ID": "40", "SLURM_ARRAY_TASK_ID": "2"}
+    environment = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CIFAR_RESNET": str(command),
+                   "STAND_IN_RECORD": str(tmp_path / "command.json"), "SCONTROL_CALLS": str(tmp_path / "scontrol.txt"),
+                   "SLURM_JOB_ID": "42", "SLURM_ARRAY_JOB_ID": "40", "SLURM_ARRAY_TASK_ID": "2"}
+    environment.pop("CUDA_VISIBLE_DEVICES", None)  # a task without a GPU unless a test gives it one
+    return environment
 
 
-def run_array_script(env: dict[str, str], sent: signal.Signals, tmp_path: Path) -> tuple[int, dict, str]:
+def run_array_script(env: dict[str, str], sent: signal.Signals, tmp_path: Path,
+                     args: tuple[str, ...] = ("sweep", "sweep.yaml", "--offline")) -> tuple[int, dict, str]:
     """Run the script as Slurm would, send `sent` to the shell alone (as `B:` does); its status, the command's
     record and the `scontrol` calls."""
-    script = subprocess.Popen(["bash", str(ARRAY_SCRIPT), "sweep", "sweep.yaml", "--offline"], env=env,
+    script = subprocess.Popen(["bash", str(ARRAY_SCRIPT), *args], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     record_path = tmp_path / "command.json"
     deadline = time.monotonic() + WAIT_SECONDS
@@ -129,6 +132,18 @@ def test_sigterm_scancel_or_preemption_stops_the_command_without_a_requeue_of_it
     assert "requeue" not in output.replace("requeueing", "")
 
 
+@pytest.mark.parametrize(("args", "expected"), [
+    (("sweep", "sweep.yaml", "--offline"), ["sweep", "sweep.yaml", "--offline", "--gpus", "3"]),
+    (("sweep", "sweep.yaml", "--offline", "--workers", "2"), ["sweep", "sweep.yaml", "--offline", "--workers", "2"]),
+    (("agent", "e/p/s"), ["agent", "e/p/s"]),  # the agent puts its runs per GPU on the visible GPU itself
+])
+def test_an_offline_task_runs_as_many_runs_on_its_gpu_as_an_agent(stand_ins, tmp_path, args, expected):
+    """The task's GPU (Slurm's CUDA_VISIBLE_DEVICES) goes to the sweep as --gpus, whose --runs-per-gpu auto puts as
+    many runs on it as `cifar-resnet agent --agents-per-gpu auto` does; one run per task before."""
+    _, record, output = run_array_script({**stand_ins, "CUDA_VISIBLE_DEVICES": "3"}, signal.SIGTERM, tmp_path, args)
+    assert record["argv"] == expected, output
+
+
 def test_the_array_script_refuses_a_command_other_than_agent_or_sweep(stand_ins):
     done = subprocess.run(["bash", str(ARRAY_SCRIPT), "train"], env=stand_ins, capture_output=True, text=True,
                           timeout=WAIT_SECONDS)
@@ -139,8 +154,38 @@ def test_the_array_script_refuses_a_command_other_than_agent_or_sweep(stand_ins)
 # --- Kubernetes --------------------------------------------------------------------------------------------------
 
 
-def manifest() -> list[dict]:
-    return list(yaml.safe_load_all(K8S_MANIFEST.read_text()))
+K8S_RENDER = DEPLOY / "k8s" / "render.sh"
+
+
+def render(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(K8S_RENDER), *args], capture_output=True, text=True)
+
+
+def manifest(runs_per_gpu: int = 6, gpus: int = 4) -> list[dict]:
+    """The Job's template rendered as a user renders it (render.sh), with `runs_per_gpu` runs on each of `gpus`."""
+    done = render("--sweep", "ent/proj/abc123", "--image", "registry.example.com/cifar-resnet-agent:0.1",
+                  "--gpus", str(gpus), "--runs-per-gpu", str(runs_per_gpu))
+    assert done.returncode == 0, done.stderr
+    return list(yaml.safe_load_all(done.stdout))
+
+
+def memory_mib(quantity: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)(Mi|Gi)", quantity).groups()
+    return int(number) * (1024 if unit == "Gi" else 1)
+
+
+def test_the_kubernetes_template_is_applied_only_rendered_with_every_value():
+    """The template's placeholders fail a schema (`parallelism: ${GPUS}` is no integer), and render.sh refuses a
+    missing value in one line, printing nothing to apply."""
+    assert "${GPUS}" in K8S_MANIFEST.read_text()
+    for args, message in (([], "--sweep: expected ENTITY/PROJECT/SWEEP_ID"),
+                          (["--sweep", "e/p/s", "--image", "r/i:1"], "--gpus: expected a number"),
+                          (["--sweep", "e/p/s", "--image", "r/i:1", "--gpus", "2", "--runs-per-gpu", "0"],
+                           "--runs-per-gpu: expected a number >= 1")):
+        done = render(*args)
+        assert done.returncode == 2 and done.stdout == "" and done.stderr.count("\n") == 1, done.stderr
+        assert message in done.stderr
+    assert "${" not in yaml.safe_dump_all(manifest())
 
 
 def image_user() -> int:
@@ -158,6 +203,9 @@ def test_the_kubernetes_manifest_is_valid_against_the_kubernetes_schemas():
         validator.validate(document, version, strict=True)
     # The validator does fail: a misspelt field and a wrong type are both refused.
     job = next(document for document in manifest() if document["kind"] == "Job")
+    template = next(d for d in yaml.safe_load_all(K8S_MANIFEST.read_text()) if d["kind"] == "Job")
+    with pytest.raises(validator.ValidationError):  # the template unrendered: `parallelism: ${GPUS}` is refused
+        validator.validate(template, version, strict=True)
     for mistake in ({"backofLimit": 3}, {"parallelism": "four"}):
         broken = copy.deepcopy(job)
         broken["spec"].update(mistake)
@@ -170,7 +218,8 @@ def test_the_kubernetes_job_runs_gpu_agents_as_the_images_user_and_survives_pree
     job, claim = documents["Job"], documents["PersistentVolumeClaim"]
     spec, pod = job["spec"], job["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert spec["parallelism"] == spec["completions"] >= 1 and spec["backoffLimit"] >= 1
+    # The work-queue pattern: agents end when the sweep does, so the Job has parallelism and no completions.
+    assert spec["parallelism"] == 4 and "completions" not in spec and spec["backoffLimit"] >= 1
     assert pod["restartPolicy"] == "Never"  # what podFailurePolicy needs
     rules = spec["podFailurePolicy"]["rules"]
     assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in rules
@@ -191,8 +240,19 @@ def test_the_kubernetes_job_runs_gpu_agents_as_the_images_user_and_survives_pree
     data_mount = next(mount for mount in container["volumeMounts"] if mount["mountPath"] == "/workspace/data")
     assert volumes[data_mount["name"]]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
     assert "ReadWriteMany" in claim["spec"]["accessModes"]
-    # The container's arguments are ones `cifar-resnet agent` takes (the image's entry point).
-    build_parser().parse_args(["agent", *container["args"]])
+    # The container's arguments are ones `cifar-resnet agent` takes (the image's entry point): 6 runs per GPU.
+    assert build_parser().parse_args(["agent", *container["args"]]).agents_per_gpu == "6"
+
+
+def test_the_kubernetes_pods_resources_scale_with_the_runs_per_gpu():
+    resources = {}
+    for runs in (1, 6):
+        (container,) = next(d for d in manifest(runs) if d["kind"] == "Job")["spec"]["template"]["spec"]["containers"]
+        requests, limits = container["resources"]["requests"], container["resources"]["limits"]
+        assert int(requests["cpu"]) == runs + 1  # a core per run, and one for the agents
+        assert memory_mib(requests["memory"]) == memory_mib(limits["memory"]) >= runs * 4096
+        resources[runs] = memory_mib(requests["memory"])
+    assert resources[6] - resources[1] == 5 * (4096 + 512)  # 4 GiB and 512 MiB of /dev/shm per run
 
 
 # --- SkyPilot ----------------------------------------------------------------------------------------------------
@@ -265,3 +325,11 @@ def test_the_skypilot_task_parses_with_skypilot_and_recovers_spot_jobs():
     assert mode in ("MOUNT", "MOUNT_CACHED")
     assert task["envs"]["TORCHINDUCTOR_CACHE_DIR"].startswith(mount_path)
     assert 'cifar-resnet agent "$SWEEP_ID"' in task["run"]
+    # A private image: the registry's credentials as the task's comments give them at launch, all three secrets.
+    registry = {"SKYPILOT_DOCKER_SERVER": "registry.example.com", "SKYPILOT_DOCKER_USERNAME": "user",
+                "SKYPILOT_DOCKER_PASSWORD": "token"}
+    for name in registry:
+        assert f"--secret {name}" in SKYPILOT_TASK.read_text(), name
+    private = parse_skypilot_task({"SWEEP_ID": "ent/proj/abc123"}, {"WANDB_API_KEY": "k", **registry})
+    assert "error" not in private, private
+    assert private["secrets"] == sorted([*registry, "WANDB_API_KEY"]) and not registry.keys() & private["envs"].keys()

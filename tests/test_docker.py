@@ -52,14 +52,42 @@ def package_requirements() -> list[Requirement]:
     return [Requirement(line) for line in pyproject()["dependencies"]]
 
 
+def lock_entries(name: str = "requirements.lock") -> list[tuple[Requirement, list[str]]]:
+    """Each requirement of a lock (continuation lines joined) with its `--hash` values."""
+    text = re.sub(r"\\\n", " ", (DOCKER / name).read_text())
+    entries = []
+    for line in text.splitlines():
+        if line.strip() and not line.startswith("#"):
+            requirement, *hashes = line.split("--hash=")
+            entries.append((Requirement(requirement.strip()), [value.strip() for value in hashes]))
+    return entries
+
+
 def locked(name: str = "requirements.lock") -> dict[str, Version]:
     pins = {}
-    for line in (DOCKER / name).read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            name_, _, version = line.partition("==")
-            assert version, f"{name}: {line!r} is not pinned with =="
-            pins[canonicalize_name(name_.strip())] = Version(version.strip())
+    for requirement, _ in lock_entries(name):
+        (specifier, *more) = requirement.specifier
+        assert specifier.operator == "==" and not more, f"{name}: {requirement} is not pinned with =="
+        pins[canonicalize_name(requirement.name)] = Version(specifier.version)
     return pins
+
+
+@pytest.mark.parametrize("name", ["requirements.lock", "requirements-torch.lock"])
+def test_every_locked_file_is_checked_against_its_hash(name):
+    """pip installs the locks with --require-hashes: a file that is not the one locked fails the build."""
+    entries = lock_entries(name)
+    assert entries and all(hashes and all(re.fullmatch(r"sha256:[0-9a-f]{64}", value) for value in hashes)
+                           for _, hashes in entries), name
+    assert all("--require-hashes -r /tmp/" in args for args in arguments("RUN") if "-r /tmp/requirements" in args)
+
+
+def test_the_images_torch_is_the_one_the_tests_run():
+    """The PyTorch base image's torch and the torch lock's (a base without torch) are the torch running this test."""
+    import torch
+
+    tested = Version(torch.__version__).base_version  # without the build's local label (+cu130, +cpu)
+    assert pytorch_base_torch() == tested
+    assert str(locked("requirements-torch.lock")["torch"]) == tested
 
 
 def default_base() -> str:
@@ -252,5 +280,6 @@ def test_build_local_builds_the_image_and_smoke_tests_it():
     lines = done.stdout.strip().splitlines()
     assert done.returncode == 0, "\n".join(lines[-30:]) + done.stderr[-3000:]
     assert re.fullmatch(r"build-local: OK \(image localhost/cifar-resnet-agent:local, \d+ MB, in \d+ s\)", lines[-1])
-    for expected in ("smoke: cifar-resnet --help", "WANDB_API_KEY", "runs volume:", "no .netrc"):
+    for expected in ("smoke: cifar-resnet --help", "WANDB_API_KEY", "runs volume:", "test acc", "[sweep] extra",
+                     "[report] extra", "no .netrc"):
         assert expected in done.stdout, expected

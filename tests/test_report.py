@@ -12,7 +12,7 @@ import pytest
 
 from cifar_resnet import report, wandb_sweep
 from cifar_resnet.cli import main
-from cifar_resnet.config import Config
+from cifar_resnet.config import RECIPE_PRESETS, Config
 from cifar_resnet.records import RunRecord, RunResult, results_from_folder
 from cifar_resnet.runner import run_training
 from cifar_resnet.table import markdown_table
@@ -127,6 +127,46 @@ def test_heat_map_cells_are_the_runs_test_accuracy(sweep_folder):
         f"{100 * record.summary['test/acc']:.1f}%" for record in records.values())
 
 
+def contrast_ratio(first, second) -> float:
+    """WCAG 2's contrast ratio of two colours, from 1 (none) to 21 (black on white)."""
+    from matplotlib.colors import to_rgb
+
+    def luminance(colour) -> float:
+        linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in to_rgb(colour)]
+        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+    lighter, darker = sorted((luminance(first), luminance(second)), reverse=True)
+    return (lighter + 0.05) / (darker + 0.05)
+
+
+def test_heat_map_labels_are_readable_on_every_cell(sweep_folder):
+    """Each cell's label is black or white, whichever reads better on it: white on viridis' yellow did not."""
+    ax = report.PLOTS["test_acc_heatmap.png"](results_from_folder(sweep_folder)).axes[0]
+    image = ax.images[0]
+    colours = {}
+    for text in ax.texts:
+        column, row = text.get_position()
+        cell = image.cmap(image.norm(image.get_array()[int(row), int(column)]))
+        colours[text.get_text()] = (text.get_color(), cell)
+        assert contrast_ratio(text.get_color(), cell) >= 4.5, text.get_text()  # WCAG AA for normal text
+    assert {colour for colour, _ in colours.values()} == {"black", "white"}  # the best cell is yellow, the worst dark
+
+
+@pytest.mark.parametrize(("recipe", "train_title", "val_title"), [
+    ("tuned", "Training loss (label smoothing 0.1)", "Validation loss (no smoothing)"),
+    ("writeup", "Training loss", "Validation loss"),
+])
+def test_the_loss_plot_says_which_loss_is_label_smoothed(sweep_folder, recipe, train_title, val_title):
+    results = results_from_folder(sweep_folder)
+    for result in results:
+        smoothing = RECIPE_PRESETS[recipe]["label_smoothing"]
+        result.config = {**result.config, "recipe": recipe, "label_smoothing": smoothing}
+
+    train_ax, val_ax = report.PLOTS["loss.png"](results).axes
+
+    assert (train_ax.get_title(), val_ax.get_title()) == (train_title, val_title)
+
+
 def test_settings_plot_places_each_run_at_its_setting_and_val_acc(sweep_folder):
     results = results_from_folder(sweep_folder)
 
@@ -176,6 +216,33 @@ def test_bad_sources_are_one_line(capsys, source, extra, message):
     assert err.count("\n") == 1 and message in err
 
 
+@pytest.mark.quick
+def test_a_wandb_sweep_without_credentials_is_one_line_and_never_reaches_wandb(capsys, monkeypatch):
+    import wandb
+
+    monkeypatch.setattr(wandb, "Api", lambda *args, **kwargs: pytest.fail("reached W&B's public API"))
+
+    assert main(["report", "team/cifar/sw33p"]) == 2
+
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ERROR: WANDB_API_KEY: not set") and "team/cifar/sw33p" in err
+
+
+@pytest.mark.quick
+def test_a_mistyped_local_path_of_three_parts_is_not_taken_for_a_wandb_sweep(tmp_path, capsys, monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)  # even with credentials, W&B is not asked
+    monkeypatch.setattr(wandb, "Api", lambda *args, **kwargs: pytest.fail("reached W&B's public API"))
+    (tmp_path / "sweeps" / "trial").mkdir(parents=True)
+
+    assert main(["report", "sweeps/trial/x"]) == 2
+
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ERROR: sweeps/trial/x: no such folder") and "sweeps/" in err
+    assert report.is_wandb_sweep_path("team/cifar/sw33p") and not report.is_wandb_sweep_path("./trial/x")
+
+
 def fake_wandb_run(result: RunResult) -> SimpleNamespace:
     """What `wandb.Api().sweep(path).runs` yields, for a run: id, state, config, summary, scan_history."""
     summary = {**result.summary, "_runtime": result.seconds}
@@ -197,6 +264,7 @@ def test_a_wandb_sweep_gives_the_same_table_and_a_view(sweep_folder, tmp_path, m
             return SimpleNamespace(runs=[fake_wandb_run(result) for result in local])
 
     monkeypatch.setattr(wandb, "Api", StandInApi)
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
     saved = []
     monkeypatch.setattr(wandb_sweep, "save_sweep_view", lambda view: saved.append(view) or "https://w.example/v")
 

@@ -26,6 +26,7 @@ from cifar_resnet.sweep import (
     LocalSweep,
     LogView,
     RunProgress,
+    default_output_dir,
     load_sweep,
     runs_to_stop,
 )
@@ -147,8 +148,8 @@ def test_an_interrupted_sweep_keeps_finished_runs_and_resumes_the_rest(tmp_path,
     # One run at a time: a 1-epoch run that finishes, then a 4-epoch run interrupted after its first epoch.
     parameters = tiny_settings(tiny_config) | {"epochs": {"values": [1, 4]}}
     path = write_sweep(tmp_path / "two.yaml", parameters)
-    out_dir = tmp_path / "out"
-    command = [sys.executable, "-m", "cifar_resnet", "sweep", str(path), "--offline", "--output-dir", str(out_dir)]
+    out_dir = tmp_path / default_output_dir(load_sweep(path, []))  # the sweep's own folder, in the current one
+    command = [sys.executable, "-m", "cifar_resnet", "sweep", str(path), "--offline"]
     sweep = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def long_run_has_an_epoch() -> bool:
@@ -174,7 +175,8 @@ def test_an_interrupted_sweep_keeps_finished_runs_and_resumes_the_rest(tmp_path,
     finished_record = RunRecord.load(out_dir / finished["run_id"])
     interrupted_record = RunRecord.load(out_dir / interrupted["run_id"])
 
-    assert main(["sweep", str(path), "--offline", "--output-dir", str(out_dir)]) == 0
+    resumed_sweep = subprocess.run(command, capture_output=True, text=True)  # "run the same command", as it says
+    assert resumed_sweep.returncode == 0, resumed_sweep.stderr[-3000:]
 
     runs = sweep_state(out_dir)["runs"]
     assert [run["run_id"] for run in runs] == [finished["run_id"], interrupted["run_id"]]
