@@ -27,6 +27,7 @@ class StorageError(Exception):
     setting's, so the exit status is 1. The message is one line naming the file and the operating system's reason;
     the file's previous version, if any, is intact (writes are atomic)."""
 
+
 class RunFailed(Exception):
     """A run failed in another process (its trainer), not by the user's input: the message is that process's one
     line (its log holds any traceback), and the exit status is 1."""
