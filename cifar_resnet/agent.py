@@ -15,6 +15,7 @@ has: 0 when all ended well (`--count` runs each, or the sweep has no more work),
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -26,7 +27,14 @@ from collections.abc import Mapping, Sequence
 from .credentials import NO_CREDENTIALS, has_credentials
 from .errors import UserError
 from .gpus import AUTO, parse_runs_per_gpu, resolve_runs_per_gpu
-from .process import Launch, first_failure, reject_unknown_arguments, run_staggered_statuses, start_process
+from .process import (
+    Launch,
+    Trainers,
+    first_failure,
+    reject_unknown_arguments,
+    run_staggered_statuses,
+    start_process,
+)
 from .wandb_sweep import DEFAULT_STAGGER_SECONDS, agent_argv
 
 SWEEP_ID_VARIABLE = "SWEEP_ID"  # the sweep id when none is given on the command line (the Docker image's way)
@@ -49,11 +57,14 @@ def visible_gpus() -> list[str]:
     return [str(index) for index in range(torch.cuda.device_count())]
 
 
-def plan_agents(argv: Sequence[str], gpus: Sequence[str], agents_per_gpu: int) -> list[Launch]:
-    """`agents_per_gpu` copies of `argv` pinned to each GPU; one unpinned when there is no GPU."""
+def plan_agents(argv: Sequence[str], gpus: Sequence[str], agents_per_gpu: int,
+                trainers: Trainers | None = None) -> list[Launch]:
+    """`agents_per_gpu` copies of `argv` pinned to each GPU (their runs handing their training to the GPU's trainer,
+    when there are `trainers`); one unpinned when there is no GPU."""
     if not gpus:
         return [Launch(list(argv), None)]
-    return [Launch(list(argv), gpu) for gpu in gpus for _ in range(agents_per_gpu)]
+    return [Launch(list(argv), gpu, trainers.environment(gpu) if trainers is not None else {})
+            for gpu in gpus for _ in range(agents_per_gpu)]
 
 
 class AgentOutputs:
@@ -114,6 +125,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--entity", default=None, help="W&B entity, when SWEEP_ID does not name it")
     parser.add_argument("--stagger", type=float, default=DEFAULT_STAGGER_SECONDS, metavar="SECONDS",
                         help=f"seconds between agent starts (default: {DEFAULT_STAGGER_SECONDS:g})")
+    parser.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
+                        help="the runs of each GPU hand their training to one trainer process per GPU, which trains "
+                        "them together, each on a CUDA stream of its own (separate processes time-slice a GPU); "
+                        "each run stays a W&B run of its own (default: on when a GPU has more than one agent)")
 
 
 def agent_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
@@ -133,10 +148,14 @@ def agent_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
     if shutil.which("wandb") is None:
         raise UserError("wandb: the `wandb` command is not on PATH; run inside the environment the package is in")
     gpus = visible_gpus()
-    launches = plan_agents(agent_argv(sweep_id, args.project, args.entity, args.count), gpus,
-                           resolve_runs_per_gpu(agents_per_gpu, gpus) if gpus else 1)
+    agents_per_gpu = resolve_runs_per_gpu(agents_per_gpu, gpus) if gpus else 1
+    pack = args.pack if args.pack is not None else bool(gpus) and agents_per_gpu > 1
     outputs = AgentOutputs()
-    statuses = run_staggered_statuses(launches, args.stagger, "agent", outputs.start)
+    # The trainers stop once every agent has ended (by then their runs have ended too).
+    with Trainers(gpus) if pack else contextlib.nullcontext() as trainers:
+        launches = plan_agents(agent_argv(sweep_id, args.project, args.entity, args.count), gpus, agents_per_gpu,
+                               trainers)
+        statuses = run_staggered_statuses(launches, args.stagger, "agent", outputs.start)
     outputs.wait()
     if outputs.missing_sweep:
         raise UserError(f"SWEEP_ID: W&B has no sweep {sweep_id} ({outputs.missing_sweep[0]}); check the id that "

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +42,7 @@ from .process import (
     SIGNAL_EXIT_BASE,
     SUPERVISOR_STOP_SIGNALS,
     Launch,
+    Trainers,
     child_environment,
     logs_to_current_stderr,
     reject_unknown_arguments,
@@ -73,6 +75,7 @@ from .wandb_sweep import DEFAULT_STAGGER_SECONDS
 log = logging.getLogger(__name__)
 
 RUN_LOG = "run.log"  # a run's stdout and stderr, in its run folder
+TRAINER_LOGS = "trainers"  # in the sweep's folder, a folder per host: each trainer's log (`--pack`)
 PARAM_FILE = "sweep-params.yaml"  # what WANDB_SWEEP_PARAM_PATH names
 ARGS_JSON_FILE = "sweep-args.json"  # for a command that uses ${args_json_file}
 DEFAULT_OUTPUT_ROOT = Path("sweeps")
@@ -542,7 +545,7 @@ class LocalSweep:
     """
 
     def __init__(self, plan: SweepPlan, out_dir: Path, gpus: Sequence[str | None], count: int | None,
-                 project: str | None, view: LogView, lease_seconds: float = LEASE_SECONDS) -> None:
+                 project: str | None, view: LogView, lease_seconds: float = LEASE_SECONDS, pack: bool = False) -> None:
         from .wandb_sweep import new_id
 
         self.plan, self.out_dir, self.count, self.project, self.view = plan, out_dir, count, project, view
@@ -557,6 +560,8 @@ class LocalSweep:
         self.total = min(filter(None, (plan.grid_size, count)), default=None)
         self.free_gpus = list(gpus)
         self.workers = len(gpus)
+        # With `pack`, the runs of each GPU train together in one trainer (their processes hand it their training).
+        self.trainers = Trainers(gpus, out_dir / TRAINER_LOGS / socket.gethostname()) if pack else None
         self.active: dict[str, Worker] = {}
         self.stopping: set[str] = set()  # runs that early_terminate stopped
         self.whole_runs: list[float] = []  # seconds from process start to exit of each run that finished here
@@ -751,6 +756,8 @@ class LocalSweep:
             env["WANDB_PROJECT"] = self.project
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
+        if self.trainers is not None:
+            env.update(self.trainers.environment(gpu))
         return env
 
     def release(self, run_id: str) -> Worker:
@@ -808,8 +815,12 @@ class LocalSweep:
 
     def run(self) -> LocalSweepResult:
         waiting = False  # idle while other processes' runs are in progress (said once)
-        with stop_on_signals(SUPERVISOR_STOP_SIGNALS) as received, self.view:
+        # Leaving, the view closes last, the trainers (whose runs have ended by then) first.
+        with stop_on_signals(SUPERVISOR_STOP_SIGNALS) as received, self.view, \
+                self.trainers or contextlib.nullcontext():
             while not received:
+                if self.trainers is not None:
+                    self.trainers.revive()
                 claimed = self.step()
                 self.early_terminate()
                 progress = [progress_of(run, self.record_of(run), self.base, self.out_dir / run.run_id)
@@ -880,6 +891,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"{DEFAULT_OUTPUT_ROOT}/<sweep name>-<digest of its settings>); offline only. Other sweep "
                         "processes, on this host or others (shared filesystem), join the sweep by giving the same "
                         "folder")
+    parser.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
+                        help="offline: the runs of each GPU train together in one trainer process, each on a CUDA "
+                        "stream of its own, where separate processes would time-slice the GPU (default: on when a "
+                        "GPU has more than one run; --pack on a CPU makes the workers' runs take turns in one "
+                        "process)")
     parser.add_argument("--lease-seconds", type=float, default=LEASE_SECONDS,
                         help=f"offline: a run of this process that goes this long without a heartbeat (its host "
                         f"died) may be taken over by another process (default {LEASE_SECONDS:.0f})")
@@ -903,6 +919,12 @@ def parse_gpus(gpus: str | None, workers: int | None, runs_per_gpu: str | None =
     return [index for index in indices for _ in range(per_gpu)]
 
 
+def shares_a_gpu(gpus: Sequence[str | None]) -> bool:
+    """Whether some GPU has more than one worker: then its runs are packed by default."""
+    pinned = [gpu for gpu in gpus if gpu is not None]
+    return len(pinned) > len(set(pinned))
+
+
 def sweep_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
     reject_unknown_arguments("sweep", rest)
     sweep_proposer()  # first: without the sweep extra (a worker's install), say so before anything else
@@ -923,7 +945,8 @@ def sweep_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
     out_dir = args.output_dir or default_output_dir(plan)
     shown = [name for name, spec in plan.config["parameters"].items() if "value" not in spec]
     view = LiveView(shown) if sys.stderr.isatty() else LogView(shown)
-    local_sweep = LocalSweep(plan, out_dir, gpus, args.count, project, view, args.lease_seconds)  # may refuse
+    pack = args.pack if args.pack is not None else shares_a_gpu(gpus)
+    local_sweep = LocalSweep(plan, out_dir, gpus, args.count, project, view, args.lease_seconds, pack)  # may refuse
     log.info("%s: running the sweep offline in %s (W&B's sweep proposer on this machine); upload the runs later "
              "with `wandb sync %s`", offline_reason(args.offline, mode), out_dir, offline_runs_glob(out_dir))
     result = local_sweep.run()

@@ -7,6 +7,7 @@ with history and model artifact, and its exit status.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from conftest import tiny_args
 from wandb_records import offline_run_file, read_records
 
 from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
+from cifar_resnet.config import Config
 from cifar_resnet.process import TRAINER_VARIABLE
 from cifar_resnet.records import EPOCH_SECONDS, TRAIN_IMAGES_PER_SECOND, RunRecord, read_record
 from cifar_resnet.runner import run_training
@@ -178,3 +180,58 @@ def test_runs_of_a_killed_trainer_are_preempted_and_resume_in_the_next_one(tmp_p
     alone = alone_runs(configs, tmp_path)
     for run_id, config in configs.items():
         assert_like_alone(Path(config.output_dir) / run_id, alone[run_id])
+
+
+def test_three_runs_of_one_sweep_through_wandbs_own_agent_share_one_trainer(tmp_path, tiny_config, socket_path):
+    """The online path: W&B's own agent code starts each run (tests/wandb_agent_driver.py, the W&B server a
+    stand-in), three agents on one "GPU" whose runs hand their training to its one trainer."""
+    from test_wandb_agent import start_agent
+
+    configs = cells(tiny_config)
+    trainer = start_trainer(socket_path, tmp_path / "trainer.log")
+    try:
+        agents = {}
+        for run_id, config in configs.items():
+            os.environ[TRAINER_VARIABLE] = str(socket_path)  # the agents' environment, as `cifar-resnet agent` sets it
+            try:
+                agents[run_id] = start_agent(tmp_path, run_id, config.to_dict(), forward_signals=False)
+            finally:
+                del os.environ[TRAINER_VARIABLE]
+        outputs = {run_id: agent.communicate(timeout=WAIT_SECONDS)[0] for run_id, (agent, _) in agents.items()}
+    finally:
+        trainer.send_signal(signal.SIGTERM)
+        trainer.wait(WAIT_SECONDS)
+    assert (tmp_path / "trainer.log").read_text().count("joins the pack") == 3
+    for run_id, config in configs.items():
+        agent, result_file = agents[run_id]
+        assert agent.returncode == 0, outputs[run_id][-3000:]
+        assert json.loads(result_file.read_text())["runs"] == {run_id: 0}
+        assert RunRecord.load(Path(config.output_dir) / run_id).status == "finished"
+        records = read_records(offline_run_file(tmp_path, run_id))
+        logged = [item.key or "/".join(item.nested_key) for r in records if r.HasField("history")
+                  for item in r.history.item]
+        assert logged.count("val/acc") == config.epochs
+        (model,) = [r.artifact for r in records if r.HasField("artifact") and r.artifact.type == "model"]
+        assert model.name == f"model-{run_id}"
+
+
+def test_an_offline_sweep_packs_its_workers_runs_into_one_trainer(tmp_path, tiny_config, monkeypatch):
+    """`cifar-resnet sweep --workers 3 --pack` on a CPU: one trainer, every cell trained in it, as alone."""
+    from test_sweep import table_rows, tiny_settings, write_sweep
+
+    from cifar_resnet.cli import main
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    grid = {"learning_rate": {"values": [0.002, 0.001, 0.0005]}, "optimizer": {"value": "adam"}}
+    path = write_sweep(tmp_path / "grid.yaml", grid | tiny_settings(tiny_config, epochs=2))
+    out_dir = tmp_path / "packed"
+    assert main(["sweep", str(path), "--workers", "3", "--pack", "--offline", "--output-dir", str(out_dir)]) == 0
+    runs = json.loads((out_dir / "sweep.json").read_text())["runs"]
+    assert [run["state"] for run in runs] == ["finished"] * 3
+    (trainer_log,) = (out_dir / "trainers").glob("*/trainer-default.log")
+    assert trainer_log.read_text().count("joins the pack") == 3
+    torch.set_num_threads(1)
+    for run in runs:
+        config = Config.from_mapping(run["params"], base=tiny_config).replace(output_dir=str(tmp_path / "alone"))
+        alone = run_training(config, run["run_id"])
+        assert_like_alone(out_dir / run["run_id"], alone)
