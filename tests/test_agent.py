@@ -29,7 +29,8 @@ STAND_IN = """#!{python}
 # With STAND_IN_MISSING set, it ends as `wandb agent` does for a sweep that does not exist.
 import json, os, signal, sys, time
 record = {{"argv": sys.argv[1:], "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"),
-          "api_key": os.environ.get("WANDB_API_KEY"), "signals": [], "exited": False}}
+          "api_key": os.environ.get("WANDB_API_KEY"), "trainer": os.environ.get("CIFAR_RESNET_TRAINER"),
+          "signals": [], "exited": False}}
 path = os.path.join(os.environ["STAND_IN_LOG"], f"{{os.getpid()}}.json")
 
 def save():
@@ -106,6 +107,21 @@ def test_one_pinned_agent_per_gpu_and_k_per_gpu(stand_in, monkeypatch):
     for r in started:
         assert r["argv"] == ["agent", "--forward-signals", "--project", "proj", "--entity", "ent", "ent/proj/abc123"]
         assert r["api_key"] == API_KEY and r["exited"]
+
+
+def test_the_agents_of_each_gpu_get_its_trainer_which_stops_with_the_pool(stand_in, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setenv("STAND_IN_WAIT", "1")
+    pool = agent_process("ent/proj/abc123", "--agents-per-gpu=2")  # --pack by default: two agents share a GPU
+    wait_for(lambda: len(records(stand_in)) == 4, "four agents")
+    sockets = {r["gpu"]: r["trainer"] for r in records(stand_in)}
+    assert sorted(sockets) == ["0", "1"] and len(set(sockets.values())) == 2
+    assert all(r["trainer"] == sockets[r["gpu"]] for r in records(stand_in))  # one trainer per GPU
+    wait_for(lambda: all(Path(path).is_socket() for path in sockets.values()), "both trainers to listen")
+    pool.send_signal(signal.SIGTERM)
+    _, stderr = pool.communicate(timeout=WAIT_SECONDS)
+    assert pool.returncode == 0, stderr
+    assert not any(Path(path).exists() for path in sockets.values())  # the trainers ended with the pool
 
 
 def test_without_cuda_visible_devices_it_counts_the_gpus_and_reads_sweep_id(stand_in, monkeypatch):
