@@ -218,7 +218,6 @@ def test_images_of_any_bit_depth_mode_or_palette_load_as_pil_converts_them(tmp_p
         "7-rgba.png": (pil_file(Image.fromarray(np.dstack([rgb, rgb[..., 0]]), "RGBA")), None),
         "8-one-bit.png": (pil_file(Image.fromarray(rgb[..., 0] > 127)), None),
         "9-cmyk.jpg": (pil_file(Image.fromarray(rgb).convert("CMYK"), "JPEG"), None),
-        "a-bitmap-named.png": (pil_file(Image.fromarray(rgb), "BMP"), None),  # torchvision cannot: PIL does
     }
     root = tmp_path / "imgs"
     for split in ("train", "test"):
@@ -237,3 +236,14 @@ def test_images_of_any_bit_depth_mode_or_palette_load_as_pil_converts_them(tmp_p
             expected = np.asarray(Image.open(root / "train" / "a" / filename).convert("RGB"))
         assert np.array_equal(train.images[index].permute(1, 2, 0).numpy(), expected), filename
     assert train.images[0, :, 0, 0].tolist() == [156, 3, 255]  # (40000, 1000, 65535) >> 8
+
+
+def test_an_image_torchvision_cannot_decode_is_read_with_pil(tmp_path):
+    """A BMP named .png, which torchvision's ImageFolder (PIL) loads: so does this one."""
+    rgb = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    root = tmp_path / "imgs"
+    for folder in ("train/a", "train/b", "test/a", "test/b"):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "x.png").write_bytes(pil_file(Image.fromarray(rgb), "BMP"))
+    train, test, _ = load_image_folder(root)
+    assert all(np.array_equal(image.permute(1, 2, 0).numpy(), rgb) for image in [*train.images, *test.images])

@@ -369,10 +369,10 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, content, extra_args,
     assert not (tmp_path / "sweeps").exists()  # nothing started, nothing written
 
 
-# Nine lines that expand to 9**9 (387 million) strings: PyYAML shares the aliased lists, and whatever walks the
-# document later (the schema check, JSON) expands them.
-ALIAS_BOMB = "method: grid\nparameters: {epochs: {value: 1}}\n" + "".join(
-    f"a{level}: &a{level} [{', '.join([f'*a{level - 1}' if level else 'lol'] * 9)}]\n" for level in range(9))
+# A few lines that expand to 9**9 (387 million) strings: PyYAML shares the aliased lists, and whatever walks the
+# document later expands them (here the agent's command macros: MemoryError, with a traceback, before issue 23).
+ALIAS_BOMB = "method: grid\nprogram: cifar_resnet.train\nparameters: {epochs: {value: 1}}\ncommand: [" + ", ".join(
+    f"&a{level} [{', '.join([f'*a{level - 1}' if level else 'lol'] * 9)}]" for level in range(9)) + "]\n"
 SWEEP_MEMORY_BYTES = 2**30  # the sweep command's data segment in this test: torch's import needs about half
 
 
