@@ -3,11 +3,13 @@ command line): one line, the right exit status, no traceback, and nothing lost."
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -309,17 +311,23 @@ def test_a_full_disk_while_caching_decoded_images_only_warns(tmp_path, monkeypat
     assert any("training on without a decode cache" in r.getMessage() for r in caplog.records)
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real, small file system (tmpfs) mounted for the test, unmounted after it."""
-    mount_point = tmp_path / "disk"
+@contextlib.contextmanager
+def tmpfs(mount_point: Path, options: str) -> Iterator[Path]:
+    """A real file system (tmpfs, mounted with `options`) at `mount_point` for the block, unmounted after it."""
     mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16M", "tmpfs", str(mount_point)],
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)],
                              capture_output=True, text=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
     yield mount_point
     subprocess.run(["umount", str(mount_point)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real, small file system for the test."""
+    with tmpfs(tmp_path / "disk", "size=16M") as mount_point:
+        yield mount_point
 
 
 def stop_after_first_epoch() -> RunHooks:
@@ -365,6 +373,13 @@ def test_a_full_disk_while_saving_a_checkpoint_ends_in_one_line_and_keeps_every_
 # --- 7. issue 23: a damaged or foreign file, or a folder that cannot be one, is one line too -------------------
 
 
+def write_one_run_sweep(path: Path) -> dict:
+    sweep = {"method": "grid", "program": "cifar_resnet.train", "parameters": {"seed": {"value": 1}},
+             "command": ["${env}", "${interpreter}", "-m", "${program}", "${args}"]}
+    path.write_text(yaml.safe_dump(sweep))
+    return sweep
+
+
 def only_error_line(err: str) -> str:
     """The one ERROR line of a command run in this process (its log lines go to the captured stderr)."""
     (line,) = error_lines(err)
@@ -389,13 +404,21 @@ def test_a_truncated_run_record_is_one_line_on_resume_in_a_sweep_and_in_the_repo
     assert only_error_line(capsys.readouterr().err) == expected
 
     # A finished sweep, run again: its run's record is read before anything starts.
-    sweep = {"method": "grid", "program": "cifar_resnet.train", "parameters": {"seed": {"value": 1}},
-             "command": ["${env}", "${interpreter}", "-m", "${program}", "${args}"]}
-    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    sweep = write_one_run_sweep(tmp_path / "sweep.yaml")
     with SweepFolder(Path(tiny_config.output_dir), sweep, lambda: "sweep001").transaction() as state:
         state.runs.append(LocalRun("stopped1", {"seed": 1}, state="finished", exit_code=0))
     assert main(["sweep", str(tmp_path / "sweep.yaml"), "--offline", "--output-dir", tiny_config.output_dir]) == 2
     assert only_error_line(capsys.readouterr().err) == expected
+
+
+def test_a_resumed_run_s_record_keeps_no_error_of_the_attempt_before(stopped_run, tiny_config):
+    """Issue 23: a run stopped once and resumed to its end kept `"error": "Interrupted"` in its record."""
+    assert RunRecord.load(stopped_run).error == "Interrupted"
+    config = tiny_config.replace(train_size=256, val_size=64, test_size=64)
+    assert run_training(config, "stopped1").record.status == "finished"
+    record = json.loads((stopped_run / RECORD_FILE).read_text())
+    assert record["status"] == "finished" and record["error"] is None
+    assert [entry["epoch"] for entry in record["history"]] == [1, 2]
 
 
 def test_a_foreign_file_as_last_pt_is_one_line(stopped_run, tiny_config, capsys, monkeypatch):
@@ -414,9 +437,7 @@ def test_an_output_folder_that_is_a_file_is_one_line(tmp_path, tiny_config, caps
     assert only_error_line(capsys.readouterr().err) == (
         f"ERROR: output_dir: {a_file} is a file, not a folder; give output_dir a folder")
 
-    sweep = {"method": "grid", "program": "cifar_resnet.train", "parameters": {"seed": {"value": 1}},
-             "command": ["${env}", "${interpreter}", "-m", "${program}", "${args}"]}
-    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    write_one_run_sweep(tmp_path / "sweep.yaml")
     assert main(["sweep", str(tmp_path / "sweep.yaml"), "--offline", "--output-dir", str(a_file / "sweep")]) == 2
     assert only_error_line(capsys.readouterr().err) == (
         f"ERROR: --output-dir: {a_file} is a file, not a folder; give --output-dir a folder")
@@ -425,15 +446,9 @@ def test_an_output_folder_that_is_a_file_is_one_line(tmp_path, tiny_config, caps
 
 @pytest.fixture
 def read_only_folder(tmp_path):
-    """A real read-only file system (a tmpfs mounted ro) for the test, unmounted after it."""
-    mount_point = tmp_path / "read-only"
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1M", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
-    yield mount_point
-    subprocess.run(["umount", str(mount_point)], check=True)
+    """A real read-only file system for the test."""
+    with tmpfs(tmp_path / "read-only", "ro,size=1M") as mount_point:
+        yield mount_point
 
 
 def test_a_read_only_output_folder_is_one_line_and_exit_1(read_only_folder, tiny_config, tmp_path, capsys,
@@ -446,9 +461,7 @@ def test_a_read_only_output_folder_is_one_line_and_exit_1(read_only_folder, tiny
         f"ERROR: could not write {read_only_folder / 'rofs0001' / '.lock'}: Read-only file system (make the folder "
         "writable, or give another one); its previous version, if any, is intact")
 
-    sweep = {"method": "grid", "program": "cifar_resnet.train", "parameters": {"seed": {"value": 1}},
-             "command": ["${env}", "${interpreter}", "-m", "${program}", "${args}"]}
-    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    write_one_run_sweep(tmp_path / "sweep.yaml")
     for out_dir, message in [
         (read_only_folder, f"could not write {read_only_folder / 'sweep.lock'}: Read-only file system (make the "
                            "folder writable, or give another one); its previous version, if any, is intact"),
