@@ -916,8 +916,9 @@ def print_results(result: LocalSweepResult) -> None:
         return
     rows = []
     for run in result.state.runs:
-        record = read_record(result.out_dir / run.run_id)
-        # A run that failed before writing its record still gets a row, with the settings it was given.
+        record = record_if_readable(result.out_dir / run.run_id)
+        # A run that failed before writing its record (or with one it cannot read) still gets a row, with the
+        # settings it was given.
         row = result_from_record(record) if record else RunResult(
             run.run_id, run.state, Config.from_mapping(run_params(run, result.out_dir)).to_dict(), [], {}, None)
         row.status = run.state  # the sweep's view: a run that early_terminate stopped is "stopped", not preempted
