@@ -15,6 +15,7 @@ import sweeps
 import torch
 import yaml
 from conftest import REPO, tiny_args
+from test_faults import tree
 from wandb.sdk.lib import config_util
 from wandb_records import offline_run_file, read_records
 
@@ -230,10 +231,6 @@ def test_an_unknown_optimizer_name_is_refused_not_replaced(tiny_config):
     object.__setattr__(config, "optimizer", "lamb")  # past the config's own check, as a caller's typo would be
     with pytest.raises(ConfigError, match="optimizer: 'lamb' is not one of adam, adamw, sgd"):
         build_optimizer(config, CIFAR10CNN(width=8), torch.device("cpu"))
-
-
-def tree(root: Path) -> dict[str, bytes]:
-    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
 
 
 def test_a_finished_run_is_never_trained_again_under_its_id(tiny_config):
