@@ -64,16 +64,52 @@ class SavedWeights:
 
 def read_weights(path: str | Path) -> SavedWeights:
     """The weights to evaluate in a `best.pt`, or the best weights so far in a `last.pt` (what its run would
-    report if it stopped now); any other file is a user error naming it."""
+    report if it stopped now); any other file, or one with the right keys holding the wrong types, is a user error
+    naming it."""
     saved = load_checkpoint(path)
-    if isinstance(saved, dict) and {"model", "config", "epoch", "classes"} <= saved.keys():
+    if _holds(saved, model=_is_weights, config=dict, epoch=int, classes=_is_names):
         return SavedWeights(saved["config"], saved["model"], saved["epoch"], list(saved["classes"]))
-    state = saved.get("state") if isinstance(saved, dict) else None
-    if isinstance(state, dict) and "config" in saved and {"best_model_state", "best_epoch"} <= state.keys():
-        return SavedWeights(saved["config"], state["best_model_state"], state["best_epoch"], None)
+    if _is_resume(saved):
+        return SavedWeights(saved["config"], saved["state"]["best_model_state"], saved["state"]["best_epoch"], None)
     raise UserError(
         f"checkpoint: {path} is not a best.pt or last.pt written by cifar-resnet train (it holds {_describe(saved)})"
     )
+
+
+def check_resume(path: Path, saved: Any) -> None:
+    """A user error naming `path` unless `saved` (what it holds) is a last.pt written by cifar-resnet train."""
+    if not _is_resume(saved):
+        raise UserError(f"checkpoint: {path} is not a last.pt written by cifar-resnet train (it holds "
+                        f"{_describe(saved)}); remove it to start the run over")
+
+
+RESUME_STATE_KEYS = ("model", "optimizer", "scheduler", "generator", "epoch", "best_epoch", "best_val_acc",
+                     "best_model_state", "history")  # engine.TrainState.state_dict's
+
+
+def _is_resume(saved: Any) -> bool:
+    """A last.pt: the config, and a training state whose best epoch is one of its history's."""
+    if not (_holds(saved, config=dict, state=dict) and set(RESUME_STATE_KEYS) <= saved["state"].keys()):
+        return False
+    state = saved["state"]
+    return (_holds(state, model=_is_weights, best_model_state=_is_weights, epoch=int, best_epoch=int,
+                   history=list) and 1 <= state["best_epoch"] <= min(state["epoch"], len(state["history"])))
+
+
+def _holds(saved: Any, **kinds: type | Any) -> bool:
+    """Whether `saved` is a dict whose entries `kinds` names are there, each of its type (or passing its check)."""
+    if not isinstance(saved, dict) or not kinds.keys() <= saved.keys():
+        return False
+    return all(isinstance(saved[key], kind) if isinstance(kind, type) else kind(saved[key])
+               for key, kind in kinds.items())
+
+
+def _is_weights(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(tensor, torch.Tensor) for tensor in value.values())
+
+
+def _is_names(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(name, str) for name in value)
 
 
 def _describe(saved: Any) -> str:

@@ -314,8 +314,30 @@ def decode_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _decode_with_pil(path: str, torchvision_error: str) -> torch.Tensor:
+    """(3, H, W) uint8: the file as PIL's convert("RGB") gives it; a DataError with torchvision's reason if PIL
+    cannot read it either."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            rgb = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+    except (OSError, ValueError, Image.DecompressionBombError):  # not an image, damaged, or absurdly large
+        raise DataError(f"data_dir: cannot read image {path}: {torchvision_error}") from None
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+
+
 def _decode_images(paths: list[str], threads: int | None = None) -> torch.Tensor:
-    """Decode `paths` (32x32 images) into one (N, 3, 32, 32) uint8 tensor, in chunks on `threads` threads."""
+    """Decode `paths` (32x32 images) into one (N, 3, 32, 32) uint8 tensor, in chunks on `threads` threads.
+
+    The pixels are those PIL's `convert("RGB")` gives (what torchvision's ImageFolder loads), whatever the file's
+    bit depth, mode or palette. torchvision's decoder (libpng, libjpeg-turbo) gives PIL's pixels for 8-bit files of
+    every mode: grey, grey and alpha, palette (with transparency or not), RGBA (alpha dropped), CMYK JPEG. A 16-bit
+    PNG it returns as uint16: scaled to 8 bits by its high byte, as PIL scales 16-bit colour PNGs (PIL clips 16-bit
+    grey at 255 instead, which turns any real 16-bit grey image white). A file it cannot decode (a BMP named .png)
+    goes to PIL.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     from torchvision.io import ImageReadMode, decode_image, read_file
@@ -326,9 +348,13 @@ def _decode_images(paths: list[str], threads: int | None = None) -> torch.Tensor
         for i in range(start, min(start + DECODE_CHUNK_IMAGES, len(paths))):
             path = paths[i]
             try:
-                image = decode_image(read_file(path), mode=ImageReadMode.RGB)  # (3, H, W) uint8
+                image = decode_image(read_file(path), mode=ImageReadMode.RGB)  # (3, H, W) uint8; uint16 if 16-bit
             except RuntimeError as error:
-                raise DataError(f"data_dir: cannot read image {path}: {str(error).splitlines()[0]}") from None
+                image = _decode_with_pil(path, str(error).splitlines()[0])
+            if image.dtype != torch.uint8:
+                from torchvision.transforms.v2.functional import to_dtype
+
+                image = to_dtype(image, torch.uint8, scale=True)  # 16 -> 8 bits: the high byte, not the value mod 256
             if image.shape[1:] != (IMAGE_SIZE_PX, IMAGE_SIZE_PX):
                 raise DataError(
                     f"data_dir: image {path} is {image.shape[2]}x{image.shape[1]}; "

@@ -20,12 +20,13 @@ from torch import nn
 from .checkpoint import (
     BEST_CHECKPOINT,
     RESUME_CHECKPOINT,
+    check_resume,
     load_checkpoint,
     read_weights,
     save_best,
     save_resume,
 )
-from .config import Config
+from .config import Config, changed_settings
 from .data import DataSplits, DeviceLoader, load_splits
 from .engine import (
     EpochResult,
@@ -41,9 +42,10 @@ from .engine import (
     memory_format_for,
     select_device,
 )
-from .errors import StorageError, UserError
-from .files import FolderBusy, folder_lock
+from .errors import ConfigError, StorageError, UserError
+from .files import FolderBusy, check_folder_path, folder_lock
 from .model import count_parameters
+from .names import check_run_id
 from .records import (
     BEST_EPOCH,
     BEST_VAL_ACC,
@@ -62,6 +64,7 @@ from .records import (
     VAL_IMAGES,
     LiveProgress,
     RunRecord,
+    read_record,
 )
 
 log = logging.getLogger(__name__)
@@ -120,7 +123,29 @@ class RunHooks(TrainHooks):
 
 
 def run_folder(config: Config, run_id: str) -> Path:
-    return Path(config.output_dir) / run_id
+    """`output_dir/<run id>`; a run id that would name another folder (`..`) or that W&B refuses is a UserError."""
+    return Path(config.output_dir) / check_run_id(run_id)
+
+
+class AlreadyFinished(UserError):
+    """The run finished earlier with these settings: nothing to train. `train` says so and exits 0; for any other
+    caller it is a refusal like any UserError."""
+
+
+def check_not_finished(config: Config, run_id: str) -> None:
+    """A finished run is never trained again under its id, which would overwrite its best.pt and record: raise
+    AlreadyFinished when its folder holds its finished record with these settings (a folder that moved counts as
+    the same run), or a UserError when with others."""
+    run_dir = run_folder(config, run_id)
+    record = read_record(run_dir)
+    if record is None or record.status != "finished":
+        return
+    changed = changed_settings(record.config, config)
+    if changed:
+        raise UserError(f"run {run_id}: finished already in {run_dir}, with other settings ({'; '.join(changed)}); "
+                        "give this run another id (WANDB_RUN_ID), or another output_dir")
+    raise AlreadyFinished(f"run {run_id}: finished already in {run_dir}; nothing to train (remove that folder to "
+                          "train it again)")
 
 
 def run_training(config: Config, run_id: str, hooks: RunHooks | None = None) -> RunOutcome:
@@ -129,17 +154,21 @@ def run_training(config: Config, run_id: str, hooks: RunHooks | None = None) -> 
     A `last.pt` already in the run folder (a preempted earlier attempt with the same run id), or else the one
     `hooks.fetch_resume` provides, is resumed: training continues after its last completed epoch. The run holds
     its folder's lock once its data and model are ready (a mistake in the data leaves no folder behind): a second
-    process with the same run id is refused in one line.
+    process with the same run id is refused in one line. A run that finished is not trained again (AlreadyFinished,
+    or a UserError with other settings).
     """
     hooks = hooks or RunHooks()
     started = time.perf_counter()
+    run_dir = run_folder(config, run_id)  # the run id and output_dir are checked before anything is loaded
+    check_folder_path(run_dir, "output_dir")
+    check_not_finished(config, run_id)
     log.info("config: %s", config.to_dict())
     device = select_device(config.device)
     data = load_splits(config)
     model = build_model(config, len(data.classes), device)
-    run_dir = run_folder(config, run_id)
     try:
         with folder_lock(run_dir):
+            check_not_finished(config, run_id)  # again, under the lock: it may have finished in another process
             return _run_locked(config, run_id, run_dir, hooks, started, device, data, model)
     except FolderBusy:
         raise UserError(f"run {run_id}: another process is training it in {run_dir}; wait for it to end, or "
@@ -163,8 +192,11 @@ def _run_locked(config: Config, run_id: str, run_dir: Path, hooks: RunHooks, sta
     resume = None
     if resume_path.exists():
         saved = load_checkpoint(resume_path, map_location=device)
-        if saved["config"] != config.to_dict():
-            raise UserError(f"checkpoint: {resume_path} was written with other settings; remove it to start over")
+        check_resume(resume_path, saved)
+        changed = changed_settings(saved["config"], config)
+        if changed:
+            raise UserError(f"checkpoint: {resume_path} was written with other settings ({'; '.join(changed)}); "
+                            "remove it to start over")
         resume = saved["state"]
         # best.pt is written just before last.pt (and is absent on another machine): rewrite it from the state
         # being resumed, so that it stays the best of the epochs this run keeps.
@@ -185,7 +217,8 @@ def _run_locked(config: Config, run_id: str, run_dir: Path, hooks: RunHooks, sta
 
     if resume is not None:
         record.history = list(resume["history"])  # the record may lag the checkpoint by the epoch of a kill
-    record.status = "running"
+    # The settings as they are now (the folder may have moved since), and no error of an earlier attempt.
+    record.config, record.status, record.error = config.to_dict(), "running", None
     save_record()
 
     def on_epoch(result: EpochResult, state: TrainState) -> None:
@@ -231,7 +264,11 @@ def evaluate_checkpoint(path: Path, overrides: dict[str, Any]) -> tuple[Config, 
     """Test a `best.pt`, or the best weights so far of a `last.pt`, on its run's test set; `overrides` (data_dir,
     dataset, device, tta, ...) change settings."""
     saved = read_weights(path)
-    config = Config.from_mapping(overrides, base=Config.from_mapping(saved.config))
+    try:
+        base = Config.from_mapping(saved.config)
+    except ConfigError as error:
+        raise UserError(f"checkpoint: {path} holds settings this version cannot use ({error})") from None
+    config = Config.from_mapping(overrides, base=base)
     device = select_device(config.device)
     data = load_splits(config)
     if saved.classes is None:  # a last.pt stores no class names: the data's are taken as the run's

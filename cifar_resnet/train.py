@@ -1,9 +1,11 @@
 """The training entry point that `wandb agent` starts: `python -m cifar_resnet.train --name=value ...`.
 
 argv -> Config -> W&B run (the sweep's values win) -> run_training -> summary and artifact -> exit status.
-Exit status: 0 finished; 2 a user mistake (one line names it); 1 diverged, a file not written (a full disk; one
-line) or crashed; 128 + signal number when stopped by SIGTERM or SIGUSR1, after marking the run preempting so
-that the sweep requeues it.
+Exit status: 0 finished (or finished earlier with the same settings: a finished run is never trained again);
+2 a user mistake (one line names it); 1 diverged, a file not written (a full disk; one line) or crashed;
+128 + signal number when stopped by SIGTERM or SIGUSR1, after marking the run preempting so that the sweep requeues
+it. Those signals are held until W&B has shut down, and ignored while the process exits: a run that has ended
+ends as it is recorded.
 """
 
 from __future__ import annotations
@@ -12,13 +14,23 @@ import contextlib
 import logging
 import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 from .checkpoint import RESUME_CHECKPOINT
 from .config import Config, argument_parser
 from .engine import Interrupted
 from .errors import StorageError, TrainingDiverged, UserError
-from .process import SIGNAL_EXIT_BASE, logs_to_current_stderr, set_cpu_threads, setup_logging, stop_on_signals
-from .runner import RunHooks, run_folder, run_training
+from .files import check_folder_path
+from .names import requested_run_id
+from .process import (
+    SIGNAL_EXIT_BASE,
+    exit_ignoring_stop_signals,
+    logs_to_current_stderr,
+    set_cpu_threads,
+    setup_logging,
+    stop_on_signals,
+)
+from .runner import AlreadyFinished, RunHooks, check_not_finished, run_folder, run_training
 
 log = logging.getLogger("cifar_resnet")
 
@@ -60,6 +72,13 @@ def main(argv: Sequence[str] | None = None, prog: str = MODULE_COMMAND) -> int:
         return EXIT_OK
     try:
         config = Config.from_argv(argv)
+        check_folder_path(Path(config.output_dir), "output_dir")
+        run_id = requested_run_id()  # checked before W&B sees it
+        if run_id is not None:  # a finished run is not trained again, nor its W&B run touched
+            check_not_finished(config, run_id)
+    except AlreadyFinished as done:
+        log.info("%s", done)
+        return EXIT_OK
     except UserError as error:
         log.error("%s", error)
         return EXIT_USAGE
@@ -67,8 +86,9 @@ def main(argv: Sequence[str] | None = None, prog: str = MODULE_COMMAND) -> int:
 
     from .tracking import Tracker  # wandb is imported only once a run really starts
 
-    with stop_on_signals() as received:  # from before wandb.init: a signal while it starts still stops cleanly
-        tracker = Tracker(config)
+    # Stop signals are held from before wandb.init (a signal while it starts still stops cleanly) until W&B has
+    # shut down (the tracker's exit): a signal while a finished run's W&B shuts down leaves it finished.
+    with stop_on_signals() as received, Tracker(config) as tracker:
         try:
             config = Config.from_mapping(tracker.settings())  # under a sweep, W&B's values are the truth
             tracker.record_config(config)
@@ -77,6 +97,9 @@ def main(argv: Sequence[str] | None = None, prog: str = MODULE_COMMAND) -> int:
             with progress_hooks(hooks):
                 outcome = run_training(config, tracker.run_id, hooks)
             tracker.finish_run(outcome)
+            return EXIT_OK
+        except AlreadyFinished as done:  # in another process, since the check above
+            log.info("%s", done)
             return EXIT_OK
         except UserError as error:
             log.error("%s", error)
@@ -98,4 +121,4 @@ def main(argv: Sequence[str] | None = None, prog: str = MODULE_COMMAND) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_ignoring_stop_signals(main())

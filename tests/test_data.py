@@ -1,7 +1,12 @@
+import io
+import struct
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torchvision.io import encode_png
 
 from cifar_resnet.config import Config
@@ -166,3 +171,79 @@ def test_test_subset_spans_the_classes_and_ignores_the_run_seed(tmp_path):
     subset = load_splits(config).test
     assert len(subset) == 8 and len(set(subset.labels.tolist())) > 1  # not the first 8 files of class a
     assert torch.equal(subset.labels, load_splits(config.replace(seed=5)).test.labels)
+
+
+PNG_GREY, PNG_RGB, PNG_RGBA = 0, 2, 6  # PNG colour types
+
+
+def png_16bit(pixels: np.ndarray, colour_type: int) -> bytes:
+    """A real 16-bit PNG (PIL cannot write 16-bit colour): signature, IHDR, one IDAT of unfiltered rows, IEND.
+    pixels: (H, W) or (H, W, C) uint16."""
+    height, width = pixels.shape[:2]
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = pixels.astype(">u2").reshape(height, -1)
+    raw = b"".join(b"\0" + row.tobytes() for row in rows)  # filter type 0 (none) before each row
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def pil_file(image: Image.Image, format: str = "PNG", **options) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format, **options)
+    return out.getvalue()
+
+
+def test_images_of_any_bit_depth_mode_or_palette_load_as_pil_converts_them(tmp_path):
+    """Real files of every kind an image folder may hold, each against PIL's `convert("RGB")` (what torchvision's
+    ImageFolder gives). 16-bit images are scaled to 8 bits by their high byte, as PIL reads 16-bit colour; issue 23:
+    their values wrapped modulo 256, (40000, 1000, 65535) becoming (64, 232, 255). PIL clips 16-bit grey to 255
+    instead of scaling it: there the high byte is expected too."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    rgb16 = rng.integers(0, 65536, (32, 32, 3), dtype=np.uint16)
+    rgb16[0, 0] = (40000, 1000, 65535)
+    grey16 = rng.integers(0, 65536, (32, 32), dtype=np.uint16)
+    palette_image = Image.fromarray(rgb).quantize(50)
+    files = {  # sorted by name: the order the folder lists them
+        "0-rgb16.png": (png_16bit(rgb16, PNG_RGB), (rgb16 >> 8).astype(np.uint8)),
+        "1-rgba16.png": (png_16bit(np.dstack([rgb16, grey16]), PNG_RGBA), (rgb16 >> 8).astype(np.uint8)),
+        "2-grey16.png": (png_16bit(grey16, PNG_GREY), np.repeat((grey16 >> 8).astype(np.uint8)[..., None], 3, 2)),
+        "3-grey.png": (pil_file(Image.fromarray(rgb[..., 0])), None),
+        "4-grey-alpha.png": (pil_file(Image.fromarray(rgb[..., :2].copy(), "LA")), None),
+        "5-palette.png": (pil_file(palette_image), None),
+        "6-palette-transparency.png": (pil_file(palette_image, transparency=3), None),
+        "7-rgba.png": (pil_file(Image.fromarray(np.dstack([rgb, rgb[..., 0]]), "RGBA")), None),
+        "8-one-bit.png": (pil_file(Image.fromarray(rgb[..., 0] > 127)), None),
+        "9-cmyk.jpg": (pil_file(Image.fromarray(rgb).convert("CMYK"), "JPEG"), None),
+    }
+    root = tmp_path / "imgs"
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            (root / split / name).mkdir(parents=True)
+    for filename, (data, _) in files.items():
+        (root / "train" / "a" / filename).write_bytes(data)
+    for folder in ("train/b", "test/a", "test/b"):
+        (root / folder / "x.png").write_bytes(pil_file(Image.fromarray(rgb)))
+
+    train, _, _ = load_image_folder(root)
+
+    for index, (filename, (_, high_bytes)) in enumerate(files.items()):
+        expected = high_bytes
+        if expected is None:
+            expected = np.asarray(Image.open(root / "train" / "a" / filename).convert("RGB"))
+        assert np.array_equal(train.images[index].permute(1, 2, 0).numpy(), expected), filename
+    assert train.images[0, :, 0, 0].tolist() == [156, 3, 255]  # (40000, 1000, 65535) >> 8
+
+
+def test_an_image_torchvision_cannot_decode_is_read_with_pil(tmp_path):
+    """A BMP named .png, which torchvision's ImageFolder (PIL) loads: so does this one."""
+    rgb = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    root = tmp_path / "imgs"
+    for folder in ("train/a", "train/b", "test/a", "test/b"):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "x.png").write_bytes(pil_file(Image.fromarray(rgb), "BMP"))
+    train, test, _ = load_image_folder(root)
+    assert all(np.array_equal(image.permute(1, 2, 0).numpy(), rgb) for image in [*train.images, *test.images])

@@ -38,6 +38,9 @@ from cifar_resnet.train import main as train_main
 TIMING_KEYS = ("epoch_seconds", "train/images_per_second")  # differ between any two runs
 POLL_SECONDS = 0.02
 WAIT_SECONDS = 120
+# After a run's record says finished, its process logs the summary and the artifact to W&B (a tenth of a second
+# here), shuts W&B down and exits (seconds): a signal this much later lands in that shutdown.
+SHUTDOWN_SIGNAL_DELAY_SECONDS = 0.5
 
 # Runs `python -m cifar_resnet.train ARGS` with W&B's artifact download replaced (see the module docstring).
 DOWNLOAD_DOUBLE = """
@@ -173,7 +176,7 @@ def test_run_preempted_twice_resumes_locally_then_from_its_artifact_and_ends_as_
 
     # Identical to the uninterrupted run: weights, per-epoch metrics, best epoch, test metrics.
     reference, resumed = RunRecord.load(runs / "straight1"), RunRecord.load(run_dir)
-    assert resumed.status == "finished"
+    assert resumed.status == "finished" and resumed.error is None  # no "Interrupted" left from attempt 2
     assert without_timing(resumed.history) == without_timing(reference.history)
     assert [epoch["epoch"] for epoch in resumed.history] == list(range(1, config.epochs + 1))
     for key in ("best_epoch", "test/loss", "test/acc", "test/acc_per_class"):
@@ -297,6 +300,25 @@ def test_lookahead_and_the_average_resume_from_last_pt_as_the_uninterrupted_run(
 
     resumed, reference = run_training(config, "ahead01"), run_training(config, "straight03")
     assert_same_end(resumed, reference)
+
+
+def test_a_stop_signal_while_a_finished_run_shuts_down_leaves_it_finished(tmp_path, tiny_config):
+    """SIGTERM once the run's record says finished, while W&B and the interpreter shut down (seconds, after
+    torch and W&B): the run exits 0 and its W&B run ends as finished, not preempting (issue 23: 128 + 15, which
+    the sweep took for a preempted run and trained again)."""
+    run_dir, log = Path(tiny_config.output_dir) / "late0001", tmp_path / "late.log"
+    process = start_training(tiny_config.replace(epochs=1), "late0001", log)
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not ((run_dir / RECORD_FILE).exists() and RunRecord.load(run_dir).status == "finished"):
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(POLL_SECONDS)
+    time.sleep(SHUTDOWN_SIGNAL_DELAY_SECONDS)
+    process.send_signal(signal.SIGTERM)
+
+    assert process.wait(WAIT_SECONDS) == 0, log.read_text()[-3000:]
+    (records,) = offline_runs(tmp_path, "late0001")
+    assert not was_marked_preempting(records) and exit_code(records) == 0
+    assert RunRecord.load(run_dir).status == "finished"
 
 
 def epoch_result(epoch: int) -> EpochResult:
