@@ -108,21 +108,30 @@ def build_optimizer(
 
 def keep_graph_settings(optimizer: torch.optim.Optimizer, built: list[dict[str, Any]]) -> None:
     """After `optimizer.load_state_dict`, put back what this process built and a checkpoint must not change: the
-    learning-rate tensors (refilled with the loaded values) and the capturable and fused flags. A checkpoint
-    replaces each param group's dict with the saved one, which may come from an eager run or another device."""
+    learning rates as this process holds them (its tensors refilled with the loaded values, or plain numbers), the
+    capturable and fused flags, and the step counters where this optimizer keeps them. A checkpoint replaces each
+    param group's dict with the saved one, which may come from an eager run, a captured one, or another device."""
     for group, own in zip(optimizer.param_groups, built, strict=True):
+        loaded = float(group["lr"])  # a number, or a tensor on whatever device the checkpoint came from
         if isinstance(own["lr"], torch.Tensor):
-            loaded = group["lr"]
-            own["lr"].fill_(float(loaded))
+            own["lr"].fill_(loaded)
             group["lr"] = own["lr"]
+        else:
+            group["lr"] = loaded
         for flag in ("capturable", "fused", "foreach"):
             if flag in own:
                 group[flag] = own[flag]
+    # Capturable and fused Adam keep their step counters on the parameters' device; the others on the CPU, where
+    # reading one (each step, for the bias correction) costs no host sync. torch moves the other state tensors.
     device_steps = any(own.get("capturable") or own.get("fused") for own in built)
-    for param, state in optimizer.state.items():  # capturable and fused Adam keep their step counters on the device
+    for param, state in optimizer.state.items():
         step = state.get("step")
-        if device_steps and isinstance(step, torch.Tensor) and step.device != param.device:
+        if not isinstance(step, torch.Tensor):
+            continue
+        if device_steps and step.device != param.device:
             state["step"] = step.to(param.device, torch.float32)
+        elif not device_steps and step.device.type != "cpu":
+            state["step"] = step.to("cpu")
 
 
 def lr_multiplier(config: Config, step: int, steps_per_epoch: int) -> float:
@@ -533,14 +542,18 @@ class TrainState:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Restore `state` (a `state_dict()`), wherever `torch.load` put its tensors: the weights, the optimizer's
+        and the average's state and the best weights land on the model's device, the generator's state on the
+        CPU (`set_state` takes a CPU byte tensor, even for a CUDA generator). Call `keep_graph_settings` after it."""
+        device = next(self.model.parameters()).device
+        self.model.load_state_dict(state["model"])  # copied into the model's own tensors, on its device
+        self.optimizer.load_state_dict(state["optimizer"])  # torch moves the state to each parameter's device
         self.scheduler.load_state_dict(state["scheduler"])
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].to("cpu"))
         self.epoch = state["epoch"]
         self.best_epoch = state["best_epoch"]
         self.best_val_acc = state["best_val_acc"]
-        self.best_model_state = state["best_model_state"]
+        self.best_model_state = {name: tensor.to(device) for name, tensor in state["best_model_state"].items()}
         self.history = list(state["history"])
         if self.average is not None and "average" in state:
             self.average.load_state_dict(state["average"])

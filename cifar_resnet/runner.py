@@ -162,7 +162,8 @@ def _run_locked(config: Config, run_id: str, run_dir: Path, hooks: RunHooks, sta
         log.info("fetched the resume checkpoint of run %s into %s", run_id, resume_path)
     resume = None
     if resume_path.exists():
-        saved = load_checkpoint(resume_path, map_location=device)
+        # On the CPU: `fit` puts each part where it belongs (TrainState.load_state_dict), and best.pt wants it there.
+        saved = load_checkpoint(resume_path)
         if saved["config"] != config.to_dict():
             raise UserError(f"checkpoint: {resume_path} was written with other settings; remove it to start over")
         resume = saved["state"]
