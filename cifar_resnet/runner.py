@@ -189,14 +189,23 @@ def _run_locked(config: Config, run_id: str, run_dir: Path, hooks: RunHooks, sta
     record.status = "running"
     save_record()
 
+    writer = CheckpointWriter()
+
     def on_epoch(result: EpochResult, state: TrainState) -> None:
-        # Files first, then subscribers: a run stopped here resumes with every epoch it has reported.
+        # The epoch's files are copied here, at its sync point, and written on the writer's thread while the next
+        # epoch trains: best.pt, last.pt, then the record, so that the record never holds an epoch last.pt lacks.
+        # The run waits for them before it ends, however it ends: a run stopped by a signal resumes with every epoch
+        # it has reported. (A kill in mid-write leaves the previous files; W&B may then hold an epoch the resumed run
+        # trains again, and tracking logs it once.)
         record.history = list(state.history)  # first: a checkpoint that cannot be written must not lose the epoch
+        record.seconds = elapsed()
+        snapshot = host_copy(state.state_dict())
+        saves = [functools.partial(save_resume, resume_path, snapshot, config),
+                 functools.partial(dataclasses.replace(record, history=list(record.history)).save, run_dir)]
         if result.is_best:
-            save_best(run_dir / BEST_CHECKPOINT, state.best_model_state, config, result.epoch, result.metrics(),
-                      data.classes)
-        save_resume(resume_path, state.state_dict(), config)
-        save_record()
+            saves.insert(0, functools.partial(save_best, run_dir / BEST_CHECKPOINT, snapshot["best_model_state"],
+                                              config, result.epoch, result.metrics(), data.classes))
+        writer.submit(*saves)  # first waits for the previous epoch's files, raising their error
         if hooks.on_epoch is not None:
             hooks.on_epoch(result, state)
 
@@ -204,7 +213,8 @@ def _run_locked(config: Config, run_id: str, run_dir: Path, hooks: RunHooks, sta
     engine_hooks = dataclasses.replace(hooks, on_epoch=on_epoch, on_epoch_start=progress.on_epoch_start,
                                        on_batch=progress.on_batch)
     try:
-        result = fit(config, model, data, device, engine_hooks, resume=resume)
+        with writer:  # waits for the last checkpoints; their write error (a full disk) fails the run
+            result = fit(config, model, data, device, engine_hooks, resume=resume)
     except BaseException as error:
         record.status = "preempted" if isinstance(error, Interrupted) else "failed"
         record.error = str(error) or type(error).__name__
