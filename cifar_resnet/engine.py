@@ -11,6 +11,7 @@ import contextlib
 import copy
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -56,6 +57,36 @@ def select_device(name: str) -> torch.device:
             f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}, cuda or auto"
         )
     return device
+
+
+def start_device(device: torch.device) -> Callable[[], None]:
+    """Start CUDA on `device` on a thread: its context, and cuDNN's and cuBLAS's libraries and handles (a small
+    convolution and matmul), so that the second or more this takes overlaps what the caller does meanwhile (loading
+    the data). Returns the function that waits for it and raises what it raised. On a CPU there is nothing to start:
+    no thread, and the function returns at once."""
+    if device.type != "cuda":
+        return lambda: None
+    failed: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            with torch.cuda.device(device):
+                images = torch.zeros(1, 3, 8, 8, device=device)
+                nn.functional.conv2d(images, torch.zeros(1, 3, 3, 3, device=device))  # loads cuDNN
+                torch.mm(images.view(3, 64).T, images.view(3, 64))  # loads cuBLAS
+                torch.cuda.synchronize(device)
+        except BaseException as error:  # raised by the waiting thread, where it would have happened anyway
+            failed.append(error)
+
+    thread = threading.Thread(target=start, name="cuda-start")  # not a daemon: the process waits for it
+    thread.start()
+
+    def wait() -> None:
+        thread.join()
+        if failed:
+            raise failed[0]
+
+    return wait
 
 
 def build_model(config: Config, num_classes: int, device: torch.device) -> nn.Module:

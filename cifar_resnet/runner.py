@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -20,6 +21,8 @@ from torch import nn
 from .checkpoint import (
     BEST_CHECKPOINT,
     RESUME_CHECKPOINT,
+    CheckpointWriter,
+    host_copy,
     load_checkpoint,
     read_weights,
     save_best,
@@ -40,6 +43,7 @@ from .engine import (
     fit,
     memory_format_for,
     select_device,
+    start_device,
 )
 from .errors import StorageError, UserError
 from .files import FolderBusy, folder_lock
@@ -135,7 +139,9 @@ def run_training(config: Config, run_id: str, hooks: RunHooks | None = None) -> 
     started = time.perf_counter()
     log.info("config: %s", config.to_dict())
     device = select_device(config.device)
+    device_ready = start_device(device)  # CUDA starts on a thread while the data loads
     data = load_splits(config)
+    device_ready()
     model = build_model(config, len(data.classes), device)
     run_dir = run_folder(config, run_id)
     try:
@@ -244,7 +250,9 @@ def evaluate_checkpoint(path: Path, overrides: dict[str, Any]) -> tuple[Config, 
     saved = read_weights(path)
     config = Config.from_mapping(overrides, base=Config.from_mapping(saved.config))
     device = select_device(config.device)
+    device_ready = start_device(device)  # CUDA starts on a thread while the data loads
     data = load_splits(config)
+    device_ready()
     if saved.classes is None:  # a last.pt stores no class names: the data's are taken as the run's
         log.info("%s: the best weights so far (epoch %d); classes from the data: %s", path, saved.epoch,
                  ", ".join(data.classes))
