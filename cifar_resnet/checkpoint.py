@@ -50,26 +50,16 @@ def save_resume(path: Path, train_state: dict[str, Any], config: Config) -> None
 
 def host_copy(value: Any) -> Any:
     """`value` (dicts, lists and tuples of tensors and plain values) with every tensor copied into host memory: a
-    snapshot that the training's in-place updates cannot touch. Call it at a sync point (the end of an epoch): from
-    a GPU the copies are queued together (into pinned memory) and waited for once."""
-    devices: set[torch.device] = set()
-
-    def copy(item: Any) -> Any:
-        if isinstance(item, torch.Tensor):
-            if item.is_cuda:
-                devices.add(item.device)
-                return item.detach().to("cpu", non_blocking=True)
-            return item.detach().to("cpu", copy=True)  # a copy even of a CPU tensor, which training updates
-        if isinstance(item, dict):
-            return {key: copy(entry) for key, entry in item.items()}
-        if isinstance(item, (list, tuple)):
-            return type(item)(copy(entry) for entry in item)
-        return item
-
-    snapshot = copy(value)
-    for device in devices:
-        torch.cuda.synchronize(device)  # the non-blocking copies have landed
-    return snapshot
+    snapshot that the training's in-place updates cannot touch (a CPU tensor is copied too). Call it at a sync point,
+    the end of an epoch, where the GPU has nothing queued. Plain copies into pageable memory, not pinned: the
+    writer's thread then never calls CUDA, which must not happen while the run's thread captures a graph."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: host_copy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(host_copy(item) for item in value)
+    return value
 
 
 class CheckpointWriter:
