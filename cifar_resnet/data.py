@@ -437,17 +437,16 @@ class DeviceLoader:
         return images.to(torch.float32, copy=True).sub_(self.mean).div_(self.std)  # (B, 3, 32, 32) float32
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.labels)
-        if self.augment:
-            order = torch.randperm(n, device=self.labels.device, generator=self.generator)
-        else:
-            order = torch.arange(n, device=self.labels.device)
+        if not self.augment:  # in order: slices of the split, no gather
+            for start in range(0, len(self.labels), self.batch_size):
+                stop = start + self.batch_size
+                yield self.normalize(self.images[start:stop]), self.labels[start:stop]
+            return
+        order = torch.randperm(len(self.labels), device=self.labels.device, generator=self.generator)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start : start + self.batch_size]
-            images = self.images[index]
-            if self.augment:
-                flip = None
-                if self.flipped_in_odd_epochs is not None:
-                    flip = self.flipped_in_odd_epochs[index] ^ (self.epoch % 2 == 0)
-                images = random_crop_flip(images, CROP_PADDING_PX, self.generator, flip)
+            flip = None
+            if self.flipped_in_odd_epochs is not None:
+                flip = self.flipped_in_odd_epochs[index] ^ (self.epoch % 2 == 0)
+            images = random_crop_flip(self.images[index], CROP_PADDING_PX, self.generator, flip)
             yield self.normalize(images), self.labels[index]

@@ -482,6 +482,131 @@ def tta_views(tta: bool, translate_px: int) -> int:
     return 1 if not tta else 2 if translate_px == 0 else 6
 
 
+class EvalStep:
+    """One evaluation batch, eagerly: the logits of its test-time views (`tta_logits`), then its summed loss and its
+    confusion counts added into device totals, with no host sync. `result` reads them (the sync); `zero_` starts a
+    pass. `CapturedEval` replays the same batch as a CUDA graph."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        memory_format: torch.memory_format = torch.contiguous_format,
+        tta: bool = False,
+        translate_px: int = 0,
+    ) -> None:
+        self.model, self.num_classes, self.autocast, self.memory_format = model, num_classes, autocast, memory_format
+        self.tta, self.translate_px = tta, translate_px
+        device = next(model.parameters()).device
+        self.loss_sum = torch.zeros((), device=device)
+        # (true label x classes + predicted label): the confusion matrix, flat
+        self.confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+
+    def zero_(self) -> None:
+        self.loss_sum.zero_()
+        self.confusion.zero_()
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.add_(images.contiguous(memory_format=self.memory_format), labels)
+
+    def add_(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """The batch's work, all on the device: what a graph captures."""
+        with self.autocast():
+            logits = tta_logits(self.model, images, self.tta, self.translate_px)  # (B, classes) float32
+        self.loss_sum.add_(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        # scatter_add_, not bincount: bincount reads its input's largest value back to the host (a sync per batch)
+        self.confusion.scatter_add_(0, labels * self.num_classes + logits.argmax(1), torch.ones_like(labels))
+
+    def result(self) -> EvalResult:
+        confusion = self.confusion.view(self.num_classes, self.num_classes).cpu()  # sync point
+        total = int(confusion.sum())
+        return EvalResult(loss=self.loss_sum.item() / max(total, 1), acc=int(confusion.diag().sum()) / max(total, 1),
+                          confusion=confusion)
+
+
+class CapturedEval(EvalStep):
+    """The same evaluation batch as one CUDA graph, for batches of `batch_size` images: static image and label
+    buffers, captured once, replayed for every full batch. Evaluation is launch-bound on a large GPU as training is;
+    a graph launches a pass's dozens of kernels (times its TTA views) at once.
+
+    The first `warmup_batches` full batches run eagerly on a side stream, the next is captured and replayed; a
+    batch of another size (a split's last, partial one) runs eagerly, which gives the same numbers. Whatever the
+    capture cannot do (no CUDA, a GPU older than Volta, the capture raising) makes it evaluate eagerly from then on,
+    after one warning with the reason. The graph reads the model's weights where they are: in-place updates (the
+    optimizer's, the weight average's, `load_state_dict`) are seen by the next replay. `autocast` must have
+    `cache_enabled=False`, as for `CapturedStep`.
+    """
+
+    def __init__(self, *args: Any, batch_size: int, warmup_batches: int = CAPTURE_WARMUP_STEPS,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batch_size, self.warmup_batches = batch_size, warmup_batches
+        self.warmed_up = 0
+        self.graph: Any = None  # torch.cuda.CUDAGraph once captured
+        self.eager = False  # fell back for good
+        self.static_images: torch.Tensor | None = None
+        self.static_labels: torch.Tensor | None = None
+        self.side_stream: Any = None
+
+    def fall_back(self, reason: str) -> None:
+        log.warning("evaluating eagerly, without a CUDA graph: %s", reason)
+        self.eager = True
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if self.eager or len(labels) != self.batch_size:
+            return super().__call__(images, labels)
+        if self.graph is not None:
+            self.static_images.copy_(images)  # also converts to the captured memory format
+            self.static_labels.copy_(labels)
+            self.graph.replay()
+            return None
+        if self.side_stream is None and not self.prepare(images):
+            return super().__call__(images, labels)
+        if self.warmed_up < self.warmup_batches:
+            self.warm_up(images, labels)
+        else:
+            self.capture(images, labels)
+        return None
+
+    def prepare(self, images: torch.Tensor) -> bool:
+        """Check that a capture is possible here and make the side stream; False (after the warning) if not."""
+        try:
+            if images.device.type != "cuda":
+                raise RuntimeError(f"the device is {images.device.type}, not CUDA")
+            capability = torch.cuda.get_device_capability(images.device)
+            if capability < MIN_GRAPH_CAPABILITY:
+                raise RuntimeError(f"GPU compute capability {capability} is below {MIN_GRAPH_CAPABILITY}")
+            self.side_stream = torch.cuda.Stream(images.device)
+        except Exception as error:  # any reason at all: evaluation goes on eagerly
+            self.fall_back(f"{type(error).__name__}: {error}")
+            return False
+        return True
+
+    def warm_up(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.side_stream.wait_stream(torch.cuda.current_stream(images.device))
+        with torch.cuda.stream(self.side_stream):
+            super().__call__(images, labels)
+        torch.cuda.current_stream(images.device).wait_stream(self.side_stream)
+        self.warmed_up += 1
+
+    def capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.static_images = torch.empty_like(images, memory_format=self.memory_format).copy_(images)
+        self.static_labels = labels.clone()
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.add_(self.static_images, self.static_labels)
+        except Exception as error:  # nothing ran: a capture records kernels without running them
+            self.fall_back(f"the capture failed: {type(error).__name__}: {error}")
+            super().__call__(images, labels)
+            return
+        self.graph = graph
+        graph.replay()  # this call's own batch
+        log.info("captured the evaluation batch (%d images, %d views) as one CUDA graph", self.batch_size,
+                 tta_views(self.tta, self.translate_px))
+
+
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
@@ -491,24 +616,21 @@ def evaluate(
     memory_format: torch.memory_format = torch.contiguous_format,
     tta: bool = False,
     translate_px: int = 0,
+    step: EvalStep | None = None,
 ) -> EvalResult:
-    """Mean cross-entropy, accuracy and confusion matrix over `loader`; with `tta`, logits of each image and its
-    mirror are averaged, and with `translate_px` too, those of the views shifted up-left and down-right (see
-    `tta_logits`)."""
-    model.eval()
-    device = next(model.parameters()).device
-    loss_sum = torch.zeros((), device=device)
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
-    for images, labels in loader:
-        images = images.contiguous(memory_format=memory_format)
-        with autocast():
-            logits = tta_logits(model, images, tta, translate_px)  # (B, classes) float32
-        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
-        confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
-    confusion = confusion.view(num_classes, num_classes).cpu()  # sync point
-    total = int(confusion.sum())
-    return EvalResult(loss=loss_sum.item() / max(total, 1), acc=int(confusion.diag().sum()) / max(total, 1),
-                      confusion=confusion)
+    """Mean cross-entropy, accuracy and confusion matrix of `model` over `loader`; with `tta`, logits of each image
+    and its mirror are averaged, and with `translate_px` too, those of the views shifted up-left and down-right (see
+    `tta_logits`). One host sync, at the end.
+
+    `step` runs each batch (a `CapturedEval` replays a CUDA graph; it holds its own model and settings); by default
+    an `EvalStep` of the model and settings given.
+    """
+    step = step or EvalStep(model, num_classes, autocast, memory_format, tta, translate_px)
+    step.model.eval()
+    step.zero_()
+    for images, labels in loader:  # images (B, 3, 32, 32) float, labels (B,)
+        step(images, labels)
+    return step.result()
 
 
 # --- the whole run --------------------------------------------------------------------------------------------
@@ -662,7 +784,12 @@ def fit(
 
     # With ema_decay the averaged copy is what is validated, tested and kept; else the model trained.
     evaluated, kept = (average.model, average.model) if average is not None else (step_model, model)
-    tta = (config.tta, config.tta_translate_px)
+
+    def eval_step(model_evaluated: nn.Module) -> EvalStep:  # captured once per run too, at the first validation
+        settings = (model_evaluated, num_classes, autocast, memory_format, config.tta, config.tta_translate_px)
+        return CapturedEval(*settings, batch_size=config.eval_batch_size) if graph else EvalStep(*settings)
+
+    val_step = eval_step(evaluated)
     for epoch in range(state.epoch + 1, config.epochs + 1):
         if hooks.on_epoch_start is not None:
             hooks.on_epoch_start(epoch, len(train_loader))
@@ -678,7 +805,7 @@ def fit(
                 f"training loss became {train_loss} in epoch {epoch}; lower learning_rate "
                 f"(now {config.learning_rate})"
             )
-        val = evaluate(evaluated, val_loader, num_classes, autocast, memory_format, *tta)
+        val = evaluate(evaluated, val_loader, num_classes, step=val_step)
         is_best = val.acc > state.best_val_acc
         if is_best:
             state.best_epoch, state.best_val_acc = epoch, val.acc
@@ -706,6 +833,7 @@ def fit(
 
     model.load_state_dict(state.best_model_state)
     test_loader = DeviceLoader(data.test, config.eval_batch_size, device)
-    test = evaluate(step_model, test_loader, num_classes, autocast, memory_format, *tta)
+    test = evaluate(step_model, test_loader, num_classes, step=val_step if evaluated is step_model else
+                    eval_step(step_model))
     log.info("test (best epoch %d): loss %.4f acc %.2f%%", state.best_epoch, test.loss, 100 * test.acc)
     return FitResult(state.history, state.best_epoch, state.best_val_acc, test, model)

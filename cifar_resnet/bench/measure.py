@@ -32,8 +32,10 @@ from torch import nn
 from ..config import Config
 from ..data import IMAGE_SIZE_PX, DataSplits, DeviceLoader, ImageSet, load_splits
 from ..engine import (
+    CapturedEval,
     CapturedStep,
     EagerStep,
+    EvalStep,
     autocast_context,
     build_model,
     build_optimizer,
@@ -266,23 +268,30 @@ def measure_training(run_steps: Callable[[int], None], plan: Plan, batch_size: i
 
 def measure_eval(config: Config, val: ImageSet, num_classes: int, plan: Plan,
                  device: torch.device) -> dict[str, float]:
-    """Evaluation images/s under inference_mode: at the evaluation batch, at the training batch, and with TTA."""
+    """Evaluation images/s under inference_mode with the evaluation step a run uses (on CUDA the captured graph,
+    warmed up and captured in an untimed first pass): at the evaluation batch, at the training batch, and with TTA;
+    where the graph is used, also the eager step at the evaluation batch with flip TTA, for comparison."""
     model = build_model(config, num_classes, device)
-    autocast, memory_format = autocast_context(config, device), memory_format_for(config, device)
-    cases = {  # (batch size, tta, translate_px)
-        f"batch {config.eval_batch_size}": (config.eval_batch_size, False, 0),
-        f"batch {config.batch_size}": (config.batch_size, False, 0),
-        f"batch {config.eval_batch_size}, flip TTA": (config.eval_batch_size, True, 0),
-        f"batch {config.eval_batch_size}, flip and 1 px shifts TTA": (config.eval_batch_size, True, 1),
+    graph = uses_cuda_graph(config, device)
+    autocast, memory_format = autocast_context(config, device, cache_enabled=not graph), memory_format_for(config, device)
+    cases = {  # (batch size, tta, translate_px, captured)
+        f"batch {config.eval_batch_size}": (config.eval_batch_size, False, 0, graph),
+        f"batch {config.batch_size}": (config.batch_size, False, 0, graph),
+        f"batch {config.eval_batch_size}, flip TTA": (config.eval_batch_size, True, 0, graph),
+        f"batch {config.eval_batch_size}, flip and 1 px shifts TTA": (config.eval_batch_size, True, 1, graph),
     }
+    if graph:
+        cases[f"batch {config.eval_batch_size}, flip TTA, eager"] = (config.eval_batch_size, True, 0, False)
     results = {}
-    for label, (batch_size, tta, translate_px) in cases.items():
+    for label, (batch_size, tta, translate_px, captured) in cases.items():
         loader = DeviceLoader(val, batch_size, device)
+        settings = (model, num_classes, autocast, memory_format, tta, translate_px)
+        step = CapturedEval(*settings, batch_size=batch_size) if captured else EvalStep(*settings)
 
-        def work(loader: DeviceLoader = loader, tta: bool = tta, translate_px: int = translate_px) -> None:
-            evaluate(model, loader, num_classes, autocast, memory_format, tta, translate_px)
+        def work(loader: DeviceLoader = loader, step: EvalStep = step) -> None:
+            evaluate(model, loader, num_classes, step=step)
 
-        work()  # warm-up
+        work()  # warm-up, and the capture
         results[label] = len(val) / statistics.median(time_repeats(work, plan.repeats, device))
     return results
 
