@@ -185,6 +185,7 @@ def grid_main(argv: Sequence[str]) -> int:
         "process without W&B, beside the write-up's table. Any `cifar-resnet train` setting applies to every cell.")
     parser.add_argument("--workers", type=int, default=1, help="runs at a time on this device (default 1)")
     parser.add_argument("--out", default="grid.json", help="JSON file of the results (default: grid.json)")
+    parser.add_argument("--runs_dir", default="", help="the cells' run folders and logs (default: next to --out)")
     if "-h" in argv or "--help" in argv:
         parser.print_help()
         print()
@@ -192,7 +193,7 @@ def grid_main(argv: Sequence[str]) -> int:
         return 0
     args, rest = parser.parse_known_args(list(argv))
     out = Path(args.out)
-    folder = out.parent / f"{out.stem}-runs"
+    folder = Path(args.runs_dir) if args.runs_dir else out.parent / f"{out.stem}-runs"
     base = Config.from_argv(rest, base=Config(output_dir=str(folder / "runs")))
     if args.workers < 1:
         raise UserError(f"--workers: must be >= 1, got {args.workers}")
