@@ -272,16 +272,13 @@ class EagerStep:
         self.totals.add_(self.loss, correct, len(labels))
 
 
-class CapturedStep(EagerStep):
-    """The same step as one CUDA graph: static image and label buffers, captured once, replayed every call.
+class GraphCapture:
+    """What `CapturedStep` and `CapturedEval` share, whatever they capture (a base put before the eager step it
+    captures, whose `__call__` it runs): the checks that a capture is possible here, the eager warm-up calls on a side
+    stream (PyTorch's CUDA Graphs notes), the static buffers, and the fall back to the eager step for good, after one
+    warning with the reason."""
 
-    The first `CAPTURE_WARMUP_STEPS` calls train eagerly on a side stream; the next captures the step (and the
-    accumulation into `totals`) and replays it for its own batch; every later call copies its batch into the
-    static buffers and replays. These are real training steps: a run takes as many steps as an eager one.
-    Whatever the capture cannot do (no CUDA, a GPU older than Volta, a batch of another shape, the capture
-    raising) makes it train eagerly from then on, after one warning with the reason.
-    The optimizer must come from `build_optimizer(..., graph=True)` and `autocast` use `cache_enabled=False`.
-    """
+    DOING = "running"  # the warning's first word: "training eagerly, ..."
 
     def __init__(self, *args: Any, warmup_steps: int = CAPTURE_WARMUP_STEPS, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -289,35 +286,13 @@ class CapturedStep(EagerStep):
         self.warmed_up = 0
         self.graph: Any = None  # torch.cuda.CUDAGraph once captured
         self.eager = False  # fell back for good
-        self.capture_seconds = 0.0  # the warm-up steps and the capture, with the syncs they need
         self.static_images: torch.Tensor | None = None
         self.static_labels: torch.Tensor | None = None
         self.side_stream: Any = None
 
     def fall_back(self, reason: str) -> None:
-        log.warning("training eagerly, without a CUDA graph: %s", reason)
+        log.warning("%s eagerly, without a CUDA graph: %s", self.DOING, reason)
         self.eager = True
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        if self.eager:
-            return super().__call__(images, labels)
-        if self.graph is not None:
-            if images.shape != self.static_images.shape or labels.shape != self.static_labels.shape:
-                self.fall_back(f"a batch of shape {tuple(images.shape)}, captured {tuple(self.static_images.shape)}")
-                return super().__call__(images, labels)
-            self.static_images.copy_(images)  # also converts to the captured memory format
-            self.static_labels.copy_(labels)
-            self.graph.replay()
-            return None
-        started = time.perf_counter()
-        if self.side_stream is None and not self.prepare(images):
-            return super().__call__(images, labels)
-        if self.warmed_up < self.warmup_steps:
-            self.warm_up(images, labels)
-        else:
-            self.capture(images, labels)
-        self.capture_seconds += time.perf_counter() - started
-        return None
 
     def prepare(self, images: torch.Tensor) -> bool:
         """Check that a capture is possible here and make the side stream; False (after the warning) if not."""
@@ -328,7 +303,7 @@ class CapturedStep(EagerStep):
             if capability < MIN_GRAPH_CAPABILITY:
                 raise RuntimeError(f"GPU compute capability {capability} is below {MIN_GRAPH_CAPABILITY}")
             self.side_stream = torch.cuda.Stream(images.device)
-        except Exception as error:  # any reason at all: training goes on eagerly
+        except Exception as error:  # any reason at all: the work goes on eagerly
             self.fall_back(f"{type(error).__name__}: {error}")
             return False
         return True
@@ -336,13 +311,58 @@ class CapturedStep(EagerStep):
     def warm_up(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         self.side_stream.wait_stream(torch.cuda.current_stream(images.device))
         with torch.cuda.stream(self.side_stream):
-            super().__call__(images, labels)
+            super().__call__(images, labels)  # the eager step's
         torch.cuda.current_stream(images.device).wait_stream(self.side_stream)
         self.warmed_up += 1
 
-    def capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+    def static_copies(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """The buffers the graph reads, filled with this batch: every replay copies its batch into them."""
         self.static_images = torch.empty_like(images, memory_format=self.memory_format).copy_(images)
         self.static_labels = labels.clone()
+
+    def replay(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.static_images.copy_(images)  # also converts to the captured memory format
+        self.static_labels.copy_(labels)
+        self.graph.replay()
+
+
+class CapturedStep(GraphCapture, EagerStep):
+    """The same step as one CUDA graph: static image and label buffers, captured once, replayed every call.
+
+    The first `CAPTURE_WARMUP_STEPS` calls train eagerly on a side stream; the next captures the step (and the
+    accumulation into `totals`) and replays it for its own batch; every later call copies its batch into the
+    static buffers and replays. These are real training steps: a run takes as many steps as an eager one.
+    Whatever the capture cannot do (no CUDA, a GPU older than Volta, a batch of another shape, the capture
+    raising) makes it train eagerly from then on, after one warning with the reason.
+    The optimizer must come from `build_optimizer(..., graph=True)` and `autocast` use `cache_enabled=False`.
+    """
+
+    DOING = "training"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.capture_seconds = 0.0  # the warm-up steps and the capture, with the syncs they need
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if self.eager:
+            return super().__call__(images, labels)
+        if self.graph is not None:
+            if images.shape != self.static_images.shape or labels.shape != self.static_labels.shape:
+                self.fall_back(f"a batch of shape {tuple(images.shape)}, captured {tuple(self.static_images.shape)}")
+                return super().__call__(images, labels)
+            return self.replay(images, labels)
+        started = time.perf_counter()
+        if self.side_stream is None and not self.prepare(images):
+            return super().__call__(images, labels)
+        if self.warmed_up < self.warmup_steps:
+            self.warm_up(images, labels)
+        else:
+            self.capture(images, labels)
+        self.capture_seconds += time.perf_counter() - started
+        return None
+
+    def capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.static_copies(images, labels)
         try:
             graph = torch.cuda.CUDAGraph()
             self.optimizer.zero_grad(set_to_none=True)  # backward allocates the gradients in the graph's pool
@@ -525,74 +545,40 @@ class EvalStep:
                           confusion=confusion)
 
 
-class CapturedEval(EvalStep):
+class CapturedEval(GraphCapture, EvalStep):
     """The same evaluation batch as one CUDA graph, for batches of `batch_size` images: static image and label
     buffers, captured once, replayed for every full batch. Evaluation is launch-bound on a large GPU as training is;
     a graph launches a pass's dozens of kernels (times its TTA views) at once.
 
-    The first `warmup_batches` full batches run eagerly on a side stream, the next is captured and replayed; a
-    batch of another size (a split's last, partial one) runs eagerly, which gives the same numbers. Whatever the
-    capture cannot do (no CUDA, a GPU older than Volta, the capture raising) makes it evaluate eagerly from then on,
-    after one warning with the reason. The graph reads the model's weights where they are: in-place updates (the
+    The first `warmup_steps` full batches run eagerly on a side stream, the next is captured and replayed; a batch
+    of another size (a split's last, partial one) runs eagerly, which gives the same numbers. Whatever the capture
+    cannot do (no CUDA, a GPU older than Volta, the capture raising) makes it evaluate eagerly from then on, after
+    one warning with the reason. The graph reads the model's weights where they are: in-place updates (the
     optimizer's, the weight average's, `load_state_dict`) are seen by the next replay. `autocast` must have
     `cache_enabled=False`, as for `CapturedStep`.
     """
 
-    def __init__(self, *args: Any, batch_size: int, warmup_batches: int = CAPTURE_WARMUP_STEPS,
-                 **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.batch_size, self.warmup_batches = batch_size, warmup_batches
-        self.warmed_up = 0
-        self.graph: Any = None  # torch.cuda.CUDAGraph once captured
-        self.eager = False  # fell back for good
-        self.static_images: torch.Tensor | None = None
-        self.static_labels: torch.Tensor | None = None
-        self.side_stream: Any = None
+    DOING = "evaluating"
 
-    def fall_back(self, reason: str) -> None:
-        log.warning("evaluating eagerly, without a CUDA graph: %s", reason)
-        self.eager = True
+    def __init__(self, *args: Any, batch_size: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batch_size = batch_size
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         if self.eager or len(labels) != self.batch_size:
             return super().__call__(images, labels)
         if self.graph is not None:
-            self.static_images.copy_(images)  # also converts to the captured memory format
-            self.static_labels.copy_(labels)
-            self.graph.replay()
-            return None
+            return self.replay(images, labels)
         if self.side_stream is None and not self.prepare(images):
             return super().__call__(images, labels)
-        if self.warmed_up < self.warmup_batches:
+        if self.warmed_up < self.warmup_steps:
             self.warm_up(images, labels)
         else:
             self.capture(images, labels)
         return None
 
-    def prepare(self, images: torch.Tensor) -> bool:
-        """Check that a capture is possible here and make the side stream; False (after the warning) if not."""
-        try:
-            if images.device.type != "cuda":
-                raise RuntimeError(f"the device is {images.device.type}, not CUDA")
-            capability = torch.cuda.get_device_capability(images.device)
-            if capability < MIN_GRAPH_CAPABILITY:
-                raise RuntimeError(f"GPU compute capability {capability} is below {MIN_GRAPH_CAPABILITY}")
-            self.side_stream = torch.cuda.Stream(images.device)
-        except Exception as error:  # any reason at all: evaluation goes on eagerly
-            self.fall_back(f"{type(error).__name__}: {error}")
-            return False
-        return True
-
-    def warm_up(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        self.side_stream.wait_stream(torch.cuda.current_stream(images.device))
-        with torch.cuda.stream(self.side_stream):
-            super().__call__(images, labels)
-        torch.cuda.current_stream(images.device).wait_stream(self.side_stream)
-        self.warmed_up += 1
-
     def capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        self.static_images = torch.empty_like(images, memory_format=self.memory_format).copy_(images)
-        self.static_labels = labels.clone()
+        self.static_copies(images, labels)
         try:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):

@@ -243,7 +243,7 @@ def test_an_evaluation_capture_that_raises_falls_back_once_and_loses_no_batch(ti
     monkeypatch.setattr(CapturedEval, "warm_up", eager_warm_up)
     model, loader = trained_model_and_val_loader(tiny_config, eval_batch_size=64)  # 3 full batches, 1 partial
     expected = evaluate(model, loader, 10)
-    step = CapturedEval(model, 10, batch_size=64, warmup_batches=2)
+    step = CapturedEval(model, 10, batch_size=64, warmup_steps=2)
     with caplog.at_level(logging.WARNING, logger="cifar_resnet.engine"):
         got = evaluate(model, loader, 10, step=step)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
