@@ -80,14 +80,16 @@ print(json.dumps({"wall_s": time.perf_counter() - wall, "cpu_s": time.process_ti
 
 
 def child(tree: Path, *argv: str) -> tuple[float, float, str]:
-    """Wall and CPU seconds of `python ARGV` with `tree` first on the path, and its output."""
+    """Wall and CPU seconds of `python ARGV` in `tree` (`python -c` puts its working folder first on the path), and
+    the last line it printed."""
     env = dict(os.environ, PYTHONPATH=str(tree))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, *argv], env=env, cwd=tree, capture_output=True, text=True, check=True)
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), done.stdout.strip()
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, done.stdout.strip().splitlines()[-1]
 
 
 def medians(samples: list[dict[str, float]]) -> dict[str, Any]:
@@ -103,7 +105,7 @@ def alternate(repeats: int, old: Callable[[], dict[str, float]], new: Callable[[
         runs["new"].append(new())
     result = {name: medians(samples) for name, samples in runs.items()}
     result["old_over_new"] = {key: result["old"][key] / result["new"][key] for key in result["new"]
-                              if key != "samples" and result["new"][key] > 0}
+                              if key in result["old"] and key != "samples" and result["new"][key] > 0}
     return result
 
 
