@@ -308,6 +308,20 @@ class GraphCapture:
             return False
         return True
 
+    def warm_up_or_capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Before the graph exists, each call runs its batch as a warm-up step, or as the capture's (the subclass's
+        `capture`), or eagerly when no capture is possible here."""
+        if self.side_stream is None and not self.prepare(images):
+            super().__call__(images, labels)  # the eager step's
+        elif self.warmed_up < self.warmup_steps:
+            self.warm_up(images, labels)
+        else:
+            self.capture(images, labels)
+
+    def capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Capture the work on this batch as `self.graph` and replay it for this batch (or fall back)."""
+        raise NotImplementedError
+
     def warm_up(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         self.side_stream.wait_stream(torch.cuda.current_stream(images.device))
         with torch.cuda.stream(self.side_stream):
@@ -352,12 +366,7 @@ class CapturedStep(GraphCapture, EagerStep):
                 return super().__call__(images, labels)
             return self.replay(images, labels)
         started = time.perf_counter()
-        if self.side_stream is None and not self.prepare(images):
-            return super().__call__(images, labels)
-        if self.warmed_up < self.warmup_steps:
-            self.warm_up(images, labels)
-        else:
-            self.capture(images, labels)
+        self.warm_up_or_capture(images, labels)
         self.capture_seconds += time.perf_counter() - started
         return None
 
@@ -569,13 +578,7 @@ class CapturedEval(GraphCapture, EvalStep):
             return super().__call__(images, labels)
         if self.graph is not None:
             return self.replay(images, labels)
-        if self.side_stream is None and not self.prepare(images):
-            return super().__call__(images, labels)
-        if self.warmed_up < self.warmup_steps:
-            self.warm_up(images, labels)
-        else:
-            self.capture(images, labels)
-        return None
+        return self.warm_up_or_capture(images, labels)
 
     def capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         self.static_copies(images, labels)

@@ -94,19 +94,24 @@ def test_capture_on_a_cpu_warns_once_and_trains_eagerly(tiny_config, caplog):
         assert torch.equal(a, b)
 
 
-def test_a_capture_that_raises_falls_back_once_and_loses_no_step(tiny_config, caplog, monkeypatch):
-    """As if on a GPU: the side stream exists and the warm-up steps run; then the capture raises (here because
-    there is no CUDA). That batch is trained eagerly and so is every later one."""
+def pretend_a_gpu_until_the_capture(monkeypatch, captured, eager) -> None:
+    """As if on a GPU: the side stream exists and the warm-up steps run (eagerly, here); then the capture raises,
+    because there is no CUDA."""
     def pretend_prepare(self, images):
         self.side_stream = object()
         return True
 
     def eager_warm_up(self, images, labels):
-        EagerStep.__call__(self, images, labels)
+        eager.__call__(self, images, labels)
         self.warmed_up += 1
 
-    monkeypatch.setattr(CapturedStep, "prepare", pretend_prepare)
-    monkeypatch.setattr(CapturedStep, "warm_up", eager_warm_up)
+    monkeypatch.setattr(captured, "prepare", pretend_prepare)
+    monkeypatch.setattr(captured, "warm_up", eager_warm_up)
+
+
+def test_a_capture_that_raises_falls_back_once_and_loses_no_step(tiny_config, caplog, monkeypatch):
+    """The capture raises after the warm-up steps: that batch is trained eagerly and so is every later one."""
+    pretend_a_gpu_until_the_capture(monkeypatch, CapturedStep, EagerStep)
     eager_result, eager_model, _ = epoch_with(EagerStep, tiny_config)
     with caplog.at_level(logging.WARNING, logger="cifar_resnet.engine"):
         result, model, step = epoch_with(CapturedStep, tiny_config, warmup_steps=2)
@@ -228,19 +233,9 @@ def test_evaluation_capture_on_a_cpu_warns_once_and_evaluates_eagerly(tiny_confi
 
 
 def test_an_evaluation_capture_that_raises_falls_back_once_and_loses_no_batch(tiny_config, caplog, monkeypatch):
-    """As if on a GPU: the side stream exists and the warm-up batches run; then the capture raises (here because
-    there is no CUDA). That batch is evaluated eagerly, as is every later one; the last, partial batch of each pass
-    never counts towards the warm-up or the capture."""
-    def pretend_prepare(self, images):
-        self.side_stream = object()
-        return True
-
-    def eager_warm_up(self, images, labels):
-        EvalStep.__call__(self, images, labels)
-        self.warmed_up += 1
-
-    monkeypatch.setattr(CapturedEval, "prepare", pretend_prepare)
-    monkeypatch.setattr(CapturedEval, "warm_up", eager_warm_up)
+    """The capture raises after the warm-up batches: that batch is evaluated eagerly, as is every later one; the
+    last, partial batch of each pass never counts towards the warm-up or the capture."""
+    pretend_a_gpu_until_the_capture(monkeypatch, CapturedEval, EvalStep)
     model, loader = trained_model_and_val_loader(tiny_config, eval_batch_size=64)  # 3 full batches, 1 partial
     expected = evaluate(model, loader, 10)
     step = CapturedEval(model, 10, batch_size=64, warmup_steps=2)
