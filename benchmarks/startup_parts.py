@@ -13,7 +13,9 @@ both alike. Every figure is a median over the repeats, in wall seconds and the C
 - the progress file a run rewrites several times an epoch on its training path: fsync'd as b142e91 wrote it, and
   now without the fsync;
 - one evaluation pass of the validation images with flip TTA, the old `evaluate` against the evaluation step (on a
-  CPU both eager).
+  CPU both eager);
+- a short whole run through `cifar-resnet train` (W&B disabled) on the image folder, from process start to exit:
+  everything above together, on a CPU where training is slow.
 
     git archive b142e91 | tar -x -C /tmp/old
     python benchmarks/startup_parts.py --old=/tmp/old --old_data=/tmp/old-data/cifar10-jpeg \\
@@ -47,7 +49,8 @@ from pathlib import Path
 from cifar_resnet.data import load_image_folder
 wall, cpu = time.perf_counter(), time.process_time()
 train, test, classes = load_image_folder(Path(sys.argv[1]))
-print(json.dumps({"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu, "images": len(train) + len(test)}))
+print(json.dumps({"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
+                  "images": len(train) + len(test)}))
 """
 OLD_KEY_PARTS = """
 import json, os, sys, time
@@ -79,17 +82,17 @@ print(json.dumps({"wall_s": time.perf_counter() - wall, "cpu_s": time.process_ti
 """
 
 
-def child(tree: Path, *argv: str) -> tuple[float, float, str]:
+def child(tree: Path, *argv: str, env: dict[str, str] | None = None) -> tuple[float, float, str]:
     """Wall and CPU seconds of `python ARGV` in `tree` (`python -c` puts its working folder first on the path), and
     the last line it printed."""
-    env = dict(os.environ, PYTHONPATH=str(tree))
+    env = dict(os.environ, PYTHONPATH=str(tree), **(env or {}))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run([sys.executable, *argv], env=env, cwd=tree, capture_output=True, text=True, check=True)
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu, done.stdout.strip().splitlines()[-1]
+    return wall, cpu, (done.stdout.strip().splitlines() or [""])[-1]
 
 
 def medians(samples: list[dict[str, float]]) -> dict[str, Any]:
@@ -203,6 +206,23 @@ def measure_evaluation(old: Path, old_data: Path, data: Path, repeats: int) -> d
     return alternate(repeats, lambda: evaluation(old, old_data), lambda: evaluation(REPO, data))
 
 
+SHORT_RUN = ("--dataset=imagefolder", "--device=cpu", "--width=16", "--epochs=2", "--train_size=1000",
+             "--val_size=500", "--test_size=500")
+
+
+def measure_short_run(old: Path, old_data: Path, data: Path, work: Path, repeats: int) -> dict[str, Any]:
+    runs = Path(tempfile.mkdtemp(dir=work))
+    count = iter(range(2 * repeats))
+
+    def run(tree: Path, folder: Path) -> dict[str, float]:
+        environment = {"WANDB_MODE": "disabled", "WANDB_RUN_ID": f"short{next(count)}"}
+        wall, cpu, _ = child(tree, "-m", "cifar_resnet", "train", *SHORT_RUN, f"--data_dir={folder}",
+                             f"--output_dir={runs}", env=environment)
+        return {"wall_s": wall, "cpu_s": cpu}
+
+    return alternate(repeats, lambda: run(old, old_data), lambda: run(REPO, data))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--old", required=True, help="the older tree (holding cifar_resnet/)")
@@ -211,6 +231,7 @@ def main() -> int:
     parser.add_argument("--out", required=True, help="JSON file of the results")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--work", default=tempfile.gettempdir(), help="where the checkpoints are written")
+    parser.add_argument("--only", default="", help="comma-separated parts to measure (default: all)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from cifar_resnet.bench.machine import machine_info
@@ -223,7 +244,10 @@ def main() -> int:
                           ("warm_cache_lookup", lambda: measure_lookup(old, old_data, data, args.repeats)),
                           ("checkpoints", lambda: measure_checkpoints(Path(args.work), args.repeats)),
                           ("progress_file", lambda: measure_progress(Path(args.work), 10 * args.repeats)),
-                          ("evaluation", lambda: measure_evaluation(old, old_data, data, args.repeats))):
+                          ("evaluation", lambda: measure_evaluation(old, old_data, data, args.repeats)),
+                          ("short_run", lambda: measure_short_run(old, old_data, data, Path(args.work), args.repeats))):
+        if args.only and name not in args.only.split(","):
+            continue
         result[name] = measure()
         result[name]["load_average_after"] = os.getloadavg()
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

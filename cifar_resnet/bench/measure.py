@@ -277,7 +277,8 @@ def measure_eval(config: Config, val: ImageSet, num_classes: int, plan: Plan,
     where the graph is used, also the eager step at the evaluation batch with flip TTA, for comparison."""
     model = build_model(config, num_classes, device)
     graph = uses_cuda_graph(config, device)
-    autocast, memory_format = autocast_context(config, device, cache_enabled=not graph), memory_format_for(config, device)
+    autocast = autocast_context(config, device, cache_enabled=not graph)
+    memory_format = memory_format_for(config, device)
     cases = {  # (batch size, tta, translate_px, captured)
         f"batch {config.eval_batch_size}": (config.eval_batch_size, False, 0, graph),
         f"batch {config.batch_size}": (config.batch_size, False, 0, graph),
