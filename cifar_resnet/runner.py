@@ -141,6 +141,9 @@ def run_training(config: Config, run_id: str, hooks: RunHooks | None = None) -> 
     device = select_device(config.device)
     device_ready = start_device(device)  # CUDA starts on a thread while the data loads
     data = load_splits(config)
+    # torch.optim imports torch._dynamo when it builds its first optimizer (add_param_group is wrapped by
+    # torch._disable_dynamo): a second or more of every run's start. Imported here, it overlaps CUDA's start.
+    import torch._dynamo  # noqa: F401
     device_ready()
     model = build_model(config, len(data.classes), device)
     run_dir = run_folder(config, run_id)
