@@ -822,7 +822,7 @@ def fit(
 
     model.load_state_dict(state.best_model_state)
     test_loader = DeviceLoader(data.test, config.eval_batch_size, device)
-    test = evaluate(step_model, test_loader, num_classes, step=val_step if evaluated is step_model else
-                    eval_step(step_model))
+    test_step = val_step if evaluated is step_model else eval_step(step_model)  # the validation graph, when it fits
+    test = evaluate(step_model, test_loader, num_classes, step=test_step)
     log.info("test (best epoch %d): loss %.4f acc %.2f%%", state.best_epoch, test.loss, 100 * test.acc)
     return FitResult(state.history, state.best_epoch, state.best_val_acc, test, model)
