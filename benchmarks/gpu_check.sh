@@ -37,6 +37,7 @@
 # IMAGE (step 6: an image to run, e.g. REGISTRY/cifar-resnet-agent:0.1, pulled or built on this host).
 # CIFAR10_JPEG_DIR is exported (the extracted folder) for the GPU tests (tests/test_gpu_graph.py).
 set -euo pipefail
+CHECK_STARTED=$(date +%s%N)
 cd "$(dirname "$0")/.."
 
 OUT_DIR=${OUT:-$PWD/gpu-check}
@@ -74,7 +75,6 @@ fi
 
 STEPS=${STEPS:-gpu-tests,full10-cold,bench,full10,image}
 FAILED=()
-CHECK_STARTED=$(date +%s%N)
 step() {  # step NAME COMMAND...: run it, log it with its wall time; go on if it fails
     local name=$1 started status=0; shift
     [[ ",$STEPS," == *",$name,"* ]] || return 0  # not asked for
