@@ -11,9 +11,9 @@ What the table rests on (BENCHMARKS.md, "Runs per GPU"): two measurements of six
   images/s, the same as one run alone (50k): processes time-slice the GPU, so six at once overlap only what is not
   training (start-up, data, evaluation, checkpoints); the gain is that overlap, and it shrinks as a run's start and
   end get faster. Packing several runs into one process (one trainer per GPU) is what can raise it.
-Six stays the default on the large GPUs because it is the one count measured and it measured best (1.55x over one
-after another at b142e91); 1 and 2 at once have not been measured with the graph step (`benchmarks/gpu_check.sh`
-measures 1, 2 and 6). The smaller rows scale the six down by memory, unmeasured.
+Six stays the default on the large GPUs until several runs can be trained in one process: it is the one count
+measured, and it beats one run at a time (1.55x at b142e91); 1 and 2 at once have not been measured with the graph
+step (`benchmarks/gpu_check.sh` measures 1, 2 and 6). The smaller rows scale the six down by memory, unmeasured.
 """
 
 from __future__ import annotations
