@@ -3,13 +3,18 @@
 - `best.pt`: the weights of the best validation epoch, with the config, epoch, metrics and class names.
 - `last.pt`: the full training state after the last completed epoch, for resuming a preempted run.
 
-Both can be evaluated (`read_weights`): a best.pt's weights, or a last.pt's best weights so far.
+Both can be evaluated (`read_weights`): a best.pt's weights, or a last.pt's best weights so far. A run writes them
+off its training path, through a `CheckpointWriter`.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -17,6 +22,8 @@ import torch
 from .config import Config
 from .errors import UserError
 from .files import atomic_torch_save
+
+log = logging.getLogger(__name__)
 
 BEST_CHECKPOINT = "best.pt"
 RESUME_CHECKPOINT = "last.pt"
@@ -39,6 +46,72 @@ def save_best(
 
 def save_resume(path: Path, train_state: dict[str, Any], config: Config) -> None:
     atomic_torch_save(path, {"state": train_state, "config": config.to_dict()})
+
+
+def host_copy(value: Any) -> Any:
+    """`value` (dicts, lists and tuples of tensors and plain values) with every tensor copied into host memory: a
+    snapshot that the training's in-place updates cannot touch (a CPU tensor is copied too). Call it at a sync point,
+    the end of an epoch, where the GPU has nothing queued. Plain copies into pageable memory, not pinned: the
+    writer's thread then never calls CUDA, which must not happen while the run's thread captures a graph."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: host_copy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(host_copy(item) for item in value)
+    return value
+
+
+class CheckpointWriter:
+    """Writes a run's checkpoints on a background thread, so that saving them (torch.save and fsync of tens of MB)
+    is off the training path.
+
+    One writer per run folder, owned by whoever owns the run's files (the runner). `submit(*saves)` waits for the
+    previous batch of saves to finish (raising its error: a full disk's StorageError), then runs the new ones in
+    order on a fresh thread; each is a function that writes one file atomically (`save_best`, `save_resume`) from
+    a `host_copy` taken at the epoch's sync point, never from tensors that training still updates. `wait()` waits
+    for the batch in flight and raises its error. As a context manager it waits on the way out, however the block
+    ends (the run's end, an error, a signal's Interrupted), so that the process never ends in the middle of a write;
+    a write's error then ends the run, unless another error already does (that one is raised, the write's logged).
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, *saves: Callable[[], None]) -> None:
+        self.wait()
+
+        def write() -> None:
+            try:
+                for save in saves:
+                    save()
+            except BaseException as error:  # handed to the run's thread by wait()
+                self._error = error
+
+        self._thread = threading.Thread(target=write, name="checkpoint-writer")
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        if error is None:
+            self.wait()
+            return
+        try:
+            self.wait()
+        except Exception as write_error:
+            log.error("%s", write_error)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

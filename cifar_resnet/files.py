@@ -23,11 +23,13 @@ NOT_WRITABLE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)  # a read-only fi
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `path`; when the block ends without error, move it onto `path` in one step.
 
     The temporary file sits in the same folder, so `os.replace` is atomic; a crash leaves at worst a stray
-    `.tmp` file, never a truncated `path`.
+    `.tmp` file, never a truncated `path`. `durable` fsyncs the file first, so that a machine that goes down keeps
+    it too; a file rewritten every fraction of a second that nothing needs after a crash (a run's live progress)
+    skips that wait, which can take from milliseconds to most of a second.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,17 +41,18 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp.chmod(0o666 & ~umask)  # mkstemp makes 0600; give the file the mode a plain open() would
     try:
         yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> None:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any], durable: bool = True) -> None:
     """Write `path` atomically with `write(file)`; any OSError (a full disk, ...) becomes one StorageError line."""
     try:
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        with atomic_path(path, durable) as tmp, open(tmp, "wb") as f:
             write(f)
     except OSError as error:
         raise storage_error(Path(path), error) from None
@@ -74,8 +77,8 @@ def _reason(error: OSError) -> str:
     return f"{error.strerror or error}{advice}"
 
 
-def atomic_write_json(path: str | os.PathLike[str], value: Any) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(value, indent=2, sort_keys=False) + "\n").encode()))
+def atomic_write_json(path: str | os.PathLike[str], value: Any, durable: bool = True) -> None:
+    atomic_write(path, lambda f: f.write((json.dumps(value, indent=2, sort_keys=False) + "\n").encode()), durable)
 
 
 class _WriteErrorKeeper:

@@ -103,7 +103,8 @@ class LiveProgress:
     updated_at: float  # Unix seconds
 
     def save(self, run_dir: Path) -> None:
-        atomic_write_json(run_dir / PROGRESS_FILE, asdict(self))
+        # Not fsync'd: rewritten several times an epoch on the training path, and worthless after a crash.
+        atomic_write_json(run_dir / PROGRESS_FILE, asdict(self), durable=False)
 
 
 def read_progress(run_dir: Path) -> LiveProgress | None:

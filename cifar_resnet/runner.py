@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -20,7 +21,9 @@ from torch import nn
 from .checkpoint import (
     BEST_CHECKPOINT,
     RESUME_CHECKPOINT,
+    CheckpointWriter,
     check_resume,
+    host_copy,
     load_checkpoint,
     read_weights,
     save_best,
@@ -41,6 +44,7 @@ from .engine import (
     fit,
     memory_format_for,
     select_device,
+    start_device,
 )
 from .errors import ConfigError, StorageError, UserError
 from .files import FolderBusy, check_folder_path, folder_lock
@@ -164,7 +168,12 @@ def run_training(config: Config, run_id: str, hooks: RunHooks | None = None) -> 
     check_not_finished(config, run_id)
     log.info("config: %s", config.to_dict())
     device = select_device(config.device)
+    device_ready = start_device(device)  # CUDA starts on a thread while the data loads
     data = load_splits(config)
+    # torch.optim imports torch._dynamo when it builds its first optimizer (add_param_group is wrapped by
+    # torch._disable_dynamo): a second or more of every run's start. Imported here, it overlaps CUDA's start.
+    import torch._dynamo  # noqa: F401
+    device_ready()
     model = build_model(config, len(data.classes), device)
     try:
         with folder_lock(run_dir):
@@ -191,7 +200,8 @@ def _run_locked(config: Config, run_id: str, run_dir: Path, hooks: RunHooks, sta
         log.info("fetched the resume checkpoint of run %s into %s", run_id, resume_path)
     resume = None
     if resume_path.exists():
-        saved = load_checkpoint(resume_path, map_location=device)
+        # On the CPU: `fit` puts each part where it belongs (TrainState.load_state_dict), and best.pt wants it there.
+        saved = load_checkpoint(resume_path)
         check_resume(resume_path, saved)
         changed = changed_settings(saved["config"], config)
         if changed:
@@ -221,14 +231,23 @@ def _run_locked(config: Config, run_id: str, run_dir: Path, hooks: RunHooks, sta
     record.config, record.status, record.error = config.to_dict(), "running", None
     save_record()
 
+    writer = CheckpointWriter()
+
     def on_epoch(result: EpochResult, state: TrainState) -> None:
-        # Files first, then subscribers: a run stopped here resumes with every epoch it has reported.
+        # The epoch's files are copied here, at its sync point, and written on the writer's thread while the next
+        # epoch trains: best.pt, last.pt, then the record, so that the record never holds an epoch last.pt lacks.
+        # The run waits for them before it ends, however it ends: a run stopped by a signal resumes with every epoch
+        # it has reported. (A kill in mid-write leaves the previous files; W&B may then hold an epoch the resumed run
+        # trains again, and tracking logs it once.)
         record.history = list(state.history)  # first: a checkpoint that cannot be written must not lose the epoch
+        record.seconds = elapsed()
+        snapshot = host_copy(state.state_dict())
+        saves = [functools.partial(save_resume, resume_path, snapshot, config),
+                 functools.partial(dataclasses.replace(record, history=list(record.history)).save, run_dir)]
         if result.is_best:
-            save_best(run_dir / BEST_CHECKPOINT, state.best_model_state, config, result.epoch, result.metrics(),
-                      data.classes)
-        save_resume(resume_path, state.state_dict(), config)
-        save_record()
+            saves.insert(0, functools.partial(save_best, run_dir / BEST_CHECKPOINT, snapshot["best_model_state"],
+                                              config, result.epoch, result.metrics(), data.classes))
+        writer.submit(*saves)  # first waits for the previous epoch's files, raising their error
         if hooks.on_epoch is not None:
             hooks.on_epoch(result, state)
 
@@ -236,7 +255,8 @@ def _run_locked(config: Config, run_id: str, run_dir: Path, hooks: RunHooks, sta
     engine_hooks = dataclasses.replace(hooks, on_epoch=on_epoch, on_epoch_start=progress.on_epoch_start,
                                        on_batch=progress.on_batch)
     try:
-        result = fit(config, model, data, device, engine_hooks, resume=resume)
+        with writer:  # waits for the last checkpoints; their write error (a full disk) fails the run
+            result = fit(config, model, data, device, engine_hooks, resume=resume)
     except BaseException as error:
         record.status = "preempted" if isinstance(error, Interrupted) else "failed"
         record.error = str(error) or type(error).__name__
@@ -270,7 +290,9 @@ def evaluate_checkpoint(path: Path, overrides: dict[str, Any]) -> tuple[Config, 
         raise UserError(f"checkpoint: {path} holds settings this version cannot use ({error})") from None
     config = Config.from_mapping(overrides, base=base)
     device = select_device(config.device)
+    device_ready = start_device(device)  # CUDA starts on a thread while the data loads
     data = load_splits(config)
+    device_ready()
     if saved.classes is None:  # a last.pt stores no class names: the data's are taken as the run's
         log.info("%s: the best weights so far (epoch %d); classes from the data: %s", path, saved.epoch,
                  ", ".join(data.classes))

@@ -1,5 +1,8 @@
 import io
+import os
+import shutil
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -120,6 +123,90 @@ def test_cached_image_folder_loads_without_decoding(tmp_path, monkeypatch):
     first = load_image_folder(root)[0]
     monkeypatch.setattr("cifar_resnet.data._decode_images", lambda paths: pytest.fail("decoded again"))
     assert torch.equal(load_image_folder(root)[0].images, first.images)
+
+
+def _png(value: int) -> bytes:
+    return encode_png(torch.full((3, 32, 32), value, dtype=torch.uint8)).numpy().tobytes()
+
+
+def _aged_folder(root: Path) -> Path:
+    """`_write_folder`, with its folders' modification times an hour back: a change made in the test then moves
+    them for sure, however coarse the file system's clock."""
+    _write_folder(root)
+    hour_ago = time.time_ns() - 3600 * 10**9
+    for folder in [root, *root.rglob("*")]:
+        if folder.is_dir():
+            os.utime(folder, ns=(hour_ago, hour_ago))
+    return root
+
+
+def _decoded_afresh(root: Path, scratch: Path):
+    """The folder as a first load sees it: a copy without its cache, loaded."""
+    shutil.copytree(root, scratch, ignore=shutil.ignore_patterns(CACHE_FOLDER))
+    return load_image_folder(scratch)
+
+
+def test_a_warm_cache_is_found_by_its_folders_stamps_without_listing_or_stat_ing_an_image(tmp_path, monkeypatch):
+    root = _aged_folder(tmp_path / "imgs")
+    first = load_image_folder(root)
+    stat_paths = []
+    real_stat = os.stat
+
+    def recording_stat(path, *args, **kwargs):
+        stat_paths.append(Path(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", recording_stat)
+    monkeypatch.setattr("cifar_resnet.data._scan", lambda folder: pytest.fail(f"listed {folder}"))
+    monkeypatch.setattr("cifar_resnet.data._decode_images", lambda paths: pytest.fail("decoded again"))
+    again = load_image_folder(root)
+    monkeypatch.undo()
+
+    for loaded, expected in zip(again[:2], first[:2], strict=True):
+        assert torch.equal(loaded.images, expected.images) and torch.equal(loaded.labels, expected.labels)
+    assert again[2] == first[2] == ["cat", "dog"]
+    assert not [path for path in stat_paths if path.suffix == ".png"]
+    stamped = {path for path in stat_paths if CACHE_FOLDER not in path.parts and path.is_relative_to(root)}
+    assert stamped == {root / split / name for split in ("train", "test") for name in (".", "cat", "dog")}
+
+
+def _replace_by_a_move(root: Path) -> None:
+    (root / "elsewhere.png").write_bytes(_png(200))
+    os.replace(root / "elsewhere.png", root / "train" / "cat" / "0.png")
+
+
+@pytest.mark.parametrize("change", [
+    lambda root: (root / "train" / "dog" / "new.png").write_bytes(_png(99)),
+    lambda root: (root / "train" / "dog" / "0.png").unlink(),
+    lambda root: (root / "train" / "dog" / "0.png").rename(root / "train" / "dog" / "9.png"),
+    lambda root: (root / "train" / "cat" / "1.png").rename(root / "train" / "dog" / "1b.png"),
+    _replace_by_a_move,
+    lambda root: [(root / split / "bird").mkdir() or (root / split / "bird" / "0.png").write_bytes(_png(150))
+                  for split in ("train", "test")],
+    lambda root: (root / "test" / "cat" / "more").mkdir() or (root / "test" / "cat" / "more" / "x.png").write_bytes(
+        _png(7)),
+], ids=["image added", "image removed", "image renamed", "image moved to another class", "image replaced by a move",
+        "class added", "subfolder added"])
+def test_a_changed_folder_is_noticed_and_loads_as_a_first_load_would(tmp_path, change):
+    root = _aged_folder(tmp_path / "imgs")
+    load_image_folder(root)
+    change(root)
+    train, test, classes = load_image_folder(root)
+    fresh_train, fresh_test, fresh_classes = _decoded_afresh(root, tmp_path / "fresh")
+    assert classes == fresh_classes
+    for loaded, expected in ((train, fresh_train), (test, fresh_test)):
+        assert torch.equal(loaded.images, expected.images) and torch.equal(loaded.labels, expected.labels)
+    assert [len(list((root / CACHE_FOLDER).glob(f"{split}-*.pt"))) for split in ("train", "test")] == [1, 1]
+
+
+def test_an_image_rewritten_in_place_is_not_noticed_until_its_folder_is_touched(tmp_path):
+    """The documented limit of finding the cache by folder stamps (README's Data section), and its remedy."""
+    root = _aged_folder(tmp_path / "imgs")
+    load_image_folder(root)
+    (root / "train" / "cat" / "0.png").write_bytes(_png(123))  # same name, new content, its folder untouched
+    assert int(load_image_folder(root)[0].images[0, 0, 0, 0]) == 0  # the cached pixels
+    os.utime(root / "train" / "cat")  # touch the folder
+    assert int(load_image_folder(root)[0].images[0, 0, 0, 0]) == 123
 
 
 @pytest.mark.parametrize(

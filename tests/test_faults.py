@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from conftest import REPO, tiny_args
 from torchvision.io import encode_png
 
 from cifar_resnet import files
-from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
+from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT, CheckpointWriter, host_copy
 from cifar_resnet.cli import main
 from cifar_resnet.config import Config
 from cifar_resnet.data import CACHE_FOLDER, IMAGE_EXTENSIONS, _list_folder, load_image_folder
@@ -470,3 +472,79 @@ def test_a_read_only_output_folder_is_one_line_and_exit_1(read_only_folder, tiny
     ]:
         assert main(["sweep", str(tmp_path / "sweep.yaml"), "--offline", "--output-dir", str(out_dir)]) == 1
         assert only_error_line(capsys.readouterr().err) == f"ERROR: {message}"
+
+
+# --- 8. checkpoints written off the training path ----------------------------------------------------------------
+
+WRITER_WAIT_S = 30  # how long a test waits for the writer's thread to reach a point; it takes milliseconds
+
+
+@pytest.mark.quick
+def test_the_checkpoint_writer_saves_on_its_thread_in_order_and_waits_for_them_on_exit(tmp_path):
+    release, started, written = threading.Event(), threading.Event(), []
+
+    def slow_save() -> None:
+        started.set()
+        assert release.wait(WRITER_WAIT_S)
+        files.atomic_write_json(tmp_path / "first.json", {"n": 1})
+        written.append(("first", threading.current_thread().name))
+
+    with CheckpointWriter() as writer:
+        writer.submit(slow_save, lambda: written.append(("second", threading.current_thread().name)))
+        assert started.wait(WRITER_WAIT_S) and written == []  # submit returned while the save is still going
+        release.set()
+    assert written == [("first", "checkpoint-writer"), ("second", "checkpoint-writer")]  # both, in order, off
+    assert json.loads((tmp_path / "first.json").read_text()) == {"n": 1}  # this thread, before the block ended
+
+
+@pytest.mark.quick
+def test_a_failed_checkpoint_write_ends_the_run_at_the_next_save_or_at_its_end(tmp_path):
+    def full_disk() -> None:
+        raise StorageError(f"could not write {tmp_path / 'last.pt'}: no space left on device (0.0 MB free there)")
+
+    writer = CheckpointWriter()
+    writer.submit(full_disk)
+    with pytest.raises(StorageError, match="no space left on device"):  # the next epoch's save
+        writer.submit(lambda: None)
+    writer.wait()  # raised once, then cleared
+    with pytest.raises(StorageError, match="no space left on device"):  # the last epoch's, as the run ends
+        with writer:
+            writer.submit(full_disk)
+
+
+@pytest.mark.quick
+def test_a_run_stopped_by_a_signal_waits_for_its_checkpoint_and_ends_with_the_stop(tmp_path, caplog):
+    """The first error wins: a run stopped while its files are written ends as stopped, with the write finished
+    (the stop's resume checkpoint is the file being written); a write error then is logged, not lost."""
+    release = threading.Event()
+
+    def slow_save() -> None:
+        assert release.wait(WRITER_WAIT_S)
+        files.atomic_write_json(tmp_path / "last.json", {"epoch": 1})
+
+    with pytest.raises(Interrupted):
+        with CheckpointWriter() as writer:
+            writer.submit(slow_save)
+            threading.Timer(0.2, release.set).start()
+            raise Interrupted
+    assert json.loads((tmp_path / "last.json").read_text()) == {"epoch": 1}
+
+    def full_disk() -> None:
+        raise StorageError("could not write last.pt: no space left on device (0.0 MB free there)")
+
+    with caplog.at_level(logging.ERROR, logger="cifar_resnet.checkpoint"), pytest.raises(Interrupted):
+        with CheckpointWriter() as writer:
+            writer.submit(full_disk)
+            raise Interrupted
+    assert caplog.messages == ["could not write last.pt: no space left on device (0.0 MB free there)"]
+
+
+@pytest.mark.quick
+def test_a_host_copy_is_a_snapshot_that_training_cannot_change():
+    weights = torch.zeros(3)
+    state = {"model": {"w": weights}, "steps": [torch.tensor(1.0)], "epoch": 2, "pair": (weights, "x")}
+    snapshot = host_copy(state)
+    weights.add_(1)  # the next epoch trains in place
+    assert snapshot["model"]["w"].tolist() == [0.0, 0.0, 0.0] and snapshot["pair"][0].tolist() == [0.0, 0.0, 0.0]
+    assert snapshot["epoch"] == 2 and snapshot["pair"][1] == "x" and isinstance(snapshot["pair"], tuple)
+    assert snapshot["steps"][0].item() == 1.0
