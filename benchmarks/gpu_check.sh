@@ -1,38 +1,44 @@
 #!/usr/bin/env bash
-# Every GPU measurement of BENCHMARKS.md in one call (sized for 8 minutes on one H100), on the JPEG copy of
-# CIFAR-10, with nothing but python, torch and torchvision (no W&B; the package needs no installing):
-#   0. one full 10-epoch run of the real model with a cold decode cache (the cache is deleted first), timed from
+# Every GPU measurement of BENCHMARKS.md in one call, on the JPEG copy of CIFAR-10, with nothing but python, torch
+# and torchvision (no W&B; the package needs no installing). The default steps are sized for 6 minutes on one H100
+# or H200: an estimate, about 5 minutes, from the H200 figures of commit b142e91 (BENCHMARKS.md, "The GPU check"):
+#   0. gpu-tests: the GPU tests (resume, bf16, channels_last, fused optimizer, the captured training and
+#      evaluation steps against eager ones);
+#   1. full10-cold: one full 10-epoch run of the real model with a cold decode cache (deleted first), timed from
 #      process start: the first decode of the 60,000 JPEGs included;
-#   1. the benchmark in GPU mode: write-up's pipeline against ours, the tuning variants one by one (ours = the step
-#      captured as one CUDA graph by hand; beside it the eager step, torch.compile's reduce-overhead graphs, and
-#      bf16, channels_last and each optimizer under the graph), and runs per hour with 1, 2, 4 and 8 concurrent
-#      full runs (which sets the runs-per-GPU table of cifar_resnet/gpus.py);
-#   2. one full 10-epoch run of the real model, timed from process start (the decode cache is warm by then);
-#   3. the write-up's six cells with our default recipe, as many at a time as step 1 found best;
-#   4. (grid-writeup, not by default; measured at b555040) the same six cells with recipe=writeup;
-#   5. with IMAGE=<the worker image> and docker or podman (and the NVIDIA container toolkit): torch inside the
+#   2. bench: the benchmark in GPU mode, its JSON rewritten after each section: our step and its variants (the
+#      graph against the eager step, bf16 and channels_last under the graph, torch.compile's own graphs),
+#      evaluation (graph and eager), runs per hour with 1, 2 and 6 concurrent full runs (what the runs-per-GPU table
+#      of cifar_resnet/gpus.py rests on), then the write-up's pipeline against ours;
+#   3. full10: one full 10-epoch run, timed from process start, the decode cache warm;
+#   4. (grid, not by default; 80 s at b142e91) the write-up's six cells with our default recipe, as many at a time as
+#      step 2 found best;
+#   5. (grid-writeup, not by default; measured at b555040) the same six cells with recipe=writeup;
+#   6. image, with IMAGE=<the worker image> and docker or podman (and the NVIDIA container toolkit): torch inside the
 #      image's own Python sees the GPU and computes on it (skipped, with a message, without a GPU or an engine);
-#   6. (recipe-candidates, not by default) the recipe candidates of issues 10 and 22, 2 seeds each, at Adam 0.001
+#   7. (recipe-candidates, not by default) the recipe candidates of issues 10 and 22, 2 seeds each, at Adam 0.001
 #      (SGD's own at SGD 0.001), on top of RECIPE_SETTINGS; pick them with RECIPE_ONLY to fit a call;
-#   7. (recipe-grid, not by default; an estimated 5 minutes on an H200) the six cells x 2 seeds under the recipe in
+#   8. (recipe-grid, not by default; an estimated 5 minutes on an H200) the six cells x 2 seeds under the recipe in
 #      RECIPE_SETTINGS (e.g. "--norm_lr_scale=8 --label_smoothing=0.2 --ema_decay=0.99") and under recipe=writeup;
-#   8. (recipe, not by default) steps 6 and 7 in one: the grid with the candidates that won in 6.
-# STEPS (comma-separated) picks the steps: default gpu-tests,full10-cold,bench,full10,grid,image. Each of steps 6 and
-# 7 fills an 8-minute call alone (estimated): STEPS=recipe-candidates, then STEPS=recipe-grid RECIPE_SETTINGS="...".
-# The recipe steps write their JSON into $OUT after each phase, so a call cut short keeps its finished phases.
-# Results (JSON) and one log go to $OUT (or ./gpu-check); run folders and checkpoints stay in $WORK.
+#   9. (recipe, not by default) steps 7 and 8 in one: the grid with the candidates that won in 7.
+# STEPS (comma-separated) picks the steps: default gpu-tests,full10-cold,bench,full10,image. Each of steps 7 and 8
+# fills a call alone (estimated): STEPS=recipe-candidates, then STEPS=recipe-grid RECIPE_SETTINGS="...".
+# Every step writes its JSON into $OUT (or ./gpu-check) as soon as it has it (the benchmark and the recipe steps after
+# each section), so a call cut short keeps what was measured; one log, gpu_check.log, goes there too, each step's
+# wall time in it. Run folders and checkpoints stay in $WORK.
 #
 #   GIT_COMMIT=$(git rev-parse --short HEAD) benchmarks/gpu_check.sh   # on a GPU machine
 #   SMALL=1 PYTHON=.venv/bin/python benchmarks/gpu_check.sh             # the same steps, tiny, on a CPU (a dry run)
 #
 # Settings (environment): ARCHIVE (default data/cifar10-jpeg.tar.gz, else ../shared/data/cifar10-jpeg.tar.gz),
-# PYTHON (default python3), WORK (default $TMPDIR/cifar_resnet_gpu_check), WORKERS (step 3 and 4; default: the best
-# of step 1; 6 for steps 6 and 7), SEEDS (steps 6 and 7; default 2), VARIANTS (step 1's tuning variants,
-# comma-separated; default all), RECIPE_ONLY (the candidates of steps 6 and 8, comma-separated labels; default all),
-# RECIPE_SETTINGS (steps 6 to 8: --name=value settings on top of tuned for every run but recipe=writeup's),
-# IMAGE (step 5: an image to run, e.g. REGISTRY/cifar-resnet-agent:0.1, pulled or built on this host).
+# PYTHON (default python3), WORK (default $TMPDIR/cifar_resnet_gpu_check), WORKERS (steps 4 and 5; default: the best
+# of step 2; 6 for steps 7 and 8), SEEDS (steps 7 and 8; default 2), VARIANTS (step 2's tuning variants,
+# comma-separated; default the five above), RECIPE_ONLY (the candidates of steps 7 and 9, comma-separated labels;
+# default all), RECIPE_SETTINGS (steps 7 to 9: --name=value settings on top of tuned for every run but
+# recipe=writeup's), IMAGE (step 6: an image to run, e.g. REGISTRY/cifar-resnet-agent:0.1, pulled or built here).
 # CIFAR10_JPEG_DIR is exported (the extracted folder) for the GPU tests (tests/test_gpu_graph.py).
 set -euo pipefail
+CHECK_STARTED=$(date +%s%N)
 cd "$(dirname "$0")/.."
 
 OUT_DIR=${OUT:-$PWD/gpu-check}
@@ -68,9 +74,9 @@ else
     RECIPE_RUNS=("--workers=${WORKERS:-6}" "--seeds=${SEEDS:-2}")
 fi
 
-STEPS=${STEPS:-gpu-tests,full10-cold,bench,full10,grid,image}
+STEPS=${STEPS:-gpu-tests,full10-cold,bench,full10,image}
 FAILED=()
-step() {  # step NAME COMMAND...: run it, log it with its wall time, copy its JSON to $OUT_DIR; go on if it fails
+step() {  # step NAME COMMAND...: run it, log it with its wall time; go on if it fails
     local name=$1 started status=0; shift
     [[ ",$STEPS," == *",$name,"* ]] || return 0  # not asked for
     started=$(date +%s%N)
@@ -78,7 +84,6 @@ step() {  # step NAME COMMAND...: run it, log it with its wall time, copy its JS
     "$@" 2>&1 | tee -a "$LOG" || status=$?
     echo "=== $name: exit $status after $(( ($(date +%s%N) - started) / 1000000 )) ms" | tee -a "$LOG"
     if [ "$status" != 0 ]; then FAILED+=("$name"); fi
-    if [ -f "$WORK/$name.json" ]; then cp "$WORK/$name.json" "$OUT_DIR/"; fi
 }
 
 : > "$LOG"
@@ -86,7 +91,7 @@ step() {  # step NAME COMMAND...: run it, log it with its wall time, copy its JS
   grep -m1 "model name" /proc/cpuinfo || true; nproc; "$PYTHON" -c "import torch; print('torch', torch.__version__)"
 } | tee -a "$LOG"
 
-# 0. The GPU tests first (bf16, channels_last, fused optimizer, resume), only their file: the others need wandb.
+# 0. The GPU tests first, only their files: the others need wandb.
 if "$PYTHON" -c "import pytest" 2>/dev/null || [[ ",$STEPS," != *",gpu-tests,"* ]]; then
     step gpu-tests "$PYTHON" -m pytest -m gpu -p no:cacheprovider -q -rs tests/test_gpu.py tests/test_gpu_graph.py
 else
@@ -94,23 +99,24 @@ else
 fi
 
 if [[ ",$STEPS," == *",full10-cold,"* ]]; then rm -rf "$DATA_DIR/.cifar_resnet_cache"; fi  # decode from the JPEGs
-step full10-cold "$PYTHON" -m cifar_resnet.bench run --run_id=full10-cold "--result=$WORK/full10-cold.json" "${DATA[@]}" \
+step full10-cold "$PYTHON" -m cifar_resnet.bench run --run_id=full10-cold "--result=$OUT_DIR/full10-cold.json" \
+    "${DATA[@]}" "${RUN[@]}" "--output_dir=$WORK/full10-runs"
+
+step bench "$PYTHON" -m cifar_resnet.bench "--mode=$MODE" "${DATA[@]}" "${RUN[@]}" "${BENCH[@]}" \
+    "--out=$OUT_DIR/bench.json" "--runs_dir=$WORK/bench-runs"
+
+step full10 "$PYTHON" -m cifar_resnet.bench run --run_id=full10 "--result=$OUT_DIR/full10.json" "${DATA[@]}" \
     "${RUN[@]}" "--output_dir=$WORK/full10-runs"
 
-step bench "$PYTHON" -m cifar_resnet.bench "--mode=$MODE" "${DATA[@]}" "${RUN[@]}" "${BENCH[@]}" "--out=$WORK/bench.json"
-
-step full10 "$PYTHON" -m cifar_resnet.bench run --run_id=full10 "--result=$WORK/full10.json" "${DATA[@]}" "${RUN[@]}" \
-    "--output_dir=$WORK/full10-runs"
-
 GRID_WORKERS=${WORKERS:-}
-if [ -z "$GRID_WORKERS" ]; then  # the concurrency with the most runs per hour in step 1
-    GRID_WORKERS=$("$PYTHON" -c "import json, sys; c = json.load(open(sys.argv[1]))['concurrency']
-print(max(c, key=lambda k: c[k]['runs_per_hour']) if c else 1)" "$WORK/bench.json" 2>/dev/null || echo 1)
+if [ -z "$GRID_WORKERS" ]; then  # the concurrency with the most runs per hour in step 2
+    GRID_WORKERS=$("$PYTHON" -c "import json, sys; c = json.load(open(sys.argv[1])).get('concurrency') or {}
+print(max(c, key=lambda k: c[k]['runs_per_hour']) if c else 1)" "$OUT_DIR/bench.json" 2>/dev/null || echo 1)
 fi
 step grid "$PYTHON" -m cifar_resnet.bench grid "--workers=$GRID_WORKERS" "${DATA[@]}" "${RUN[@]}" \
-    "--out=$WORK/grid.json"
+    "--out=$OUT_DIR/grid.json" "--runs_dir=$WORK/grid-runs"
 step grid-writeup "$PYTHON" -m cifar_resnet.bench grid "--workers=$GRID_WORKERS" --recipe=writeup "${DATA[@]}" \
-    "${RUN[@]}" "--out=$WORK/grid-writeup.json"
+    "${RUN[@]}" "--out=$OUT_DIR/grid-writeup.json" "--runs_dir=$WORK/grid-writeup-runs"
 # shellcheck disable=SC2206  # RECIPE_SETTINGS is a list of --name=value words
 RECIPE=("$PYTHON" benchmarks/recipe_experiments.py "${RECIPE_RUNS[@]}" "--runs_dir=$WORK/recipe-runs" "${DATA[@]}"
         "${RUN[@]}" ${RECIPE_ONLY:+"--only=$RECIPE_ONLY"} ${RECIPE_SETTINGS:-})
@@ -131,5 +137,6 @@ elif command -v podman >/dev/null; then  # the NVIDIA container toolkit's CDI sp
 else
     echo "=== image: skipped (no docker or podman to run $IMAGE with the GPU)" | tee -a "$LOG"
 fi
-echo "gpu_check: done; results in $OUT_DIR; failed steps: ${FAILED[*]:-none}" | tee -a "$LOG"
+echo "gpu_check: done in $(( ($(date +%s%N) - CHECK_STARTED) / 1000000000 )) s; results in $OUT_DIR; failed steps:" \
+    "${FAILED[*]:-none}" | tee -a "$LOG"
 [ ${#FAILED[@]} = 0 ]

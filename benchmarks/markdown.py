@@ -29,19 +29,23 @@ def bench_markdown(result: dict[str, Any]) -> str:
     parts = [f"Machine: {provenance(result['machine'])}. Model width {config['width']}, batch {config['batch_size']}, "
              f"{result['images']['train']} training images ({config['dataset']}). Peak: {peak['dtype']} matmul "
              f"{peak['size']}^3 at {peak['tflops']:.3f} TFLOP/s, measured in the same run."]
-    pipeline = result["data_pipeline_batches_per_s"]
-    rows = [[name, f"{pipeline[name]:.1f}", f"{t['images_per_s']:.0f}", f"{t['epoch_s']:.2f}", f"{t['tflops']:.3f}",
-             f"{t['fraction_of_peak']:.1%}", f"{t['peak_memory_mb']:.0f}"] for name, t in result["training"].items()]
-    parts.append(table(["pipeline", "data alone, batches/s", "training images/s", "s/epoch (projected)", "TFLOP/s",
-                        "of peak", "peak memory, MB"], rows))
-    parts.append("; ".join(f"ours / {name}: training x{result['speedup'][name]:.1f}, data pipeline "
-                           f"x{result['data_speedup'][name]:.1f}" for name in result["speedup"]) or "")
+    if not result.get("complete", True):  # a benchmark cut short: the sections it finished
+        parts.append("(cut short: the sections below are those it finished)")
+    if "training" in result:  # the write-up's pipeline, its last section
+        pipeline = result["data_pipeline_batches_per_s"]
+        rows = [[name, f"{pipeline[name]:.1f}", f"{t['images_per_s']:.0f}", f"{t['epoch_s']:.2f}",
+                 f"{t['tflops']:.3f}", f"{t['fraction_of_peak']:.1%}", f"{t['peak_memory_mb']:.0f}"]
+                for name, t in result["training"].items()]
+        parts.append(table(["pipeline", "data alone, batches/s", "training images/s", "s/epoch (projected)",
+                            "TFLOP/s", "of peak", "peak memory, MB"], rows))
+        parts.append("; ".join(f"ours / {name}: training x{result['speedup'][name]:.1f}, data pipeline "
+                               f"x{result['data_speedup'][name]:.1f}" for name in result["speedup"]) or "")
     parts.append(table(["width", "forward GFLOP/image", "training step GFLOP/image",
                         f"{config['epochs']}-epoch run, PFLOP", "its floor at the peak, s"],
                        [[width, f"{f['forward'] / 1e9:.3f}", f"{f['train'] / 1e9:.3f}",
                          f"{result['run_flops'][width] / 1e15:.3f}", f"{result['floor_s'][width]:.2f}"]
                         for width, f in result["flops_per_image"].items()]))
-    if len(result["tuning"]) > 1:
+    if len(result["tuning"]) > 1 and "images_per_s" in result["tuning"].get("ours", {}):
         reference = result["tuning"]["ours"]["images_per_s"]
         parts.append(table(["variant of ours", "training images/s", "vs ours", "one-off setup, s",
                             f"{config['epochs']}-epoch training, s (projected)"],
@@ -49,9 +53,10 @@ def bench_markdown(result: dict[str, Any]) -> str:
                             [name, f"{t['images_per_s']:.0f}", f"{t['images_per_s'] / reference:.2f}",
                              f"{t['setup_s']:.1f}", f"{t['projected_training_s']:.1f}"]
                             for name, t in result["tuning"].items()]))
-    parts.append("Evaluation images/s (inference_mode): " + ", ".join(
-        f"{name}: {value:.0f}" for name, value in result["eval_images_per_s"].items()))
-    if result["concurrency"]:
+    if "eval_images_per_s" in result:
+        parts.append("Evaluation images/s (inference_mode): " + ", ".join(
+            f"{name}: {value:.0f}" for name, value in result["eval_images_per_s"].items()))
+    if result.get("concurrency"):
         parts.append(table(["concurrent runs", "runs/hour", "wall, s", "each from process start, s", "test acc"],
                            [[count, f"{c['runs_per_hour']:.0f}", f"{c['wall_s']:.1f}",
                              ", ".join(f"{s:.1f}" for s in c["process_s"]),

@@ -1,7 +1,6 @@
 """`python -m cifar_resnet` is the `cifar-resnet` command."""
 
-import sys
-
 from .cli import main
+from .process import exit_ignoring_stop_signals
 
-sys.exit(main())
+exit_ignoring_stop_signals(main())

@@ -7,6 +7,7 @@ happen here; everything downstream takes a `Config`, never an `argparse.Namespac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import re
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,19 @@ LR_SCHEDULES = ("constant", "cosine", "onecycle")
 DATASETS = ("cifar10", "imagefolder", "synthetic")
 MAX_TRANSLATE_PX = 4  # a test-time shift, like the training crop's padding, moves an image at most 4 px
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda|cuda:[0-9]+")  # cuda:N, N a GPU index (checked against the GPUs later)
+# The ranges the model, the data and torch allow, so that a value out of them is one line, not a traceback deep in
+# torch (a float32 overflow, an allocation of terabytes):
+FLOAT32_MAX = 3.4028234663852886e38  # every float setting reaches the device as a float32
+MAX_LEARNING_RATE = 10.0  # per step: far above any rate that trains this model
+MAX_NORM_LR_SCALE = 1000.0  # so that learning_rate x norm_lr_scale stays far from float32's overflow
+MAX_WIDTH = 1024  # 709 M parameters (width 64: 2.8 M): 11 GB with the gradients and Adam's moments
+MAX_IMAGES = 10_000_000  # per split: a split lives in memory and on the device as uint8, 3 KB an image (31 GB)
+MAX_SEED = 2**64 - 1  # torch.manual_seed's and torch.Generator's range (from 0: negative seeds are refused)
+SIZE_SETTINGS = ("val_size", "train_size", "test_size")
+# Where a run's files and data lie, not what it trains: they may differ between the attempts of one run (its
+# sweep folder moved, its data copied elsewhere). Every other setting says what the run trains: a checkpoint or a
+# record written with another value of one of those belongs to another run.
+LOCATION_SETTINGS = ("output_dir", "data_dir")
 
 # A recipe is a preset of the training-recipe settings below: it supplies their defaults, and a setting given
 # explicitly still wins. `tuned` was chosen by measurement (BENCHMARKS.md); `writeup` reproduces the write-up's
@@ -55,10 +69,11 @@ def _recipe_setting(help: str, choices: Sequence[str] | None = None) -> Any:
 @dataclass(frozen=True)
 class Config:
     # --- optimisation -------------------------------------------------------------------------------------------
-    learning_rate: float = _setting(0.001, "peak learning rate (per step; the schedule scales it)")
+    learning_rate: float = _setting(0.001, "peak learning rate (per step, at most 10; the schedule scales it)")
     optimizer: str = _setting("adam", "optimizer", OPTIMIZERS)
     momentum: float = _recipe_setting(
-        "[recipe] SGD momentum (Adam's is adam_beta1); 0.99 makes up for the sweep's small SGD learning rates"
+        "[recipe] SGD momentum, in [0, 1) (Adam's is adam_beta1); 0.99 makes up for the sweep's small SGD learning "
+        "rates"
     )
     nesterov: bool = _recipe_setting("[recipe] Nesterov momentum for SGD")
     weight_decay: float = _recipe_setting(
@@ -73,10 +88,10 @@ class Config:
         "[recipe] the longest warm-up, as a fraction of the run's steps, in [0, 1] (1: warmup_epochs alone)")
     label_smoothing: float = _recipe_setting("[recipe] label smoothing of the training loss, in [0, 1)")
     norm_lr_scale: float = _recipe_setting(
-        "[recipe] learning-rate factor, > 0, for the parameters without weight decay (batch-norm scales and shifts, "
-        "the head's bias)")
+        "[recipe] learning-rate factor, > 0 and at most 1000, for the parameters without weight decay (batch-norm "
+        "scales and shifts, the head's bias)")
     sgd_norm_lr_scale: float = _recipe_setting(
-        "[recipe] SGD only: the learning-rate factor, >= 0, for the parameters without weight decay, in place of "
+        "[recipe] SGD only: the learning-rate factor, >= 0 and at most 1000, for the parameters without weight decay, in place of "
         "norm_lr_scale (which Adam and AdamW keep), so that one sweep over both optimizers gives each its own; "
         "0: norm_lr_scale")
     adam_beta1: float = _recipe_setting("[recipe] Adam and AdamW: decay of the gradient average, in [0, 1)")
@@ -118,9 +133,10 @@ class Config:
     train_size: int = _setting(0, "training images used after the validation split, in images (0: all)")
     test_size: int = _setting(0, "test images used, in images (0: all)")
     # --- model --------------------------------------------------------------------------------------------------
-    width: int = _setting(64, "channels of the first stage; stages 2 and 3 have 2x and 4x")
+    width: int = _setting(64, "channels of the first stage, at most 1024; stages 2 and 3 have 2x and 4x")
     # --- run ----------------------------------------------------------------------------------------------------
-    seed: int = _setting(0, "seed of the validation split, the initial weights, shuffling and augmentation")
+    seed: int = _setting(0, "seed of the validation split, the initial weights, shuffling and augmentation, "
+                         "0 to 2**64 - 1")
     output_dir: str = _setting("./runs", "folder for the per-run folders (checkpoints and run record)")
     device: str = _setting("auto", "training device: auto (CUDA when present), cpu, cuda or cuda:N (N a GPU index)")
     bf16: bool = _setting(True, "bf16 autocast on CUDA (ignored on CPU)")
@@ -147,10 +163,19 @@ class Config:
                 raise ConfigError(
                     f"{f.name}: {getattr(self, f.name)!r} is not one of {', '.join(choices)}"
                 )
+            if f.type == "float" and not abs(getattr(self, f.name)) <= FLOAT32_MAX:  # False for nan too
+                raise ConfigError(f"{f.name}: must be a finite float32 number (at most {FLOAT32_MAX:.2e}), "
+                                  f"got {getattr(self, f.name)}")
         positive = ("learning_rate", "epochs", "batch_size", "eval_batch_size", "width", "norm_lr_scale", "adam_eps")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
+        upper_bounds = {"learning_rate": MAX_LEARNING_RATE, "norm_lr_scale": MAX_NORM_LR_SCALE,
+                        "sgd_norm_lr_scale": MAX_NORM_LR_SCALE, "width": MAX_WIDTH, "seed": MAX_SEED,
+                        **dict.fromkeys(SIZE_SETTINGS, MAX_IMAGES)}
+        for name, bound in upper_bounds.items():
+            if getattr(self, name) > bound:
+                raise ConfigError(f"{name}: must be <= {bound:,}, got {getattr(self, name):,}")
         if self.val_size <= 0:  # the best checkpoint is chosen on validation accuracy
             raise ConfigError(f"val_size: must be > 0 (the best epoch is chosen on it), got {self.val_size}")
         non_negative = ("momentum", "weight_decay", "warmup_epochs", "train_size", "test_size", "seed",
@@ -162,7 +187,7 @@ class Config:
             raise ConfigError(f"warmup_fraction: must be in [0, 1], got {self.warmup_fraction}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
-        for name in ("ema_decay", "adam_beta1", "adam_beta2"):
+        for name in ("momentum", "ema_decay", "adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
         if not 0 < self.lookahead_alpha <= 1:
@@ -210,6 +235,14 @@ class Config:
         return cls.from_mapping(parse_argv(argv), base=base)
 
 
+def changed_settings(saved: Mapping[str, Any], config: Config) -> list[str]:
+    """What makes `saved` (the settings a checkpoint or a run record was written with) another run than `config`'s:
+    each setting but LOCATION_SETTINGS whose value differs, as `name: saved value -> this value`."""
+    current = config.to_dict()
+    return [f"{name}: {saved.get(name, 'unset')!r} -> {current.get(name, 'unset')!r}" for name in {**current, **saved}
+            if name not in LOCATION_SETTINGS and saved.get(name, ...) != current.get(name, ...)]
+
+
 def parse_argv(argv: Sequence[str]) -> dict[str, str]:
     """The settings given as `--name=value` (or `--name value`), values still strings.
 
@@ -236,8 +269,14 @@ def _coerce(name: str, type_name: str, value: Any) -> Any:
                 return False
             raise ValueError
         if type_name == "int":
-            number = float(value)  # accepts "10", 10, "1e3" and 10.0, not 10.5
-            if isinstance(value, bool) or not number.is_integer():
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, int):
+                return value
+            with contextlib.suppress(ValueError):
+                return int(str(value).strip())  # exact, however many digits
+            number = float(value)  # accepts "1e3" and 10.0, not 10.5, inf or nan
+            if not number.is_integer():
                 raise ValueError
             return int(number)
         if type_name == "float":

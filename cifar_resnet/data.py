@@ -33,7 +33,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # matched in any case, as torchvis
 MIN_CLASSES = 2  # a classifier of one class is 100% right and learns nothing
 CACHE_FOLDER = ".cifar_resnet_cache"
 CIFAR10_FOLDER = "cifar-10-batches-py"  # where torchvision extracts its archive, in data_dir
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: an image folder's cache is found by its folders' stamps (1: by every file's stat)
 
 SYNTHETIC_CLASSES = 10
 SYNTHETIC_TRAIN_IMAGES = 10_000  # when train_size is 0; val_size more are made for validation
@@ -236,8 +236,22 @@ def load_image_folder(data_dir: Path) -> tuple[ImageSet, ImageSet, list[str]]:
     return train, test, train_classes
 
 
-def _list_folder(folder: Path) -> tuple[list[tuple[str, int]], list[str]]:
+def _folder_stamp(path: str | os.PathLike[str]) -> list[int]:
+    """What changes when a folder's entries change: its modification and status-change times, in nanoseconds.
+    Adding, removing or renaming an entry updates both; only the kernel sets the second, so a tool that puts the
+    first back (tar, `rsync -t`, `touch -d`) still changes the stamp."""
+    stat = os.stat(path)
+    return [stat.st_mtime_ns, stat.st_ctime_ns]
+
+
+def _list_folder(
+    folder: Path, stamps: dict[str, list[int]] | None = None
+) -> tuple[list[tuple[str, int]], list[str]]:
     """The images under `folder/<class>/` (subfolders included) with their labels, and the class names.
+
+    With `stamps`, every folder listed (`folder`, its class folders and their subfolders) is entered there under its
+    path relative to `folder`, with its `_folder_stamp` taken just before it is listed: a change made while it is
+    listed shows as a changed stamp next time.
 
     The order is torchvision's `ImageFolder`'s: classes are the sorted folder names, images sorted by folder then
     name, and an image is a regular file whose name ends in one of IMAGE_EXTENSIONS, in any case.
@@ -249,6 +263,8 @@ def _list_folder(folder: Path) -> tuple[list[tuple[str, int]], list[str]]:
     """
     if not folder.is_dir():
         raise DataError(f"data_dir: {folder} is not a folder; expected <data_dir>/train/<class>/*.jpg and test/")
+    if stamps is not None:
+        stamps[os.curdir] = _folder_stamp(folder)
     classes = sorted(entry.name for entry in _scan(folder) if _is_folder(entry))
     if not classes:
         raise DataError(f"data_dir: {folder} has no class folders; expected {folder}/<class>/*.jpg")
@@ -259,7 +275,7 @@ def _list_folder(folder: Path) -> tuple[list[tuple[str, int]], list[str]]:
     samples: list[tuple[str, int]] = []
     empty: list[str] = []
     for label, name in enumerate(classes):
-        images = _list_images(os.path.join(folder, name))
+        images = _list_images(os.path.join(folder, name), stamps, str(folder))
         if not images:
             empty.append(os.path.join(folder, name))
         samples.extend((path, label) for path in images)
@@ -289,13 +305,16 @@ def _is_folder(entry: os.DirEntry[str]) -> bool:
     return entry.is_dir(follow_symlinks=False)
 
 
-def _list_images(class_dir: str) -> list[str]:
-    """The image files under `class_dir`, walked without following links to folders, in torchvision's order."""
+def _list_images(class_dir: str, stamps: dict[str, list[int]] | None = None, root: str = "") -> list[str]:
+    """The image files under `class_dir`, walked without following links to folders, in torchvision's order; each
+    folder walked is stamped into `stamps`, if given, under its path relative to `root` (see `_list_folder`)."""
     files_by_folder: dict[str, list[str]] = {}
     pending = [class_dir]
     while pending:
         current = pending.pop()
         files_by_folder[current] = []
+        if stamps is not None:
+            stamps[os.path.relpath(current, root)] = _folder_stamp(current)
         for entry in _scan(current):
             if _is_folder(entry):
                 pending.append(entry.path)
@@ -308,45 +327,72 @@ def _list_images(class_dir: str) -> list[str]:
     return [os.path.join(path, name) for path in sorted(files_by_folder) for name in sorted(files_by_folder[path])]
 
 
-def _load_folder_split(folder: Path) -> tuple[ImageSet, list[str]]:
-    samples, classes = _list_folder(folder)
-    # The cache key covers every file's name, size and modification time, so any change rebuilds the cache.
-    digest = hashlib.sha256(f"v{CACHE_FORMAT_VERSION}".encode())
-    for path, label in samples:
-        stat = os.stat(path)
-        digest.update(f"{os.path.relpath(path, folder)}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    cache_dir = folder.parent / CACHE_FOLDER
-    cache_file = cache_dir / f"{folder.name}-{digest.hexdigest()[:16]}.pt"
+def _stamps_unchanged(folder: Path, stamps: dict[str, list[int]]) -> bool:
+    try:
+        return all(_folder_stamp(folder / relative) == list(stamp) for relative, stamp in stamps.items())
+    except OSError:  # a folder gone
+        return False
 
-    def read_cache() -> ImageSet | None:
-        if not cache_file.exists():
-            return None
-        try:
-            # mmap: the pages are read as the tensors are first touched, with no second copy in memory
-            cached = torch.load(cache_file, weights_only=True, mmap=True)
-            return ImageSet(cached["images"], cached["labels"])
-        except Exception as error:  # a damaged cache is rebuilt, never trusted
-            log.warning("ignoring unreadable decode cache %s: %s", cache_file, error)
-            return None
+
+def _load_folder_split(folder: Path) -> tuple[ImageSet, list[str]]:
+    """One split's images and class names: from its decode cache while the folder is unchanged, else decoded from
+    the files (and cached, in `<data_dir>/.cifar_resnet_cache/`).
+
+    A cache holds the stamps (`_folder_stamp`) of every folder of the split as it was listed: the split folder, its
+    class folders and their subfolders. A warm cache is found by checking those few stamps, without listing or
+    stat-ing the image files (60,000 of them for CIFAR-10: BENCHMARKS.md has the times). What changes a stamp, and so
+    decodes the folder again: an image added, removed or renamed, an image replaced by another moved onto its name
+    (as rsync, `mv` and atomic writers replace files), a class or subfolder added or removed; also what only touches
+    a folder (`touch`, `chmod`), which decodes for nothing. What does not: an image rewritten in place under its name
+    (`cp` onto it, an editor saving it) and a change to the target of a linked image file. After such a change,
+    touch the image's folder or delete the cache folder. Stamps are as fine as the file system's timestamps.
+    """
+    cache_dir = folder.parent / CACHE_FOLDER
+
+    def read_cache() -> tuple[ImageSet, list[str]] | None:
+        for cache_file in sorted(cache_dir.glob(f"{folder.name}-*.pt")):
+            try:
+                # mmap: the pages are read as the tensors are first touched, with no second copy in memory
+                cached = torch.load(cache_file, weights_only=True, mmap=True)
+            except FileNotFoundError:  # removed as stale by a process that is rebuilding it
+                continue
+            except Exception as error:  # a damaged cache is rebuilt, never trusted
+                log.warning("ignoring unreadable decode cache %s: %s", cache_file, error)
+                continue
+            if (isinstance(cached, dict) and cached.get("format") == CACHE_FORMAT_VERSION
+                    and _stamps_unchanged(folder, cached["folders"])):
+                return ImageSet(cached["images"], cached["labels"]), list(cached["classes"])
+        return None
+
+    if (found := read_cache()) is not None:
+        return found
+    stamps: dict[str, list[int]] = {}
+    samples, classes = _list_folder(folder, stamps)
+    # The name of this folder's cache: a new one for any change of its stamps or its listing.
+    digest = hashlib.sha256(f"v{CACHE_FORMAT_VERSION}".encode())
+    for relative, (modified, changed) in sorted(stamps.items()):
+        digest.update(f"{relative}\0{modified}\0{changed}\n".encode())
+    for path, label in samples:
+        digest.update(f"{os.path.relpath(path, folder)}\0{label}\n".encode())
+    cache_file = cache_dir / f"{folder.name}-{digest.hexdigest()[:16]}.pt"
 
     def decode() -> ImageSet:
         labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
         return ImageSet(_decode_images([path for path, _ in samples]), labels)
 
-    if (cached := read_cache()) is not None:
-        return cached, classes
     if not os.access(folder.parent, os.W_OK):
         log.warning("%s is read-only: decoding %s without a cache", folder.parent, folder)
         return decode(), classes
     with file_lock(cache_dir / f"{folder.name}.lock"):
-        if (cached := read_cache()) is not None:  # another process built it while this one waited
-            return cached, classes
+        if (found := read_cache()) is not None:  # another process built it while this one waited
+            return found
         decoded = decode()
         # Old caches of this split, and temporary files of writers killed mid-write (only the lock holder writes).
         for stale in [*cache_dir.glob(f"{folder.name}-*.pt"), *cache_dir.glob(f".{folder.name}-*.tmp")]:
             stale.unlink(missing_ok=True)
         try:
-            atomic_torch_save(cache_file, {"images": decoded.images, "labels": decoded.labels})
+            atomic_torch_save(cache_file, {"format": CACHE_FORMAT_VERSION, "images": decoded.images,
+                                           "labels": decoded.labels, "classes": classes, "folders": stamps})
         except StorageError as error:  # the cache only saves time: train on, as for a read-only data folder
             log.warning("%s; training on without a decode cache", error)
             return decoded, classes
@@ -367,8 +413,30 @@ def decode_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _decode_with_pil(path: str, torchvision_error: str) -> torch.Tensor:
+    """(3, H, W) uint8: the file as PIL's convert("RGB") gives it; a DataError with torchvision's reason if PIL
+    cannot read it either."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            rgb = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+    except (OSError, ValueError, Image.DecompressionBombError):  # not an image, damaged, or absurdly large
+        raise DataError(f"data_dir: cannot read image {path}: {torchvision_error}") from None
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+
+
 def _decode_images(paths: list[str], threads: int | None = None) -> torch.Tensor:
-    """Decode `paths` (32x32 images) into one (N, 3, 32, 32) uint8 tensor, in chunks on `threads` threads."""
+    """Decode `paths` (32x32 images) into one (N, 3, 32, 32) uint8 tensor, in chunks on `threads` threads.
+
+    The pixels are those PIL's `convert("RGB")` gives (what torchvision's ImageFolder loads), whatever the file's
+    bit depth, mode or palette. torchvision's decoder (libpng, libjpeg-turbo) gives PIL's pixels for 8-bit files of
+    every mode: grey, grey and alpha, palette (with transparency or not), RGBA (alpha dropped), CMYK JPEG. A 16-bit
+    PNG it returns as uint16: scaled to 8 bits by its high byte, as PIL scales 16-bit colour PNGs (PIL clips 16-bit
+    grey at 255 instead, which turns any real 16-bit grey image white). A file it cannot decode (a BMP named .png)
+    goes to PIL.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     from torchvision.io import ImageReadMode, decode_image, read_file
@@ -379,9 +447,13 @@ def _decode_images(paths: list[str], threads: int | None = None) -> torch.Tensor
         for i in range(start, min(start + DECODE_CHUNK_IMAGES, len(paths))):
             path = paths[i]
             try:
-                image = decode_image(read_file(path), mode=ImageReadMode.RGB)  # (3, H, W) uint8
+                image = decode_image(read_file(path), mode=ImageReadMode.RGB)  # (3, H, W) uint8; uint16 if 16-bit
             except RuntimeError as error:
-                raise DataError(f"data_dir: cannot read image {path}: {str(error).splitlines()[0]}") from None
+                image = _decode_with_pil(path, str(error).splitlines()[0])
+            if image.dtype != torch.uint8:
+                from torchvision.transforms.v2.functional import to_dtype
+
+                image = to_dtype(image, torch.uint8, scale=True)  # 16 -> 8 bits: the high byte, not the value mod 256
             if image.shape[1:] != (IMAGE_SIZE_PX, IMAGE_SIZE_PX):
                 raise DataError(
                     f"data_dir: image {path} is {image.shape[2]}x{image.shape[1]}; "
@@ -499,18 +571,21 @@ class DeviceLoader:
         return images.to(torch.float32, copy=True).sub_(self.mean).div_(self.std)  # (B, 3, 32, 32) float32
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n, device = len(self.data), self.data.stored_labels.device
-        if self.augment:
-            order = torch.randperm(n, device=device, generator=self.generator)
-        else:
-            order = torch.arange(n, device=device)
+        stored_images, stored_labels, rows = self.data.stored_images, self.data.stored_labels, self.data.rows
+        if not self.augment:  # in order: slices of the split (of its rows, for a view of shared tensors)
+            for start in range(0, len(self.data), self.batch_size):
+                part = slice(start, start + self.batch_size)
+                if rows is None:
+                    yield self.normalize(stored_images[part]), stored_labels[part]
+                else:
+                    yield self.normalize(stored_images[rows[part]]), stored_labels[rows[part]]
+            return
+        order = torch.randperm(len(self.data), device=stored_labels.device, generator=self.generator)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start : start + self.batch_size]  # (B,) positions in the split
-            rows = self.stored_rows(index)  # (B,) rows of the stored tensors
-            images = self.data.stored_images[rows]
-            if self.augment:
-                flip = None
-                if self.flipped_in_odd_epochs is not None:
-                    flip = self.flipped_in_odd_epochs[index] ^ (self.epoch % 2 == 0)
-                images = random_crop_flip(images, CROP_PADDING_PX, self.generator, flip)
-            yield self.normalize(images), self.data.stored_labels[rows]
+            flip = None
+            if self.flipped_in_odd_epochs is not None:
+                flip = self.flipped_in_odd_epochs[index] ^ (self.epoch % 2 == 0)
+            batch_rows = self.stored_rows(index)  # (B,) rows of the stored tensors
+            images = random_crop_flip(stored_images[batch_rows], CROP_PADDING_PX, self.generator, flip)
+            yield self.normalize(images), stored_labels[batch_rows]

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +63,36 @@ def select_device(name: str) -> torch.device:
             f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}, cuda or auto"
         )
     return device
+
+
+def start_device(device: torch.device) -> Callable[[], None]:
+    """Start CUDA on `device` on a thread: its context, and cuDNN's and cuBLAS's libraries and handles (a small
+    convolution and matmul), so that the second or more this takes overlaps what the caller does meanwhile (loading
+    the data). Returns the function that waits for it and raises what it raised. On a CPU there is nothing to start:
+    no thread, and the function returns at once."""
+    if device.type != "cuda":
+        return lambda: None
+    failed: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            with torch.cuda.device(device):
+                images = torch.zeros(1, 3, 8, 8, device=device)
+                nn.functional.conv2d(images, torch.zeros(1, 3, 3, 3, device=device))  # loads cuDNN
+                torch.mm(images.view(3, 64).T, images.view(3, 64))  # loads cuBLAS
+                torch.cuda.synchronize(device)
+        except BaseException as error:  # raised by the waiting thread, where it would have happened anyway
+            failed.append(error)
+
+    thread = threading.Thread(target=start, name="cuda-start")  # not a daemon: the process waits for it
+    thread.start()
+
+    def wait() -> None:
+        thread.join()
+        if failed:
+            raise failed[0]
+
+    return wait
 
 
 def build_model(config: Config, num_classes: int, device: torch.device) -> nn.Module:
@@ -116,21 +147,30 @@ def build_optimizer(
 
 def keep_graph_settings(optimizer: torch.optim.Optimizer, built: list[dict[str, Any]]) -> None:
     """After `optimizer.load_state_dict`, put back what this process built and a checkpoint must not change: the
-    learning-rate tensors (refilled with the loaded values) and the capturable and fused flags. A checkpoint
-    replaces each param group's dict with the saved one, which may come from an eager run or another device."""
+    learning rates as this process holds them (its tensors refilled with the loaded values, or plain numbers), the
+    capturable and fused flags, and the step counters where this optimizer keeps them. A checkpoint replaces each
+    param group's dict with the saved one, which may come from an eager run, a captured one, or another device."""
     for group, own in zip(optimizer.param_groups, built, strict=True):
+        loaded = float(group["lr"])  # a number, or a tensor on whatever device the checkpoint came from
         if isinstance(own["lr"], torch.Tensor):
-            loaded = group["lr"]
-            own["lr"].fill_(float(loaded))
+            own["lr"].fill_(loaded)
             group["lr"] = own["lr"]
+        else:
+            group["lr"] = loaded
         for flag in ("capturable", "fused", "foreach"):
             if flag in own:
                 group[flag] = own[flag]
+    # Capturable and fused Adam keep their step counters on the parameters' device; the others on the CPU, where
+    # reading one (each step, for the bias correction) costs no host sync. torch moves the other state tensors.
     device_steps = any(own.get("capturable") or own.get("fused") for own in built)
-    for param, state in optimizer.state.items():  # capturable and fused Adam keep their step counters on the device
+    for param, state in optimizer.state.items():
         step = state.get("step")
-        if device_steps and isinstance(step, torch.Tensor) and step.device != param.device:
+        if not isinstance(step, torch.Tensor):
+            continue
+        if device_steps and step.device != param.device:
             state["step"] = step.to(param.device, torch.float32)
+        elif not device_steps and step.device.type != "cpu":
+            state["step"] = step.to("cpu")
 
 
 def lr_multiplier(config: Config, step: int, steps_per_epoch: int) -> float:
@@ -240,16 +280,13 @@ class EagerStep:
         self.totals.add_(self.loss, correct, len(labels))
 
 
-class CapturedStep(EagerStep):
-    """The same step as one CUDA graph: static image and label buffers, captured once, replayed every call.
+class GraphCapture:
+    """What `CapturedStep` and `CapturedEval` share, whatever they capture (a base put before the eager step it
+    captures, whose `__call__` it runs): the checks that a capture is possible here, the eager warm-up calls on a side
+    stream (PyTorch's CUDA Graphs notes), the static buffers, and the fall back to the eager step for good, after one
+    warning with the reason."""
 
-    The first `CAPTURE_WARMUP_STEPS` calls train eagerly on a side stream; the next captures the step (and the
-    accumulation into `totals`) and replays it for its own batch; every later call copies its batch into the
-    static buffers and replays. These are real training steps: a run takes as many steps as an eager one.
-    Whatever the capture cannot do (no CUDA, a GPU older than Volta, a batch of another shape, the capture
-    raising) makes it train eagerly from then on, after one warning with the reason.
-    The optimizer must come from `build_optimizer(..., graph=True)` and `autocast` use `cache_enabled=False`.
-    """
+    DOING = "running"  # the warning's first word: "training eagerly, ..."
 
     def __init__(self, *args: Any, warmup_steps: int = CAPTURE_WARMUP_STEPS, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -257,35 +294,13 @@ class CapturedStep(EagerStep):
         self.warmed_up = 0
         self.graph: Any = None  # torch.cuda.CUDAGraph once captured
         self.eager = False  # fell back for good
-        self.capture_seconds = 0.0  # the warm-up steps and the capture, with the syncs they need
         self.static_images: torch.Tensor | None = None
         self.static_labels: torch.Tensor | None = None
         self.side_stream: Any = None
 
     def fall_back(self, reason: str) -> None:
-        log.warning("training eagerly, without a CUDA graph: %s", reason)
+        log.warning("%s eagerly, without a CUDA graph: %s", self.DOING, reason)
         self.eager = True
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        if self.eager:
-            return super().__call__(images, labels)
-        if self.graph is not None:
-            if images.shape != self.static_images.shape or labels.shape != self.static_labels.shape:
-                self.fall_back(f"a batch of shape {tuple(images.shape)}, captured {tuple(self.static_images.shape)}")
-                return super().__call__(images, labels)
-            self.static_images.copy_(images)  # also converts to the captured memory format
-            self.static_labels.copy_(labels)
-            self.graph.replay()
-            return None
-        started = time.perf_counter()
-        if self.side_stream is None and not self.prepare(images):
-            return super().__call__(images, labels)
-        if self.warmed_up < self.warmup_steps:
-            self.warm_up(images, labels)
-        else:
-            self.capture(images, labels)
-        self.capture_seconds += time.perf_counter() - started
-        return None
 
     def prepare(self, images: torch.Tensor) -> bool:
         """Check that a capture is possible here and make the side stream; False (after the warning) if not."""
@@ -296,21 +311,75 @@ class CapturedStep(EagerStep):
             if capability < MIN_GRAPH_CAPABILITY:
                 raise RuntimeError(f"GPU compute capability {capability} is below {MIN_GRAPH_CAPABILITY}")
             self.side_stream = torch.cuda.Stream(images.device)
-        except Exception as error:  # any reason at all: training goes on eagerly
+        except Exception as error:  # any reason at all: the work goes on eagerly
             self.fall_back(f"{type(error).__name__}: {error}")
             return False
         return True
 
+    def warm_up_or_capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Before the graph exists, each call runs its batch as a warm-up step, or as the capture's (the subclass's
+        `capture`), or eagerly when no capture is possible here."""
+        if self.side_stream is None and not self.prepare(images):
+            super().__call__(images, labels)  # the eager step's
+        elif self.warmed_up < self.warmup_steps:
+            self.warm_up(images, labels)
+        else:
+            self.capture(images, labels)
+
+    def capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Capture the work on this batch as `self.graph` and replay it for this batch (or fall back)."""
+        raise NotImplementedError
+
     def warm_up(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         self.side_stream.wait_stream(torch.cuda.current_stream(images.device))
         with torch.cuda.stream(self.side_stream):
-            super().__call__(images, labels)
+            super().__call__(images, labels)  # the eager step's
         torch.cuda.current_stream(images.device).wait_stream(self.side_stream)
         self.warmed_up += 1
 
-    def capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+    def static_copies(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """The buffers the graph reads, filled with this batch: every replay copies its batch into them."""
         self.static_images = torch.empty_like(images, memory_format=self.memory_format).copy_(images)
         self.static_labels = labels.clone()
+
+    def replay(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.static_images.copy_(images)  # also converts to the captured memory format
+        self.static_labels.copy_(labels)
+        self.graph.replay()
+
+
+class CapturedStep(GraphCapture, EagerStep):
+    """The same step as one CUDA graph: static image and label buffers, captured once, replayed every call.
+
+    The first `CAPTURE_WARMUP_STEPS` calls train eagerly on a side stream; the next captures the step (and the
+    accumulation into `totals`) and replays it for its own batch; every later call copies its batch into the
+    static buffers and replays. These are real training steps: a run takes as many steps as an eager one.
+    Whatever the capture cannot do (no CUDA, a GPU older than Volta, a batch of another shape, the capture
+    raising) makes it train eagerly from then on, after one warning with the reason.
+    The optimizer must come from `build_optimizer(..., graph=True)` and `autocast` use `cache_enabled=False`.
+    """
+
+    DOING = "training"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.capture_seconds = 0.0  # the warm-up steps and the capture, with the syncs they need
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if self.eager:
+            return super().__call__(images, labels)
+        if self.graph is not None:
+            if images.shape != self.static_images.shape or labels.shape != self.static_labels.shape:
+                self.fall_back(f"a batch of shape {tuple(images.shape)}, captured {tuple(self.static_images.shape)}")
+                return super().__call__(images, labels)
+            return self.replay(images, labels)
+        started = time.perf_counter()
+        self.warm_up_or_capture(images, labels)
+        self.capture_seconds += time.perf_counter() - started
+        return None
+
+    def capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.static_copies(images, labels)
         try:
             graph = torch.cuda.CUDAGraph()
             self.optimizer.zero_grad(set_to_none=True)  # backward allocates the gradients in the graph's pool
@@ -498,6 +567,91 @@ def tta_views(tta: bool, translate_px: int) -> int:
     return 1 if not tta else 2 if translate_px == 0 else 6
 
 
+class EvalStep:
+    """One evaluation batch, eagerly: the logits of its test-time views (`tta_logits`), then its summed loss and its
+    confusion counts added into device totals, with no host sync. `result` reads them (the sync); `zero_` starts a
+    pass. `CapturedEval` replays the same batch as a CUDA graph."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        memory_format: torch.memory_format = torch.contiguous_format,
+        tta: bool = False,
+        translate_px: int = 0,
+    ) -> None:
+        self.model, self.num_classes, self.autocast, self.memory_format = model, num_classes, autocast, memory_format
+        self.tta, self.translate_px = tta, translate_px
+        device = next(model.parameters()).device
+        self.loss_sum = torch.zeros((), device=device)
+        # (true label x classes + predicted label): the confusion matrix, flat
+        self.confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+
+    def zero_(self) -> None:
+        self.loss_sum.zero_()
+        self.confusion.zero_()
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.add_(images.contiguous(memory_format=self.memory_format), labels)
+
+    def add_(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """The batch's work, all on the device: what a graph captures."""
+        with self.autocast():
+            logits = tta_logits(self.model, images, self.tta, self.translate_px)  # (B, classes) float32
+        self.loss_sum.add_(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        # scatter_add_, not bincount: bincount reads its input's largest value back to the host (a sync per batch)
+        self.confusion.scatter_add_(0, labels * self.num_classes + logits.argmax(1), torch.ones_like(labels))
+
+    def result(self) -> EvalResult:
+        confusion = self.confusion.view(self.num_classes, self.num_classes).cpu()  # sync point
+        total = int(confusion.sum())
+        return EvalResult(loss=self.loss_sum.item() / max(total, 1), acc=int(confusion.diag().sum()) / max(total, 1),
+                          confusion=confusion)
+
+
+class CapturedEval(GraphCapture, EvalStep):
+    """The same evaluation batch as one CUDA graph, for batches of `batch_size` images: static image and label
+    buffers, captured once, replayed for every full batch. Evaluation is launch-bound on a large GPU as training is;
+    a graph launches a pass's dozens of kernels (times its TTA views) at once.
+
+    The first `warmup_steps` full batches run eagerly on a side stream, the next is captured and replayed; a batch
+    of another size (a split's last, partial one) runs eagerly, which gives the same numbers. Whatever the capture
+    cannot do (no CUDA, a GPU older than Volta, the capture raising) makes it evaluate eagerly from then on, after
+    one warning with the reason. The graph reads the model's weights where they are: in-place updates (the
+    optimizer's, the weight average's, `load_state_dict`) are seen by the next replay. `autocast` must have
+    `cache_enabled=False`, as for `CapturedStep`.
+    """
+
+    DOING = "evaluating"
+
+    def __init__(self, *args: Any, batch_size: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batch_size = batch_size
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if self.eager or len(labels) != self.batch_size:
+            return super().__call__(images, labels)
+        if self.graph is not None:
+            return self.replay(images, labels)
+        return self.warm_up_or_capture(images, labels)
+
+    def capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.static_copies(images, labels)
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.add_(self.static_images, self.static_labels)
+        except Exception as error:  # nothing ran: a capture records kernels without running them
+            self.fall_back(f"the capture failed: {type(error).__name__}: {error}")
+            super().__call__(images, labels)
+            return
+        self.graph = graph
+        graph.replay()  # this call's own batch
+        log.info("captured the evaluation batch (%d images, %d views) as one CUDA graph", self.batch_size,
+                 tta_views(self.tta, self.translate_px))
+
+
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
@@ -507,24 +661,21 @@ def evaluate(
     memory_format: torch.memory_format = torch.contiguous_format,
     tta: bool = False,
     translate_px: int = 0,
+    step: EvalStep | None = None,
 ) -> EvalResult:
-    """Mean cross-entropy, accuracy and confusion matrix over `loader`; with `tta`, logits of each image and its
-    mirror are averaged, and with `translate_px` too, those of the views shifted up-left and down-right (see
-    `tta_logits`)."""
-    model.eval()
-    device = next(model.parameters()).device
-    loss_sum = torch.zeros((), device=device)
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
-    for images, labels in loader:
-        images = images.contiguous(memory_format=memory_format)
-        with autocast():
-            logits = tta_logits(model, images, tta, translate_px)  # (B, classes) float32
-        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
-        confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
-    confusion = confusion.view(num_classes, num_classes).cpu()  # sync point
-    total = int(confusion.sum())
-    return EvalResult(loss=loss_sum.item() / max(total, 1), acc=int(confusion.diag().sum()) / max(total, 1),
-                      confusion=confusion)
+    """Mean cross-entropy, accuracy and confusion matrix of `model` over `loader`; with `tta`, logits of each image
+    and its mirror are averaged, and with `translate_px` too, those of the views shifted up-left and down-right (see
+    `tta_logits`). One host sync, at the end.
+
+    `step` runs each batch (a `CapturedEval` replays a CUDA graph; it holds its own model and settings); by default
+    an `EvalStep` of the model and settings given.
+    """
+    step = step or EvalStep(model, num_classes, autocast, memory_format, tta, translate_px)
+    step.model.eval()
+    step.zero_()
+    for images, labels in loader:  # images (B, 3, 32, 32) float, labels (B,)
+        step(images, labels)
+    return step.result()
 
 
 # --- the whole run --------------------------------------------------------------------------------------------
@@ -591,14 +742,18 @@ class TrainState:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Restore `state` (a `state_dict()`), wherever `torch.load` put its tensors: the weights, the optimizer's
+        and the average's state and the best weights land on the model's device, the generator's state on the
+        CPU (`set_state` takes a CPU byte tensor, even for a CUDA generator). Call `keep_graph_settings` after it."""
+        device = next(self.model.parameters()).device
+        self.model.load_state_dict(state["model"])  # copied into the model's own tensors, on its device
+        self.optimizer.load_state_dict(state["optimizer"])  # torch moves the state to each parameter's device
         self.scheduler.load_state_dict(state["scheduler"])
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].to("cpu"))
         self.epoch = state["epoch"]
         self.best_epoch = state["best_epoch"]
         self.best_val_acc = state["best_val_acc"]
-        self.best_model_state = state["best_model_state"]
+        self.best_model_state = {name: tensor.to(device) for name, tensor in state["best_model_state"].items()}
         self.history = list(state["history"])
         if self.average is not None and "average" in state:
             self.average.load_state_dict(state["average"])
@@ -698,7 +853,12 @@ def training(
     after_step = [part.update for part in (lookahead, average) if part is not None] + [scheduler.step]
     # With ema_decay the averaged copy is what is validated, tested and kept; else the model trained.
     evaluated, kept = (average.model, average.model) if average is not None else (step_model, model)
-    tta = (config.tta, config.tta_translate_px)
+
+    def eval_step(model_evaluated: nn.Module) -> EvalStep:  # captured once per run too, at the first validation
+        settings = (model_evaluated, num_classes, autocast, memory_format, config.tta, config.tta_translate_px)
+        return CapturedEval(*settings, batch_size=config.eval_batch_size) if graph else EvalStep(*settings)
+
+    val_step = eval_step(evaluated)
     for epoch in range(state.epoch + 1, config.epochs + 1):
         if hooks.on_epoch_start is not None:
             hooks.on_epoch_start(epoch, len(train_loader))
@@ -711,7 +871,7 @@ def training(
                 f"training loss became {train_loss} in epoch {epoch}; lower learning_rate "
                 f"(now {config.learning_rate})"
             )
-        val = evaluate(evaluated, val_loader, num_classes, autocast, memory_format, *tta)
+        val = evaluate(evaluated, val_loader, num_classes, step=val_step)
         is_best = val.acc > state.best_val_acc
         if is_best:
             state.best_epoch, state.best_val_acc = epoch, val.acc
@@ -735,6 +895,7 @@ def training(
 
     model.load_state_dict(state.best_model_state)
     test_loader = DeviceLoader(data.test, config.eval_batch_size, device)
-    test = evaluate(step_model, test_loader, num_classes, autocast, memory_format, *tta)
+    test_step = val_step if evaluated is step_model else eval_step(step_model)  # the validation graph, when it fits
+    test = evaluate(step_model, test_loader, num_classes, step=test_step)
     log.info("test (best epoch %d): loss %.4f acc %.2f%%", state.best_epoch, test.loss, 100 * test.acc)
     return FitResult(state.history, state.best_epoch, state.best_val_acc, test, model)

@@ -1,14 +1,19 @@
 """How many runs share one GPU: one small table keyed by the GPU's memory, read by `cifar-resnet agent
 --agents-per-gpu auto` and `cifar-resnet sweep --gpus ... --runs-per-gpu auto`.
 
-One run of the default model does not keep a large GPU busy: it is bound by launching operations, not by
-arithmetic, and needs about 1 GB of GPU memory (its data, weights, activations and CUDA context). Several runs on
-one GPU overlap their launches. The table's one measured point (commit b555040, before the training step was a CUDA
-graph, `../shared/measurements/2026-11-27-h200/`): on one H200 (141 GB), six runs at once finished the write-up's six
-cells in 82 s against about 45 s for one run alone, about 3.3x the throughput of one run at a time. The other rows
-are not measured: they scale that point down by memory, conservatively. With the graph step a single run keeps the
-GPU busier, so fewer runs may be best: `benchmarks/gpu_check.sh` measures runs per hour with 1, 2, 4 and 8 at once,
-and the table is to be re-measured with it (BENCHMARKS.md).
+What the table rests on (BENCHMARKS.md, "Runs per GPU"): two measurements of six runs at once, both on one H200
+(141 GB), both of the write-up's six cells, and no other count.
+- Commit b555040 (2026-11-27, before the training step was a CUDA graph): six at once took 82 s against about 45 s
+  for one run alone, about 3.3x the throughput of one run at a time. A run then left the GPU mostly idle between
+  its launches, and six runs filled those gaps.
+- Commit b142e91 (2026-11-29, the graph step): six at once took 72 s against 18.6 s for one run alone from process
+  start (6 x 18.6 = 112 s one after another): 1.55x. Each of the six trained at 8,150 images/s, together 49k
+  images/s, the same as one run alone (50k): processes time-slice the GPU, so six at once overlap only what is not
+  training (start-up, data, evaluation, checkpoints); the gain is that overlap, and it shrinks as a run's start and
+  end get faster. Packing several runs into one process (one trainer per GPU) is what can raise it.
+Six stays the default on the large GPUs until several runs can be trained in one process: it is the one count
+measured, and it beats one run at a time (1.55x at b142e91); 1 and 2 at once have not been measured with the graph
+step (`benchmarks/gpu_check.sh` measures 1, 2 and 6). The smaller rows scale the six down by memory, unmeasured.
 """
 
 from __future__ import annotations
@@ -26,10 +31,11 @@ AUTO = "auto"
 MIB_PER_GIB = 1024
 NVIDIA_SMI_TIMEOUT_S = 30
 
-# (at least this much memory per GPU in GiB, runs per GPU), largest first. Only the first row is measured (six at
-# once on an H200 of 141 GB: 3.3x one run's throughput, pre-graph); the others are scaled down, unmeasured.
+# (at least this much memory per GPU in GiB, runs per GPU), largest first. Only the first row's count is measured,
+# on an H200 of 141 GB (see above: 1.55x one after another at b142e91, from overlapping start-up; 3.3x at b555040
+# before the graph step); the others are scaled down, unmeasured.
 RUNS_PER_GPU_BY_MEMORY_GIB: tuple[tuple[float, int], ...] = (
-    (70.0, 6),  # H100 80 GB, H200 141 GB, A100 80 GB: the measured six
+    (70.0, 6),  # H100 80 GB, H200 141 GB, A100 80 GB: six, measured on an H200 only
     (40.0, 4),  # A100 40 GB, L40S 48 GB, A6000 48 GB
     (20.0, 2),  # A10 24 GB, L4 24 GB, RTX 4090 24 GB
     (0.0, 1),  # smaller GPUs, and whenever the memory cannot be read

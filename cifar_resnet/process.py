@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, NoReturn
 
 from .errors import UserError
 
@@ -81,6 +81,15 @@ def stop_on_signals(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[list[int]
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def exit_ignoring_stop_signals(status: int) -> NoReturn:
+    """End this process with `status`, ignoring stop signals from here on. What the process did is done and
+    recorded; the interpreter's own exit takes seconds after torch and W&B (it collects their objects), and a
+    SIGTERM then would end it as 128 + 15, which a supervisor takes for a preempted run."""
+    for sig in SUPERVISOR_STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    sys.exit(status)
 
 
 def reject_unknown_arguments(command: str, rest: Sequence[str]) -> None:

@@ -83,7 +83,17 @@ class RunRecord:
 
     @classmethod
     def load(cls, run_dir: Path) -> RunRecord:
-        return cls(**json.loads((run_dir / RECORD_FILE).read_text()))
+        """The record in `run_dir`; one that cannot be read (damaged, or not a record) is a UserError naming it."""
+        path = run_dir / RECORD_FILE
+        try:
+            saved = json.loads(path.read_text())
+            if not isinstance(saved, dict):
+                raise TypeError(f"a JSON {type(saved).__name__}, not an object")
+            return cls(**saved)
+        except (OSError, ValueError, TypeError) as error:  # ValueError: bad JSON or UTF-8; TypeError: bad keys
+            reason = error.strerror if isinstance(error, OSError) else str(error).splitlines()[0]
+            raise UserError(f"{path}: not a run record this version can read ({reason}); restore it from a copy, "
+                            "or remove it to go on without it (its run's results go with it)") from None
 
 
 def read_record(run_dir: Path) -> RunRecord | None:
@@ -104,7 +114,8 @@ class LiveProgress:
     updated_at: float  # Unix seconds
 
     def save(self, run_dir: Path) -> None:
-        atomic_write_json(run_dir / PROGRESS_FILE, asdict(self))
+        # Not fsync'd: rewritten several times an epoch on the training path, and worthless after a crash.
+        atomic_write_json(run_dir / PROGRESS_FILE, asdict(self), durable=False)
 
 
 def read_progress(run_dir: Path) -> LiveProgress | None:

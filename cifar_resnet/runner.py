@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -19,13 +21,16 @@ from torch import nn
 from .checkpoint import (
     BEST_CHECKPOINT,
     RESUME_CHECKPOINT,
+    CheckpointWriter,
+    check_resume,
+    host_copy,
     load_checkpoint,
     read_weights,
     save_best,
     save_resume,
 )
-from .config import Config
-from .data import DataSplits, DeviceLoader, load_splits
+from .config import Config, changed_settings
+from .data import DataSplits, DeviceLoader, load_splits, load_source, split
 from .engine import (
     EpochResult,
     EvalResult,
@@ -40,11 +45,13 @@ from .engine import (
     evaluate,
     memory_format_for,
     select_device,
+    start_device,
     training,
 )
-from .errors import StorageError, UserError
-from .files import FolderBusy, folder_lock
+from .errors import ConfigError, StorageError, UserError
+from .files import FolderBusy, check_folder_path, folder_lock
 from .model import count_parameters
+from .names import check_run_id
 from .records import (
     BEST_EPOCH,
     BEST_VAL_ACC,
@@ -64,6 +71,7 @@ from .records import (
     VAL_IMAGES,
     LiveProgress,
     RunRecord,
+    read_record,
 )
 
 log = logging.getLogger(__name__)
@@ -127,16 +135,47 @@ class RunHooks:
 
 
 def run_folder(config: Config, run_id: str) -> Path:
-    return Path(config.output_dir) / run_id
+    """`output_dir/<run id>`; a run id that would name another folder (`..`) or that W&B refuses is a UserError."""
+    return Path(config.output_dir) / check_run_id(run_id)
+
+
+class AlreadyFinished(UserError):
+    """The run finished earlier with these settings: nothing to train. `train` says so and exits 0; for any other
+    caller it is a refusal like any UserError."""
+
+
+def check_not_finished(config: Config, run_id: str, run_dir: Path | None = None) -> None:
+    """A finished run is never trained again under its id, which would overwrite its best.pt and record: raise
+    AlreadyFinished when its folder (default `run_folder`) holds its finished record with these settings (a folder
+    that moved counts as the same run), or a UserError when with others."""
+    run_dir = run_dir or run_folder(config, run_id)
+    record = read_record(run_dir)
+    if record is None or record.status != "finished":
+        return
+    changed = changed_settings(record.config, config)
+    if changed:
+        raise UserError(f"run {run_id}: finished already in {run_dir}, with other settings ({'; '.join(changed)}); "
+                        "give this run another id (WANDB_RUN_ID), or another output_dir")
+    raise AlreadyFinished(f"run {run_id}: finished already in {run_dir}; nothing to train (remove that folder to "
+                          "train it again)")
 
 
 def run_training(config: Config, run_id: str, hooks: RunHooks | None = None) -> RunOutcome:
-    """Train one run in this process: `run_steps` driven alone."""
+    """Train one run in this process: its data loaded here, then `run_steps` driven alone."""
     started = time.perf_counter()
+    run_dir = run_folder(config, run_id)  # the run id and output_dir are checked before anything is loaded
+    check_folder_path(run_dir, "output_dir")
+    check_not_finished(config, run_id, run_dir)
     log.info("config: %s", config.to_dict())
     device = select_device(config.device)
-    data = load_splits(config, device)  # on the device once: the splits are views of it
-    return drive(run_steps(config, run_id, data, device, hooks, started=started))
+    device_ready = start_device(device)  # CUDA starts on a thread while the data loads
+    source = load_source(config)
+    # torch.optim imports torch._dynamo when it builds its first optimizer (add_param_group is wrapped by
+    # torch._disable_dynamo): a second or more of every run's start. Imported here, it overlaps CUDA's start.
+    import torch._dynamo  # noqa: F401
+    device_ready()
+    data = split(source.to(device), config)  # on the device once: the splits are views of it
+    return drive(run_steps(config, run_id, data, device, hooks, run_dir, started))
 
 
 def run_steps(config: Config, run_id: str, data: DataSplits, device: torch.device, hooks: RunHooks | None = None,
@@ -148,7 +187,8 @@ def run_steps(config: Config, run_id: str, data: DataSplits, device: torch.devic
     A `last.pt` already in the run folder (a preempted earlier attempt with the same run id), or else the one
     `hooks.fetch_resume` provides, is resumed: training continues after its last completed epoch. The run holds
     its folder's lock once its data and model are ready (a mistake in the data leaves no folder behind): a second
-    process with the same run id is refused in one line.
+    process with the same run id is refused in one line. A run that finished is not trained again (AlreadyFinished,
+    or a UserError with other settings).
     """
     hooks = hooks or RunHooks()
     started = time.perf_counter() if started is None else started
@@ -156,6 +196,7 @@ def run_steps(config: Config, run_id: str, data: DataSplits, device: torch.devic
     run_dir = run_dir or run_folder(config, run_id)
     try:
         with folder_lock(run_dir):
+            check_not_finished(config, run_id, run_dir)  # under the lock: it may have finished in another process
             return (yield from _run_locked(config, run_id, run_dir, hooks, started, device, data, model))
     except FolderBusy:
         raise UserError(f"run {run_id}: another process is training it in {run_dir}; wait for it to end, or "
@@ -178,9 +219,13 @@ def _run_locked(config: Config, run_id: str, run_dir: Path, hooks: RunHooks, sta
         log.info("fetched the resume checkpoint of run %s into %s", run_id, resume_path)
     resume = None
     if resume_path.exists():
-        saved = load_checkpoint(resume_path, map_location=device)
-        if saved["config"] != config.to_dict():
-            raise UserError(f"checkpoint: {resume_path} was written with other settings; remove it to start over")
+        # On the CPU: `fit` puts each part where it belongs (TrainState.load_state_dict), and best.pt wants it there.
+        saved = load_checkpoint(resume_path)
+        check_resume(resume_path, saved)
+        changed = changed_settings(saved["config"], config)
+        if changed:
+            raise UserError(f"checkpoint: {resume_path} was written with other settings ({'; '.join(changed)}); "
+                            "remove it to start over")
         resume = saved["state"]
         # best.pt is written just before last.pt (and is absent on another machine): rewrite it from the state
         # being resumed, so that it stays the best of the epochs this run keeps.
@@ -201,17 +246,27 @@ def _run_locked(config: Config, run_id: str, run_dir: Path, hooks: RunHooks, sta
 
     if resume is not None:
         record.history = list(resume["history"])  # the record may lag the checkpoint by the epoch of a kill
-    record.status = "running"
+    # The settings as they are now (the folder may have moved since), and no error of an earlier attempt.
+    record.config, record.status, record.error = config.to_dict(), "running", None
     save_record()
 
+    writer = CheckpointWriter()
+
     def on_epoch(result: EpochResult, state: TrainState) -> None:
-        # Files first, then subscribers: a run stopped here resumes with every epoch it has reported.
+        # The epoch's files are copied here, at its sync point, and written on the writer's thread while the next
+        # epoch trains: best.pt, last.pt, then the record, so that the record never holds an epoch last.pt lacks.
+        # The run waits for them before it ends, however it ends: a run stopped by a signal resumes with every epoch
+        # it has reported. (A kill in mid-write leaves the previous files; W&B may then hold an epoch the resumed run
+        # trains again, and tracking logs it once.)
         record.history = list(state.history)  # first: a checkpoint that cannot be written must not lose the epoch
+        record.seconds = elapsed()
+        snapshot = host_copy(state.state_dict())
+        saves = [functools.partial(save_resume, resume_path, snapshot, config),
+                 functools.partial(dataclasses.replace(record, history=list(record.history)).save, run_dir)]
         if result.is_best:
-            save_best(run_dir / BEST_CHECKPOINT, state.best_model_state, config, result.epoch, result.metrics(),
-                      data.classes)
-        save_resume(resume_path, state.state_dict(), config)
-        save_record()
+            saves.insert(0, functools.partial(save_best, run_dir / BEST_CHECKPOINT, snapshot["best_model_state"],
+                                              config, result.epoch, result.metrics(), data.classes))
+        writer.submit(*saves)  # first waits for the previous epoch's files, raising their error
         if hooks.on_epoch is not None:
             hooks.on_epoch(record)
 
@@ -219,7 +274,8 @@ def _run_locked(config: Config, run_id: str, run_dir: Path, hooks: RunHooks, sta
     engine_hooks = TrainHooks(on_epoch_start=progress.on_epoch_start, on_batch=progress.on_batch, on_epoch=on_epoch,
                               should_stop=hooks.should_stop)
     try:
-        result = yield from training(config, model, data, device, engine_hooks, resume=resume)
+        with writer:  # waits for the last checkpoints; their write error (a full disk) fails the run
+            result = yield from training(config, model, data, device, engine_hooks, resume=resume)
     except BaseException as error:
         # Interrupted: asked to stop; GeneratorExit: its pack was closed. Either way last.pt holds the last epoch.
         record.status = "preempted" if isinstance(error, (Interrupted, GeneratorExit)) else "failed"
@@ -249,9 +305,15 @@ def evaluate_checkpoint(path: Path, overrides: dict[str, Any]) -> tuple[Config, 
     """Test a `best.pt`, or the best weights so far of a `last.pt`, on its run's test set; `overrides` (data_dir,
     dataset, device, tta, ...) change settings."""
     saved = read_weights(path)
-    config = Config.from_mapping(overrides, base=Config.from_mapping(saved.config))
+    try:
+        base = Config.from_mapping(saved.config)
+    except ConfigError as error:
+        raise UserError(f"checkpoint: {path} holds settings this version cannot use ({error})") from None
+    config = Config.from_mapping(overrides, base=base)
     device = select_device(config.device)
+    device_ready = start_device(device)  # CUDA starts on a thread while the data loads
     data = load_splits(config)
+    device_ready()
     if saved.classes is None:  # a last.pt stores no class names: the data's are taken as the run's
         log.info("%s: the best weights so far (epoch %d); classes from the data: %s", path, saved.epoch,
                  ", ".join(data.classes))

@@ -38,6 +38,7 @@ from .config import Config
 from .credentials import DEFAULT_PROJECT, choose_mode
 from .errors import ConfigError, UserError, extra_needed
 from .gpus import AUTO, parse_runs_per_gpu, resolve_runs_per_gpu
+from .names import sweep_folder_name
 from .process import (
     SIGNAL_EXIT_BASE,
     SUPERVISOR_STOP_SIGNALS,
@@ -99,6 +100,9 @@ GRID_TYPES = ("param_single_value", "param_categorical", "param_int_uniform", "p
 BOUNDED_IN_VALUE_SPACE = ("param_uniform", "param_int_uniform", "param_quniform", "param_loguniform_v2",
                           "param_inv_loguniform_v2", "param_qloguniform_v2")
 NO_RECORD_REASON = "exited 0 without a run record: the sweep's command did not run cifar_resnet.train"
+MAX_SWEEP_FILE_BYTES = 1_000_000  # a sweep file has a few kB
+# Values, lists and mappings in a sweep file, each alias (*name) counted as what it repeats: a sweep has hundreds.
+MAX_SWEEP_YAML_NODES = 100_000
 PROPOSER_STATE = {"pending": "pending", "running": "running", "finished": "finished", "failed": "failed",
                 "stopped": "killed", "preempted": "preempted"}
 
@@ -123,22 +127,70 @@ class SweepPlan:
     grid_size: int | None  # runs in the grid; None for random and bayes
 
 
-def load_sweep(path: Path, overrides: Sequence[str]) -> SweepPlan:
-    """Read, override and check a sweep file; every problem is one UserError line naming the file."""
+def read_sweep_yaml(path: Path) -> Any:
+    """A sweep file's YAML, read in bounded time and memory: at most MAX_SWEEP_FILE_BYTES of UTF-8, holding at most
+    MAX_SWEEP_YAML_NODES values once its aliases are expanded. An alias bomb (lists of aliases of lists of aliases)
+    is a few lines that expand to billions of values, later, in whatever walks the document; it is refused before.
+    Every problem is one UserError line naming the file."""
     try:
-        config = yaml.safe_load(path.read_text())
+        with open(path, "rb") as file:
+            data = file.read(MAX_SWEEP_FILE_BYTES + 1)
     except OSError as error:
         raise UserError(f"{path}: cannot read the sweep file ({error.strerror})") from None
+    if len(data) > MAX_SWEEP_FILE_BYTES:
+        raise UserError(f"{path}: more than {MAX_SWEEP_FILE_BYTES:,} bytes: not a sweep file")
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text (byte {error.start} is {data[error.start]:#04x}): not a sweep "
+                        "file") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None and _expanded_nodes(node, {}, set()) > MAX_SWEEP_YAML_NODES:
+            raise UserError(f"{path}: more than {MAX_SWEEP_YAML_NODES:,} values once its aliases (*name) are "
+                            "expanded: not a sweep file")
+        return loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""
         raise UserError(f"{path}: not valid YAML{line} ({getattr(error, 'problem', None) or error})") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply, or an alias (*name) inside its own anchor: not a sweep "
+                        "file") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_nodes(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """The nodes `node` stands for with its aliases expanded, each distinct node counted once (`sizes`); a node
+    inside itself (`&a [*a]`) raises RecursionError."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise RecursionError
+    open_nodes.add(key)
+    children = node.value if isinstance(node, yaml.SequenceNode) else []
+    if isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    sizes[key] = 1 + sum(_expanded_nodes(child, sizes, open_nodes) for child in children)
+    open_nodes.discard(key)
+    return sizes[key]
+
+
+def load_sweep(path: Path, overrides: Sequence[str]) -> SweepPlan:
+    """Read, override and check a sweep file; every problem is one UserError line naming the file."""
+    config = read_sweep_yaml(path)
     if not isinstance(config, dict):
         raise UserError(f"{path}: not a sweep: expected a YAML mapping with method, metric and parameters")
+    if not isinstance(config.get("parameters", {}), dict):
+        raise UserError(f"{path}: parameters: expected a mapping of setting names to {{value: ...}} or "
+                        "{values: [...]}, e.g. parameters: {learning_rate: {values: [0.001, 0.0005]}}")
     config = apply_overrides(config, overrides)
     try:
         violations = sweep_proposer().schema_violations_from_proposed_config(config)
-    except ValueError as error:  # a parameter the schema code cannot even read
+    except (ValueError, TypeError, AttributeError) as error:  # a parameter the schema code cannot even read
         violations = [str(error)]
     if violations:
         more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
@@ -164,7 +216,7 @@ def default_output_dir(plan: SweepPlan) -> Path:
     """`sweeps/<name>-<digest>`: the sweep's name and a digest of everything that makes it this sweep (its settings,
     `--set` values included; what `sweep.json` must match), so that the same command finds its own folder again and
     a changed one, such as the trial with `--set dataset=imagefolder`, gets a folder of its own."""
-    name = re.sub(r"[^\w.-]+", "-", sweep_name(plan))
+    name = sweep_folder_name(sweep_name(plan))  # one that stays in DEFAULT_OUTPUT_ROOT, or a UserError
     settings = json.dumps(plan.config, sort_keys=True)  # as sweep.json holds it: key order does not matter
     digest = hashlib.sha256(settings.encode()).hexdigest()[:FOLDER_DIGEST_CHARS]
     return DEFAULT_OUTPUT_ROOT / f"{name}-{digest}"
@@ -280,6 +332,14 @@ def error_line(path: Path) -> str | None:
     if errors:
         return errors[-1].removeprefix(ERROR_LINE_PREFIX)
     return next((line.strip() for line in reversed(lines) if line.strip()), None)
+
+
+def record_if_readable(run_dir: Path) -> RunRecord | None:
+    """The run's record, or None when it has none or one that cannot be read."""
+    try:
+        return read_record(run_dir)
+    except UserError:
+        return None
 
 
 def log_tail(path: Path, lines: int = FAILED_LOG_LINES) -> str:
@@ -570,14 +630,17 @@ class LocalSweep:
         self.proposer_done = False  # the proposer had no more runs (a complete grid): it never has again
         self.gave_up = False  # too many runs failed
         self.user_mistake: str | None = None  # a run's one-line error that every other run would repeat
+        for run in self.state.runs:  # a done run's record that cannot be read is refused before any run starts
+            self.record_of(run)
 
     def record_of(self, run: LocalRun) -> RunRecord | None:
-        if run.run_id in self.done_records:
-            return self.done_records[run.run_id]
-        record = read_record(self.out_dir / run.run_id)
-        if run.state in DONE:
-            self.done_records[run.run_id] = record
-        return record
+        """A done run's record, read once (one that cannot be read is a UserError); another run's, when readable
+        (its own process rewrites it, or fails on it, in one line in its log)."""
+        if run.state not in DONE:
+            return record_if_readable(self.out_dir / run.run_id)
+        if run.run_id not in self.done_records:
+            self.done_records[run.run_id] = read_record(self.out_dir / run.run_id)
+        return self.done_records[run.run_id]
 
     # --- transactions on the shared state (called with its lock held) ---
 
@@ -772,16 +835,17 @@ class LocalSweep:
         self.release(run_id)
 
     def outcome(self, run_id: str, exit_code: int, stopped_by_signal: bool = False) -> Outcome:
-        """What a run's exit status, and its record, say about how it ended."""
+        """What a run's exit status, and its record, say about how it ended. A record that says finished wins: the
+        run's process may be stopped or killed after writing it (while W&B shuts down), and it is never run again."""
+        record = record_if_readable(self.out_dir / run_id)
+        if record is not None and record.status == "finished":
+            return Outcome(run_id, "finished", exit_code)
         if run_id in self.stopping:
             return Outcome(run_id, "stopped", exit_code)
         if exit_code == 0:
-            record = read_record(self.out_dir / run_id)
             if record is None:
                 return Outcome(run_id, "failed", exit_code, NO_RECORD_REASON)
-            if record.status != "finished":
-                return Outcome(run_id, "failed", exit_code, f"exited 0, but its run record says {record.status}")
-            return Outcome(run_id, "finished", exit_code)
+            return Outcome(run_id, "failed", exit_code, f"exited 0, but its run record says {record.status}")
         if exit_code > SIGNAL_EXIT_BASE or stopped_by_signal:  # stopped by a signal after saving its state
             return Outcome(run_id, "preempted", exit_code)
         return Outcome(run_id, "failed", exit_code)
@@ -976,8 +1040,9 @@ def print_results(result: LocalSweepResult) -> None:
         return
     rows = []
     for run in result.state.runs:
-        record = read_record(result.out_dir / run.run_id)
-        # A run that failed before writing its record still gets a row, with the settings it was given.
+        record = record_if_readable(result.out_dir / run.run_id)
+        # A run that failed before writing its record (or with one it cannot read) still gets a row, with the
+        # settings it was given.
         row = result_from_record(record) if record else RunResult(
             run.run_id, run.state, Config.from_mapping(run_params(run, result.out_dir)).to_dict(), [], {}, None)
         row.status = run.state  # the sweep's view: a run that early_terminate stopped is "stopped", not preempted

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import secrets
@@ -26,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .files import atomic_write_json, file_lock
+from .files import atomic_write_json, file_lock, make_folder, storage_error
+from .names import check_run_id
 
 STATE_FILE = "sweep.json"
 STATE_LOCK_FILE = "sweep.lock"  # flock'ed for each transaction on sweep.json
@@ -40,6 +42,8 @@ RENEWALS_PER_LEASE = 6  # a short lease (tests) is renewed this many times over 
 DONE = ("finished", "stopped")
 ENDED = (*DONE, "failed")
 CLAIMABLE = ("pending", "preempted")
+# What flock(2) fails with on a file system without locks; any other error means the folder cannot be written.
+NO_FLOCK_ERRNOS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
 def worker_name() -> str:
@@ -90,17 +94,23 @@ class SweepState:
 
     @classmethod
     def from_json(cls, saved: dict[str, Any]) -> SweepState:
-        return cls(saved["sweep_id"], saved["sweep"], [LocalRun(**run) for run in saved["runs"]])
+        runs = [LocalRun(**run) for run in saved["runs"]]
+        for run in runs:  # each names a folder in the sweep's
+            check_run_id(run.run_id)
+        return cls(saved["sweep_id"], saved["sweep"], runs)
 
 
 @contextlib.contextmanager
 def state_lock(out_dir: Path) -> Iterator[None]:
-    """The sweep folder's lock; a filesystem without flock (some NFS mounts) is refused in one line."""
+    """The sweep folder's lock; a filesystem without flock (some NFS mounts) is refused in one line, a folder that
+    cannot be written (read-only) is a StorageError."""
     path = out_dir / STATE_LOCK_FILE
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(file_lock(path))
         except OSError as error:
+            if error.errno not in NO_FLOCK_ERRNOS:
+                raise storage_error(path, error) from None
             raise UserError(f"{path}: cannot lock it ({error.strerror or error}): processes sharing a sweep folder "
                             "need a filesystem with flock (local, NFS v4 with locking, Lustre or GPFS with flock); "
                             "use another --output-dir") from None
@@ -124,7 +134,7 @@ class SweepFolder:
             return None
         try:
             state = SweepState.from_json(json.loads(self.path.read_text()))
-        except (ValueError, KeyError, TypeError) as error:
+        except (ValueError, KeyError, TypeError, UserError) as error:
             raise UserError(f"{self.path}: not a sweep state this version can read ({error}); give another "
                             "--output-dir or remove that folder") from None
         if state.sweep != self.sweep:
@@ -135,7 +145,7 @@ class SweepFolder:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[SweepState]:
         """Lock, read, yield the state to change, write it back (atomically, when changed), unlock."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(self.out_dir, "--output-dir")
         with state_lock(self.out_dir):
             saved = self.read()
             state = saved or SweepState(self.new_sweep_id(), self.sweep)

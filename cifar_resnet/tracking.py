@@ -8,23 +8,23 @@ engine and runner can be used without it.
 
 from __future__ import annotations
 
-import contextlib
+import importlib.metadata
 import logging
 import os
 import platform
+import signal
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision
 import wandb
 
 from . import __version__
 from .checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
 from .config import Config
 from .credentials import DEFAULT_PROJECT, choose_mode
+from .process import stop_on_signals
 from .records import (
     BEST_EPOCH,
     EPOCH,
@@ -68,7 +68,13 @@ def download_resume_checkpoint(run: wandb.Run, destination: Path) -> bool:
 
 
 class Tracker:
-    """One W&B run. Its methods subscribe to the engine's callbacks."""
+    """One W&B run. Its methods subscribe to the engine's callbacks. Used as a context manager, it shuts W&B down
+    on leaving (W&B's atexit hook would do it after the caller's signal handling has ended).
+
+    Offline, W&B's data folder (WANDB_DATA_DIR, where artifact files and tables are staged) is the offline run's
+    own folder for the whole run: everything the run's `.wandb` file names lies inside that folder, so a copy of it
+    is a complete run for `wandb sync`.
+    """
 
     def __init__(self, config: Config) -> None:
         mode = choose_mode()
@@ -91,6 +97,22 @@ class Tracker:
             self.run.define_metric(name, step_metric=EPOCH)
         self.run.define_metric(SELECTION_METRIC, step_metric=EPOCH, summary="max")
         self.next_epoch_to_log: int | None = None  # the first epoch W&B's history lacks, known at the first epoch
+        self.data_dir_before = os.environ.get(DATA_DIR_VARIABLE)  # restored when W&B shuts down
+        if self.run.offline:
+            os.environ[DATA_DIR_VARIABLE] = str(self.run.settings.sync_dir)
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Shut W&B down: end the run if it is still going, and wait for its files (online: its uploads). Ctrl-C
+        is held meanwhile too, so that the run's end is written whole."""
+        with stop_on_signals((signal.SIGINT,)):
+            wandb.teardown()
+        if self.data_dir_before is None:
+            os.environ.pop(DATA_DIR_VARIABLE, None)
+        else:
+            os.environ[DATA_DIR_VARIABLE] = self.data_dir_before
 
     @property
     def run_id(self) -> str:
@@ -110,7 +132,8 @@ class Tracker:
 
     def record_run_info(self, **facts: Any) -> None:
         facts.update(
-            cifar_resnet=__version__, torch=torch.__version__, torchvision=torchvision.__version__,
+            # torchvision's version from its metadata: importing it costs a run most of a second, for a string
+            cifar_resnet=__version__, torch=torch.__version__, torchvision=importlib.metadata.version("torchvision"),
             wandb=wandb.__version__, python=platform.python_version(),
         )
         self.run.config.update({RUN_INFO_KEY: facts}, allow_val_change=True)
@@ -163,28 +186,8 @@ class Tracker:
                 "config": record.config,
             },
         )
-        with self.staging_in_run_folder():
-            artifact.add_file(str(path), name=path.name)
-            self.run.log_artifact(artifact, aliases=["best", "latest"])
-
-    @contextlib.contextmanager
-    def staging_in_run_folder(self) -> Iterator[None]:
-        """Offline, stage artifact files in the offline run's own folder (`offline-run-*/artifacts/staging/`), not
-        in W&B's data folder (`~/.local/share/wandb`): copying the offline run folder then copies its artifacts
-        too, for `wandb sync`. W&B reads the staging folder from WANDB_DATA_DIR when a file is added and when the
-        artifact is logged; it is set for that moment only."""
-        if not self.run.offline:
-            yield
-            return
-        previous = os.environ.get(DATA_DIR_VARIABLE)
-        os.environ[DATA_DIR_VARIABLE] = str(self.run.settings.sync_dir)
-        try:
-            yield
-        finally:
-            if previous is None:
-                os.environ.pop(DATA_DIR_VARIABLE, None)
-            else:
-                os.environ[DATA_DIR_VARIABLE] = previous
+        artifact.add_file(str(path), name=path.name)
+        self.run.log_artifact(artifact, aliases=["best", "latest"])
 
     def fail(self, message: str) -> None:
         self.run.summary["error"] = message
@@ -200,7 +203,6 @@ class Tracker:
                 type=RESUME_ARTIFACT_TYPE,
                 description="Full training state after the last completed epoch, for resuming a preempted run",
             )
-            with self.staging_in_run_folder():
-                artifact.add_file(str(resume_checkpoint), name=RESUME_CHECKPOINT)
-                self.run.log_artifact(artifact, aliases=["latest"])
+            artifact.add_file(str(resume_checkpoint), name=RESUME_CHECKPOINT)
+            self.run.log_artifact(artifact, aliases=["latest"])
         self.run.finish(exit_code=exit_code)  # waits for the upload

@@ -1,9 +1,11 @@
 """The training entry point that `wandb agent` starts: `python -m cifar_resnet.train --name=value ...`.
 
 argv -> Config -> W&B run (the sweep's values win) -> run_training -> summary and artifact -> exit status.
-Exit status: 0 finished; 2 a user mistake (one line names it); 1 diverged, a file not written (a full disk; one
-line) or crashed; 128 + signal number when stopped by SIGTERM or SIGUSR1, after marking the run preempting so
-that the sweep requeues it.
+Exit status: 0 finished (or finished earlier with the same settings: a finished run is never trained again);
+2 a user mistake (one line names it); 1 diverged, a file not written (a full disk; one line) or crashed;
+128 + signal number when stopped by SIGTERM or SIGUSR1, after marking the run preempting so that the sweep requeues
+it. Those signals are held until W&B has shut down, and ignored while the process exits: a run that has ended
+ends as it is recorded.
 """
 
 from __future__ import annotations
@@ -20,16 +22,19 @@ from .checkpoint import RESUME_CHECKPOINT
 from .config import Config, argument_parser
 from .engine import Interrupted
 from .errors import RunFailed, StorageError, TrainingDiverged, UserError
+from .files import check_folder_path
+from .names import requested_run_id
 from .process import (
     SIGNAL_EXIT_BASE,
     TRAINER_VARIABLE,
+    exit_ignoring_stop_signals,
     logs_to_current_stderr,
     set_cpu_threads,
     setup_logging,
     stop_on_signals,
 )
 from .records import RunRecord
-from .runner import RunHooks, run_folder, run_training
+from .runner import AlreadyFinished, RunHooks, check_not_finished, run_folder, run_training
 from .trainer import train_in_trainer
 
 log = logging.getLogger("cifar_resnet")
@@ -84,6 +89,13 @@ def main(argv: Sequence[str] | None = None, prog: str = MODULE_COMMAND) -> int:
         return EXIT_OK
     try:
         config = Config.from_argv(argv)
+        check_folder_path(Path(config.output_dir), "output_dir")
+        run_id = requested_run_id()  # checked before W&B sees it
+        if run_id is not None:  # a finished run is not trained again, nor its W&B run touched
+            check_not_finished(config, run_id)
+    except AlreadyFinished as done:
+        log.info("%s", done)
+        return EXIT_OK
     except UserError as error:
         log.error("%s", error)
         return EXIT_USAGE
@@ -91,8 +103,9 @@ def main(argv: Sequence[str] | None = None, prog: str = MODULE_COMMAND) -> int:
 
     from .tracking import Tracker  # wandb is imported only once a run really starts
 
-    with stop_on_signals() as received:  # from before wandb.init: a signal while it starts still stops cleanly
-        tracker = Tracker(config)
+    # Stop signals are held from before wandb.init (a signal while it starts still stops cleanly) until W&B has
+    # shut down (the tracker's exit): a signal while a finished run's W&B shuts down leaves it finished.
+    with stop_on_signals() as received, Tracker(config) as tracker:
         try:
             config = Config.from_mapping(tracker.settings())  # under a sweep, W&B's values are the truth
             tracker.record_config(config)
@@ -100,6 +113,9 @@ def main(argv: Sequence[str] | None = None, prog: str = MODULE_COMMAND) -> int:
                              should_stop=lambda: bool(received), fetch_resume=tracker.fetch_resume_checkpoint)
             record = train(config, tracker.run_id, hooks, received)
             tracker.finish_run(record, run_folder(config, tracker.run_id))
+            return EXIT_OK
+        except AlreadyFinished as done:  # in another process, since the check above
+            log.info("%s", done)
             return EXIT_OK
         except UserError as error:
             log.error("%s", error)
@@ -124,4 +140,4 @@ def main(argv: Sequence[str] | None = None, prog: str = MODULE_COMMAND) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_ignoring_stop_signals(main())

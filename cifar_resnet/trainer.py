@@ -45,7 +45,7 @@ from .errors import RunFailed, StorageError, TrainingDiverged, UserError
 from .pack import Ended, Pack
 from .process import SUPERVISOR_STOP_SIGNALS, reject_unknown_arguments, stop_on_signals
 from .records import RunRecord, describe_epoch, read_record
-from .runner import RunHooks, run_folder, run_steps
+from .runner import AlreadyFinished, RunHooks, run_folder, run_steps
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ POLL_SECONDS = 0.2  # how often a run's process checks for signals while its mem
 IDLE_SECONDS = 0.5  # how long an idle trainer waits for a run before it checks its own signals
 # How a member's end reaches its run: the kind decides the run's exit status (see train.py).
 FINISHED, STOPPED, FAILED = "finished", "stopped", "failed"
-USER, MACHINE, CRASH = "user", "machine", "crash"
+USER, MACHINE, CRASH, DONE_BEFORE = "user", "machine", "crash", "done-before"
 
 
 # --- the wire ------------------------------------------------------------------------------------------------
@@ -116,6 +116,8 @@ def ending(error: BaseException | None) -> dict[str, Any]:
         return {"status": FINISHED}
     if isinstance(error, (Interrupted, GeneratorExit)):
         return {"status": STOPPED}
+    if isinstance(error, AlreadyFinished):  # finished in an earlier attempt: nothing trained now
+        return {"status": FAILED, "kind": DONE_BEFORE, "error": str(error)}
     kind = USER if isinstance(error, UserError) else MACHINE if isinstance(error, (TrainingDiverged, StorageError)) \
         else CRASH
     return {"status": FAILED, "kind": kind, "error": str(error) if kind != CRASH else f"{type(error).__name__}: {error}"}
@@ -314,6 +316,8 @@ def ended(end: dict[str, Any], run_dir: Path) -> RunRecord:
         return RunRecord.load(run_dir)
     if end["status"] == STOPPED:
         raise Interrupted("stopped in its trainer")
+    if end["kind"] == DONE_BEFORE:
+        raise AlreadyFinished(end["error"])
     if end["kind"] == USER:
         raise UserError(end["error"])
     raise RunFailed(end["error"])

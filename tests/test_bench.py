@@ -48,11 +48,19 @@ def test_cpu_mode_writes_every_figure(tmp_path, capsys, monkeypatch):
     # A variant that fails is reported as failed, and the others are still measured.
     monkeypatch.setitem(measure.VARIANTS, "broken", measure.Variant(compile_mode="no such mode"))
     out = tmp_path / "bench.json"
+    written = []  # the JSON after each section, as a benchmark cut short leaves it
+    real_write = measure.atomic_write_json
+    monkeypatch.setattr(measure, "atomic_write_json",
+                        lambda path, value: (written.append(json.loads(json.dumps(value))), real_write(path, value)))
     variants = "--variants=ours,broken,foreach optimizer (not fused)"
     assert measure.main([*TINY, variants, "--concurrency=1", "--epochs=1", f"--out={out}"]) == 0
     result = json.loads(out.read_text())
+    assert result == written[-1] and result["complete"] and not any(w["complete"] for w in written[:-1])
+    assert [len(w["tuning"]) for w in written] == [0, 1, 2, 3, 3, 3, 3]  # then evaluation, 1 run, the write-up's
+    assert "peak" in written[0] and "eval_images_per_s" not in written[3] and "eval_images_per_s" in written[4]
+    assert written[4]["concurrency"] == {} and "1" in written[5]["concurrency"] and "training" not in written[5]
 
-    assert set(result) >= {"machine", "plan", "config", "images", "peak", "flops_per_image", "floor_s",
+    assert set(result) >= {"machine", "plan", "config", "images", "peak", "flops_per_image", "floor_s", "complete",
                            "data_pipeline_batches_per_s", "training", "speedup", "data_speedup", "tuning",
                            "eval_images_per_s", "concurrency"}
     assert result["machine"]["device"] == "cpu" and result["machine"]["cpu_cores"] >= 1

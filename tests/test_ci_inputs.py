@@ -26,6 +26,13 @@ def test_ci_runs_with_the_shared_archive_required():
     assert "REQUIRE_REAL_DATA=1" in ci and "CIFAR10_JPEG_ARCHIVE=" in ci and "shared/data/cifar10-jpeg.tar.gz" in ci
 
 
+def test_ci_runs_the_slow_takeover_test_by_name():
+    """Its fast counterpart runs in the default suite; CI runs the real takeover too (issue 23)."""
+    from test_sweep_shared import test_a_killed_host_s_run_is_taken_over_and_ends_as_an_uninterrupted_run as test
+
+    assert f"pytest -m slow tests/test_sweep_shared.py::{test.__name__}\n" in (REPO / ".ci" / "run").read_text()
+
+
 @pytest.mark.parametrize(("required", "exit_code", "said"), [
     ("1", 1, "is absent (set CIFAR10_JPEG_ARCHIVE), and REQUIRE_REAL_DATA=1 requires it"),
     ("", 0, "SKIPPED"),

@@ -51,11 +51,38 @@ def test_replace_checks_values():
         (["--label_smoothing=1"], r"label_smoothing: must be in \[0, 1\)"),
         (["--learnig_rate=0.1"], "unknown argument '--learnig_rate=0.1'; valid settings: learning_rate"),
         (["--device=tpu"], "device: 'tpu' is not one of auto, cpu, cuda, cuda:N"),
+        # Issue 23: the ranges torch, the model and the data allow (each was a traceback, or terabytes asked for).
+        (["--seed=1e30"], "seed: must be <= 18,446,744,073,709,551,615, got 1,000,000,000,000,000,019,884,624"),
+        (["--seed=18446744073709551616"], "seed: must be <= 18,446,744,073,709,551,615, got "
+                                          "18,446,744,073,709,551,616"),
+        (["--learning_rate=inf"], r"learning_rate: must be a finite float32 number \(at most 3.40e\+38\), got inf"),
+        (["--learning_rate=nan"], "learning_rate: must be a finite float32 number"),
+        (["--learning_rate=11"], "learning_rate: must be <= 10.0, got 11.0"),
+        (["--weight_decay=1e300"], "weight_decay: must be a finite float32 number"),
+        (["--norm_lr_scale=1e9"], "norm_lr_scale: must be <= 1,000.0, got 1,000,000,000.0"),
+        (["--momentum=1"], r"momentum: must be in \[0, 1\), got 1.0"),
+        (["--width=1000000"], "width: must be <= 1,024, got 1,000,000"),
+        (["--val_size=1e12"], "val_size: must be <= 10,000,000, got 1,000,000,000,000"),
+        (["--test_size=10000001"], "test_size: must be <= 10,000,000, got 10,000,001"),
     ],
 )
 def test_bad_values_name_the_setting_and_what_is_allowed(argv, message):
     with pytest.raises(ConfigError, match=message):
         Config.from_argv(argv)
+
+
+def test_integers_are_read_exactly_however_many_digits():
+    assert Config.from_argv(["--seed=18446744073709551615"]).seed == 2**64 - 1  # through a float it was 2**64
+    assert Config.from_argv(["--seed=1e3", "--epochs=2.0"]).seed == 1000
+
+
+def test_paths_are_where_a_run_lies_not_what_it_trains():
+    from cifar_resnet.config import changed_settings  # issue 23's
+
+    config = Config()
+    moved = {**config.to_dict(), "output_dir": "/elsewhere", "data_dir": "/data/copy"}
+    assert changed_settings(moved, config) == []
+    assert changed_settings({**moved, "learning_rate": 0.1}, config) == ["learning_rate: 0.1 -> 0.001"]
 
 
 def test_unknown_mapping_key_is_an_error():

@@ -72,8 +72,12 @@ def without_timing(history: list[dict]) -> list[dict]:
 
 
 @needs_cuda
-def test_a_run_interrupted_after_epoch_1_and_resumed_matches_an_uninterrupted_one_on_the_gpu(tmp_path):
-    config = gpu_config(tmp_path, epochs=3)
+@pytest.mark.parametrize("changes", [{}, {"cuda_graph": False, "ema_decay": 0.9}], ids=["graph", "eager-ema"])
+def test_a_run_interrupted_after_epoch_1_and_resumed_matches_an_uninterrupted_one_on_the_gpu(tmp_path, changes):
+    """Resumed from last.pt on the GPU (b142e91 failed here: the generator's state came back from torch.load on the
+    GPU). Both optimizers a GPU run builds: capturable Adam under the captured step, fused Adam in the eager one,
+    whose step counters live on the GPU, with a weight average in the eager case."""
+    config = gpu_config(tmp_path, epochs=3, **changes)
     whole = run_training(config, "whole001")
 
     stop = []
@@ -82,7 +86,14 @@ def test_a_run_interrupted_after_epoch_1_and_resumed_matches_an_uninterrupted_on
         run_training(config, "split001", hooks)
     assert stop == [1] and (tmp_path / "runs" / "split001" / "last.pt").exists()
     (saved_epoch_1,) = RunRecord.load(tmp_path / "runs" / "split001").history
-    resumed = run_training(config, "split001")
+    placed = []
+
+    def where(result, state) -> None:  # every optimizer state tensor of this fused or capturable Adam on the GPU
+        placed.extend(t.device.type for s in state.optimizer.state.values() for t in s.values()
+                      if isinstance(t, torch.Tensor))
+
+    resumed = run_training(config, "split001", RunHooks(on_epoch=where))
+    assert placed and set(placed) == {"cuda"}
 
     assert [entry["epoch"] for entry in resumed.record.history] == [1, 2, 3]
     for ours, reference in zip(without_timing(resumed.record.history), without_timing(whole.record.history)):

@@ -1,7 +1,7 @@
 """The training step captured as one CUDA graph against the eager step, on a GPU (marked gpu; skipped without
 CUDA): the same first 50 losses within bf16's tolerance, Adam, AdamW and SGD captured for real, and a whole short
 run's test accuracy within 0.5 points; the same with the recipe candidates that touch the step or run
-beside it.
+beside it. The evaluation batch captured as a graph gives the eager evaluation's results.
 
 The data: the JPEG copy of CIFAR-10 in CIFAR10_JPEG_DIR (benchmarks/gpu_check.sh exports it), else synthetic.
 """
@@ -18,13 +18,16 @@ from torch import nn
 from cifar_resnet.config import Config
 from cifar_resnet.data import DeviceLoader, load_splits
 from cifar_resnet.engine import (
+    CapturedEval,
     CapturedStep,
     EagerStep,
+    EvalStep,
     Lookahead,
     autocast_context,
     build_model,
     build_optimizer,
     build_scheduler,
+    evaluate,
     fit,
     memory_format_for,
 )
@@ -107,5 +110,39 @@ def test_a_short_run_with_the_graph_reaches_the_eager_runs_accuracy(candidates, 
     with caplog.at_level(logging.INFO, logger="cifar_resnet.engine"):
         graph = fit(config, build_model(config, len(data.classes), device), data, device)
     assert any("captured the training step" in r.getMessage() for r in caplog.records)
+    assert any("captured the evaluation batch" in r.getMessage() for r in caplog.records)
     assert not any(r.levelno >= logging.WARNING for r in caplog.records)
     assert graph.test.acc == pytest.approx(eager.test.acc, abs=ACCURACY_TOLERANCE)
+
+
+EVAL_BATCH = 512  # 5,000 validation images: 9 full batches and a partial one of 392
+EVAL_LOSS_RTOL = 1e-6  # the same kernels in the same order: equal but for the last bit
+
+
+@pytest.mark.parametrize(("tta", "translate_px"), [(False, 0), (True, 0), (True, 1)])
+def test_the_evaluation_graph_gives_the_eager_evaluations_results(tta, translate_px, caplog):
+    """Over passes that end with a partial batch (eager in both), on a model trained a few steps, with bf16 and
+    channels_last; then again after its weights change in place, as training changes them between validations."""
+    config = data_config(train_size=COMPARED_STEPS * 128, val_size=5000)
+    _, trained = losses(config, graph=False, steps=COMPARED_STEPS)
+    model, device = trained.model, torch.device("cuda")
+    data = load_splits(config)
+    classes = len(data.classes)
+    loader = DeviceLoader(data.val, EVAL_BATCH, device)
+    settings = (model, classes, autocast_context(config, device, cache_enabled=False),
+                memory_format_for(config, device), tta, translate_px)
+    eager_step, graph_step = EvalStep(*settings), CapturedEval(*settings, batch_size=EVAL_BATCH)
+    with caplog.at_level(logging.WARNING, logger="cifar_resnet.engine"):
+        for weights_moved in (False, True):
+            if weights_moved:
+                with torch.no_grad():
+                    for parameter in model.parameters():
+                        parameter.mul_(0.9)
+            expected = evaluate(model, loader, classes, step=eager_step)
+            for _ in range(2):  # the pass that warms up and captures, then a pass of replays
+                got = evaluate(model, loader, classes, step=graph_step)
+                assert torch.equal(got.confusion, expected.confusion)
+                assert got.loss == pytest.approx(expected.loss, rel=EVAL_LOSS_RTOL)
+                assert int(got.confusion.sum()) == len(data.val)
+    assert graph_step.graph is not None and not graph_step.eager, caplog.messages
+    assert 0.2 < expected.acc < 1.0  # a model that learned something: not one class for every image

@@ -1,7 +1,7 @@
-"""The training step that CUDA captures, on the CPU: the same results as the loop it replaced, and the fallback to
-eager training when a capture is not possible (one warning, then training goes on).
+"""The training step and the evaluation batch that CUDA captures, on the CPU: the same results as the loops they
+replaced, and the fallback to eager work when a capture is not possible (one warning, then it goes on).
 
-The capture itself needs a GPU: tests/test_gpu_graph.py (marked gpu) compares the graph against eager steps there.
+The capture itself needs a GPU: tests/test_gpu_graph.py (marked gpu) compares the graphs against eager steps there.
 """
 
 from __future__ import annotations
@@ -16,15 +16,19 @@ from torch import nn
 from cifar_resnet import engine
 from cifar_resnet.data import DeviceLoader, load_splits
 from cifar_resnet.engine import (
+    CapturedEval,
     CapturedStep,
     EagerStep,
+    EvalStep,
     build_model,
     build_optimizer,
     build_scheduler,
     drive,
     fit,
+    evaluate,
     keep_graph_settings,
     train_one_epoch,
+    tta_logits,
 )
 
 CPU = torch.device("cpu")
@@ -97,19 +101,24 @@ def test_capture_on_a_cpu_warns_once_and_trains_eagerly(tiny_config, caplog):
         assert torch.equal(a, b)
 
 
-def test_a_capture_that_raises_falls_back_once_and_loses_no_step(tiny_config, caplog, monkeypatch):
-    """As if on a GPU: the side stream exists and the warm-up steps run; then the capture raises (here because
-    there is no CUDA). That batch is trained eagerly and so is every later one."""
+def pretend_a_gpu_until_the_capture(monkeypatch, captured, eager) -> None:
+    """As if on a GPU: the side stream exists and the warm-up steps run (eagerly, here); then the capture raises,
+    because there is no CUDA."""
     def pretend_prepare(self, images):
         self.side_stream = object()
         return True
 
     def eager_warm_up(self, images, labels):
-        EagerStep.__call__(self, images, labels)
+        eager.__call__(self, images, labels)
         self.warmed_up += 1
 
-    monkeypatch.setattr(CapturedStep, "prepare", pretend_prepare)
-    monkeypatch.setattr(CapturedStep, "warm_up", eager_warm_up)
+    monkeypatch.setattr(captured, "prepare", pretend_prepare)
+    monkeypatch.setattr(captured, "warm_up", eager_warm_up)
+
+
+def test_a_capture_that_raises_falls_back_once_and_loses_no_step(tiny_config, caplog, monkeypatch):
+    """The capture raises after the warm-up steps: that batch is trained eagerly and so is every later one."""
+    pretend_a_gpu_until_the_capture(monkeypatch, CapturedStep, EagerStep)
     eager_result, eager_model, _ = epoch_with(EagerStep, tiny_config)
     with caplog.at_level(logging.WARNING, logger="cifar_resnet.engine"):
         result, model, step = epoch_with(CapturedStep, tiny_config, warmup_steps=2)
@@ -180,3 +189,71 @@ def test_fit_on_the_graph_path_trains_like_the_eager_path(tiny_config, monkeypat
         assert got["val/acc"] == pytest.approx(expected["val/acc"], abs=0.03)
         assert isinstance(got["lr"], float)
     assert graph.test.acc == pytest.approx(eager.test.acc, abs=0.02)
+
+
+# --- evaluation ---------------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def previous_evaluate(model, loader, num_classes, tta, translate_px):
+    """evaluate as it was before the evaluation step was factored out (commit b142e91), kept as the reference."""
+    model.eval()
+    loss_sum = torch.zeros(())
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64)
+    for images, labels in loader:
+        logits = tta_logits(model, images, tta, translate_px)
+        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
+        confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
+    confusion = confusion.view(num_classes, num_classes)
+    total = int(confusion.sum())
+    return loss_sum.item() / total, int(confusion.diag().sum()) / total, confusion
+
+
+def trained_model_and_val_loader(config, eval_batch_size):
+    """A model after one epoch (its predictions are not all one class) and the validation split in batches that
+    end with a partial one."""
+    model, loader, optimizer, scheduler, loss_fn = training_parts(config)
+    train_one_epoch(model, loader, optimizer, scheduler, loss_fn, contextlib.nullcontext)
+    val = load_splits(config).val
+    assert len(val) % eval_batch_size != 0
+    return model, DeviceLoader(val, eval_batch_size, CPU)
+
+
+@pytest.mark.parametrize("tta, translate_px", [(False, 0), (True, 0), (True, 2)])
+def test_the_evaluation_step_gives_the_previous_evaluations_results_bit_for_bit(tiny_config, tta, translate_px):
+    model, loader = trained_model_and_val_loader(tiny_config, eval_batch_size=64)
+    loss, acc, confusion = previous_evaluate(model, loader, 10, tta, translate_px)
+    step = EvalStep(model, 10, tta=tta, translate_px=translate_px)
+    for _ in range(2):  # the totals start from zero on every pass
+        got = evaluate(model, loader, 10, step=step)
+        assert (got.loss, got.acc) == (loss, acc) and torch.equal(got.confusion, confusion)
+    assert 0.0 < acc < 1.0
+
+
+def test_evaluation_capture_on_a_cpu_warns_once_and_evaluates_eagerly(tiny_config, caplog):
+    model, loader = trained_model_and_val_loader(tiny_config, eval_batch_size=64)
+    expected = evaluate(model, loader, 10, tta=True)
+    step = CapturedEval(model, 10, tta=True, batch_size=64)
+    with caplog.at_level(logging.WARNING, logger="cifar_resnet.engine"):
+        results = [evaluate(model, loader, 10, step=step) for _ in range(2)]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["evaluating eagerly, without a CUDA graph: RuntimeError: the device is cpu, not CUDA"]
+    assert step.eager and step.graph is None
+    for got in results:
+        assert (got.loss, got.acc) == (expected.loss, expected.acc) and torch.equal(got.confusion, expected.confusion)
+
+
+def test_an_evaluation_capture_that_raises_falls_back_once_and_loses_no_batch(tiny_config, caplog, monkeypatch):
+    """The capture raises after the warm-up batches: that batch is evaluated eagerly, as is every later one; the
+    last, partial batch of each pass never counts towards the warm-up or the capture."""
+    pretend_a_gpu_until_the_capture(monkeypatch, CapturedEval, EvalStep)
+    model, loader = trained_model_and_val_loader(tiny_config, eval_batch_size=64)  # 3 full batches, 1 partial
+    expected = evaluate(model, loader, 10)
+    step = CapturedEval(model, 10, batch_size=64, warmup_steps=2)
+    with caplog.at_level(logging.WARNING, logger="cifar_resnet.engine"):
+        got = evaluate(model, loader, 10, step=step)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "the capture failed" in warnings[0]
+    assert step.eager and step.warmed_up == 2
+    assert (got.loss, got.acc) == (expected.loss, expected.acc) and torch.equal(got.confusion, expected.confusion)
+    assert int(got.confusion.sum()) == len(loader.labels)  # every image once: nothing skipped, nothing twice

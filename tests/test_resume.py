@@ -21,23 +21,27 @@ from types import SimpleNamespace
 import pytest
 import torch
 import wandb
+from torch.utils import _pytree as pytree
 from conftest import tiny_args
 from wandb_records import read_records
 
 from cifar_resnet import engine
 from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
 from cifar_resnet.config import Config
-from cifar_resnet.engine import EpochResult
+from cifar_resnet.engine import EpochResult, Interrupted
 from cifar_resnet.errors import StorageError
 from cifar_resnet.files import LOCK_FILE
 from cifar_resnet.records import RECORD_FILE, RunRecord
-from cifar_resnet.runner import run_training
+from cifar_resnet.runner import RunHooks, run_training
 from cifar_resnet.tracking import RESUME_ARTIFACT_TYPE, Tracker
 from cifar_resnet.train import main as train_main
 
 TIMING_KEYS = ("epoch_seconds", "train/images_per_second")  # differ between any two runs
 POLL_SECONDS = 0.02
 WAIT_SECONDS = 120
+# After a run's record says finished, its process logs the summary and the artifact to W&B (a tenth of a second
+# here), shuts W&B down and exits (seconds): a signal this much later lands in that shutdown.
+SHUTDOWN_SIGNAL_DELAY_SECONDS = 0.5
 
 # Runs `python -m cifar_resnet.train ARGS` with W&B's artifact download replaced (see the module docstring).
 DOWNLOAD_DOUBLE = """
@@ -173,7 +177,7 @@ def test_run_preempted_twice_resumes_locally_then_from_its_artifact_and_ends_as_
 
     # Identical to the uninterrupted run: weights, per-epoch metrics, best epoch, test metrics.
     reference, resumed = RunRecord.load(runs / "straight1"), RunRecord.load(run_dir)
-    assert resumed.status == "finished"
+    assert resumed.status == "finished" and resumed.error is None  # no "Interrupted" left from attempt 2
     assert without_timing(resumed.history) == without_timing(reference.history)
     assert [epoch["epoch"] for epoch in resumed.history] == list(range(1, config.epochs + 1))
     for key in ("best_epoch", "test/loss", "test/acc", "test/acc_per_class"):
@@ -250,6 +254,118 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_resumable
     assert sorted(path.name for path in run_dir.iterdir()) == [LOCK_FILE, BEST_CHECKPOINT, RECORD_FILE]
 
 
+class OnAnotherDevice(torch.Tensor):
+    """A CPU tensor that says it is on cuda:0, as the tensors `torch.load(..., map_location="cuda")` hands back on a
+    GPU machine: a CPU-only torch cannot make CUDA tensors, and the meta device holds no values to resume from.
+
+    It behaves as a tensor on a device of its own: operations among such tensors stay there, `copy_` and `.to("cpu")`
+    bring the values over, and an operation mixing it with a CPU tensor (other than a 0-dim one) raises, as CUDA's
+    do. Code that does not say where a tensor goes sees it where torch.load put it.
+    """
+
+    DEVICE = torch.device("cuda", 0)
+
+    @staticmethod
+    def __new__(cls, inner: torch.Tensor) -> OnAnotherDevice:
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, strides=inner.stride(), dtype=inner.dtype,
+                                                   device=cls.DEVICE, requires_grad=inner.requires_grad)
+
+    def __init__(self, inner: torch.Tensor) -> None:
+        self.inner = inner
+
+    def __repr__(self) -> str:
+        return f"OnAnotherDevice({self.inner!r})"
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        leaves = pytree.tree_leaves((args, kwargs))
+        ours = [leaf for leaf in leaves if isinstance(leaf, cls)]
+        aten = torch.ops.aten
+        if func is aten._to_copy.default:  # .to(): onto the CPU, or staying here
+            (source,) = ours
+            copied = func(source.inner, **{k: v for k, v in kwargs.items() if k != "device"})
+            target = kwargs.get("device")
+            return copied if target is not None and torch.device(target).type == "cpu" else cls(copied)
+        if func is not aten.copy_.default:  # copies cross devices; nothing else does
+            cpu = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor) and not isinstance(leaf, cls)
+                   and leaf.dim() > 0]
+            if cpu:
+                raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
+                                   f"{cls.DEVICE} and cpu! ({func})")
+        unwrapped_args, unwrapped_kwargs = pytree.tree_map_only(cls, lambda t: t.inner, (args, kwargs))
+        result = func(*unwrapped_args, **unwrapped_kwargs)
+        by_inner = {id(t.inner): t for t in ours}  # an in-place operation returns its input: give back the wrapper
+        plain_output = func is aten.copy_.default and not isinstance(args[0], cls)
+        return pytree.tree_map_only(
+            torch.Tensor, lambda t: t if plain_output else by_inner.get(id(t)) or cls(t), result)
+
+
+def on_another_device(value):
+    """`value` with every tensor in it replaced by an `OnAnotherDevice` one; containers keep their type and
+    metadata (a module's state_dict is an OrderedDict with `_metadata`)."""
+    if isinstance(value, torch.Tensor):
+        return OnAnotherDevice(value)
+    if isinstance(value, dict):
+        moved = type(value)((key, on_another_device(item)) for key, item in value.items())
+        if hasattr(value, "_metadata"):
+            moved._metadata = value._metadata
+        return moved
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_another_device(item) for item in value)
+    return value
+
+
+def test_a_checkpoint_that_torch_load_puts_on_another_device_resumes_as_an_uninterrupted_run(
+    tiny_config, monkeypatch, one_thread
+):
+    """On a GPU the resume checkpoint's tensors came back from torch.load on the GPU (b142e91 loaded it with
+    map_location=device), and the generator's state failed `set_state` with "RNG state must be a torch.ByteTensor":
+    no preempted run could resume on a GPU. Here every tensor torch.load hands back is on another device than the
+    CPU run's (`OnAnotherDevice`): each part of the state must still land where it belongs, and the run end as an
+    uninterrupted one, weights, average and optimizer state included."""
+    config = tiny_config.replace(epochs=3, ema_decay=0.9)  # the weight average's state is restored too
+    reference = run_training(config, "straight03")
+    stop = []
+    hooks = RunHooks(on_epoch=lambda record: stop.append(len(record.history)), should_stop=lambda: bool(stop))
+    with pytest.raises(Interrupted):
+        run_training(config, "moved001", hooks)
+
+    real_load, loaded = torch.load, []
+
+    def load_onto_another_device(f, *args, **kwargs):
+        loaded.append(Path(f).name)
+        return on_another_device(real_load(f, *args, **kwargs))
+
+    def misplaced(state) -> list[str]:
+        """The tensors of the run's state that are not plain CPU tensors (the run's device here)."""
+        tensors = {"best weights": state.best_model_state, "optimizer": state.optimizer.state_dict(),
+                   "scheduler": state.scheduler.state_dict(), "average": state.average.state_dict()}
+        return [f"{part}: {type(leaf).__name__} on {leaf.device}" for part, tree in tensors.items()
+                for leaf in pytree.tree_leaves(tree) if isinstance(leaf, torch.Tensor)
+                and (type(leaf) is not torch.Tensor or leaf.device.type != "cpu")]
+
+    found, real_restore = [], engine.TrainState.load_state_dict
+
+    def restore_and_look(state, saved) -> None:
+        real_restore(state, saved)
+        found.append(misplaced(state))  # one list per restore: empty when every part is where it belongs
+
+    monkeypatch.setattr(torch, "load", load_onto_another_device)
+    monkeypatch.setattr(engine.TrainState, "load_state_dict", restore_and_look)
+    resumed = run_training(config, "moved001")
+    monkeypatch.setattr(torch, "load", real_load)
+
+    assert loaded == [RESUME_CHECKPOINT]
+    assert found == [[]]
+    assert [epoch["epoch"] for epoch in resumed.record.history] == [1, 2, 3]
+    assert without_timing(resumed.record.history) == without_timing(reference.record.history)
+    for key in ("best_epoch", "test/loss", "test/acc"):
+        assert resumed.record.summary[key] == reference.record.summary[key], key
+    best, reference_best = (torch.load(o.run_dir / BEST_CHECKPOINT, weights_only=True) for o in (resumed, reference))
+    assert all(torch.equal(best["model"][name], tensor) for name, tensor in reference_best["model"].items())
+
+
 def crash_in_epoch_2(monkeypatch: pytest.MonkeyPatch) -> None:
     """Training raises, as a GPU fault would, when its second epoch starts (after epoch 1's checkpoint)."""
     real_epoch = engine.train_one_epoch
@@ -297,6 +413,25 @@ def test_lookahead_and_the_average_resume_from_last_pt_as_the_uninterrupted_run(
 
     resumed, reference = run_training(config, "ahead01"), run_training(config, "straight03")
     assert_same_end(resumed, reference)
+
+
+def test_a_stop_signal_while_a_finished_run_shuts_down_leaves_it_finished(tmp_path, tiny_config):
+    """SIGTERM once the run's record says finished, while W&B and the interpreter shut down (seconds, after
+    torch and W&B): the run exits 0 and its W&B run ends as finished, not preempting (issue 23: 128 + 15, which
+    the sweep took for a preempted run and trained again)."""
+    run_dir, log = Path(tiny_config.output_dir) / "late0001", tmp_path / "late.log"
+    process = start_training(tiny_config.replace(epochs=1), "late0001", log)
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not ((run_dir / RECORD_FILE).exists() and RunRecord.load(run_dir).status == "finished"):
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(POLL_SECONDS)
+    time.sleep(SHUTDOWN_SIGNAL_DELAY_SECONDS)
+    process.send_signal(signal.SIGTERM)
+
+    assert process.wait(WAIT_SECONDS) == 0, log.read_text()[-3000:]
+    (records,) = offline_runs(tmp_path, "late0001")
+    assert not was_marked_preempting(records) and exit_code(records) == 0
+    assert RunRecord.load(run_dir).status == "finished"
 
 
 def epoch_result(epoch: int) -> EpochResult:

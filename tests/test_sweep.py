@@ -3,8 +3,10 @@ offline), and the online path with a stand-in `wandb` executable (there is no W&
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -144,7 +146,9 @@ def wait_for(condition, timeout: float = SIGNAL_TIMEOUT_SECONDS) -> None:
         time.sleep(0.1)
 
 
-def test_an_interrupted_sweep_keeps_finished_runs_and_resumes_the_rest(tmp_path, tiny_config):
+def test_an_interrupted_sweep_keeps_finished_runs_and_resumes_the_rest_from_a_moved_folder(tmp_path, tiny_config):
+    """The stopped sweep's folder is moved before it resumes (issue 23: output_dir was compared as a setting, so
+    the moved run's last.pt was "written with other settings" and the run failed)."""
     # One run at a time: a 1-epoch run that finishes, then a 4-epoch run interrupted after its first epoch.
     parameters = tiny_settings(tiny_config) | {"epochs": {"values": [1, 4]}}
     path = write_sweep(tmp_path / "two.yaml", parameters)
@@ -174,6 +178,8 @@ def test_an_interrupted_sweep_keeps_finished_runs_and_resumes_the_rest(tmp_path,
     wait_for(lambda: not processes_of(f"WANDB_SWEEP_PARAM_PATH={out_dir.resolve()}"), timeout=10)
     finished_record = RunRecord.load(out_dir / finished["run_id"])
     interrupted_record = RunRecord.load(out_dir / interrupted["run_id"])
+    moved = out_dir.rename(tmp_path / "moved")
+    out_dir = moved
 
     resumed_sweep = subprocess.run(command, capture_output=True, text=True)  # "run the same command", as it says
     assert resumed_sweep.returncode == 0, resumed_sweep.stderr[-3000:]
@@ -188,6 +194,54 @@ def test_an_interrupted_sweep_keeps_finished_runs_and_resumes_the_rest(tmp_path,
     assert resumed.started_at == interrupted_record.started_at
     assert resumed.history[:len(interrupted_record.history)] == interrupted_record.history
     assert not (out_dir / interrupted["run_id"] / "last.pt").exists()
+    assert resumed.status == "finished" and resumed.error is None  # not the interrupted attempt's "Interrupted"
+    assert resumed.config["output_dir"] == str(moved.resolve())  # where it lies now
+
+
+def test_a_run_killed_after_its_record_says_finished_is_finished_and_never_run_again(tmp_path, tiny_config):
+    """As when the OOM killer, or a second stop, ends a run while it shuts W&B down: its record says finished, its
+    exit status does not; the record wins (issue 23: the run was recorded preempted or failed, and the next sweep
+    trained it again from scratch, over its record and best.pt)."""
+    path = write_sweep(tmp_path / "one.yaml", tiny_settings(tiny_config) | {"seed": {"values": [1]}})
+    out_dir = tmp_path / "out"
+    command = [sys.executable, "-m", "cifar_resnet", "sweep", str(path), "--offline", "--output-dir", str(out_dir)]
+    sweep = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def run_finished() -> bool:
+        runs = sweep_state(out_dir)["runs"] if (out_dir / "sweep.json").exists() else []
+        record = out_dir / runs[0]["run_id"] / RECORD_FILE if runs else None
+        return record is not None and record.exists() and json.loads(record.read_text())["status"] == "finished"
+
+    try:
+        wait_for(run_finished)
+        for pid in processes_of(f"WANDB_SWEEP_PARAM_PATH={out_dir.resolve()}"):  # the run and its W&B service
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        output = sweep.communicate(timeout=SIGNAL_TIMEOUT_SECONDS)[0].decode()
+    finally:
+        sweep.kill()
+    assert sweep.returncode == 0, output
+    (run,) = sweep_state(out_dir)["runs"]
+    assert run["state"] == "finished" and run["exit_code"] == -signal.SIGKILL, run
+    record = RunRecord.load(out_dir / run["run_id"])
+
+    assert main(["sweep", str(path), "--offline", "--output-dir", str(out_dir)]) == 0
+    (run,) = sweep_state(out_dir)["runs"]
+    assert run["attempts"] == 1 and RunRecord.load(out_dir / run["run_id"]) == record
+
+
+@pytest.mark.parametrize("name", ["..", "../escape", "/", ".hidden"])
+def test_a_sweep_name_that_would_leave_its_folder_is_one_line_and_starts_nothing(tmp_path, tiny_config, capsys,
+                                                                                   name):
+    """Issue 23: a sweep named `..` wrote its sweep.json and its runs into the working folder."""
+    path = write_sweep(tmp_path / "named.yaml", tiny_settings(tiny_config), name=name)
+
+    assert main(["sweep", str(path), "--offline"]) == 2
+
+    assert capsys.readouterr().err == (
+        f"ERROR: sweep name {name!r}: a sweep's name names its folder: 1 to 128 characters, no / or \\, not "
+        "starting with . (set name: in the sweep file, or give --output-dir)\n")
+    assert sorted(child.name for child in tmp_path.iterdir()) == ["named.yaml"]
 
 
 @pytest.mark.parametrize(("method", "count"), [("random", 2), ("bayes", 3)])
@@ -287,6 +341,8 @@ def test_early_terminate_stops_a_run_behind_the_others(tmp_path, tiny_config):
 
 @pytest.mark.parametrize(("content", "extra_args", "message"), [
     ("method: grid\nparameters: [\n", [], "not valid YAML at line 3"),
+    ("method: grid\nparameters: [1, 2]\n", [], "parameters: expected a mapping of setting names to {value: ...}"),
+    ("a: &a [*a]\n", [], "an alias (*name) inside its own anchor"),
     ("- just\n- a list\n", [], "not a sweep"),
     ("method: gird\nparameters:\n  learning_rate: {values: [0.1]}\n", [], "not a valid W&B sweep: 'gird' is not one"),
     ("method: grid\nparameters:\n  learning_rate: {min: 0.0001, max: 0.1}\n", [],
@@ -313,6 +369,34 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, content, extra_args,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("ERROR: ") and message in err
     assert not (tmp_path / "sweeps").exists()  # nothing started, nothing written
+
+
+# A few lines that expand to 9**9 (387 million) strings: PyYAML shares the aliased lists, and whatever walks the
+# document later expands them (here the agent's command macros: MemoryError, with a traceback, before issue 23).
+ALIAS_BOMB = "method: grid\nprogram: cifar_resnet.train\nparameters: {epochs: {value: 1}}\ncommand: [" + ", ".join(
+    f"&a{level} [{', '.join([f'*a{level - 1}' if level else 'lol'] * 9)}]" for level in range(9)) + "]\n"
+SWEEP_MEMORY_BYTES = 2**30  # the sweep command's data segment in this test: torch's import needs about half
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (ALIAS_BOMB.encode(), "more than 100,000 values once its aliases (*name) are expanded: not a sweep file"),
+    (bytes(range(255, -1, -1)), "not UTF-8 text (byte 0 is 0xff): not a sweep file"),
+    (b"# " + b"x" * 1_000_000, "more than 1,000,000 bytes: not a sweep file"),
+], ids=["alias bomb", "random bytes", "too large"])
+def test_a_file_that_is_no_sweep_fails_at_once_in_bounded_memory(tmp_path, content, message):
+    """In a process whose memory is capped at 1 GiB: an alias bomb used to grow without bound (MemoryError after
+    14 s); random bytes gave a UnicodeDecodeError's traceback."""
+    path = tmp_path / "sweep.yaml"
+    path.write_bytes(content)
+
+    def cap_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_DATA, (SWEEP_MEMORY_BYTES, SWEEP_MEMORY_BYTES))
+
+    done = subprocess.run([sys.executable, "-m", "cifar_resnet", "sweep", str(path), "--offline"], text=True,
+                          capture_output=True, timeout=SIGNAL_TIMEOUT_SECONDS, preexec_fn=cap_memory)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr == f"ERROR: {path}: {message}\n"
+    assert sorted(child.name for child in tmp_path.iterdir()) == ["sweep.yaml"]
 
 
 def test_missing_sweep_file(tmp_path, capsys):

@@ -37,6 +37,8 @@ from cifar_resnet.records import RECORD_FILE, RunRecord
 from cifar_resnet.runner import run_training
 from cifar_resnet.sweep import (
     NO_RECORD_REASON,
+    LocalSweep,
+    LogView,
     load_sweep,
     starts_our_training,
     warn_unless_our_entry_point,
@@ -176,6 +178,45 @@ def test_a_killed_host_s_run_is_taken_over_and_ends_as_an_uninterrupted_run(tmp_
     assert without_timing(resumed.history) == without_timing(reference.history)
     for key in ("test/acc", "test/loss", "best_epoch", "test/acc_per_class"):
         assert resumed.summary[key] == reference.summary[key], key
+
+
+@pytest.mark.quick
+def test_a_lease_runs_out_after_its_seconds_and_runs_to_take_over_come_before_new_ones(tmp_path, tiny_config,
+                                                                                     caplog):
+    """The takeover test above in seconds, without processes (issue 23: with leases that never ran out, the default
+    suite stayed green): a lease holds for exactly its seconds after the last heartbeat; a claim takes, in the
+    state's order, a run whose lease ran out or a preempted one, before the proposer's next; never a live lease."""
+    run = LocalRun("r", {}, state="running", owner="host:1:a", heartbeat_at=1000.0, lease_seconds=3.0)
+    assert not run.lease_expired(1003.0) and run.lease_expired(1003.001)
+    assert not LocalRun("f", {}, state="finished", heartbeat_at=0.0, lease_seconds=3.0).lease_expired(1e9)
+
+    path = write_sweep(tmp_path / "grid.yaml", tiny_settings(tiny_config) | {"seed": {"values": [1, 2, 3, 4, 5]}})
+    sweep = LocalSweep(load_sweep(path, []), tmp_path / "out", [None], None, None, LogView([]), SHORT_LEASE_SECONDS)
+    now = time.time()
+    with sweep.folder.transaction() as state:
+        state.runs += [
+            LocalRun("done", {"seed": 1}, state="finished"),
+            LocalRun("alive", {"seed": 2}, state="running", owner="host:2:b", heartbeat_at=now, lease_seconds=3.0),
+            LocalRun("dead", {"seed": 3}, state="running", owner="host:3:c", heartbeat_at=now - 10, lease_seconds=3.0),
+            LocalRun("stopped", {"seed": 4}, state="preempted", owner="host:4:d"),
+        ]
+
+    def claim(at: float) -> LocalRun | None:
+        with sweep.folder.transaction() as state:
+            return sweep.claim(state, at)
+
+    with caplog.at_level(logging.WARNING, logger="cifar_resnet"):
+        taken = [claim(now), claim(now), claim(now), claim(now)]
+    assert [run.run_id for run in taken[:2]] == ["dead", "stopped"]
+    assert taken[2].params["seed"] == 5  # then the proposer's next cell
+    assert taken[3] is None  # the grid has no cell left, and "alive" is still leased
+    assert [record.getMessage() for record in caplog.records] == [
+        "run dead: the lease of host:3:c ran out 10 s ago; taking it over"]
+    assert claim(now + SHORT_LEASE_SECONDS + 1).run_id == "alive"  # once its lease has run out
+    runs = {run["run_id"]: run for run in sweep_state(tmp_path / "out")["runs"]}
+    for run_id in ("dead", "stopped", "alive"):
+        assert runs[run_id]["owner"] == sweep.owner and runs[run_id]["attempts"] == 1
+    assert runs["done"]["state"] == "finished"
 
 
 def test_concurrent_transactions_lose_no_change(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import sweeps
 import torch
 import yaml
 from conftest import REPO, tiny_args
+from test_faults import tree
 from wandb.sdk.lib import config_util
 from wandb_records import offline_run_file, read_records
 
@@ -26,6 +28,7 @@ from cifar_resnet.files import LOCK_FILE, folder_lock
 from cifar_resnet.model import CIFAR10CNN
 from cifar_resnet.records import RunRecord
 from cifar_resnet.runner import run_training
+from cifar_resnet.train import main as train_main
 from cifar_resnet.wandb_sweep import agent_command as wandb_agent_command
 
 SWEEP_YAML = REPO / "sweep.yaml"
@@ -138,6 +141,9 @@ def error_lines(stderr: str) -> list[str]:
         (["--learning_rate=-1"], "ERROR: learning_rate: must be > 0, got -1.0"),
         (["--epochs=0"], "ERROR: epochs: must be > 0, got 0"),
         (["--batch_size=0"], "ERROR: batch_size: must be > 0, got 0"),
+        # Issue 23: a float32 overflow deep in torch was a traceback (the other ranges: test_config.py).
+        (["--learning_rate=1e300"], "ERROR: learning_rate: must be a finite float32 number (at most 3.40e+38), "
+                                    "got 1e+300"),
     ],
 )
 def test_bad_settings_fail_in_one_line_before_anything_starts(args, message):
@@ -162,7 +168,8 @@ def test_missing_data_folder_fails_the_wandb_run_with_one_line(tmp_path):
 
 
 def test_diverging_loss_stops_the_run(tiny_config):
-    args = tiny_args(tiny_config.replace(optimizer="sgd", learning_rate=1e12, epochs=2))
+    # The highest rates allowed (learning_rate 10, x 1000 for the batch-norm parameters): NaN within epoch 1.
+    args = tiny_args(tiny_config.replace(optimizer="sgd", learning_rate=10, norm_lr_scale=1000, epochs=2))
     done = python_train(*args, WANDB_RUN_ID="nan00001")
     assert done.returncode == 1
     (line,) = error_lines(done.stderr)
@@ -224,3 +231,68 @@ def test_an_unknown_optimizer_name_is_refused_not_replaced(tiny_config):
     object.__setattr__(config, "optimizer", "lamb")  # past the config's own check, as a caller's typo would be
     with pytest.raises(ConfigError, match="optimizer: 'lamb' is not one of adam, adamw, sgd"):
         build_optimizer(config, CIFAR10CNN(width=8), torch.device("cpu"))
+
+
+def test_a_finished_run_is_never_trained_again_under_its_id(tiny_config):
+    """The same settings again: one line, exit 0; other settings: one line, exit 2. Either way the run's files and
+    its W&B run stay as they are (issue 23: the runner started a new record whenever there was no last.pt)."""
+    config = tiny_config.replace(epochs=1)
+    run_dir = Path(config.output_dir) / "done0001"
+    assert python_train(*tiny_args(config), WANDB_RUN_ID="done0001").returncode == 0
+    finished = tree(run_dir)
+
+    again = python_train(*tiny_args(config), WANDB_RUN_ID="done0001")
+    assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr[-3000:]
+    assert [line for line in again.stderr.splitlines() if "done0001" in line] == [
+        f"INFO: run done0001: finished already in {run_dir}; nothing to train (remove that folder to train it again)"
+    ]
+    other = python_train(*tiny_args(config.replace(learning_rate=0.002)), WANDB_RUN_ID="done0001")
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert error_lines(other.stderr) == [
+        f"ERROR: run done0001: finished already in {run_dir}, with other settings (learning_rate: 0.001 -> 0.002); "
+        "give this run another id (WANDB_RUN_ID), or another output_dir"
+    ]
+    assert tree(run_dir) == finished
+    assert len(list(Path(os.environ["WANDB_DIR"]).glob("wandb/offline-run-*-done0001"))) == 1  # W&B not started
+
+
+@pytest.mark.parametrize("run_id", ["..", "../escape", "/", "rün id 1", ".hidden", "a" * 122])
+def test_a_run_id_that_would_leave_its_folder_or_that_w_and_b_refuses_is_one_line(tmp_path, tiny_config, capsys,
+                                                                                  monkeypatch, run_id):
+    monkeypatch.setenv("WANDB_RUN_ID", run_id)
+    assert train_main(tiny_args(tiny_config)) == 2
+    assert error_lines(capsys.readouterr().err) == [
+        f"ERROR: run id {run_id!r}: a run id names the run's folder and its W&B artifacts: 1 to 121 letters, "
+        "digits, -, _ or ., not starting with . (set WANDB_RUN_ID to such an id, or unset it)"
+    ]
+    assert sorted(path.name for path in tmp_path.iterdir()) == []  # nothing written, W&B not started
+
+
+def test_an_offline_run_s_wandb_log_names_no_file_outside_its_folder(tmp_path, tiny_config):
+    """W&B's data folder is the offline run's folder for the whole run (issue 23: the confusion-matrix table was
+    staged in WANDB_DATA_DIR, here the conftest's, and the run's .wandb file pointed there). Every path in the
+    logs of a copy of the run lies inside the run's folder, and the copy holds each file."""
+    assert python_train(*tiny_args(tiny_config.replace(epochs=1)), WANDB_RUN_ID="self0001").returncode == 0
+    (run_folder,) = tmp_path.glob("wandb/offline-run-*-self0001")
+    copy = shutil.copytree(run_folder, tmp_path / "copied" / run_folder.name)
+    logs = list(copy.rglob("*.wandb"))
+    assert logs
+    named = [text for log in logs for record in read_records(log) if record.WhichOneof("record_type") != "environment"
+             for text in strings_of(record) if text.startswith("/")]  # the environment record describes the host
+    assert len(named) >= 2  # the table and the best.pt, staged for the artifacts
+    for path in map(Path, named):
+        assert path.is_relative_to(run_folder), path
+        assert (copy / path.relative_to(run_folder)).is_file(), path
+    assert not any(Path(os.environ["WANDB_DATA_DIR"]).rglob("*"))  # nothing staged outside
+
+
+def strings_of(message) -> list[str]:
+    """Every string field of a protobuf message, nested ones too."""
+    found = []
+    for field, value in message.ListFields():
+        for item in value if field.is_repeated else [value]:
+            if isinstance(item, str):
+                found.append(item)
+            elif hasattr(item, "ListFields"):
+                found += strings_of(item)
+    return found

@@ -7,8 +7,9 @@ images.
 
 Reported: training images/s and seconds per epoch with their ratio, the data pipelines alone (batches/s, no model),
 model FLOPs per image (counted), TFLOP/s reached and their fraction of a peak measured in the same run (a large
-bf16 matmul on GPU, fp32 on CPU), peak memory, and in GPU mode the tuning options one by one and runs per hour with
-1, 2, 4 and 8 concurrent runs. Warm-up first; clocks are read after a device sync; figures are medians over repeats.
+bf16 matmul on GPU, fp32 on CPU), peak memory, evaluation images/s, and in GPU mode the tuning options one by one
+and runs per hour with 1, 2 and 6 concurrent runs. Warm-up first; clocks are read after a device sync; figures are
+medians over repeats. The JSON is rewritten after each section.
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ from torch import nn
 from ..config import Config
 from ..data import IMAGE_SIZE_PX, DataSplits, DeviceLoader, ImageSet, load_splits
 from ..engine import (
+    CapturedEval,
     CapturedStep,
     TrainHooks,
     EagerStep,
+    EvalStep,
     autocast_context,
     build_model,
     build_optimizer,
@@ -82,7 +85,7 @@ class Plan:
     def for_mode(cls, mode: str) -> Plan:
         if mode == "gpu":
             return cls(mode, steps=50, warmup_steps=20, repeats=3, data_batches=50, peak_size=8192,
-                       variants=tuple(VARIANTS), concurrency=(1, 2, 4, 8))
+                       variants=GPU_VARIANTS, concurrency=(1, 2, 6))
         return cls(mode, steps=6, warmup_steps=2, repeats=3, data_batches=50, peak_size=2048, variants=("ours",),
                    concurrency=())
 
@@ -130,6 +133,9 @@ VARIANTS: dict[str, Variant] = {
     "torch.compile": Variant(cuda_graph=False, compile_mode="default"),
     "torch.compile + CUDA graphs": Variant(cuda_graph=False, compile_mode="reduce-overhead"),
 }
+# GPU mode's default rows, the questions of issue 18: the graph against the eager step, bf16 and channels_last under
+# the graph, and torch.compile's own graphs. The others (measured at b555040) stay available through --variants.
+GPU_VARIANTS = ("ours", "eager (no CUDA graph)", "no bf16", "no channels_last", "torch.compile + CUDA graphs")
 
 
 # --- measuring primitives ------------------------------------------------------------------------------------
@@ -269,23 +275,31 @@ def measure_training(run_steps: Callable[[int], None], plan: Plan, batch_size: i
 
 def measure_eval(config: Config, val: ImageSet, num_classes: int, plan: Plan,
                  device: torch.device) -> dict[str, float]:
-    """Evaluation images/s under inference_mode: at the evaluation batch, at the training batch, and with TTA."""
+    """Evaluation images/s under inference_mode with the evaluation step a run uses (on CUDA the captured graph,
+    warmed up and captured in an untimed first pass): at the evaluation batch, at the training batch, and with TTA;
+    where the graph is used, also the eager step at the evaluation batch with flip TTA, for comparison."""
     model = build_model(config, num_classes, device)
-    autocast, memory_format = autocast_context(config, device), memory_format_for(config, device)
-    cases = {  # (batch size, tta, translate_px)
-        f"batch {config.eval_batch_size}": (config.eval_batch_size, False, 0),
-        f"batch {config.batch_size}": (config.batch_size, False, 0),
-        f"batch {config.eval_batch_size}, flip TTA": (config.eval_batch_size, True, 0),
-        f"batch {config.eval_batch_size}, flip and 1 px shifts TTA": (config.eval_batch_size, True, 1),
+    graph = uses_cuda_graph(config, device)
+    autocast = autocast_context(config, device, cache_enabled=not graph)
+    memory_format = memory_format_for(config, device)
+    cases = {  # (batch size, tta, translate_px, captured)
+        f"batch {config.eval_batch_size}": (config.eval_batch_size, False, 0, graph),
+        f"batch {config.batch_size}": (config.batch_size, False, 0, graph),
+        f"batch {config.eval_batch_size}, flip TTA": (config.eval_batch_size, True, 0, graph),
+        f"batch {config.eval_batch_size}, flip and 1 px shifts TTA": (config.eval_batch_size, True, 1, graph),
     }
+    if graph:
+        cases[f"batch {config.eval_batch_size}, flip TTA, eager"] = (config.eval_batch_size, True, 0, False)
     results = {}
-    for label, (batch_size, tta, translate_px) in cases.items():
+    for label, (batch_size, tta, translate_px, captured) in cases.items():
         loader = DeviceLoader(val, batch_size, device)
+        settings = (model, num_classes, autocast, memory_format, tta, translate_px)
+        step = CapturedEval(*settings, batch_size=batch_size) if captured else EvalStep(*settings)
 
-        def work(loader: DeviceLoader = loader, tta: bool = tta, translate_px: int = translate_px) -> None:
-            evaluate(model, loader, num_classes, autocast, memory_format, tta, translate_px)
+        def work(loader: DeviceLoader = loader, step: EvalStep = step) -> None:
+            evaluate(model, loader, num_classes, step=step)
 
-        work()  # warm-up
+        work()  # warm-up, and the capture
         results[label] = len(val) / statistics.median(time_repeats(work, plan.repeats, device))
     return results
 
@@ -309,8 +323,15 @@ def run_flops(flops: dict[str, float], splits: DataSplits, config: Config) -> fl
 # --- the benchmark -------------------------------------------------------------------------------------------
 
 
-def run_benchmark(config: Config, plan: Plan, work_dir: Path) -> dict[str, Any]:
-    """Every measurement of one benchmark, as a JSON-ready dict. `work_dir` holds the concurrent runs' files."""
+def run_benchmark(config: Config, plan: Plan, work_dir: Path,
+                  save: Callable[[dict[str, Any]], None] = lambda result: None) -> dict[str, Any]:
+    """Every measurement of one benchmark, as a JSON-ready dict. `work_dir` holds the concurrent runs' files.
+
+    `save` gets the result as it grows, after each section (the tuning variants and the concurrency counts one by
+    one), so that a benchmark cut short keeps what it measured; `complete` is True once everything is in. The
+    sections come in the order of what they answer today: our step's variants (graph against eager, bf16 and
+    channels_last under the graph, torch.compile's graphs), evaluation, runs at once, then the write-up's pipeline.
+    """
     unknown = sorted(set(plan.variants) - set(VARIANTS))
     if unknown:
         raise UserError(f"--variants: {', '.join(unknown)} unknown; allowed: {', '.join(VARIANTS)}")
@@ -320,6 +341,13 @@ def run_benchmark(config: Config, plan: Plan, work_dir: Path) -> dict[str, Any]:
     num_classes = len(splits.classes)
     log.info("benchmark on %s: width %d, batch %d, %d training images", device, config.width, config.batch_size,
              len(splits.train))
+    result: dict[str, Any] = {
+        "machine": machine,
+        "plan": asdict(plan),
+        "config": config.to_dict(),
+        "images": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
+        "complete": False,
+    }
 
     peak = measure_peak_tflops(device, plan.peak_size)
     # Counted on the meta device: shapes only, no arithmetic, so the full model costs nothing to count.
@@ -327,21 +355,21 @@ def run_benchmark(config: Config, plan: Plan, work_dir: Path) -> dict[str, Any]:
              for width in sorted({config.width, FULL_WIDTH})}
     model_flops = flops[config.width]
     epoch_images = len(splits.train) // config.batch_size * config.batch_size  # drop_last, as a run
+    result.update({
+        "peak": peak,
+        "flops_per_image": {str(width): value for width, value in flops.items()},
+        "run_flops": {str(width): run_flops(value, splits, config) for width, value in flops.items()},
+        # The physical floor of a run: its FLOPs at the peak measured above.
+        "floor_s": {str(width): run_flops(value, splits, config) / (peak["tflops"] * 1e12)
+                    for width, value in flops.items()},
+        "tuning": {},
+    })
+    save(result)
 
     def rates(timing: dict[str, Any]) -> dict[str, Any]:
         return {**timing, **derived_rates(timing, model_flops["train"], peak["tflops"], epoch_images, config.epochs)}
 
-    datasets = writeup_datasets(config, splits.train)
-    baselines = {name: writeup_loader(dataset, config) for name, dataset in datasets.items()}
-    data_pipeline = {name: measure_data(loader, plan, device) for name, loader in baselines.items()}
-    data_pipeline["ours"] = measure_data(train_loader(config, splits.train, device), plan, device)
-
-    training = {}
-    for name, loader in baselines.items():
-        log.info("timing %s", name)
-        runner = writeup_step_runner(config, loader, num_classes, device)
-        training[name] = rates(measure_training(runner, plan, config.batch_size, device))
-    tuning: dict[str, dict[str, Any]] = {}
+    tuning = result["tuning"]
     for name in plan.variants:
         log.info("timing ours: %s", name)
         variant = VARIANTS[name]
@@ -354,31 +382,36 @@ def run_benchmark(config: Config, plan: Plan, work_dir: Path) -> dict[str, Any]:
                 raise
             log.warning("variant %s failed: %s: %s", name, type(error).__name__, error)
             tuning[name] = {"error": f"{type(error).__name__}: {error}"}
+        save(result)
+
+    log.info("timing evaluation")
+    result["eval_images_per_s"] = measure_eval(config, splits.val, num_classes, plan, device)
+    result["concurrency"] = {}
+    save(result)
+    for count in plan.concurrency:
+        result["concurrency"][str(count)] = measure_concurrency(config, count, work_dir)
+        save(result)
+
+    datasets = writeup_datasets(config, splits.train)
+    baselines = {name: writeup_loader(dataset, config) for name, dataset in datasets.items()}
+    data_pipeline = {name: measure_data(loader, plan, device) for name, loader in baselines.items()}
+    data_pipeline["ours"] = measure_data(train_loader(config, splits.train, device), plan, device)
+    training = {}
+    for name, loader in baselines.items():
+        log.info("timing %s", name)
+        runner = writeup_step_runner(config, loader, num_classes, device)
+        training[name] = rates(measure_training(runner, plan, config.batch_size, device))
     if "ours" in tuning:
         training["ours"] = tuning["ours"]
-
-    result: dict[str, Any] = {
-        "machine": machine,
-        "plan": asdict(plan),
-        "config": config.to_dict(),
-        "images": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
-        "peak": peak,
-        "flops_per_image": {str(width): value for width, value in flops.items()},
-        "run_flops": {str(width): run_flops(value, splits, config) for width, value in flops.items()},
-        # The physical floor of a run: its FLOPs at the peak measured above.
-        "floor_s": {str(width): run_flops(value, splits, config) / (peak["tflops"] * 1e12)
-                    for width, value in flops.items()},
+    result.update({
         "data_pipeline_batches_per_s": data_pipeline,
         "training": training,
         "speedup": {name: training["ours"]["images_per_s"] / training[name]["images_per_s"]
                     for name in baselines if "ours" in training},
         "data_speedup": {name: data_pipeline["ours"] / data_pipeline[name] for name in baselines},
-        "tuning": tuning,
-        "eval_images_per_s": measure_eval(config, splits.val, num_classes, plan, device),
-        "concurrency": {},
-    }
-    for count in plan.concurrency:
-        result["concurrency"][str(count)] = measure_concurrency(config, count, work_dir)
+        "complete": True,
+    })
+    save(result)
     return result
 
 
@@ -433,7 +466,9 @@ def bench_main(argv: Sequence[str]) -> int:
         "64 on GPU. Subcommands: `bench run --help`, `bench grid --help`.",
     )
     parser.add_argument("--mode", choices=("auto", "cpu", "gpu"), default="auto", help="auto: gpu when CUDA is here")
-    parser.add_argument("--out", default="bench.json", help="JSON file of the results (default: bench.json)")
+    parser.add_argument("--out", default="bench.json", help="JSON file of the results, rewritten after each "
+                        "section (default: bench.json)")
+    parser.add_argument("--runs_dir", default="", help="the concurrent runs' folders and logs (default: next to --out)")
     defaults = {mode: asdict(Plan.for_mode(mode)) for mode in ("cpu", "gpu")}
     for name, text in PLAN_HELP.items():
         cpu, gpu = (",".join(map(str, value)) if isinstance(value, tuple) else value
@@ -444,13 +479,12 @@ def bench_main(argv: Sequence[str]) -> int:
     base = Config(dataset="synthetic", width=FULL_WIDTH if mode == "gpu" else 16,
                   device="cuda" if mode == "gpu" else "cpu")
     out = Path(args.out)
-    work_dir = out.parent / f"{out.stem}-runs"
+    work_dir = Path(args.runs_dir) if args.runs_dir else out.parent / f"{out.stem}-runs"
     config = Config.from_argv(rest, base=base.replace(output_dir=str(work_dir / "runs")))
     plan = Plan.for_mode(mode)
     plan = replace(plan, **{name: parse_plan_value(name, getattr(args, name), getattr(plan, name))
                             for name in PLAN_HELP if getattr(args, name) is not None})
-    result = run_benchmark(config, plan, work_dir)
-    atomic_write_json(out, result)
+    result = run_benchmark(config, plan, work_dir, save=lambda partial: atomic_write_json(out, partial))
     print(benchmark_table(result))
     print(f"\nwritten: {out}")
     return 0
