@@ -20,7 +20,12 @@
 #      (SGD's own at SGD 0.001), on top of RECIPE_SETTINGS; pick them with RECIPE_ONLY to fit a call;
 #   8. (recipe-grid, not by default; an estimated 5 minutes on an H200) the six cells x 2 seeds under the recipe in
 #      RECIPE_SETTINGS (e.g. "--norm_lr_scale=8 --label_smoothing=0.2 --ema_decay=0.99") and under recipe=writeup;
-#   9. (recipe, not by default) steps 7 and 8 in one: the grid with the candidates that won in 7.
+#   9. (recipe, not by default) steps 7 and 8 in one: the grid with the candidates that won in 7;
+#  10. (pack, not by default; an estimated 4 minutes) many runs on one GPU (docs/packing.md), each part's JSON as
+#      soon as it ends: K = 1, 2, 4, 6 and 12 runs as one pack on CUDA streams, 1 and 6 taking turns on one stream
+#      (pack.json); 1, 2 and 6 runs as as many processes (pack-processes.json) and, where the MPS daemon can start,
+#      6 processes under MPS (pack-mps.json); then the six cells through `cifar-resnet sweep sweep.yaml --gpus 0
+#      --runs-per-gpu 6`, packed, timed from outside (sweep6.json; needs wandb[sweeps] installed, else skipped).
 # STEPS (comma-separated) picks the steps: default gpu-tests,full10-cold,bench,full10,image. Each of steps 7 and 8
 # fills a call alone (estimated): STEPS=recipe-candidates, then STEPS=recipe-grid RECIPE_SETTINGS="...".
 # Every step writes its JSON into $OUT (or ./gpu-check) as soon as it has it (the benchmark and the recipe steps after
@@ -67,11 +72,18 @@ if [ -n "${SMALL:-}" ]; then  # every step, on a CPU, in a few minutes; its accu
     RUN=(--device=cpu --width=8 --epochs=1 --train_size=1000 --val_size=500 --test_size=1000)
     BENCH=(--concurrency=1,2 "--variants=ours,eager (no CUDA graph),sgd")
     RECIPE_RUNS=(--workers=2 --seeds=1)
+    PACK=(--epochs=1)
+    PACK_STREAMS=--members=1,2; PACK_TURNS=--members=2; PACK_PROCESSES=--members=1,2; PACK_MPS=--members=2
+    SWEEP6=(--workers=2 --pack --set device=cpu --set width=8 --set epochs=1 --set train_size=1000 --set val_size=500
+            --set test_size=1000)
 else
     MODE=gpu
     RUN=(--device=cuda)
     BENCH=(${VARIANTS:+"--variants=$VARIANTS"})
     RECIPE_RUNS=("--workers=${WORKERS:-6}" "--seeds=${SEEDS:-2}")
+    PACK=(--epochs=2)
+    PACK_STREAMS=--members=1,2,4,6,12; PACK_TURNS=--members=1,6; PACK_PROCESSES=--members=1,2,6; PACK_MPS=--members=6
+    SWEEP6=(--gpus=0 --runs-per-gpu=6)
 fi
 
 STEPS=${STEPS:-gpu-tests,full10-cold,bench,full10,image}
@@ -123,6 +135,30 @@ RECIPE=("$PYTHON" benchmarks/recipe_experiments.py "${RECIPE_RUNS[@]}" "--runs_d
 step recipe-candidates "${RECIPE[@]}" candidates "--out=$OUT_DIR/recipe-candidates.json"
 step recipe-grid "${RECIPE[@]}" grid "--out=$OUT_DIR/recipe-grid.json"
 step recipe "${RECIPE[@]}" both "--out=$OUT_DIR/recipe.json"
+step pack "$PYTHON" -m cifar_resnet.bench pack --sharing=streams "$PACK_STREAMS" "${DATA[@]}" "${RUN[@]}" \
+    "${PACK[@]}" "--out=$OUT_DIR/pack.json" "--runs_dir=$WORK/pack-runs"
+step pack "$PYTHON" -m cifar_resnet.bench pack --sharing=turns "$PACK_TURNS" "${DATA[@]}" "${RUN[@]}" "${PACK[@]}" \
+    "--out=$OUT_DIR/pack-turns.json" "--runs_dir=$WORK/pack-runs"
+step pack "$PYTHON" -m cifar_resnet.bench pack --sharing=processes "$PACK_PROCESSES" "${DATA[@]}" "${RUN[@]}" \
+    "${PACK[@]}" "--out=$OUT_DIR/pack-processes.json" "--runs_dir=$WORK/pack-runs"
+if [[ ",$STEPS," == *",pack,"* ]] && command -v nvidia-cuda-mps-control >/dev/null; then
+    export CUDA_MPS_PIPE_DIRECTORY="$WORK/mps-pipe" CUDA_MPS_LOG_DIRECTORY="$WORK/mps-log"
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+    if nvidia-cuda-mps-control -d; then
+        step pack "$PYTHON" -m cifar_resnet.bench pack --sharing=processes "$PACK_MPS" "${DATA[@]}" "${RUN[@]}" \
+            "${PACK[@]}" "--out=$OUT_DIR/pack-mps.json" "--runs_dir=$WORK/pack-runs"
+        echo quit | nvidia-cuda-mps-control
+    else
+        echo "=== pack: the MPS daemon did not start; no MPS figures" | tee -a "$LOG"
+    fi
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+fi
+if "$PYTHON" -c "import wandb, sweeps" 2>/dev/null; then
+    step pack env WANDB_MODE=offline "$PYTHON" benchmarks/sweep_wall.py "--out=$OUT_DIR/sweep6.json" \
+        "--output-dir=$WORK/sweep6" -- sweep.yaml "${SWEEP6[@]}" --set dataset=imagefolder "--set=data_dir=$DATA_DIR"
+else
+    [[ ",$STEPS," != *",pack,"* ]] || echo "=== pack: wandb[sweeps] is not installed: no sweep6 figure" | tee -a "$LOG"
+fi
 IMAGE_CHECK="import torch; assert torch.cuda.is_available(), 'CUDA is not available to torch in the image'
 print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(0))
 print('sum on the GPU:', torch.ones(1000, device='cuda').sum().item())"

@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from cifar_resnet.bench.machine import machine_info
-from cifar_resnet.bench.runs import TEST_VIEWS, spawn_runs
+from cifar_resnet.bench.runs import TEST_VIEWS
+from cifar_resnet.bench.spawn import spawn_runs
 from cifar_resnet.bench.writeup import WRITEUP_TABLE
 from cifar_resnet.config import Config
 from cifar_resnet.engine import select_device

@@ -14,8 +14,8 @@ pytestmark = pytest.mark.quick  # seconds in all: part of `pytest -m quick`
 
 PACKAGE = REPO / "cifar_resnet"
 TOOLS = {"sweep", "agent", "report", "bench"}
-WITHOUT_WANDB = {"config", "model", "data", "engine", "checkpoint", "records", "files", "errors", "process", "names",
-                 "credentials", "table", "runner"}
+WITHOUT_WANDB = {"config", "model", "data", "engine", "pack", "checkpoint", "records", "files", "errors", "process",
+                 "names", "credentials", "table", "runner", "trainer"}
 MAX_LEVELS = 9  # errors, config, data, engine, runner, tracking, train, cli, __main__
 
 

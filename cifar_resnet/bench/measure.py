@@ -53,6 +53,7 @@ from ..errors import UserError
 from ..files import atomic_write_json
 from ..process import set_cpu_threads
 from .machine import machine_info
+from .pack import pack_main
 from .runs import grid_main, measure_concurrency, run_main
 from .writeup import endless, writeup_datasets, writeup_loader, writeup_step_runner
 
@@ -506,10 +507,10 @@ def parse_plan_value(name: str, text: str, default: Any) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`cifar-resnet bench [run|grid] ...`; a user mistake is one line and exit status 2."""
+    """`cifar-resnet bench [run|grid|pack] ...`; a user mistake is one line and exit status 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
     set_cpu_threads()  # as `train` does: every core, or OMP_NUM_THREADS; `grid` gives its runs their share
-    commands = {"run": run_main, "grid": grid_main}
+    commands = {"run": run_main, "grid": grid_main, "pack": pack_main}
     try:
         if argv and argv[0] in commands:
             return commands[argv[0]](argv[1:])

@@ -34,7 +34,7 @@ from ..files import atomic_write_json
 from ..pack import Pack
 from ..records import TRAIN_IMAGES_PER_SECOND
 from .machine import machine_info
-from .runs import SECONDS_PER_HOUR, print_settings_help, spawn_runs
+from .spawn import SECONDS_PER_HOUR, print_settings_help, spawn_runs
 from .writeup import WRITEUP_TABLE
 
 log = logging.getLogger(__name__)
