@@ -181,7 +181,8 @@ def test_an_interrupted_sweep_keeps_finished_runs_and_resumes_the_rest_from_a_mo
     moved = out_dir.rename(tmp_path / "moved")
     out_dir = moved
 
-    resumed_sweep = subprocess.run(command, capture_output=True, text=True)  # "run the same command", as it says
+    # The same command, pointed at the folder where the sweep now lies (`mv A B`, then `--output-dir B`).
+    resumed_sweep = subprocess.run([*command, "--output-dir", str(moved)], capture_output=True, text=True)
     assert resumed_sweep.returncode == 0, resumed_sweep.stderr[-3000:]
 
     runs = sweep_state(out_dir)["runs"]
