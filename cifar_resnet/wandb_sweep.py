@@ -7,6 +7,7 @@ starts fast). It imports no tool: the tools import it.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,9 @@ from .records import (
 
 if TYPE_CHECKING:
     from wandb_workspaces.workspaces import Workspace
+
+# How long a failed command waits for W&B's service process to stop before it exits anyway.
+SERVICE_STOP_SECONDS = 10.0
 
 # The history keys a run logs per epoch that the report needs; `scan_history` returns rows holding all of them.
 HISTORY_KEYS = (EPOCH, TRAIN_LOSS, TRAIN_ACC, VAL_LOSS, VAL_ACC)
@@ -96,7 +100,23 @@ def create_sweep(sweep_config: Mapping[str, Any], project: str) -> str:
     try:
         return wandb.sweep(sweep=dict(sweep_config), project=project)
     except wandb.errors.Error as error:  # W&B unreachable, a bad key, or a sweep the server refuses
+        stop_wandb_service()
         raise UserError(f"W&B could not create the sweep: {error}") from None
+
+
+def stop_wandb_service(timeout_s: float = SERVICE_STOP_SECONDS) -> None:
+    """Stop W&B's service process, waiting at most `timeout_s`.
+
+    After a failed request the service can go on retrying a server that is not there, and W&B's own exit hook waits
+    for it without a limit (a loaded CI machine waited over 5 minutes after the error was printed). Only for a
+    process with no run open: a service still busy after the wait is left to end by itself, as it does when the
+    process that started it is gone.
+    """
+    import wandb
+
+    stopper = threading.Thread(target=wandb.teardown, name="wandb-teardown", daemon=True)
+    stopper.start()
+    stopper.join(timeout_s)
 
 
 def fetch_sweep_results(path: str) -> list[RunResult]:

@@ -189,6 +189,34 @@ def test_a_sweep_wandb_cannot_create_is_one_line_and_starts_no_agent(tmp_path, t
     assert not (tmp_path / "sweeps").exists()
 
 
+STUCK_SERVICE = """
+import os, signal, sys, wandb
+from cifar_resnet.wandb_sweep import stop_wandb_service
+wandb.setup()  # starts W&B's service process, a child of this one
+children = [int(pid) for task in os.listdir('/proc/self/task')
+            for pid in open(f'/proc/self/task/{task}/children').read().split()]
+for pid in children:
+    os.kill(pid, signal.SIGSTOP)  # a service that no longer answers, as one busy retrying a dead server
+print(*children, flush=True)
+stop_wandb_service(timeout_s=2)
+"""
+
+
+def test_a_service_that_no_longer_answers_does_not_hold_a_failed_command_s_exit():
+    """W&B's exit hook waits for its service without a limit; after a failed request the package bounds that wait
+    (a CI machine once waited out a 5-minute test timeout after the sweep's error line)."""
+    env = {key: value for key, value in os.environ.items() if key != "WANDB_MODE"}
+    process = subprocess.Popen([sys.executable, "-c", STUCK_SERVICE], stdout=subprocess.PIPE, text=True, env=env)
+    children = process.stdout.readline().split()
+    try:
+        assert children, "wandb.setup() started no service process"
+        assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()
+        for pid in children:
+            subprocess.run(["kill", "-9", pid], check=False)
+
+
 # --- the agent's bad arguments ----------------------------------------------------------------------------------
 
 
