@@ -71,6 +71,7 @@ def test_the_readmes_report_command_reads_the_folder_its_sweep_command_writes():
         assert shlex.split(report_part)[-1] == folder_of(sweep_file, *overrides).as_posix(), line
 
 
+@pytest.mark.slow
 def test_a_mistake_every_run_would_repeat_is_fixed_as_its_line_says(tmp_path, tiny_config, capsys):
     """"fix it, then run the same command again", followed literally: both fixes a user would make (the data put
     where the sweep said, or `--set` to where it is) work in the sweep's default folder."""
@@ -276,6 +277,7 @@ def worker_only(*args: str, **env: str) -> subprocess.CompletedProcess:
                           env={**os.environ, **env})
 
 
+@pytest.mark.slow
 def test_a_workers_install_trains_evaluates_and_runs_agents_and_sweep_and_report_name_their_extra(
         tmp_path, tiny_config):
     trained = worker_only("train", *tiny_args(tiny_config.replace(epochs=1)))

@@ -213,7 +213,7 @@ def trained_model_and_val_loader(config, eval_batch_size):
     """A model after one epoch (its predictions are not all one class) and the validation split in batches that
     end with a partial one."""
     model, loader, optimizer, scheduler, loss_fn = training_parts(config)
-    train_one_epoch(model, loader, optimizer, scheduler, loss_fn, contextlib.nullcontext)
+    one_epoch(model, loader, optimizer, scheduler, loss_fn)
     val = load_splits(config).val
     assert len(val) % eval_batch_size != 0
     return model, DeviceLoader(val, eval_batch_size, CPU)
@@ -256,4 +256,4 @@ def test_an_evaluation_capture_that_raises_falls_back_once_and_loses_no_batch(ti
     assert len(warnings) == 1 and "the capture failed" in warnings[0]
     assert step.eager and step.warmed_up == 2
     assert (got.loss, got.acc) == (expected.loss, expected.acc) and torch.equal(got.confusion, expected.confusion)
-    assert int(got.confusion.sum()) == len(loader.labels)  # every image once: nothing skipped, nothing twice
+    assert int(got.confusion.sum()) == len(loader.data)  # every image once: nothing skipped, nothing twice

@@ -172,6 +172,7 @@ def test_a_read_only_data_folder_is_decoded_without_a_cache():
 # --- W&B refusing to create a sweep (wandb_sweep.create_sweep) --------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_sweep_wandb_cannot_create_is_one_line_and_starts_no_agent(tmp_path, tiny_config):
     """The real `wandb.sweep`, with credentials, against a W&B address where nothing listens."""
     path = tmp_path / "grid.yaml"

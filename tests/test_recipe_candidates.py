@@ -262,6 +262,7 @@ def snapshot(state: dict) -> dict:
     return torch.load(buffer, weights_only=True)
 
 
+@pytest.mark.slow
 def test_a_run_with_every_candidate_trains_keeps_averaged_weights_and_resumes_exactly(tiny_config):
     config = tiny_config.replace(epochs=3, **ALL_CANDIDATES)
     data = load_splits(config)

@@ -24,6 +24,7 @@ def experiments():
     return module
 
 
+@pytest.mark.slow
 def test_candidates_are_run_over_seeds_and_summarised(experiments, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(experiments, "CANDIDATES", [
         ("tuned", {}),
@@ -50,6 +51,7 @@ def test_candidates_are_run_over_seeds_and_summarised(experiments, tmp_path, mon
     assert "| batch beyond the data | 0 (2 failed) | failed |" in table
 
 
+@pytest.mark.slow
 def test_both_runs_the_grid_with_the_winners_against_recipe_writeup(experiments, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(experiments, "CANDIDATES", [("tuned", {}), ("alternating flip", {"alternating_flip": True})])
     monkeypatch.setattr(experiments, "WRITEUP_TABLE", writeup.WRITEUP_TABLE[1:2])  # sgd 0.001: one cell
@@ -136,6 +138,7 @@ def test_sgd_candidates_win_against_sgds_tuned_row_and_change_only_sgd_settings(
     assert line.endswith("| +1.50 | – |")  # against sgd's tuned row
 
 
+@pytest.mark.slow
 def test_sgd_candidates_run_at_the_sgd_cell_and_a_long_warm_up_fits_a_short_run(experiments, tmp_path,
                                                                                   monkeypatch, capsys):
     sgd = experiments.SGD_CELL

@@ -136,6 +136,7 @@ def without_timing(history: list[dict]) -> list[dict]:
     return [{key: value for key, value in epoch.items() if key not in TIMING_KEYS} for epoch in history]
 
 
+@pytest.mark.slow
 def test_run_preempted_twice_resumes_locally_then_from_its_artifact_and_ends_as_an_uninterrupted_run(
     tmp_path, tiny_config
 ):
@@ -212,6 +213,7 @@ def assert_same_end(resumed, reference) -> None:
     assert all(torch.equal(best["model"][name], tensor) for name, tensor in reference_best["model"].items())
 
 
+@pytest.mark.slow
 def test_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_resumable(tiny_config, monkeypatch,
                                                                                    one_thread):
     config = tiny_config.replace(epochs=3)
@@ -393,6 +395,7 @@ def test_a_crash_ends_the_run_as_failed_not_preempting(tmp_path, tiny_config, mo
     assert RunRecord.load(Path(tiny_config.output_dir) / "crash001").status == "failed"
 
 
+@pytest.mark.slow
 def test_lookahead_and_the_average_resume_from_last_pt_as_the_uninterrupted_run(tiny_config, monkeypatch,
                                                                                one_thread):
     """Lookahead's slow weights and step count travel in last.pt beside the weight average: a run that fails in

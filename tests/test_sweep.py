@@ -146,6 +146,7 @@ def wait_for(condition, timeout: float = SIGNAL_TIMEOUT_SECONDS) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_an_interrupted_sweep_keeps_finished_runs_and_resumes_the_rest_from_a_moved_folder(tmp_path, tiny_config):
     """The stopped sweep's folder is moved before it resumes (issue 23: output_dir was compared as a setting, so
     the moved run's last.pt was "written with other settings" and the run failed)."""
@@ -199,6 +200,7 @@ def test_an_interrupted_sweep_keeps_finished_runs_and_resumes_the_rest_from_a_mo
     assert resumed.config["output_dir"] == str(moved.resolve())  # where it lies now
 
 
+@pytest.mark.slow
 def test_a_run_killed_after_its_record_says_finished_is_finished_and_never_run_again(tmp_path, tiny_config):
     """As when the OOM killer, or a second stop, ends a run while it shuts W&B down: its record says finished, its
     exit status does not; the record wins (issue 23: the run was recorded preempted or failed, and the next sweep
@@ -245,7 +247,7 @@ def test_a_sweep_name_that_would_leave_its_folder_is_one_line_and_starts_nothing
     assert sorted(child.name for child in tmp_path.iterdir()) == ["named.yaml"]
 
 
-@pytest.mark.parametrize(("method", "count"), [("random", 2), ("bayes", 3)])
+@pytest.mark.parametrize(("method", "count"), [("random", 2), pytest.param("bayes", 3, marks=pytest.mark.slow)])
 def test_random_and_bayes_stop_at_count(tmp_path, tiny_config, method, count):
     """The engine proposes each run; bayes proposes from the finished runs' val/acc, fed back from their records."""
     parameters = tiny_settings(tiny_config) | {

@@ -39,6 +39,7 @@ def sweep(path: Path, out_dir: Path, *args: str) -> int:
     return main(["sweep", str(path), "--offline", "--output-dir", str(out_dir), *args])
 
 
+@pytest.mark.slow
 def test_bayes_proposes_from_the_runs_records_and_a_rerun_starts_no_finished_run(tmp_path, tiny_config):
     parameters = tiny_settings(tiny_config) | {
         "learning_rate": {"distribution": "log_uniform_values", "min": 1e-5, "max": 1e-1}}
@@ -78,6 +79,7 @@ def test_bayes_proposes_from_the_runs_records_and_a_rerun_starts_no_finished_run
         assert again.started_at == record.started_at and again == record
 
 
+@pytest.mark.slow
 def test_early_terminate_stops_a_run_that_falls_behind_and_marks_it_stopped(tmp_path, tiny_config):
     # Two runs at once: Adam at a good rate, and at a rate far too small to learn anything. Hyperband with
     # min_iter 2 and eta 3 judges them at epochs 2, 6, 18...: at epoch 2 the hopeless run (still at chance) is below

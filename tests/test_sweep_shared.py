@@ -87,6 +87,7 @@ def assert_each_cell_ran_once(out_dir: Path, cells: set[tuple]) -> list[dict]:
     return runs
 
 
+@pytest.mark.slow
 def test_two_sweeps_started_together_share_the_folder_and_run_each_cell_once(tmp_path, tiny_config):
     path = write_sweep(tmp_path / "grid.yaml", GRID | tiny_settings(tiny_config))
     out_dir = tmp_path / "out"
@@ -106,6 +107,7 @@ def test_two_sweeps_started_together_share_the_folder_and_run_each_cell_once(tmp
     assert len(report_rows) == 4
 
 
+@pytest.mark.slow
 def test_processes_racing_for_the_same_cells_claim_each_once(tmp_path, tiny_config):
     """Three processes with two workers each, three cells: six free workers contend for every proposal."""
     parameters = tiny_settings(tiny_config) | {"learning_rate": {"values": [0.002, 0.001, 0.0005]},

@@ -209,6 +209,7 @@ def test_help_of_the_module_names_the_module():
     assert done.returncode == 0 and done.stdout.startswith("usage: python -m cifar_resnet.train ")
 
 
+@pytest.mark.slow
 def test_a_second_process_on_the_same_run_id_is_refused_in_one_line(tiny_config):
     """A run holds its folder's lock: a second process with the same run id exits 2 and writes nothing there."""
     run_dir = Path(tiny_config.output_dir) / "twin0001"
@@ -233,6 +234,7 @@ def test_an_unknown_optimizer_name_is_refused_not_replaced(tiny_config):
         build_optimizer(config, CIFAR10CNN(width=8), torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_never_trained_again_under_its_id(tiny_config):
     """The same settings again: one line, exit 0; other settings: one line, exit 2. Either way the run's files and
     its W&B run stay as they are (issue 23: the runner started a new record whenever there was no last.pt)."""

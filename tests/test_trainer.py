@@ -99,6 +99,7 @@ def alone_runs(configs, tmp_path):
             for run_id, config in configs.items()}
 
 
+@pytest.mark.slow
 def test_three_runs_in_one_trainer_end_as_three_runs_alone_with_their_own_wandb_runs(tmp_path, tiny_config,
                                                                                     socket_path, one_thread):
     configs = cells(tiny_config)
@@ -127,6 +128,7 @@ def test_three_runs_in_one_trainer_end_as_three_runs_alone_with_their_own_wandb_
         assert next(r.exit for r in records if r.HasField("exit")).exit_code == 0
 
 
+@pytest.mark.slow
 def test_a_run_stopped_in_its_trainer_resumes_there_and_the_others_are_undisturbed(tmp_path, tiny_config,
                                                                                   socket_path, one_thread):
     configs = cells(tiny_config)
@@ -155,6 +157,7 @@ def test_a_run_stopped_in_its_trainer_resumes_there_and_the_others_are_undisturb
         assert_like_alone(Path(config.output_dir) / run_id, alone[run_id])
 
 
+@pytest.mark.slow
 def test_runs_of_a_killed_trainer_are_preempted_and_resume_in_the_next_one(tmp_path, tiny_config, socket_path,
                                                                            one_thread):
     configs = cells(tiny_config)
@@ -182,6 +185,7 @@ def test_runs_of_a_killed_trainer_are_preempted_and_resume_in_the_next_one(tmp_p
         assert_like_alone(Path(config.output_dir) / run_id, alone[run_id])
 
 
+@pytest.mark.slow
 def test_three_runs_of_one_sweep_through_wandbs_own_agent_share_one_trainer(tmp_path, tiny_config, socket_path):
     """The online path: W&B's own agent code starts each run (tests/wandb_agent_driver.py, the W&B server a
     stand-in), three agents on one "GPU" whose runs hand their training to its one trainer."""
@@ -215,6 +219,7 @@ def test_three_runs_of_one_sweep_through_wandbs_own_agent_share_one_trainer(tmp_
         assert model.name == f"model-{run_id}"
 
 
+@pytest.mark.slow
 def test_an_offline_sweep_packs_its_workers_runs_into_one_trainer(tmp_path, tiny_config, monkeypatch):
     """`cifar-resnet sweep --workers 3 --pack` on a CPU: one trainer, every cell trained in it, as alone."""
     from test_sweep import table_rows, tiny_settings, write_sweep
