@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from cifar_resnet.bench import measure, runs, writeup
+from cifar_resnet.bench import measure, pack, runs, writeup
 from cifar_resnet.model import CIFAR10CNN
 
 TINY = ["--mode=cpu", "--width=8", "--train_size=384", "--val_size=128", "--test_size=128", "--steps=2",
@@ -122,6 +122,28 @@ def test_grid_runs_the_cells_beside_the_writeups_table(tiny_config, tmp_path, ca
         assert positive(ours["process_s"]) and ours["process_s"] <= ours["process_exit_s"] + 1
         assert (tmp_path / "grid-runs" / "runs" / ours["run_id"] / "record.json").exists()
     assert len(cells) == 2 and "adam 0.001" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_pack_measures_each_way_of_sharing_with_its_runs_under_the_runs_folder(tiny_config, tmp_path,
+                                                                                monkeypatch):
+    """The pack step of the GPU check, tiny: runs taking turns in one process and runs as processes, K = 1 then 2
+    (the processes of K = 2 reuse K = 1's run names: each K keeps its runs apart, and none lands in the working
+    directory)."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "pack.json"
+    settings = [f"--{k}={v}" for k, v in tiny_config.replace(epochs=1, train_size=256, val_size=64, test_size=64,
+                                                               batch_size=64).to_dict().items() if k != "output_dir"]
+    assert pack.pack_main(["--members=1,2", "--sharing=turns,processes", f"--out={out}", *settings]) == 0
+    cases = json.loads(out.read_text())["cases"]
+    assert [(case["sharing"], case["members"]) for case in cases] == \
+        [("turns", 1), ("turns", 2), ("processes", 1), ("processes", 2)]
+    for case in cases:
+        assert len(case["run_img_s"]) == len(case["test_acc"]) == case["members"]
+        assert positive(case["together_img_s"]) and positive(case["training_runs_per_hour"])
+    assert sorted(path.name for path in (tmp_path / "pack-runs" / "processes2" / "runs").iterdir()) == \
+        ["m0-adam-lr0.001", "m1-sgd-lr0.001"]
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize(

@@ -88,8 +88,10 @@ def measure_pack(base: Config, count: int, streams: bool) -> dict[str, Any]:
 
 
 def measure_processes(base: Config, count: int, work_dir: Path) -> dict[str, Any]:
-    """`count` runs as `count` processes at once, one run each."""
-    results, wall_s = spawn_runs(member_configs(base, count), count, work_dir / f"processes{count}")
+    """`count` runs as `count` processes at once, one run each, their run folders under `work_dir`."""
+    folder = work_dir / f"processes{count}"
+    jobs = [(run_id, config.replace(output_dir=str(folder / "runs"))) for run_id, config in member_configs(base, count)]
+    results, wall_s = spawn_runs(jobs, count, folder)
     failed = [r for r in results if r.get("status") == "failed"]
     if failed:
         raise UserError(f"bench pack: {len(failed)} of {count} runs failed; see {failed[0]['log']}")
