@@ -26,11 +26,13 @@ def test_ci_runs_with_the_shared_archive_required():
     assert "REQUIRE_REAL_DATA=1" in ci and "CIFAR10_JPEG_ARCHIVE=" in ci and "shared/data/cifar10-jpeg.tar.gz" in ci
 
 
-def test_ci_runs_the_slow_takeover_test_by_name():
-    """Its fast counterpart runs in the default suite; CI runs the real takeover too (issue 23)."""
-    from test_sweep_shared import test_a_killed_host_s_run_is_taken_over_and_ends_as_an_uninterrupted_run as test
-
-    assert f"pytest -m slow tests/test_sweep_shared.py::{test.__name__}\n" in (REPO / ".ci" / "run").read_text()
+def test_ci_runs_every_slow_test():
+    """The default suite keeps each promise in small (the takeover's lease expiry and order, say); CI runs the slow
+    tests too, the real takeover of a dead host's run among them (issue 23), after the default suite."""
+    lines = (REPO / ".ci" / "run").read_text().splitlines()
+    assert '.venv/bin/pytest -m "slow and not gpu"' in lines
+    assert lines.index('.venv/bin/pytest -m "slow and not gpu"') > lines.index(
+        "python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/pytest")
 
 
 @pytest.mark.parametrize(("required", "exit_code", "said"), [
