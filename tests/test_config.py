@@ -94,9 +94,9 @@ def test_parse_argv_keeps_only_given_settings():
     assert parse_argv(["--tta=true", "--data_dir=/x"]) == {"tta": "true", "data_dir": "/x"}
 
 
-def test_the_readmes_settings_table_lists_every_setting_once():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    table = readme.split("<!-- settings-table -->")[1].split("<!-- /settings-table -->")[0]
+def test_the_docs_settings_table_lists_every_setting_once():
+    page = (Path(__file__).resolve().parents[1] / "docs" / "settings.md").read_text()
+    table = page.split("<!-- settings-table -->")[1].split("<!-- /settings-table -->")[0]
     first_cells = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
     listed = [name for cell in first_cells for name in re.findall(r"`(\w+)`", cell)]
     assert sorted(listed) == sorted(f.name for f in dataclasses.fields(Config))

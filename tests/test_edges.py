@@ -16,6 +16,7 @@ import termios
 import textwrap
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,57 @@ def test_the_readmes_report_command_reads_the_folder_its_sweep_command_writes():
         overrides = [words[i + 1] for i, word in enumerate(words) if word == "--set"]
         assert shlex.split(report_part)[-1] == folder_of(sweep_file, *overrides).as_posix(), line
 
+
+
+# --- docs that hold -----------------------------------------------------------------------------------------------
+
+DOCS = [REPO / "README.md", REPO / "BENCHMARKS.md", *sorted((REPO / "docs").glob("*.md")),
+        *sorted((REPO / "benchmarks" / "results").glob("*/README.md"))]
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def prose(page: Path) -> str:
+    """A Markdown page without its fenced code blocks (where `# ...` is a comment, not a heading)."""
+    return re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S)
+
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces as hyphens, repeats numbered."""
+    found, seen = set(), Counter()
+    for heading in re.findall(r"^#+ (.+)$", prose(page), flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        found.add(f"{slug}-{seen[slug]}" if seen[slug] else slug)
+        seen[slug] += 1
+    return found
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("page", DOCS, ids=lambda page: page.relative_to(REPO).as_posix())
+def test_every_link_of_the_docs_points_at_a_file_or_heading_of_the_repository(page):
+    broken = []
+    for target in LINK.findall(prose(page)):
+        if re.match(r"[a-z]+:", target):
+            continue  # a web address
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        if not linked.is_relative_to(REPO) or not linked.exists():
+            broken.append(f"{target}: no such file in the repository")
+        elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+            broken.append(f"{target}: no such heading in {linked.relative_to(REPO)}")
+    assert not broken, broken
+
+
+@pytest.mark.quick
+def test_the_docs_name_no_path_outside_a_clone_of_the_repository():
+    """A user's clone has no folder beside it: the tests' inputs are named by their variables."""
+    assert [page.name for page in DOCS if re.search(r"\.\./shared|/work/", page.read_text())] == []
+
+
+@pytest.mark.quick
+def test_the_readme_gives_the_install_and_test_line_ci_runs():
+    """`.ci/run` runs the README's install line exactly as a user copies it."""
+    (line,) = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if "pip install -e '.[test]'" in line]
+    assert f"```bash\n{line}\n```" in (REPO / "README.md").read_text()
 
 @pytest.mark.slow
 def test_a_mistake_every_run_would_repeat_is_fixed_as_its_line_says(tmp_path, tiny_config, capsys):
