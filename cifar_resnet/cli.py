@@ -82,10 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(handler=_bench)
 
-    from . import (  # light modules: their heavy imports happen inside the handlers
-        report,
-        sweep,
-    )
+    from . import report  # light modules: their heavy imports happen inside the handlers
+    from .sweep import command as sweep
 
     sweep_parser = commands.add_parser(
         "sweep", help="run a whole sweep on this machine (W&B agents online; W&B's sweep engine offline)",

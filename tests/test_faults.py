@@ -30,7 +30,7 @@ from cifar_resnet.engine import Interrupted, select_device
 from cifar_resnet.errors import ConfigError, DataError, StorageError
 from cifar_resnet.records import RECORD_FILE, RunRecord
 from cifar_resnet.runner import RunHooks, run_training
-from cifar_resnet.sweep_state import LocalRun, SweepFolder
+from cifar_resnet.sweep.state import LocalRun, SweepFolder
 from cifar_resnet.train import main as train_main
 
 # A listing that loops on links never ends: the test fails after this, instead of blocking the suite. Minutes, as

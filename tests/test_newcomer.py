@@ -31,14 +31,9 @@ from cifar_resnet.records import (
     results_from_folder,
 )
 from cifar_resnet.runner import RunHooks, run_training
-from cifar_resnet.sweep import (
-    LiveView,
-    LocalRun,
-    LogView,
-    RunProgress,
-    offline_reason,
-    progress_of,
-)
+from cifar_resnet.sweep.command import offline_reason
+from cifar_resnet.sweep.state import LocalRun
+from cifar_resnet.sweep.view import LiveView, LogView, RunProgress, progress_of
 from cifar_resnet.table import markdown_table
 
 TINY_DATA_LINE = "data: synthetic (1,000 train / 200 val / 200 test images, 10 classes)"

@@ -1,5 +1,6 @@
 """The package's architecture, read from its import graph (module-level and deferred imports alike): no cycle,
-no tool imports another, and wandb stays out of the core and the runner."""
+no tool imports another (a tool's package, such as `sweep/`, is one tool), the sweep's modules import only those
+below them, and wandb stays out of the core and the runner."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ TOOLS = {"sweep", "agent", "report", "bench"}
 WITHOUT_WANDB = {"config", "model", "data", "engine", "pack", "checkpoint", "records", "files", "errors", "process",
                  "names", "credentials", "table", "runner", "trainer"}
 MAX_LEVELS = 9  # errors, config, data, engine, runner, tracking, train, cli, __main__
+# The sweep's modules, each above those it may import: command -> local -> view and plan -> state.
+SWEEP_LAYERS = {"sweep.state": 0, "sweep.plan": 1, "sweep.view": 1, "sweep.local": 2, "sweep.command": 3}
 
 
 def module_name(path: Path) -> str:
@@ -60,6 +63,13 @@ def test_no_tool_imports_another(graph):
     crossings = [(module, target) for module, (internal, _) in graph.items() for target in internal
                  if tool_of(target) and tool_of(module) != tool_of(target) and module not in ("cli", "__main__")]
     assert crossings == []
+
+
+def test_the_sweeps_modules_import_only_those_below_them(graph):
+    assert {module for module in graph if tool_of(module) == "sweep"} == {"sweep", *SWEEP_LAYERS}
+    upward = [(module, target) for module, layer in SWEEP_LAYERS.items() for target in graph[module][0]
+              if target in SWEEP_LAYERS and SWEEP_LAYERS[target] >= layer]
+    assert upward == []
 
 
 def test_import_graph_has_no_cycle_and_few_levels(graph):

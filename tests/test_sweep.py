@@ -18,20 +18,14 @@ from typing import Any
 import pytest
 import yaml
 
-from cifar_resnet import sweep as sweep_module
 from cifar_resnet.cli import main
 from cifar_resnet.config import Config
 from cifar_resnet.records import RECORD_FILE, RunRecord
-from cifar_resnet.sweep import (
-    LiveView,
-    LocalRun,
-    LocalSweep,
-    LogView,
-    RunProgress,
-    default_output_dir,
-    load_sweep,
-    runs_to_stop,
-)
+from cifar_resnet.sweep import command as sweep_command
+from cifar_resnet.sweep.local import MAX_INITIAL_FAILURES, LocalSweep
+from cifar_resnet.sweep.plan import default_output_dir, load_sweep, runs_to_stop
+from cifar_resnet.sweep.state import LocalRun
+from cifar_resnet.sweep.view import LiveView, LogView, RunProgress
 from cifar_resnet.wandb_sweep import agent_command
 
 GRID = {"learning_rate": {"values": [0.001, 0.0005]}, "optimizer": {"values": ["adam", "sgd"]}}
@@ -278,7 +272,7 @@ def test_a_command_that_cannot_start_fails_its_runs_and_the_sweep_gives_up(tmp_p
     assert main(["sweep", str(path), "--workers", "2", "--offline", "--output-dir", str(out_dir)]) == 1
 
     runs = sweep_state(out_dir)["runs"]
-    assert len(runs) == sweep_module.MAX_INITIAL_FAILURES
+    assert len(runs) == MAX_INITIAL_FAILURES
     assert all(run["state"] == "failed" and run["exit_code"] is None for run in runs)
     captured = capsys.readouterr()
     assert "5 runs failed and 0 finished: no new runs" in captured.err
@@ -443,7 +437,7 @@ def online(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_WANDB_CALLS", str(calls))
     monkeypatch.delenv("WANDB_MODE")
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
-    monkeypatch.setattr(sweep_module, "DEFAULT_STAGGER_SECONDS", 1.0)
+    monkeypatch.setattr(sweep_command, "DEFAULT_STAGGER_SECONDS", 1.0)
     created: list[dict[str, Any]] = []
     monkeypatch.setattr(wandb, "sweep", lambda sweep, project: created.append(
         {"sweep": sweep, "project": project}) or "sweep123")
