@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, tiny_args
-from test_faults import image_folder
-from test_sweep import sweep_state, tiny_settings, write_sweep
+from helpers.images import image_folder
+from helpers.sweeps import sweep_state, tiny_settings, write_sweep
 
 from cifar_resnet import process
 from cifar_resnet.cli import main

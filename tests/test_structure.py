@@ -86,6 +86,19 @@ def test_import_graph_has_no_cycle_and_few_levels(graph):
     assert max(level(module) for module in graph) <= MAX_LEVELS, levels
 
 
+def test_no_test_module_imports_another():
+    """What test modules share lives in tests/helpers/ (and conftest.py): a test module is no library."""
+    tests = REPO / "tests"
+    test_modules = {path.stem for path in tests.glob("test_*.py")}
+    imported = set()
+    for path in tests.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            imported |= {(path.name, name.split(".")[0]) for name in names if name.split(".")[0] in test_modules}
+    assert imported == set()
+
+
 def test_wandb_stays_out_of_the_core_and_the_runner(graph):
     assert [module for module in WITHOUT_WANDB if "wandb" in graph[module][1]] == []
     # ... also through what they import from the package

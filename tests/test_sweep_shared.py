@@ -20,15 +20,8 @@ import pytest
 import torch
 import yaml
 from conftest import REPO
-from test_sweep import (
-    GRID,
-    processes_of,
-    sweep_state,
-    table_rows,
-    tiny_settings,
-    wait_for,
-    write_sweep,
-)
+from helpers.runs import one_thread_per_run, processes_of, wait_for  # noqa: F401  (one_thread_per_run: autouse)
+from helpers.sweeps import GRID, sweep_state, table_rows, tiny_settings, write_sweep
 
 from cifar_resnet import files
 from cifar_resnet.cli import main
@@ -43,12 +36,6 @@ from cifar_resnet.sweep.view import LogView
 TIMING_KEYS = ("epoch_seconds", "train/images_per_second")  # differ between any two runs
 PROCESS_TIMEOUT_SECONDS = 300
 SHORT_LEASE_SECONDS = 3.0
-
-
-@pytest.fixture(autouse=True)
-def one_thread_per_run(monkeypatch):
-    """Tiny runs gain nothing from a second thread, and lose much when other work keeps the cores busy."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
 def sweep_process(path: Path, out_dir: Path, *args: str) -> subprocess.Popen:

@@ -15,9 +15,9 @@ import sweeps
 import torch
 import yaml
 from conftest import REPO, tiny_args
-from test_faults import tree
+from helpers.runs import error_lines, tree
 from wandb.sdk.lib import config_util
-from wandb_records import offline_run_file, read_records
+from helpers.wandb_records import offline_run_file, read_records
 
 from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
 from cifar_resnet.cli import main as cli_main
@@ -127,10 +127,6 @@ def test_narrow_model_learns_real_cifar_images(cifar_jpeg_dir, tmp_path):
 def python_train(*args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cifar_resnet.train", *args], capture_output=True, text=True,
                           timeout=300, env=dict(os.environ, **env))
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("ERROR")]
 
 
 @pytest.mark.parametrize(

@@ -15,36 +15,20 @@ import json
 import os
 import queue
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
-from wandb_records import offline_run_file, read_records
+from helpers.wandb_agent import SWEEP_ID, start_agent
+from helpers.wandb_records import offline_run_file, read_records
 
 from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
 from cifar_resnet.records import RECORD_FILE, RunRecord
 from cifar_resnet.wandb_sweep import agent_command
 
-DRIVER = Path(__file__).with_name("wandb_agent_driver.py")
-SWEEP_YAML = REPO / "sweep.yaml"
-SWEEP_ID = "agentsw1"
 WAIT_SECONDS = 300
 POLL_SECONDS = 0.05
-
-
-def start_agent(tmp_path: Path, run_id: str, params: dict, forward_signals: bool) -> tuple[subprocess.Popen, Path]:
-    result = tmp_path / f"agent-{run_id}.json"
-    spec = {"sweep_file": str(SWEEP_YAML), "sweep_id": SWEEP_ID, "run_id": run_id, "program": "cifar_resnet.train",
-            "params": params, "forward_signals": forward_signals, "result": str(result)}
-    # One thread: the same pace whatever else keeps the shared cores busy.
-    env = dict(os.environ, WANDB_SWEEP_ID=SWEEP_ID, OMP_NUM_THREADS="1")
-    agent = subprocess.Popen([sys.executable, str(DRIVER), json.dumps(spec)], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-    return agent, result
 
 
 def test_wandb_agent_starts_the_sweep_command_and_the_run_finishes_with_record_and_artifact(tmp_path, tiny_config):
