@@ -11,6 +11,7 @@ from pathlib import Path
 from . import __version__
 from .errors import StorageError, UserError
 from .process import setup_logging
+from .run_contract import EXIT_CRASH, EXIT_OK, EXIT_USAGE
 
 log = logging.getLogger("cifar_resnet")
 
@@ -32,7 +33,7 @@ def _evaluate(args: argparse.Namespace, rest: list[str]) -> int:
     print(f"{args.checkpoint}: test loss {result.loss:.4f}  test acc {percent(result.acc)}  "
           f"({int(result.confusion.sum())} images, dataset={config.dataset}, tta={config.tta}, "
           f"tta_translate_px={config.tta_translate_px})")
-    return 0
+    return EXIT_OK
 
 
 def _bench(args: argparse.Namespace, rest: list[str]) -> int:
@@ -127,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args, rest)
     except UserError as error:
         log.error("%s", error)
-        return 2
+        return EXIT_USAGE
     except StorageError as error:  # a full disk, say: the machine's problem, not a setting
         log.error("%s", error)
-        return 1
+        return EXIT_CRASH

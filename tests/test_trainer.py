@@ -25,7 +25,7 @@ from helpers.wandb_records import offline_run_file, read_records
 
 from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
 from cifar_resnet.config import Config
-from cifar_resnet.process import TRAINER_VARIABLE
+from cifar_resnet.run_contract import TRAINER_VARIABLE
 from cifar_resnet.records import EPOCH_SECONDS, TRAIN_IMAGES_PER_SECOND, RunRecord, read_record
 from cifar_resnet.runner import run_training
 

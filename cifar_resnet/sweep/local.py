@@ -19,7 +19,6 @@ from typing import IO, Any
 from ..config import Config
 from ..errors import UserError
 from ..process import (
-    SIGNAL_EXIT_BASE,
     SUPERVISOR_STOP_SIGNALS,
     Trainers,
     child_environment,
@@ -28,6 +27,7 @@ from ..process import (
     stop_processes,
 )
 from ..records import RunRecord, read_record
+from ..run_contract import ERROR_LINE_PREFIX, EXIT_CRASH, EXIT_OK, EXIT_USAGE, SIGNAL_EXIT_BASE, run_folder
 from ..wandb_sweep import agent_command, new_id, write_param_file
 from .plan import SweepPlan, proposer_run, runs_to_stop, sweep_name, sweep_proposer
 from .state import (
@@ -51,8 +51,6 @@ ARGS_JSON_FILE = "sweep-args.json"  # for a command that uses ${args_json_file}
 POLL_SECONDS = 0.5
 STOP_GRACE_SECONDS = 30.0  # a run saves its resume checkpoint on SIGTERM; after this it is killed
 MAX_INITIAL_FAILURES = 5  # `wandb agent`'s: no new runs once this many failed and no more finished
-USER_MISTAKE_EXIT = 2  # a run's exit status for a user mistake (data not found, download impossible, a bad value)
-ERROR_LINE_PREFIX = "ERROR: "  # how a run's log marks its one-line error (process.setup_logging's format)
 NO_RECORD_REASON = "exited 0 without a run record: the sweep's command did not run cifar_resnet.train"
 
 
@@ -145,13 +143,16 @@ class LocalSweep:
         for run in self.state.runs:  # a done run's record that cannot be read is refused before any run starts
             self.record_of(run)
 
+    def run_dir(self, run_id: str) -> Path:
+        return run_folder(self.out_dir, run_id)
+
     def record_of(self, run: LocalRun) -> RunRecord | None:
         """A done run's record, read once (one that cannot be read is a UserError); another run's, when readable
         (its own process rewrites it, or fails on it, in one line in its log)."""
         if run.state not in DONE:
-            return record_if_readable(self.out_dir / run.run_id)
+            return record_if_readable(self.run_dir(run.run_id))
         if run.run_id not in self.done_records:
-            self.done_records[run.run_id] = read_record(self.out_dir / run.run_id)
+            self.done_records[run.run_id] = read_record(self.run_dir(run.run_id))
         return self.done_records[run.run_id]
 
     # --- transactions on the shared state (called with its lock held) ---
@@ -261,7 +262,7 @@ class LocalSweep:
 
     def report_ended(self, runs: Sequence[LocalRun]) -> None:
         for run in runs:
-            self.view.ended(progress_of(run, self.record_of(run), self.base), self.out_dir / run.run_id / RUN_LOG)
+            self.view.ended(progress_of(run, self.record_of(run), self.base), self.run_dir(run.run_id) / RUN_LOG)
             self.watch_for_user_mistake(run)
 
     def watch_for_user_mistake(self, run: LocalRun) -> None:
@@ -270,9 +271,9 @@ class LocalSweep:
         A run that gets through shows a mistake seen before was that run's own."""
         if run.state in DONE:
             self.user_mistake = None
-        elif (run.exit_code == USER_MISTAKE_EXIT and self.user_mistake is None
+        elif (run.exit_code == EXIT_USAGE and self.user_mistake is None
               and not any(other.state in DONE for other in self.state.runs)):
-            self.user_mistake = error_line(self.out_dir / run.run_id / RUN_LOG) or f"run {run.run_id}: {exit_text(run)}"
+            self.user_mistake = error_line(self.run_dir(run.run_id) / RUN_LOG) or f"run {run.run_id}: {exit_text(run)}"
 
     def record_now(self, outcomes: Sequence[Outcome]) -> None:
         with self.folder.transaction() as state:
@@ -286,7 +287,7 @@ class LocalSweep:
     # --- the runs' processes ---
 
     def start(self, run: LocalRun, gpu: str | None) -> None:
-        run_dir = self.out_dir / run.run_id
+        run_dir = self.run_dir(run.run_id)
         run_dir.mkdir(parents=True, exist_ok=True)
         params = run_params(run, self.out_dir)
         write_param_file(run_dir / PARAM_FILE, params)
@@ -318,7 +319,7 @@ class LocalSweep:
             self.workers,
             WANDB_MODE="offline",
             WANDB_RUN_ID=run.run_id,
-            WANDB_SWEEP_PARAM_PATH=str((self.out_dir / run.run_id / PARAM_FILE).resolve()),
+            WANDB_SWEEP_PARAM_PATH=str((self.run_dir(run.run_id) / PARAM_FILE).resolve()),
             WANDB_RUN_GROUP=f"sweep-{name}-{self.state.sweep_id}",
         )
         env.pop("WANDB_SWEEP_ID", None)  # one left in this shell by an agent
@@ -345,7 +346,7 @@ class LocalSweep:
     def outcome(self, run_id: str, exit_code: int, stopped_by_signal: bool = False) -> Outcome:
         """What a run's exit status, and its record, say about how it ended. A record that says finished wins: the
         run's process may be stopped or killed after writing it (while W&B shuts down), and it is never run again."""
-        record = record_if_readable(self.out_dir / run_id)
+        record = record_if_readable(self.run_dir(run_id))
         if record is not None and record.status == "finished":
             return Outcome(run_id, "finished", exit_code)
         if run_id in self.stopping:
@@ -395,7 +396,7 @@ class LocalSweep:
                     self.trainers.revive()
                 claimed = self.step()
                 self.early_terminate()
-                progress = [progress_of(run, self.record_of(run), self.base, self.out_dir / run.run_id)
+                progress = [progress_of(run, self.record_of(run), self.base, self.run_dir(run.run_id))
                             for run in self.state.runs]
                 now = time.monotonic()
                 timings = {run_id: worker.timing for run_id, worker in self.active.items()}
@@ -416,6 +417,6 @@ class LocalSweep:
                 self.interrupt(received[0])
                 return LocalSweepResult(SIGNAL_EXIT_BASE + received[0], self.state, self.out_dir)
         if self.user_mistake is not None:
-            return LocalSweepResult(USER_MISTAKE_EXIT, self.state, self.out_dir, self.user_mistake)
+            return LocalSweepResult(EXIT_USAGE, self.state, self.out_dir, self.user_mistake)
         failed = any(run.state == "failed" for run in self.state.runs)
-        return LocalSweepResult(1 if failed else 0, self.state, self.out_dir)
+        return LocalSweepResult(EXIT_CRASH if failed else EXIT_OK, self.state, self.out_dir)
