@@ -11,6 +11,7 @@ ends as it is recorded.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -61,9 +62,8 @@ def progress_hooks(hooks: RunHooks) -> Iterator[RunHooks]:
         def on_epoch_start(epoch: int, batches: int) -> None:
             bar.reset(task, total=batches, description=f"epoch {epoch}")
 
-        hooks.on_epoch_start = on_epoch_start
-        hooks.on_batch = lambda: bar.advance(task)
-        yield hooks
+        # A copy with the bar's hooks: the caller's stay as they were.
+        yield dataclasses.replace(hooks, on_epoch_start=on_epoch_start, on_batch=lambda: bar.advance(task))
 
 
 def train(config: Config, run_id: str, hooks: RunHooks, received: Sequence[int]) -> RunRecord:
@@ -74,8 +74,8 @@ def train(config: Config, run_id: str, hooks: RunHooks, received: Sequence[int])
         record = train_in_trainer(Path(trainer_socket), config, run_id, hooks, received)
         if record is not None:
             return record
-    with progress_hooks(hooks):
-        return run_training(config, run_id, hooks).record
+    with progress_hooks(hooks) as shown:
+        return run_training(config, run_id, shown).record
 
 
 def main(argv: Sequence[str] | None = None, prog: str = MODULE_COMMAND) -> int:

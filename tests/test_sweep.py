@@ -25,7 +25,7 @@ from cifar_resnet.sweep.local import MAX_INITIAL_FAILURES, LocalSweep
 from cifar_resnet.sweep.plan import default_output_dir, load_sweep, runs_to_stop
 from cifar_resnet.sweep.state import LocalRun
 from cifar_resnet.sweep.view import LiveView, LogView, RunProgress
-from cifar_resnet.wandb_sweep import agent_command
+from cifar_resnet.wandb_sweep import run_argv
 
 SIGNAL_TIMEOUT_SECONDS = 120
 
@@ -255,12 +255,12 @@ def test_the_run_command_is_expanded_as_the_agent_expands_it(tmp_path, monkeypat
     command = ["${env}", "${interpreter}", "-m", "${program}", "${args_no_hyphens}", "${envvar:EXTRA_FLAG}",
                "${args_json_file}"]
 
-    expanded = agent_command(command, "cifar_resnet.train", params, tmp_path / "args.json")
+    expanded = run_argv(command, "cifar_resnet.train", params, tmp_path / "args.json")
 
     assert expanded == ["/usr/bin/env", "python", "-m", "cifar_resnet.train", "learning_rate=0.001", "tta=False",
                         "--seed=3", str(tmp_path / "args.json")]
     assert json.loads((tmp_path / "args.json").read_text()) == params
-    assert agent_command(None, "train.py", params, tmp_path / "unused.json") == [
+    assert run_argv(None, "train.py", params, tmp_path / "unused.json") == [
         "/usr/bin/env", "python", "train.py", "--learning_rate=0.001", "--tta=False"]  # W&B's default command
 
 

@@ -5,7 +5,7 @@ sweep.yaml, receives the run through its heartbeat, writes the parameter file, e
 `python -m cifar_resnet.train` in its own process group and, with `forward_signals`, forwards SIGTERM to it. The
 one test double is the W&B server, which cannot run here: a stand-in answers the agent's GraphQL calls.
 
-The offline sweep (`cifar-resnet sweep --offline`) starts its runs with `wandb_sweep.agent_command`: the last test
+The offline sweep (`cifar-resnet sweep --offline`) starts its runs with `wandb_sweep.run_argv`: the last test
 checks that it builds the argv W&B's agent builds, macro for macro.
 """
 
@@ -25,7 +25,7 @@ from helpers.wandb_records import offline_run_file, read_records
 
 from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
 from cifar_resnet.records import RECORD_FILE, RunRecord
-from cifar_resnet.wandb_sweep import agent_command
+from cifar_resnet.wandb_sweep import run_argv
 
 WAIT_SECONDS = 300
 POLL_SECONDS = 0.05
@@ -98,7 +98,7 @@ def test_sigterm_to_a_forwarding_wandb_agent_saves_the_runs_resume_checkpoint(tm
      "${envvar:EXTRA_FLAG}", "${args_json}"],
     None,  # W&B's default command: ${env} ${interpreter} ${program} ${args}
 ])
-def test_our_agent_command_is_the_argv_wandbs_agent_builds(tmp_path, monkeypatch, command):
+def test_our_run_argv_is_the_argv_wandbs_agent_builds(tmp_path, monkeypatch, command):
     """W&B's `Agent._command_run` starts the process; ours must give the same argv and the same JSON file."""
     from wandb import wandb_agent
 
@@ -119,7 +119,7 @@ def test_our_agent_command_is_the_argv_wandbs_agent_builds(tmp_path, monkeypatch
     wandb_json = Path(os.environ["WANDB_DIR"], "wandb", "sweep-cmpsweep", "config-cmprun01.json")
     wandb_wrote = wandb_json.read_text() if wandb_json.exists() else None
 
-    ours = agent_command(command, program, params, wandb_json)
+    ours = run_argv(command, program, params, wandb_json)
 
     assert ours == process._popen.args
     if command is not None:

@@ -28,7 +28,7 @@ from ..process import (
 )
 from ..records import RunRecord, read_record
 from ..run_contract import ERROR_LINE_PREFIX, EXIT_CRASH, EXIT_OK, EXIT_USAGE, SIGNAL_EXIT_BASE, run_folder
-from ..wandb_sweep import agent_command, new_id, write_param_file
+from ..wandb_sweep import new_id, run_argv, write_param_file
 from .plan import SweepPlan, proposer_run, runs_to_stop, sweep_name, sweep_proposer
 from .state import (
     CLAIMABLE,
@@ -97,8 +97,8 @@ class Worker:
 
 
 @dataclass(frozen=True)
-class Outcome:
-    """How a run of this process ended, to be recorded in the sweep's state."""
+class RunEnd:
+    """How a run's process (one attempt of the run) ended, to be recorded in the sweep's state."""
 
     run_id: str
     state: str
@@ -204,7 +204,7 @@ class LocalSweep:
                                        default=lambda number: number.item()))
         return LocalRun(new_id(), params)
 
-    def record_outcomes(self, state: SweepState, outcomes: Sequence[Outcome], now: float) -> list[LocalRun]:
+    def record_outcomes(self, state: SweepState, outcomes: Sequence[RunEnd], now: float) -> list[LocalRun]:
         """Mark this process's ended runs; a run another process has taken over keeps that one's state."""
         ended = []
         for outcome in outcomes:
@@ -275,7 +275,7 @@ class LocalSweep:
               and not any(other.state in DONE for other in self.state.runs)):
             self.user_mistake = error_line(self.run_dir(run.run_id) / RUN_LOG) or f"run {run.run_id}: {exit_text(run)}"
 
-    def record_now(self, outcomes: Sequence[Outcome]) -> None:
+    def record_now(self, outcomes: Sequence[RunEnd]) -> None:
         with self.folder.transaction() as state:
             ended = self.record_outcomes(state, outcomes, time.time())
             self.state = state
@@ -291,8 +291,8 @@ class LocalSweep:
         run_dir.mkdir(parents=True, exist_ok=True)
         params = run_params(run, self.out_dir)
         write_param_file(run_dir / PARAM_FILE, params)
-        command = agent_command(self.plan.config.get("command"), self.plan.config.get("program"), params,
-                                run_dir / ARGS_JSON_FILE)
+        command = run_argv(self.plan.config.get("command"), self.plan.config.get("program"), params,
+                           run_dir / ARGS_JSON_FILE)
         env = self.environment(run, gpu)
         log_file = open(run_dir / RUN_LOG, "ab")  # appended: a resumed run keeps its earlier attempts' lines
         try:
@@ -301,7 +301,7 @@ class LocalSweep:
             log_file.write(f"cannot start {' '.join(command)}: {error}\n".encode())
             log_file.close()
             self.free_gpus.append(gpu)
-            self.record_now([Outcome(run.run_id, "failed", None)])
+            self.record_now([RunEnd(run.run_id, "failed", None)])
             return
         self.active[run.run_id] = Worker(process, gpu, log_file)
         self.view.started(run, gpu)
@@ -343,23 +343,23 @@ class LocalSweep:
         stop_processes([self.active[run_id].process], STOP_GRACE_SECONDS)
         self.release(run_id)
 
-    def outcome(self, run_id: str, exit_code: int, stopped_by_signal: bool = False) -> Outcome:
+    def outcome(self, run_id: str, exit_code: int, stopped_by_signal: bool = False) -> RunEnd:
         """What a run's exit status, and its record, say about how it ended. A record that says finished wins: the
         run's process may be stopped or killed after writing it (while W&B shuts down), and it is never run again."""
         record = record_if_readable(self.run_dir(run_id))
         if record is not None and record.status == "finished":
-            return Outcome(run_id, "finished", exit_code)
+            return RunEnd(run_id, "finished", exit_code)
         if run_id in self.stopping:
-            return Outcome(run_id, "stopped", exit_code)
+            return RunEnd(run_id, "stopped", exit_code)
         if exit_code == 0:
             if record is None:
-                return Outcome(run_id, "failed", exit_code, NO_RECORD_REASON)
-            return Outcome(run_id, "failed", exit_code, f"exited 0, but its run record says {record.status}")
+                return RunEnd(run_id, "failed", exit_code, NO_RECORD_REASON)
+            return RunEnd(run_id, "failed", exit_code, f"exited 0, but its run record says {record.status}")
         if exit_code > SIGNAL_EXIT_BASE or stopped_by_signal:  # stopped by a signal after saving its state
-            return Outcome(run_id, "preempted", exit_code)
-        return Outcome(run_id, "failed", exit_code)
+            return RunEnd(run_id, "preempted", exit_code)
+        return RunEnd(run_id, "failed", exit_code)
 
-    def reap(self) -> list[Outcome]:
+    def reap(self) -> list[RunEnd]:
         """The runs whose process has ended (their GPUs freed)."""
         outcomes = []
         for run_id in [run_id for run_id, worker in self.active.items() if worker.process.poll() is not None]:

@@ -20,7 +20,7 @@ from ..config import Config
 from ..errors import ConfigError, UserError, extra_needed
 from ..names import sweep_folder_name
 from ..records import RunRecord
-from ..wandb_sweep import agent_command
+from ..wandb_sweep import run_argv
 from .state import LocalRun
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ def warn_unless_our_entry_point(plan: SweepPlan) -> None:
     """A sweep whose command would not start our training (W&B's default command runs `${program}` as a file
     path, without `-m`) is allowed, since a wrapper script may start it, but gets one warning line."""
     with tempfile.TemporaryDirectory() as scratch:  # where a ${args_json_file} command writes its file
-        argv = agent_command(plan.config.get("command"), plan.config.get("program"), {}, Path(scratch) / "args.json")
+        argv = run_argv(plan.config.get("command"), plan.config.get("program"), {}, Path(scratch) / "args.json")
     if not starts_our_training(argv):
         log.warning("%s: the agent would run `%s`, which is not this package's training; for it write "
                     "program: %s and command: [%s] (see README, Sweeps on one machine)", plan.path, " ".join(argv),
