@@ -11,6 +11,7 @@ from pathlib import Path
 from . import __version__
 from .errors import StorageError, UserError
 from .process import setup_logging
+from .run_contract import EXIT_CRASH, EXIT_OK, EXIT_USAGE
 
 log = logging.getLogger("cifar_resnet")
 
@@ -32,7 +33,7 @@ def _evaluate(args: argparse.Namespace, rest: list[str]) -> int:
     print(f"{args.checkpoint}: test loss {result.loss:.4f}  test acc {percent(result.acc)}  "
           f"({int(result.confusion.sum())} images, dataset={config.dataset}, tta={config.tta}, "
           f"tta_translate_px={config.tta_translate_px})")
-    return 0
+    return EXIT_OK
 
 
 def _bench(args: argparse.Namespace, rest: list[str]) -> int:
@@ -82,10 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(handler=_bench)
 
-    from . import (  # light modules: their heavy imports happen inside the handlers
-        report,
-        sweep,
-    )
+    from . import report  # light modules: their heavy imports happen inside the handlers
+    from .sweep import command as sweep
 
     sweep_parser = commands.add_parser(
         "sweep", help="run a whole sweep on this machine (W&B agents online; W&B's sweep engine offline)",
@@ -129,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args, rest)
     except UserError as error:
         log.error("%s", error)
-        return 2
+        return EXIT_USAGE
     except StorageError as error:  # a full disk, say: the machine's problem, not a setting
         log.error("%s", error)
-        return 1
+        return EXIT_CRASH

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, NoReturn
 
 from .errors import UserError
+from .run_contract import LOG_FORMAT, SIGNAL_EXIT_BASE, TRAINER_VARIABLE
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,6 @@ PACKAGE_LOGGER = "cifar_resnet"
 # What a run treats as "save your state and stop": SIGTERM (spot preemption, `docker stop`, schedulers) and SIGUSR1
 # (Slurm's and others' early warning).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-SIGNAL_EXIT_BASE = 128  # a process stopped by signal N exits with 128 + N, as shells report it
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder that holds `cifar_resnet/`
 # Stop a tool that supervises children; passed on to them. SIGUSR1 is a batch scheduler's warning (Slurm's
 # `--signal=B:USR1@N`, ahead of a time limit).
@@ -37,15 +37,13 @@ SUPERVISOR_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 # SIGTERM stops both the run (which saves its state) and the agent.
 FORWARDED_AS = {signal.SIGUSR1: signal.SIGTERM}
 POLL_SECONDS = 0.2  # how often a supervisor forwards signals and checks its children
-# The socket of the trainer (`cifar-resnet trainer`) that a run hands its training to, set by its supervisor.
-TRAINER_VARIABLE = "CIFAR_RESNET_TRAINER"
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" in microseconds, or "max <period>"
 
 
 def setup_logging() -> None:
     """One line per message on stderr for the package's loggers; W&B's own lines are its own."""
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     package_log = logging.getLogger(PACKAGE_LOGGER)
     package_log.handlers[:] = [handler]
     package_log.setLevel(logging.INFO)

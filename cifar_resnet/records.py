@@ -3,6 +3,13 @@
 Each run keeps one small JSON file (`record.json`, next to its checkpoints) with the config, the per-epoch history,
 the summary and the status. The sweep runner, the report, resume and the benchmark all read it; W&B gets the same
 numbers under the same names. A new metric touches the engine (which computes it) and this module (which names it).
+
+A run's data has one name for each form it takes: `RunRecord` is what the run keeps (`record.json`, written as it
+trains); `LiveProgress` is where it is inside the epoch in progress (`progress.json`); `RunResult` is a run as the
+report and the tables read it, from a record or from W&B. Around them, in their modules: the runner's `RunOutcome`
+is what one call of `run_training` hands back in memory (the record, the engine's result, the data); the sweep's
+`RunEnd` is how one attempt's process ended, `RunProgress` a run as its progress views show it, and
+`LocalSweepResult` how a whole offline sweep ended.
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ from .engine import (
 from .errors import ConfigError, StorageError, UserError
 from .files import FolderBusy, check_folder_path, folder_lock
 from .model import count_parameters
-from .names import check_run_id
+from .run_contract import run_folder
 from .records import (
     BEST_EPOCH,
     BEST_VAL_ACC,
@@ -134,11 +134,6 @@ class RunHooks:
     fetch_resume: Callable[[Path], bool] | None = None
 
 
-def run_folder(config: Config, run_id: str) -> Path:
-    """`output_dir/<run id>`; a run id that would name another folder (`..`) or that W&B refuses is a UserError."""
-    return Path(config.output_dir) / check_run_id(run_id)
-
-
 class AlreadyFinished(UserError):
     """The run finished earlier with these settings: nothing to train. `train` says so and exits 0; for any other
     caller it is a refusal like any UserError."""
@@ -148,7 +143,7 @@ def check_not_finished(config: Config, run_id: str, run_dir: Path | None = None)
     """A finished run is never trained again under its id, which would overwrite its best.pt and record: raise
     AlreadyFinished when its folder (default `run_folder`) holds its finished record with these settings (a folder
     that moved counts as the same run), or a UserError when with others."""
-    run_dir = run_dir or run_folder(config, run_id)
+    run_dir = run_dir or run_folder(config.output_dir, run_id)
     record = read_record(run_dir)
     if record is None or record.status != "finished":
         return
@@ -163,7 +158,7 @@ def check_not_finished(config: Config, run_id: str, run_dir: Path | None = None)
 def run_training(config: Config, run_id: str, hooks: RunHooks | None = None) -> RunOutcome:
     """Train one run in this process: its data loaded here, then `run_steps` driven alone."""
     started = time.perf_counter()
-    run_dir = run_folder(config, run_id)  # the run id and output_dir are checked before anything is loaded
+    run_dir = run_folder(config.output_dir, run_id)  # the run id and output_dir are checked before anything is loaded
     check_folder_path(run_dir, "output_dir")
     check_not_finished(config, run_id, run_dir)
     log.info("config: %s", config.to_dict())
@@ -193,7 +188,7 @@ def run_steps(config: Config, run_id: str, data: DataSplits, device: torch.devic
     hooks = hooks or RunHooks()
     started = time.perf_counter() if started is None else started
     model = build_model(config, len(data.classes), device)
-    run_dir = run_dir or run_folder(config, run_id)
+    run_dir = run_dir or run_folder(config.output_dir, run_id)
     try:
         with folder_lock(run_dir):
             check_not_finished(config, run_id, run_dir)  # under the lock: it may have finished in another process

@@ -11,6 +11,7 @@ ends as it is recorded.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -25,8 +26,6 @@ from .errors import RunFailed, StorageError, TrainingDiverged, UserError
 from .files import check_folder_path
 from .names import requested_run_id
 from .process import (
-    SIGNAL_EXIT_BASE,
-    TRAINER_VARIABLE,
     exit_ignoring_stop_signals,
     logs_to_current_stderr,
     set_cpu_threads,
@@ -34,12 +33,12 @@ from .process import (
     stop_on_signals,
 )
 from .records import RunRecord
-from .runner import AlreadyFinished, RunHooks, check_not_finished, run_folder, run_training
+from .run_contract import EXIT_CRASH, EXIT_OK, EXIT_USAGE, SIGNAL_EXIT_BASE, TRAINER_VARIABLE, run_folder
+from .runner import AlreadyFinished, RunHooks, check_not_finished, run_training
 from .trainer import train_in_trainer
 
 log = logging.getLogger("cifar_resnet")
 
-EXIT_OK, EXIT_CRASH, EXIT_USAGE = 0, 1, 2
 MODULE_COMMAND = "python -m cifar_resnet.train"  # how `wandb agent` starts a run; `cifar-resnet train` is the other
 
 
@@ -63,9 +62,8 @@ def progress_hooks(hooks: RunHooks) -> Iterator[RunHooks]:
         def on_epoch_start(epoch: int, batches: int) -> None:
             bar.reset(task, total=batches, description=f"epoch {epoch}")
 
-        hooks.on_epoch_start = on_epoch_start
-        hooks.on_batch = lambda: bar.advance(task)
-        yield hooks
+        # A copy with the bar's hooks: the caller's stay as they were.
+        yield dataclasses.replace(hooks, on_epoch_start=on_epoch_start, on_batch=lambda: bar.advance(task))
 
 
 def train(config: Config, run_id: str, hooks: RunHooks, received: Sequence[int]) -> RunRecord:
@@ -76,8 +74,8 @@ def train(config: Config, run_id: str, hooks: RunHooks, received: Sequence[int])
         record = train_in_trainer(Path(trainer_socket), config, run_id, hooks, received)
         if record is not None:
             return record
-    with progress_hooks(hooks):
-        return run_training(config, run_id, hooks).record
+    with progress_hooks(hooks) as shown:
+        return run_training(config, run_id, shown).record
 
 
 def main(argv: Sequence[str] | None = None, prog: str = MODULE_COMMAND) -> int:
@@ -112,7 +110,7 @@ def main(argv: Sequence[str] | None = None, prog: str = MODULE_COMMAND) -> int:
             hooks = RunHooks(on_start=lambda facts: tracker.record_run_info(**facts), on_epoch=tracker.on_epoch,
                              should_stop=lambda: bool(received), fetch_resume=tracker.fetch_resume_checkpoint)
             record = train(config, tracker.run_id, hooks, received)
-            tracker.finish_run(record, run_folder(config, tracker.run_id))
+            tracker.finish_run(record, run_folder(config.output_dir, tracker.run_id))
             return EXIT_OK
         except AlreadyFinished as done:  # in another process, since the check above
             log.info("%s", done)
@@ -131,7 +129,7 @@ def main(argv: Sequence[str] | None = None, prog: str = MODULE_COMMAND) -> int:
             log.warning("stopped (%s); the run resumes from its last completed epoch",
                         f"signal {signum}" if received else stop)
             tracker.preempt(exit_code=SIGNAL_EXIT_BASE + signum,
-                            resume_checkpoint=run_folder(config, tracker.run_id) / RESUME_CHECKPOINT)
+                            resume_checkpoint=run_folder(config.output_dir, tracker.run_id) / RESUME_CHECKPOINT)
             return SIGNAL_EXIT_BASE + signum
         except Exception as error:
             log.exception("run crashed")

@@ -45,7 +45,8 @@ from .errors import RunFailed, StorageError, TrainingDiverged, UserError
 from .pack import Ended, Pack
 from .process import SUPERVISOR_STOP_SIGNALS, reject_unknown_arguments, stop_on_signals
 from .records import RunRecord, describe_epoch, read_record
-from .runner import AlreadyFinished, RunHooks, run_folder, run_steps
+from .run_contract import run_folder
+from .runner import AlreadyFinished, RunHooks, run_steps
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ class Trainer:
         hooks = RunHooks(on_start=lambda facts: client.tell({"started": facts}),
                          on_epoch=lambda record: client.tell({"epoch": asdict(record)}),
                          should_stop=lambda: client.stop)
-        run_dir = cwd / run_folder(config, client.run_id)
+        run_dir = cwd / run_folder(config.output_dir, client.run_id)
         log.info("run %s joins the pack (%d members)", client.run_id, len(self.pack) + 1)
         self.pack.add(client.name, run_steps(config, client.run_id, data, self.device, hooks, run_dir=run_dir))
 
@@ -278,7 +279,7 @@ def train_in_trainer(socket_path: Path, config: Config, run_id: str, hooks: RunH
     if sock is None:
         log.warning("no trainer answers on %s: training in this process", socket_path)
         return None
-    run_dir = run_folder(config, run_id)
+    run_dir = run_folder(config.output_dir, run_id)
     with sock:
         if hooks.fetch_resume is not None and not (run_dir / RESUME_CHECKPOINT).exists():
             hooks.fetch_resume(run_dir / RESUME_CHECKPOINT)

@@ -59,8 +59,8 @@ def agent_argv(sweep_id: str, project: str | None = None, entity: str | None = N
     return [*argv, sweep_id]
 
 
-def agent_command(sweep_command: Sequence[str] | None, program: str | None, params: Mapping[str, Any],
-                  args_json_file: Path) -> list[str]:
+def run_argv(sweep_command: Sequence[str] | None, program: str | None, params: Mapping[str, Any],
+             args_json_file: Path) -> list[str]:
     """The command line `wandb agent` runs for one proposal, built with wandb's own macro code.
 
     Mirrors `wandb.wandb_agent.Agent._command_run`: `${env}` is `/usr/bin/env`, `${interpreter}` is the

@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import REPO
 
-REAL_DATA_TEST = "tests/test_data.py::test_real_jpeg_folder_loads"
+REAL_DATA_TEST = "tests/test_image_folder.py::test_real_jpeg_folder_loads"
 WAIT_SECONDS = 300
 
 

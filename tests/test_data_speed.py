@@ -1,39 +1,16 @@
-"""Data ready at once: an image folder decoded on several threads gives the same pixels and names a bad file,
-and CIFAR-10 (torchvision's format, served locally) is read back from the decoded-tensor cache until a batch file
-changes."""
+"""Data ready at once: CIFAR-10 (torchvision's format, served locally) is read back from the decoded-tensor cache
+until a batch file changes. (An image folder decoded on several threads: test_image_folder.py.)"""
 
 from __future__ import annotations
 
 import os
 
-import pytest
-import torch
 import torchvision
-from test_data_concurrency import digest, point_torchvision_at, stand_in_cifar10, write_jpeg_folder  # noqa: F401, F811
+from helpers.cifar10 import point_torchvision_at, stand_in_cifar10  # noqa: F401  (stand_in_cifar10: a fixture)
+from helpers.images import digest
 
 from cifar_resnet import data
-from cifar_resnet.data import CIFAR10_FOLDER, _decode_images, _list_folder, load_cifar10
-from cifar_resnet.errors import DataError
-
-
-def test_threads_decode_the_same_pixels_in_the_same_order(tmp_path, monkeypatch):
-    root = write_jpeg_folder(tmp_path / "images", {"train": 6, "test": 2})
-    paths = [path for split in ("train", "test") for path, _ in _list_folder(root / split)[0]]
-    monkeypatch.setattr(data, "DECODE_CHUNK_IMAGES", 3)  # many chunks, so the threads share the work
-    one = _decode_images(paths, threads=1)
-    assert torch.equal(_decode_images(paths, threads=3), one)
-    assert len(paths) > 3 * 3 and one.float().std() > 0
-
-
-def test_a_bad_file_among_threads_is_named(tmp_path, monkeypatch):
-    root = write_jpeg_folder(tmp_path / "images", {"train": 6, "test": 2})
-    paths = [path for path, _ in _list_folder(root / "train")[0]]
-    broken = paths[-1]
-    with open(broken, "wb") as f:
-        f.write(b"not an image")
-    monkeypatch.setattr(data, "DECODE_CHUNK_IMAGES", 2)
-    with pytest.raises(DataError, match=f"cannot read image {broken}"):
-        _decode_images(paths, threads=2)
+from cifar_resnet.data import CIFAR10_FOLDER, load_cifar10
 
 
 def test_cifar10_is_read_back_from_its_cache_until_a_batch_changes(tmp_path, stand_in_cifar10, monkeypatch):

@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.sweeps import tiny_settings, write_sweep
+from helpers.wandb_records import logged_epochs, offline_runs
 
 from cifar_resnet.records import RECORD_FILE
-from test_resume import logged_epochs, offline_runs
-from test_sweep import tiny_settings, write_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SCRIPT = REPO / "deploy" / "slurm" / "local-cluster.sh"

@@ -21,21 +21,15 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, tiny_args
-from test_faults import image_folder
-from test_sweep import sweep_state, tiny_settings, write_sweep
+from helpers.images import image_folder
+from helpers.sweeps import sweep_state, tiny_settings, write_sweep
 
 from cifar_resnet import process
 from cifar_resnet.cli import main
 from cifar_resnet.process import Launch, cpu_threads_per_run, run_staggered_statuses, usable_cpu_cores
-from cifar_resnet.sweep import (
-    LiveView,
-    LocalRun,
-    RunProgress,
-    RunTiming,
-    default_output_dir,
-    load_sweep,
-    sweep_seconds_left,
-)
+from cifar_resnet.sweep.plan import default_output_dir, load_sweep
+from cifar_resnet.sweep.state import LocalRun
+from cifar_resnet.sweep.view import LiveView, RunProgress, RunTiming, sweep_seconds_left
 
 # --- a sweep's folder is named by the sweep ----------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """The faults of issue 8, each reproduced with real files (and real processes where the fault is about the
-command line): one line, the right exit status, no traceback, and nothing lost."""
+command line): one line, the right exit status, no traceback, and nothing lost. (The image folder's faults are in
+test_image_folder.py.)"""
 
 from __future__ import annotations
 
@@ -19,165 +20,18 @@ import yaml
 import pytest
 import torch
 from conftest import REPO, tiny_args
-from torchvision.io import encode_png
+from helpers.runs import cli, error_lines, one_error_line
 
 from cifar_resnet import files
 from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT, CheckpointWriter, host_copy
 from cifar_resnet.cli import main
 from cifar_resnet.config import Config
-from cifar_resnet.data import CACHE_FOLDER, IMAGE_EXTENSIONS, _list_folder, load_image_folder
 from cifar_resnet.engine import Interrupted, select_device
-from cifar_resnet.errors import ConfigError, DataError, StorageError
+from cifar_resnet.errors import ConfigError, StorageError
 from cifar_resnet.records import RECORD_FILE, RunRecord
 from cifar_resnet.runner import RunHooks, run_training
-from cifar_resnet.sweep_state import LocalRun, SweepFolder
+from cifar_resnet.sweep.state import LocalRun, SweepFolder
 from cifar_resnet.train import main as train_main
-
-# A listing that loops on links never ends: the test fails after this, instead of blocking the suite. Minutes, as
-# the other process tests allow, since a busy machine can take that long to start one.
-LISTING_TIMEOUT_S = 300
-
-
-def cli(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    """`python -m cifar_resnet ARGS` in a fresh process, this worktree's package first on the path."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), **env)
-    return subprocess.run([sys.executable, "-m", "cifar_resnet", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("ERROR")]
-
-
-def one_error_line(done: subprocess.CompletedProcess, status: int) -> str:
-    """The run's one ERROR line, after checking its exit status and that no traceback was printed."""
-    assert done.returncode == status, done.stderr[-3000:]
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    (line,) = error_lines(done.stderr)
-    return line
-
-
-def png(value: int) -> bytes:
-    return encode_png(torch.full((3, 32, 32), value, dtype=torch.uint8)).numpy().tobytes()
-
-
-def image_folder(root: Path, classes=("cat", "dog"), per_class: int = 3) -> Path:
-    """root/{train,test}/<class>/<i>.png, each image one grey level: 40 x label + i."""
-    for split in ("train", "test"):
-        for label, name in enumerate(classes):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                (folder / f"{i}.png").write_bytes(png(40 * label + i))
-    return root
-
-
-def train_on_folder(root: Path, timeout: float = LISTING_TIMEOUT_S) -> subprocess.CompletedProcess:
-    return cli("train", "--dataset=imagefolder", f"--data_dir={root}", "--val_size=1", "--epochs=1",
-               "--batch_size=2", "--width=8", "--device=cpu", timeout=timeout, WANDB_MODE="disabled")
-
-
-def tree(root: Path) -> dict[str, bytes]:
-    """Every regular file under `root` (links not followed) and its bytes: to prove nothing was lost."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
-            and not p.is_symlink()}
-
-
-# --- 1. links in an image folder ------------------------------------------------------------------------------
-
-
-def test_a_link_from_a_class_folder_to_its_parent_is_refused_in_one_line(tmp_path):
-    root = image_folder(tmp_path / "imgs")
-    (root / "train" / "cat" / "loop").symlink_to("..")  # used to relabel every image of the split as "cat"
-    with pytest.raises(DataError) as error:
-        load_image_folder(root)
-    assert str(error.value).startswith(f"data_dir: {root / 'train' / 'cat' / 'loop'} is a link to a folder; ")
-    assert "\n" not in str(error.value)
-
-
-def test_two_loops_fail_in_one_line_instead_of_hanging(tmp_path):
-    root = image_folder(tmp_path / "imgs")
-    (root / "train" / "cat" / "up").symlink_to("..")
-    (root / "train" / "dog" / "up").symlink_to("..")  # two loops: listing used to run forever
-    before = tree(root)
-    line = one_error_line(train_on_folder(root), status=2)  # a hang raises TimeoutExpired: the test fails
-    assert line == (
-        f"ERROR: data_dir: {root / 'train' / 'cat' / 'up'} is a link to a folder; links to folders are not "
-        "followed (a link up the tree relabels or loops): replace it with a real folder, or link the image files "
-        "one by one"
-    )
-    assert tree(root) == before and not (root / CACHE_FOLDER).exists()
-
-
-def test_a_class_folder_that_is_a_link_is_refused(tmp_path):
-    root = image_folder(tmp_path / "imgs")
-    elsewhere = image_folder(tmp_path / "other", classes=("bird",)) / "train" / "bird"
-    (root / "train" / "bird").symlink_to(elsewhere, target_is_directory=True)
-    with pytest.raises(DataError, match=f"^data_dir: {root / 'train' / 'bird'} is a link to a folder; "):
-        load_image_folder(root)
-
-
-def test_links_to_image_files_are_followed(tmp_path):
-    """Deduplicated data sets link image files: relative and absolute links load as the images they point at."""
-    root = image_folder(tmp_path / "imgs")
-    (root / "train" / "dog" / "relative.png").symlink_to("../cat/1.png")
-    (root / "train" / "dog" / "absolute.png").symlink_to(root / "train" / "cat" / "2.png")
-    train, _, classes = load_image_folder(root)
-    assert classes == ["cat", "dog"] and len(train) == 8
-    # dog's files in name order: 0, 1, 2, absolute (cat's 2), relative (cat's 1); all labelled dog.
-    assert train.labels.tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
-    assert [int(v) for v in train.images[:, 0, 0, 0]] == [0, 1, 2, 40, 41, 42, 2, 1]
-
-
-def test_a_broken_link_to_an_image_is_named(tmp_path):
-    root = image_folder(tmp_path / "imgs")
-    (root / "train" / "cat" / "gone.png").symlink_to(tmp_path / "nowhere.png")
-    with pytest.raises(DataError, match=f"^data_dir: {root / 'train' / 'cat' / 'gone.png'} is a broken link"):
-        load_image_folder(root)
-
-
-def test_listing_matches_torchvisions_order_and_extension_rule(tmp_path):
-    """Same classes, files, labels and order as torchvision's walker on a folder without links: the split by seed
-    and the decode cache's key stay what they were."""
-    from torchvision.datasets.folder import find_classes, make_dataset
-
-    root = tmp_path / "train"
-    layout = ["a/1.png", "a/0.JPG", "a/notes.txt", "a/sub/2.jpeg", "a/sub b/3.PNG", "a/.hidden.png",
-              "b/z.Jpeg", "b/deep/er/4.png", "b/README", "c d/5.png", "top-level.png"]
-    for name in layout:
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_bytes(b"x")
-    classes, class_to_index = find_classes(str(root))
-    expected = make_dataset(str(root), class_to_index, extensions=IMAGE_EXTENSIONS)
-    assert _list_folder(root) == (expected, classes)
-    assert classes == ["a", "b", "c d"] and len(expected) == 8
-
-
-# --- 2. one class -----------------------------------------------------------------------------------------------
-
-
-def test_a_folder_with_one_class_is_refused(tmp_path):
-    root = image_folder(tmp_path / "imgs", classes=("cat",))
-    line = one_error_line(train_on_folder(root), status=2)
-    assert line == (f"ERROR: data_dir: {root / 'train'} has one class folder (cat); "
-                    "a classifier needs at least 2")
-    assert not Path("runs").exists()  # refused before anything was written
-
-
-# --- 3. an empty class folder -----------------------------------------------------------------------------------
-
-
-def test_an_empty_class_folder_is_named_with_the_extensions_once(tmp_path):
-    root = image_folder(tmp_path / "imgs")
-    (root / "train" / "bird").mkdir()
-    (root / "train" / "bird" / "notes.txt").write_text("not an image")
-    with pytest.raises(DataError) as error:
-        load_image_folder(root)
-    assert str(error.value) == (
-        f"data_dir: no images in class folder {root / 'train' / 'bird'}; "
-        "images are files ending in .jpg, .jpeg, .png (any case)"
-    )
-
 
 # --- 4. device ----------------------------------------------------------------------------------------------------
 
@@ -299,18 +153,6 @@ def test_atomic_writer_turns_enospc_into_one_line_and_keeps_the_previous_file(tm
     assert message.startswith(f"could not write {path}: no space left on device (") and "\n" not in message
     assert path.read_bytes() == previous  # the earlier version is intact...
     assert sorted(p.name for p in path.parent.iterdir()) == ["best.pt"]  # ...and no temporary file is left
-
-
-def test_a_full_disk_while_caching_decoded_images_only_warns(tmp_path, monkeypatch, caplog):
-    root = image_folder(tmp_path / "imgs")
-
-    def no_space(path, value):
-        raise StorageError(f"could not write {path}: no space left on device (0.0 MB free there)")
-
-    monkeypatch.setattr("cifar_resnet.data.atomic_torch_save", no_space)
-    train, _, _ = load_image_folder(root)
-    assert len(train) == 6
-    assert any("training on without a decode cache" in r.getMessage() for r in caplog.records)
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ from cifar_resnet.gpus import (
     resolve_runs_per_gpu,
     runs_for_memory,
 )
-from cifar_resnet.sweep import parse_gpus
+from cifar_resnet.sweep.command import parse_gpus
 
 H100_MIB, A10_MIB = 81559, 23028
 

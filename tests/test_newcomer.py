@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO, tiny_args
-from test_sweep import sweep_state, tiny_settings, write_sweep
-from wandb_records import read_records
+from helpers.sweeps import sweep_state, tiny_settings, write_sweep
+from helpers.wandb_records import read_records
 
 from cifar_resnet.cli import main
 from cifar_resnet.config import RECIPE_PRESETS, Config
@@ -31,14 +31,9 @@ from cifar_resnet.records import (
     results_from_folder,
 )
 from cifar_resnet.runner import RunHooks, run_training
-from cifar_resnet.sweep import (
-    LiveView,
-    LocalRun,
-    LogView,
-    RunProgress,
-    offline_reason,
-    progress_of,
-)
+from cifar_resnet.sweep.command import offline_reason
+from cifar_resnet.sweep.state import LocalRun
+from cifar_resnet.sweep.view import LiveView, LogView, RunProgress, progress_of
 from cifar_resnet.table import markdown_table
 
 TINY_DATA_LINE = "data: synthetic (1,000 train / 200 val / 200 test images, 10 classes)"
@@ -292,16 +287,3 @@ def test_an_offline_run_holds_its_artifact_files(tiny_config, tmp_path):
     named = [Path(entry.local_path) for entry in model.manifest.contents]
     assert named and all(path.is_relative_to(run_folder) for path in named)
     assert all((copy / path.relative_to(run_folder)).is_file() for path in named)
-
-
-# --- a short run on real images learns ---------------------------------------------------------------------------
-
-
-def test_one_epoch_on_real_images_learns_with_the_tuned_recipe(cifar_jpeg_dir, tmp_path):
-    """The tuned recipe's warm-up is a tenth of a short run, not all of it: one epoch on 2,500 real JPEGs lands
-    clearly above chance. Batch 32 (78 steps): at batch 128 the 19 steps leave batch norm's running statistics
-    mostly at their initial values, and evaluation at chance whatever the schedule (measured: 22% train, 11% test)."""
-    config = Config(dataset="imagefolder", data_dir=str(cifar_jpeg_dir), epochs=1, width=16, val_size=500,
-                    batch_size=32, output_dir=str(tmp_path / "runs"), device="cpu")
-    outcome = run_training(config, "real0001")
-    assert outcome.fit.test.acc > CHANCE + 0.1

@@ -1,15 +1,12 @@
-"""Paths that rarely run but must work when they do: the online resume download, a damaged decode cache, a read-only
-data folder, W&B refusing to create a sweep, and the agent's bad arguments."""
+"""Paths that rarely run but must work when they do: the online resume download, W&B refusing to create a sweep,
+and the agent's bad arguments. (The decode cache's rare paths are in test_image_folder.py.)"""
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,19 +14,12 @@ import pytest
 import torch
 import wandb
 import yaml
-from torchvision.io import encode_png
 
 from cifar_resnet.checkpoint import RESUME_CHECKPOINT
 from cifar_resnet.cli import main as cli_main
-from cifar_resnet.data import CACHE_FOLDER, load_image_folder
 from cifar_resnet.tracking import download_resume_checkpoint, resume_artifact_name
 
 WAIT_SECONDS = 300
-# Root writes anywhere, whatever the mode: as root, the decoding process runs without the capability to.
-WITHOUT_ROOTS_OVERRIDE = ["setpriv", "--inh-caps=-dac_override", "--bounding-set=-dac_override"] \
-    if os.geteuid() == 0 else []
-READ_ONLY = 0o555
-READABLE = 0o755
 
 
 # --- the online resume download (tracking.download_resume_checkpoint) -------------------------------------------
@@ -95,78 +85,6 @@ def test_offline_or_new_runs_do_not_ask_for_a_resume_artifact(tmp_path, kind):
                               resumed=kind == "offline")
     assert download_resume_checkpoint(run, tmp_path / RESUME_CHECKPOINT) is False
     assert asked == []
-
-
-# --- the image-folder decode cache ------------------------------------------------------------------------------
-
-
-def write_png_folder(root: Path) -> Path:
-    for split in ("train", "test"):
-        for label, name in enumerate(("cat", "dog")):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(3):
-                image = torch.full((3, 32, 32), 40 * label + i, dtype=torch.uint8)
-                (folder / f"{i}.png").write_bytes(encode_png(image).numpy().tobytes())
-    return root
-
-
-def digest(train, test) -> str:
-    return hashlib.sha256(b"".join(t.numpy().tobytes() for t in (train.images, train.labels, test.images,
-                                                                  test.labels))).hexdigest()
-
-
-def test_a_damaged_decode_cache_is_rebuilt_not_trusted(tmp_path, caplog):
-    root = write_png_folder(tmp_path / "imgs")
-    train, test, _ = load_image_folder(root)
-    (cache,) = (root / CACHE_FOLDER).glob("train-*.pt")
-    cache.write_bytes(cache.read_bytes()[:100])  # cut short, as by a full disk
-
-    with caplog.at_level(logging.WARNING, logger="cifar_resnet.data"):
-        again_train, again_test, _ = load_image_folder(root)
-
-    assert digest(again_train, again_test) == digest(train, test)
-    assert any("ignoring unreadable decode cache" in message and cache.name in message
-               for message in caplog.messages)
-    rebuilt = torch.load(cache, weights_only=True)  # written again, whole
-    assert torch.equal(rebuilt["images"], train.images)
-
-
-DECODE_AND_DIGEST = """
-import hashlib, logging, sys
-from pathlib import Path
-from cifar_resnet.data import load_image_folder
-logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-train, test, _ = load_image_folder(Path(sys.argv[1]))
-tensors = (train.images, train.labels, test.images, test.labels)
-print(hashlib.sha256(b"".join(t.numpy().tobytes() for t in tensors)).hexdigest())
-"""
-
-
-def test_a_read_only_data_folder_is_decoded_without_a_cache():
-    if WITHOUT_ROOTS_OVERRIDE and shutil.which("setpriv") is None:
-        pytest.skip("running as root without setpriv (util-linux): root would write into a read-only folder")
-    scratch = Path(tempfile.mkdtemp(prefix="read-only-data-"))
-    try:
-        scratch.chmod(READABLE)
-        root = write_png_folder(scratch / "imgs")
-        for folder in [root, *root.rglob("*")]:
-            if folder.is_dir():
-                folder.chmod(READ_ONLY)
-        done = subprocess.run([*WITHOUT_ROOTS_OVERRIDE, sys.executable, "-c", DECODE_AND_DIGEST, str(root)],
-                              capture_output=True, text=True, timeout=WAIT_SECONDS, cwd=scratch)
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert f"WARNING {root} is read-only: decoding {root / 'train'} without a cache" in done.stderr
-        assert not (root / CACHE_FOLDER).exists()
-        for folder in [root, *root.rglob("*")]:
-            if folder.is_dir():
-                folder.chmod(READABLE)
-        assert done.stdout.strip() == digest(*load_image_folder(root)[:2])  # what a writable folder decodes
-    finally:
-        for folder in [scratch, *scratch.rglob("*")]:
-            if folder.is_dir():
-                folder.chmod(READABLE)
-        shutil.rmtree(scratch)
 
 
 # --- W&B refusing to create a sweep (wandb_sweep.create_sweep) --------------------------------------------------

@@ -30,7 +30,7 @@ from cifar_resnet.engine import (
 from cifar_resnet.errors import ConfigError
 from cifar_resnet.model import CIFAR10CNN, ResidualBlock, init_stem_whitening
 from cifar_resnet.records import EPOCH_SECONDS, TRAIN_IMAGES_PER_SECOND
-from cifar_resnet.sweep import load_sweep
+from cifar_resnet.sweep.plan import load_sweep
 
 from conftest import REPO
 

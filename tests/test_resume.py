@@ -23,7 +23,7 @@ import torch
 import wandb
 from torch.utils import _pytree as pytree
 from conftest import tiny_args
-from wandb_records import read_records
+from helpers.wandb_records import logged_epochs, offline_runs
 
 from cifar_resnet import engine
 from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
@@ -108,16 +108,6 @@ def stop_mid_epoch(process: subprocess.Popen, run_dir: Path, after_epoch: int, l
     kept = len(recorded_history(run_dir))
     assert kept == len(history), "the signal landed after the epoch had ended, not inside it"
     return kept
-
-
-def offline_runs(wandb_dir: Path, run_id: str) -> list[list]:
-    """The records of each offline run of `run_id`, oldest first (one per attempt)."""
-    return [read_records(path) for path in sorted(wandb_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))]
-
-
-def logged_epochs(records: list) -> list[int]:
-    return [int(json.loads(item.value_json)) for r in records if r.HasField("history")
-            for item in r.history.item if (item.key or "/".join(item.nested_key)) == "epoch"]
 
 
 def artifacts(records: list, kind: str) -> list:

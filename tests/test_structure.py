@@ -1,5 +1,6 @@
 """The package's architecture, read from its import graph (module-level and deferred imports alike): no cycle,
-no tool imports another, and wandb stays out of the core and the runner."""
+no tool imports another (a tool's package, such as `sweep/`, is one tool), the sweep's modules import only those
+below them, and wandb stays out of the core and the runner."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ pytestmark = pytest.mark.quick  # seconds in all: part of `pytest -m quick`
 PACKAGE = REPO / "cifar_resnet"
 TOOLS = {"sweep", "agent", "report", "bench"}
 WITHOUT_WANDB = {"config", "model", "data", "engine", "pack", "checkpoint", "records", "files", "errors", "process",
-                 "names", "credentials", "table", "runner", "trainer"}
+                 "names", "credentials", "table", "runner", "trainer", "run_contract"}
 MAX_LEVELS = 9  # errors, config, data, engine, runner, tracking, train, cli, __main__
+# The sweep's modules, each above those it may import: command -> local -> view and plan -> state.
+SWEEP_LAYERS = {"sweep.state": 0, "sweep.plan": 1, "sweep.view": 1, "sweep.local": 2, "sweep.command": 3}
 
 
 def module_name(path: Path) -> str:
@@ -62,6 +65,13 @@ def test_no_tool_imports_another(graph):
     assert crossings == []
 
 
+def test_the_sweeps_modules_import_only_those_below_them(graph):
+    assert {module for module in graph if tool_of(module) == "sweep"} == {"sweep", *SWEEP_LAYERS}
+    upward = [(module, target) for module, layer in SWEEP_LAYERS.items() for target in graph[module][0]
+              if target in SWEEP_LAYERS and SWEEP_LAYERS[target] >= layer]
+    assert upward == []
+
+
 def test_import_graph_has_no_cycle_and_few_levels(graph):
     levels: dict[str, int] = {}
 
@@ -74,6 +84,19 @@ def test_import_graph_has_no_cycle_and_few_levels(graph):
         return levels[module]
 
     assert max(level(module) for module in graph) <= MAX_LEVELS, levels
+
+
+def test_no_test_module_imports_another():
+    """What test modules share lives in tests/helpers/ (and conftest.py): a test module is no library."""
+    tests = REPO / "tests"
+    test_modules = {path.stem for path in tests.glob("test_*.py")}
+    imported = set()
+    for path in tests.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            imported |= {(path.name, name.split(".")[0]) for name in names if name.split(".")[0] in test_modules}
+    assert imported == set()
 
 
 def test_wandb_stays_out_of_the_core_and_the_runner(graph):

@@ -11,62 +11,23 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+from helpers.runs import one_thread_per_run, processes_of, wait_for  # noqa: F401  (one_thread_per_run: autouse)
+from helpers.sweeps import GRID, sweep_state, table_rows, tiny_settings, write_sweep
 
-from cifar_resnet import sweep as sweep_module
 from cifar_resnet.cli import main
-from cifar_resnet.config import Config
 from cifar_resnet.records import RECORD_FILE, RunRecord
-from cifar_resnet.sweep import (
-    LiveView,
-    LocalRun,
-    LocalSweep,
-    LogView,
-    RunProgress,
-    default_output_dir,
-    load_sweep,
-    runs_to_stop,
-)
-from cifar_resnet.wandb_sweep import agent_command
+from cifar_resnet.sweep import command as sweep_command
+from cifar_resnet.sweep.local import MAX_INITIAL_FAILURES, LocalSweep
+from cifar_resnet.sweep.plan import default_output_dir, load_sweep, runs_to_stop
+from cifar_resnet.sweep.state import LocalRun
+from cifar_resnet.sweep.view import LiveView, LogView, RunProgress
+from cifar_resnet.wandb_sweep import run_argv
 
-GRID = {"learning_rate": {"values": [0.001, 0.0005]}, "optimizer": {"values": ["adam", "sgd"]}}
 SIGNAL_TIMEOUT_SECONDS = 120
-
-
-@pytest.fixture(autouse=True)
-def one_thread_per_run(monkeypatch):
-    """Tiny runs gain nothing from a second thread, and lose much when other work keeps the cores busy."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-
-
-def tiny_settings(config: Config, epochs: int = 1) -> dict[str, Any]:
-    """The conftest's tiny run as fixed sweep parameters."""
-    names = ("dataset", "width", "batch_size", "eval_batch_size", "val_size", "train_size", "test_size", "device")
-    return {name: {"value": getattr(config, name)} for name in names} | {"epochs": {"value": epochs}}
-
-
-def write_sweep(path: Path, parameters: dict[str, Any], method: str = "grid", **extra: Any) -> Path:
-    sweep = {
-        "program": "cifar_resnet.train", "method": method, "metric": {"name": "val/acc", "goal": "maximize"},
-        "parameters": parameters, "command": ["${env}", "${interpreter}", "-m", "${program}", "${args}"], **extra,
-    }
-    path.write_text(yaml.safe_dump(sweep))
-    return path
-
-
-def sweep_state(out_dir: Path) -> dict[str, Any]:
-    return json.loads((out_dir / "sweep.json").read_text())
-
-
-def table_rows(stdout: str) -> list[str]:
-    """The data rows of the Markdown results table."""
-    lines = [line for line in stdout.splitlines() if line.startswith("| ")]
-    return lines[1:]
 
 
 def test_grid_with_two_workers_runs_every_cell_as_the_agent_would(tmp_path, tiny_config, capsys):
@@ -124,26 +85,6 @@ def test_a_failed_run_does_not_stop_the_others_and_shows_its_log(tmp_path, tiny_
     failed_id = states["imagefolder"]["run_id"]
     assert f"run {failed_id} failed (exit 2)" in stdout
     assert "no-such-images/train is not a folder" in stdout  # the end of the run's own log
-
-
-def processes_of(marker: str) -> list[int]:
-    """Processes (any descendant, W&B's service included) whose environment mentions `marker`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker.encode() in (entry / "environ").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
-def wait_for(condition, timeout: float = SIGNAL_TIMEOUT_SECONDS) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 @pytest.mark.slow
@@ -278,7 +219,7 @@ def test_a_command_that_cannot_start_fails_its_runs_and_the_sweep_gives_up(tmp_p
     assert main(["sweep", str(path), "--workers", "2", "--offline", "--output-dir", str(out_dir)]) == 1
 
     runs = sweep_state(out_dir)["runs"]
-    assert len(runs) == sweep_module.MAX_INITIAL_FAILURES
+    assert len(runs) == MAX_INITIAL_FAILURES
     assert all(run["state"] == "failed" and run["exit_code"] is None for run in runs)
     captured = capsys.readouterr()
     assert "5 runs failed and 0 finished: no new runs" in captured.err
@@ -314,12 +255,12 @@ def test_the_run_command_is_expanded_as_the_agent_expands_it(tmp_path, monkeypat
     command = ["${env}", "${interpreter}", "-m", "${program}", "${args_no_hyphens}", "${envvar:EXTRA_FLAG}",
                "${args_json_file}"]
 
-    expanded = agent_command(command, "cifar_resnet.train", params, tmp_path / "args.json")
+    expanded = run_argv(command, "cifar_resnet.train", params, tmp_path / "args.json")
 
     assert expanded == ["/usr/bin/env", "python", "-m", "cifar_resnet.train", "learning_rate=0.001", "tta=False",
                         "--seed=3", str(tmp_path / "args.json")]
     assert json.loads((tmp_path / "args.json").read_text()) == params
-    assert agent_command(None, "train.py", params, tmp_path / "unused.json") == [
+    assert run_argv(None, "train.py", params, tmp_path / "unused.json") == [
         "/usr/bin/env", "python", "train.py", "--learning_rate=0.001", "--tta=False"]  # W&B's default command
 
 
@@ -443,7 +384,7 @@ def online(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_WANDB_CALLS", str(calls))
     monkeypatch.delenv("WANDB_MODE")
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
-    monkeypatch.setattr(sweep_module, "DEFAULT_STAGGER_SECONDS", 1.0)
+    monkeypatch.setattr(sweep_command, "DEFAULT_STAGGER_SECONDS", 1.0)
     created: list[dict[str, Any]] = []
     monkeypatch.setattr(wandb, "sweep", lambda sweep, project: created.append(
         {"sweep": sweep, "project": project}) or "sweep123")

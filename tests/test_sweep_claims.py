@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_sweep import sweep_state, tiny_settings, write_sweep
+from helpers.runs import one_thread_per_run  # noqa: F401  (autouse)
+from helpers.sweeps import sweep_state, tiny_settings, write_sweep
 
 from cifar_resnet.cli import main
 from cifar_resnet.records import RECORD_FILE, RunRecord
@@ -24,11 +25,6 @@ SIGTERM_EXIT = 128 + 15
 # W&B's engine draws the first bayes proposals at random (numpy's global RNG). Two rates close together let its
 # Gaussian process fit nothing (it then samples at random, history or not); this seed draws two far apart.
 FIRST_PROPOSALS_SEED = 5
-
-
-@pytest.fixture(autouse=True)
-def one_thread_per_run(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
 def sweep_runs(out_dir: Path) -> list[dict[str, Any]]:

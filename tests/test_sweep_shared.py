@@ -20,40 +20,22 @@ import pytest
 import torch
 import yaml
 from conftest import REPO
-from test_sweep import (
-    GRID,
-    processes_of,
-    sweep_state,
-    table_rows,
-    tiny_settings,
-    wait_for,
-    write_sweep,
-)
+from helpers.runs import one_thread_per_run, processes_of, wait_for  # noqa: F401  (one_thread_per_run: autouse)
+from helpers.sweeps import GRID, sweep_state, table_rows, tiny_settings, write_sweep
 
 from cifar_resnet import files
 from cifar_resnet.cli import main
 from cifar_resnet.config import Config
 from cifar_resnet.records import RECORD_FILE, RunRecord
 from cifar_resnet.runner import run_training
-from cifar_resnet.sweep import (
-    NO_RECORD_REASON,
-    LocalSweep,
-    LogView,
-    load_sweep,
-    starts_our_training,
-    warn_unless_our_entry_point,
-)
-from cifar_resnet.sweep_state import LocalRun, SweepFolder
+from cifar_resnet.sweep.local import NO_RECORD_REASON, LocalSweep
+from cifar_resnet.sweep.plan import load_sweep, starts_our_training, warn_unless_our_entry_point
+from cifar_resnet.sweep.state import LocalRun, SweepFolder
+from cifar_resnet.sweep.view import LogView
 
 TIMING_KEYS = ("epoch_seconds", "train/images_per_second")  # differ between any two runs
 PROCESS_TIMEOUT_SECONDS = 300
 SHORT_LEASE_SECONDS = 3.0
-
-
-@pytest.fixture(autouse=True)
-def one_thread_per_run(monkeypatch):
-    """Tiny runs gain nothing from a second thread, and lose much when other work keeps the cores busy."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
 def sweep_process(path: Path, out_dir: Path, *args: str) -> subprocess.Popen:
@@ -226,7 +208,7 @@ def test_concurrent_transactions_lose_no_change(tmp_path):
     out_dir = tmp_path / "out"
     adder = (
         "import sys; from pathlib import Path\n"
-        "from cifar_resnet.sweep_state import LocalRun, SweepFolder\n"
+        "from cifar_resnet.sweep.state import LocalRun, SweepFolder\n"
         "folder = SweepFolder(Path(sys.argv[1]), {'method': 'grid'}, lambda: 'sweep123')\n"
         "for index in range(25):\n"
         "    with folder.transaction() as state:\n"

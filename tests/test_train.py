@@ -15,9 +15,9 @@ import sweeps
 import torch
 import yaml
 from conftest import REPO, tiny_args
-from test_faults import tree
+from helpers.runs import error_lines, tree
 from wandb.sdk.lib import config_util
-from wandb_records import offline_run_file, read_records
+from helpers.wandb_records import offline_run_file, read_records
 
 from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
 from cifar_resnet.cli import main as cli_main
@@ -29,7 +29,7 @@ from cifar_resnet.model import CIFAR10CNN
 from cifar_resnet.records import RunRecord
 from cifar_resnet.runner import run_training
 from cifar_resnet.train import main as train_main
-from cifar_resnet.wandb_sweep import agent_command as wandb_agent_command
+from cifar_resnet.wandb_sweep import run_argv
 
 SWEEP_YAML = REPO / "sweep.yaml"
 
@@ -52,9 +52,9 @@ def test_sweep_yaml_passes_the_schema_and_expands_to_the_six_cells():
         Config.from_mapping({name: item["value"] for name, item in run.config.items()})
 
 
-def agent_command(sweep: dict, params: dict) -> list[str]:
+def sweep_run_argv(sweep: dict, params: dict) -> list[str]:
     """The command `wandb agent` runs for `params` (built with wandb's own macro code, as its Agent does)."""
-    return wandb_agent_command(sweep["command"], sweep["program"], params, Path("args.json"))
+    return run_argv(sweep["command"], sweep["program"], params, Path("args.json"))
 
 
 def run_as_agent(tmp_path: Path, params: dict, run_id: str) -> subprocess.CompletedProcess:
@@ -62,7 +62,7 @@ def run_as_agent(tmp_path: Path, params: dict, run_id: str) -> subprocess.Comple
     param_path = tmp_path / "sweep-test" / f"config-{run_id}.yaml"
     config_util.save_config_file_from_dict(str(param_path), {k: {"value": v} for k, v in params.items()})
     env = dict(os.environ, WANDB_SWEEP_ID="testsweep", WANDB_RUN_ID=run_id, WANDB_SWEEP_PARAM_PATH=str(param_path))
-    return subprocess.run(agent_command(sweep, params), env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(sweep_run_argv(sweep, params), env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_agent_runs_a_cell_offline_and_records_checkpoint_and_artifact(tmp_path, tiny_config):
@@ -103,7 +103,7 @@ def test_sweep_values_win_over_the_command_line(tmp_path, tiny_config):
     params = {**tiny_config.to_dict(), "epochs": 1, "optimizer": "adamw"}
     param_path = tmp_path / "params.yaml"
     config_util.save_config_file_from_dict(str(param_path), {k: {"value": v} for k, v in params.items()})
-    argv = [a for a in agent_command(sweep, params) if not a.startswith("--optimizer")] + ["--optimizer=sgd"]
+    argv = [a for a in sweep_run_argv(sweep, params) if not a.startswith("--optimizer")] + ["--optimizer=sgd"]
     env = dict(os.environ, WANDB_SWEEP_ID="s", WANDB_RUN_ID="winner01", WANDB_SWEEP_PARAM_PATH=str(param_path))
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -127,10 +127,6 @@ def test_narrow_model_learns_real_cifar_images(cifar_jpeg_dir, tmp_path):
 def python_train(*args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cifar_resnet.train", *args], capture_output=True, text=True,
                           timeout=300, env=dict(os.environ, **env))
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("ERROR")]
 
 
 @pytest.mark.parametrize(

@@ -19,11 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_args
-from wandb_records import offline_run_file, read_records
+from helpers.sweeps import tiny_settings, write_sweep
+from helpers.wandb_agent import start_agent
+from helpers.wandb_records import offline_run_file, read_records
 
 from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
 from cifar_resnet.config import Config
-from cifar_resnet.process import TRAINER_VARIABLE
+from cifar_resnet.run_contract import TRAINER_VARIABLE
 from cifar_resnet.records import EPOCH_SECONDS, TRAIN_IMAGES_PER_SECOND, RunRecord, read_record
 from cifar_resnet.runner import run_training
 
@@ -189,8 +191,6 @@ def test_runs_of_a_killed_trainer_are_preempted_and_resume_in_the_next_one(tmp_p
 def test_three_runs_of_one_sweep_through_wandbs_own_agent_share_one_trainer(tmp_path, tiny_config, socket_path):
     """The online path: W&B's own agent code starts each run (tests/wandb_agent_driver.py, the W&B server a
     stand-in), three agents on one "GPU" whose runs hand their training to its one trainer."""
-    from test_wandb_agent import start_agent
-
     configs = cells(tiny_config)
     trainer = start_trainer(socket_path, tmp_path / "trainer.log")
     try:
@@ -222,8 +222,6 @@ def test_three_runs_of_one_sweep_through_wandbs_own_agent_share_one_trainer(tmp_
 @pytest.mark.slow
 def test_an_offline_sweep_packs_its_workers_runs_into_one_trainer(tmp_path, tiny_config, monkeypatch):
     """`cifar-resnet sweep --workers 3 --pack` on a CPU: one trainer, every cell trained in it, as alone."""
-    from test_sweep import table_rows, tiny_settings, write_sweep
-
     from cifar_resnet.cli import main
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

@@ -5,7 +5,7 @@ sweep.yaml, receives the run through its heartbeat, writes the parameter file, e
 `python -m cifar_resnet.train` in its own process group and, with `forward_signals`, forwards SIGTERM to it. The
 one test double is the W&B server, which cannot run here: a stand-in answers the agent's GraphQL calls.
 
-The offline sweep (`cifar-resnet sweep --offline`) starts its runs with `wandb_sweep.agent_command`: the last test
+The offline sweep (`cifar-resnet sweep --offline`) starts its runs with `wandb_sweep.run_argv`: the last test
 checks that it builds the argv W&B's agent builds, macro for macro.
 """
 
@@ -15,36 +15,20 @@ import json
 import os
 import queue
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
-from wandb_records import offline_run_file, read_records
+from helpers.wandb_agent import SWEEP_ID, start_agent
+from helpers.wandb_records import offline_run_file, read_records
 
 from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
 from cifar_resnet.records import RECORD_FILE, RunRecord
-from cifar_resnet.wandb_sweep import agent_command
+from cifar_resnet.wandb_sweep import run_argv
 
-DRIVER = Path(__file__).with_name("wandb_agent_driver.py")
-SWEEP_YAML = REPO / "sweep.yaml"
-SWEEP_ID = "agentsw1"
 WAIT_SECONDS = 300
 POLL_SECONDS = 0.05
-
-
-def start_agent(tmp_path: Path, run_id: str, params: dict, forward_signals: bool) -> tuple[subprocess.Popen, Path]:
-    result = tmp_path / f"agent-{run_id}.json"
-    spec = {"sweep_file": str(SWEEP_YAML), "sweep_id": SWEEP_ID, "run_id": run_id, "program": "cifar_resnet.train",
-            "params": params, "forward_signals": forward_signals, "result": str(result)}
-    # One thread: the same pace whatever else keeps the shared cores busy.
-    env = dict(os.environ, WANDB_SWEEP_ID=SWEEP_ID, OMP_NUM_THREADS="1")
-    agent = subprocess.Popen([sys.executable, str(DRIVER), json.dumps(spec)], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-    return agent, result
 
 
 def test_wandb_agent_starts_the_sweep_command_and_the_run_finishes_with_record_and_artifact(tmp_path, tiny_config):
@@ -114,7 +98,7 @@ def test_sigterm_to_a_forwarding_wandb_agent_saves_the_runs_resume_checkpoint(tm
      "${envvar:EXTRA_FLAG}", "${args_json}"],
     None,  # W&B's default command: ${env} ${interpreter} ${program} ${args}
 ])
-def test_our_agent_command_is_the_argv_wandbs_agent_builds(tmp_path, monkeypatch, command):
+def test_our_run_argv_is_the_argv_wandbs_agent_builds(tmp_path, monkeypatch, command):
     """W&B's `Agent._command_run` starts the process; ours must give the same argv and the same JSON file."""
     from wandb import wandb_agent
 
@@ -135,7 +119,7 @@ def test_our_agent_command_is_the_argv_wandbs_agent_builds(tmp_path, monkeypatch
     wandb_json = Path(os.environ["WANDB_DIR"], "wandb", "sweep-cmpsweep", "config-cmprun01.json")
     wandb_wrote = wandb_json.read_text() if wandb_json.exists() else None
 
-    ours = agent_command(command, program, params, wandb_json)
+    ours = run_argv(command, program, params, wandb_json)
 
     assert ours == process._popen.args
     if command is not None:

@@ -52,6 +52,7 @@ from ..engine import (
 from ..errors import UserError
 from ..files import atomic_write_json
 from ..process import set_cpu_threads
+from ..run_contract import EXIT_USAGE
 from .machine import machine_info
 from .pack import pack_main
 from .runs import grid_main, measure_concurrency, run_main
@@ -517,4 +518,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return bench_main(argv)
     except UserError as error:
         log.error("%s", error)
-        return 2
+        return EXIT_USAGE

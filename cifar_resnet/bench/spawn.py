@@ -14,6 +14,7 @@ from typing import Any
 
 from ..config import Config, argument_parser
 from ..process import child_environment, run_logged
+from ..run_contract import run_folder
 
 SECONDS_PER_HOUR = 3600
 
@@ -38,7 +39,7 @@ def spawn_runs(jobs: Sequence[tuple[str, Config]], workers: int, folder: Path) -
         run_id, config = job
         result_path, log_path = folder / f"{run_id}.json", folder / f"{run_id}.log"
         result_path.unlink(missing_ok=True)
-        run_dir = Path(config.output_dir).resolve() / run_id
+        run_dir = run_folder(config.output_dir, run_id).resolve()
         if run_dir.is_relative_to(folder.resolve()):  # our own earlier run: start afresh rather than resume it
             shutil.rmtree(run_dir, ignore_errors=True)
         argv = [sys.executable, "-m", "cifar_resnet.bench", "run", f"--run_id={run_id}", f"--result={result_path}",

@@ -6,6 +6,7 @@ a `wandb_internal_pb2.Record` protobuf. wandb's Go core writes it; this reader i
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
@@ -42,3 +43,13 @@ def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
 def offline_run_file(wandb_dir: Path, run_id: str) -> Path:
     (path,) = wandb_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")
     return path
+
+
+def offline_runs(wandb_dir: Path, run_id: str) -> list[list]:
+    """The records of each offline run of `run_id`, oldest first (one per attempt)."""
+    return [read_records(path) for path in sorted(wandb_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))]
+
+
+def logged_epochs(records: list) -> list[int]:
+    return [int(json.loads(item.value_json)) for r in records if r.HasField("history")
+            for item in r.history.item if (item.key or "/".join(item.nested_key)) == "epoch"]

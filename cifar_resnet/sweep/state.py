@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .files import atomic_write_json, file_lock, make_folder, storage_error
-from .names import check_run_id
+from ..errors import UserError
+from ..files import atomic_write_json, file_lock, make_folder, storage_error
+from ..names import check_run_id
 
 STATE_FILE = "sweep.json"
 STATE_LOCK_FILE = "sweep.lock"  # flock'ed for each transaction on sweep.json

@@ -1,0 +1,67 @@
+"""What tests of whole runs share: one thread per run, a run's error lines, the files of a folder, and waiting on
+processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+WAIT_SECONDS = 120  # for a signal to take effect, or a process to get somewhere
+
+
+def cli(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """`python -m cifar_resnet ARGS` in a fresh process, this worktree's package first on the path."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), **env)
+    return subprocess.run([sys.executable, "-m", "cifar_resnet", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(autouse=True)
+def one_thread_per_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiny runs gain nothing from a second thread, and lose much when other work keeps the cores busy. Autouse in
+    each module that imports it."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("ERROR")]
+
+
+def one_error_line(done: subprocess.CompletedProcess, status: int) -> str:
+    """The run's one ERROR line, after checking its exit status and that no traceback was printed."""
+    assert done.returncode == status, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    (line,) = error_lines(done.stderr)
+    return line
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every regular file under `root` (links not followed) and its bytes: to prove nothing was lost."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+            and not p.is_symlink()}
+
+
+def processes_of(marker: str) -> list[int]:
+    """Processes (any descendant, W&B's service included) whose environment mentions `marker`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def wait_for(condition, timeout: float = WAIT_SECONDS) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
