@@ -1,4 +1,5 @@
-"""The training engine: optimizer and schedule builders, `train_one_epoch`, `evaluate` and `fit`.
+"""The training engine: the builders (optimizer, schedule, the training step `build_step` and the evaluation step
+`build_eval_step`), `train_one_epoch`, `evaluate`, the test pass `evaluate_test`, and `training` / `fit`.
 
 It knows nothing of W&B or files: `fit` reports through one `TrainHooks` object, and the run record, the checkpoint
 writer, the W&B layer and progress displays subscribe to it. Host synchronisation happens once per epoch, never per
@@ -791,11 +792,11 @@ class TrainState:
 
     def keep_if_best(self, epoch: int, val_acc: float, kept: nn.Module) -> bool:
         """Whether `epoch` is the best so far; if so, `kept`'s weights are copied as the best."""
-        if val_acc <= self.best_val_acc:
-            return False
-        self.best_epoch, self.best_val_acc = epoch, val_acc
-        self.best_model_state = {k: v.detach().clone() for k, v in kept.state_dict().items()}
-        return True
+        is_best = val_acc > self.best_val_acc
+        if is_best:
+            self.best_epoch, self.best_val_acc = epoch, val_acc
+            self.best_model_state = {k: v.detach().clone() for k, v in kept.state_dict().items()}
+        return is_best
 
     def state_dict(self) -> dict[str, Any]:
         return {
