@@ -1,4 +1,5 @@
-"""Markdown tables for BENCHMARKS.md from the JSON that `cifar-resnet bench`, `bench grid` and `bench run` write.
+"""Markdown tables for BENCHMARKS.md from the JSON that `cifar-resnet bench`, `bench grid` and `bench run` write
+(a run's metrics under the names of its record, `cifar_resnet.records`).
 
     python benchmarks/markdown.py gpu-check/bench.json gpu-check/full10.json gpu-check/grid*.json
 """
@@ -9,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from cifar_resnet.records import BEST_EPOCH, RUN_SECONDS, TEST_ACC, TRAIN_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS
 
 
 def provenance(machine: dict[str, Any]) -> str:
@@ -72,13 +75,13 @@ def grid_markdown(result: dict[str, Any]) -> str:
         writeup, ours = cell["writeup"], cell["ours"]
         name = [str(writeup["learning_rate"]), writeup["optimizer"]]
         if ours.get("status") == "failed":
-            rows.append([*name, f"{writeup['test_acc']:.2%}", "failed", "", "", "", "", "", ""])
+            rows.append([*name, f"{writeup[TEST_ACC]:.2%}", "failed", "", "", "", "", "", ""])
             continue
-        rows.append([*name, f"{writeup['test_acc']:.2%}", f"{ours['test_acc']:.2%}", f"{ours['test_acc_tta']:.2%}",
-                     f"{writeup['train_acc']:.2%} / {ours['train_acc']:.2%}",
-                     f"{writeup['train_loss']:.4f} / {ours['train_loss']:.4f}",
-                     f"{writeup['val_acc']:.2%} / {ours['val_acc']:.2%}",
-                     f"{writeup['val_loss']:.4f} / {ours['val_loss']:.4f}", f"{ours['process_s']:.1f}"])
+        rows.append([*name, f"{writeup[TEST_ACC]:.2%}", f"{ours['test_acc']:.2%}", f"{ours['test_acc_tta']:.2%}",
+                     f"{writeup[TRAIN_ACC]:.2%} / {ours[TRAIN_ACC]:.2%}",
+                     f"{writeup[TRAIN_LOSS]:.4f} / {ours[TRAIN_LOSS]:.4f}",
+                     f"{writeup[VAL_ACC]:.2%} / {ours[VAL_ACC]:.2%}",
+                     f"{writeup[VAL_LOSS]:.4f} / {ours[VAL_LOSS]:.4f}", f"{ours['process_s']:.1f}"])
     head = (f"recipe={config['recipe']}, width {config['width']}, {config['epochs']} epochs, batch "
             f"{config['batch_size']}, {config['dataset']}; {result['workers']} at a time, {result['wall_s']:.1f} s "
             f"wall for the six. Machine: {provenance(result['machine'])}.")
@@ -91,9 +94,9 @@ def run_markdown(result: dict[str, Any]) -> str:
     config = result["config"]
     return (f"Run {result['run_id']} (recipe={config['recipe']}, {config['optimizer']} {config['learning_rate']}, "
             f"width {config['width']}, {config['epochs']} epochs, {config['dataset']}, {config['device']}): "
-            f"{result['process_s']:.1f} s from process start ({result['run_s']:.1f} s in the runner), "
+            f"{result['process_s']:.1f} s from process start ({result[RUN_SECONDS]:.1f} s in the runner), "
             f"{result['train_images_per_s']:.0f} training images/s (median epoch), test acc {result['test_acc']:.2%}, "
-            f"{result['test_acc_tta']:.2%} with flip TTA, best epoch {result['best_epoch']}.")
+            f"{result['test_acc_tta']:.2%} with flip TTA, best epoch {result[BEST_EPOCH]}.")
 
 
 def main(paths: list[str]) -> int:

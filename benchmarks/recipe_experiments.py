@@ -44,6 +44,7 @@ from cifar_resnet.bench.writeup import WRITEUP_TABLE
 from cifar_resnet.config import Config
 from cifar_resnet.engine import select_device
 from cifar_resnet.files import atomic_write_json
+from cifar_resnet.records import TEST_ACC
 
 log = logging.getLogger("recipe_experiments")
 
@@ -238,7 +239,7 @@ def grid_table(result: dict[str, Any]) -> str:
              "shifts TTA | new (flip TTA) vs `recipe=writeup`, points |", "|---|---|---|---|---|---|---|"]
     for cell in result["cells"]:
         published, new, writeup = cell["writeup_published"], cell["new"], cell["writeup"]
-        lines.append(f"| {published['optimizer']} {published['learning_rate']} | {published['test_acc']:.2%} | "
+        lines.append(f"| {published['optimizer']} {published['learning_rate']} | {published[TEST_ACC]:.2%} | "
                      f"{percent(writeup['test_acc'], True)} | {percent(new['test_acc'], True)} | "
                      f"{percent(new['test_acc_tta'], True)} | {percent(new['test_acc_tta_shift1'])} | "
                      f"{points(new['test_acc_tta'], writeup['test_acc'])} |")

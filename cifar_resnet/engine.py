@@ -1,4 +1,5 @@
-"""The training engine: optimizer and schedule builders, `train_one_epoch`, `evaluate` and `fit`.
+"""The training engine: the builders (optimizer, schedule, the training step `build_step` and the evaluation step
+`build_eval_step`), `train_one_epoch`, `evaluate`, the test pass `evaluate_test`, and `training` / `fit`.
 
 It knows nothing of W&B or files: `fit` reports through one `TrainHooks` object, and the run record, the checkpoint
 writer, the W&B layer and progress displays subscribe to it. Host synchronisation happens once per epoch, never per
@@ -410,6 +411,26 @@ def compile_mode(config: Config, device: torch.device) -> str | None:
     return "reduce-overhead" if config.cuda_graph and device.type == "cuda" else "default"
 
 
+def build_step(config: Config, model: nn.Module, device: torch.device, fused: bool | None = None,
+               mode: str | None = None) -> EagerStep:
+    """The training step of a run of `config` on `model` (from `build_model`): the model under torch.compile when
+    `compile` says so (`step.model`; state dicts stay those of `model`), its optimizer (`step.optimizer`), the loss,
+    autocast and memory format; a `CapturedStep` on CUDA with cuda_graph (captured in the first epoch trained), else
+    an `EagerStep`.
+
+    The one builder of the step, for a run (`training`) and the benchmark, whose variants each change one option from
+    a run's: `fused` (the optimizer's; default fused on CUDA) and `mode` (torch.compile's; default `compile_mode`'s).
+    """
+    graph = uses_cuda_graph(config, device)
+    optimizer = build_optimizer(config, model, device, fused=fused, graph=graph)
+    mode = mode or compile_mode(config, device)
+    step_model = torch.compile(model, mode=mode) if mode else model
+    autocast = autocast_context(config, device, cache_enabled=not graph)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    step_class = CapturedStep if graph else EagerStep
+    return step_class(step_model, optimizer, loss_fn, autocast, memory_format_for(config, device))
+
+
 class WeightAverage:
     """An exponential moving average of a model's weights and batch-norm statistics, kept in a copy of the model
     that validation, test and the checkpoints use in place of the trained one.
@@ -678,6 +699,26 @@ def evaluate(
     return step.result()
 
 
+def build_eval_step(config: Config, model: nn.Module, num_classes: int, device: torch.device,
+                    capture: bool | None = None) -> EvalStep:
+    """How a run of `config` evaluates `model`: its test-time views (`tta`, `tta_translate_px`), autocast and memory
+    format; a `CapturedEval` for batches of `eval_batch_size` where the training step is captured too
+    (`uses_cuda_graph`), unless `capture` says otherwise, else an `EvalStep`. A graph pays off over a run's
+    validations; a single pass (`evaluate_test` alone) is not worth its warm-up and capture."""
+    capture = uses_cuda_graph(config, device) if capture is None else capture
+    autocast = autocast_context(config, device, cache_enabled=not capture)
+    settings = (model, num_classes, autocast, memory_format_for(config, device), config.tta, config.tta_translate_px)
+    return CapturedEval(*settings, batch_size=config.eval_batch_size) if capture else EvalStep(*settings)
+
+
+def evaluate_test(config: Config, model: nn.Module, data: DataSplits, device: torch.device,
+                  step: EvalStep | None = None) -> EvalResult:
+    """The test pass: `model` over `data`'s test split in batches of `eval_batch_size`, through `step` (a run's own,
+    whose graph it reuses), by default an eager `build_eval_step` of `config`'s settings."""
+    step = step or build_eval_step(config, model, len(data.classes), device, capture=False)
+    return evaluate(model, DeviceLoader(data.test, config.eval_batch_size, device), len(data.classes), step=step)
+
+
 # --- the whole run --------------------------------------------------------------------------------------------
 
 WHITENING_IMAGES = 5000  # training images whose patches set the stem's whitening (airbench's number): plenty for
@@ -725,6 +766,37 @@ class TrainState:
     best_val_acc: float = -1.0
     best_model_state: dict[str, torch.Tensor] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, config: Config, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+              steps_per_epoch: int) -> TrainState:
+        """A run's state before its first epoch: the schedule of `config`, and the weight average and Lookahead when
+        it asks for them."""
+        scheduler = build_scheduler(config, optimizer, steps_per_epoch)
+        average = WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None
+        lookahead = Lookahead(model, config.lookahead_steps, config.lookahead_alpha) if config.lookahead_steps else None
+        return cls(model, optimizer, scheduler, generator, average, lookahead)
+
+    def resume(self, saved: dict[str, Any]) -> None:
+        """Continue after the last completed epoch of `saved` (a `state_dict()`), keeping what this process built
+        and a checkpoint must not change (`keep_graph_settings`)."""
+        built = [dict(group) for group in self.optimizer.param_groups]
+        self.load_state_dict(saved)
+        keep_graph_settings(self.optimizer, built)
+
+    def after_step(self) -> list[Callable[[], None]]:
+        """What runs after every optimizer step, in order: Lookahead, the weight average, the schedule (the average
+        sees the weights after a Lookahead sync; the schedule fills the next step's learning rate in place, as a
+        captured step reads it)."""
+        return [part.update for part in (self.lookahead, self.average) if part is not None] + [self.scheduler.step]
+
+    def keep_if_best(self, epoch: int, val_acc: float, kept: nn.Module) -> bool:
+        """Whether `epoch` is the best so far; if so, `kept`'s weights are copied as the best."""
+        is_best = val_acc > self.best_val_acc
+        if is_best:
+            self.best_epoch, self.best_val_acc = epoch, val_acc
+            self.best_model_state = {k: v.detach().clone() for k, v in kept.state_dict().items()}
+        return is_best
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -834,34 +906,16 @@ def training(
         )
     if config.whiten_stem and resume is None:
         init_stem_whitening(model, train_loader.normalize(train_loader.first(WHITENING_IMAGES)))
-    graph = uses_cuda_graph(config, device)
-    optimizer = build_optimizer(config, model, device, graph=graph)
-    scheduler = build_scheduler(config, optimizer, len(train_loader))
-    average = WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None
-    lookahead = Lookahead(model, config.lookahead_steps, config.lookahead_alpha) if config.lookahead_steps else None
-    state = TrainState(model, optimizer, scheduler, generator, average, lookahead)
+    step = build_step(config, model, device)
+    state = TrainState.start(config, model, step.optimizer, generator, len(train_loader))
     if resume is not None:
-        built = [dict(group) for group in optimizer.param_groups]
-        state.load_state_dict(resume)
-        keep_graph_settings(optimizer, built)
+        state.resume(resume)
         log.info("resuming after epoch %d of %d", state.epoch, config.epochs)
-    mode = compile_mode(config, device)
-    step_model = torch.compile(model, mode=mode) if mode else model  # state dicts stay those of `model`
-    memory_format = memory_format_for(config, device)
-    autocast = autocast_context(config, device, cache_enabled=not graph)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    step_class = CapturedStep if graph else EagerStep  # captured once per run, in the first epoch trained
-    step = step_class(step_model, optimizer, loss_fn, autocast, memory_format)
-
-    after_step = [part.update for part in (lookahead, average) if part is not None] + [scheduler.step]
+    after_step = state.after_step()
     # With ema_decay the averaged copy is what is validated, tested and kept; else the model trained.
-    evaluated, kept = (average.model, average.model) if average is not None else (step_model, model)
+    evaluated, kept = (state.average.model,) * 2 if state.average is not None else (step.model, model)
+    val_step = build_eval_step(config, evaluated, num_classes, device)  # captured at the first validation
 
-    def eval_step(model_evaluated: nn.Module) -> EvalStep:  # captured once per run too, at the first validation
-        settings = (model_evaluated, num_classes, autocast, memory_format, config.tta, config.tta_translate_px)
-        return CapturedEval(*settings, batch_size=config.eval_batch_size) if graph else EvalStep(*settings)
-
-    val_step = eval_step(evaluated)
     for epoch in range(state.epoch + 1, config.epochs + 1):
         if hooks.on_epoch_start is not None:
             hooks.on_epoch_start(epoch, len(train_loader))
@@ -875,17 +929,10 @@ def training(
                 f"(now {config.learning_rate})"
             )
         val = evaluate(evaluated, val_loader, num_classes, step=val_step)
-        is_best = val.acc > state.best_val_acc
-        if is_best:
-            state.best_epoch, state.best_val_acc = epoch, val.acc
-            state.best_model_state = {k: v.detach().clone() for k, v in kept.state_dict().items()}
+        is_best = state.keep_if_best(epoch, val.acc, kept)
         result = EpochResult(
-            epoch=epoch,
-            train_loss=train_loss,
-            train_acc=train_acc,
-            val_loss=val.loss,
-            val_acc=val.acc,
-            lr=float(scheduler.get_last_lr()[0]),  # a device tensor under a captured step: read once an epoch
+            epoch, train_loss, train_acc, val.loss, val.acc,
+            lr=float(state.scheduler.get_last_lr()[0]),  # a device tensor under a captured step: read once an epoch
             epoch_seconds=time.perf_counter() - start,
             train_images_per_second=len(train_loader) * config.batch_size / train_seconds,
             is_best=is_best,
@@ -897,8 +944,8 @@ def training(
             hooks.on_epoch(result, state)
 
     model.load_state_dict(state.best_model_state)
-    test_loader = DeviceLoader(data.test, config.eval_batch_size, device)
-    test_step = val_step if evaluated is step_model else eval_step(step_model)  # the validation graph, when it fits
-    test = evaluate(step_model, test_loader, num_classes, step=test_step)
+    # The validation step (and its graph) where it evaluates the model tested; else one of the model tested.
+    test_step = val_step if evaluated is step.model else build_eval_step(config, step.model, num_classes, device)
+    test = evaluate_test(config, step.model, data, device, test_step)
     log.info("test (best epoch %d): loss %.4f acc %.2f%%", state.best_epoch, test.loss, 100 * test.acc)
     return FitResult(state.history, state.best_epoch, state.best_val_acc, test, model)

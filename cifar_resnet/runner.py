@@ -30,7 +30,7 @@ from .checkpoint import (
     save_resume,
 )
 from .config import Config, changed_settings
-from .data import DataSplits, DeviceLoader, load_splits, load_source, split
+from .data import DataSplits, load_splits, load_source, split
 from .engine import (
     EpochResult,
     EvalResult,
@@ -39,11 +39,9 @@ from .engine import (
     TrainHooks,
     TrainingSteps,
     TrainState,
-    autocast_context,
     build_model,
     drive,
-    evaluate,
-    memory_format_for,
+    evaluate_test,
     select_device,
     start_device,
     training,
@@ -322,8 +320,4 @@ def evaluate_checkpoint(path: Path, overrides: dict[str, Any]) -> tuple[Config, 
             f"checkpoint: {path}'s weights do not fit a width={config.width} model of {len(data.classes)} classes "
             f"(the data's); use the width and data it was trained with"
         ) from None
-    memory_format = memory_format_for(config, device)
-    loader = DeviceLoader(data.test, config.eval_batch_size, device)
-    result = evaluate(model, loader, len(data.classes), autocast_context(config, device), memory_format, config.tta,
-                      config.tta_translate_px)
-    return config, result
+    return config, evaluate_test(config, model, data, device)

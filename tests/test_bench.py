@@ -11,6 +11,7 @@ from torch import nn
 
 from cifar_resnet.bench import measure, pack, runs, writeup
 from cifar_resnet.model import CIFAR10CNN
+from cifar_resnet.records import BEST_EPOCH, TRAIN_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS, RunRecord
 
 TINY = ["--mode=cpu", "--width=8", "--train_size=384", "--val_size=128", "--test_size=128", "--steps=2",
         "--warmup_steps=1", "--repeats=2", "--data_batches=3", "--peak_size=64"]
@@ -121,6 +122,10 @@ def test_grid_runs_the_cells_beside_the_writeups_table(tiny_config, tmp_path, ca
         assert 0 <= ours["test_acc"] <= 1 and 0 <= ours["test_acc_tta"] <= 1 and ours["best_epoch"] == 1
         assert positive(ours["process_s"]) and ours["process_s"] <= ours["process_exit_s"] + 1
         assert (tmp_path / "grid-runs" / "runs" / ours["run_id"] / "record.json").exists()
+        # The run's figures at its best epoch, under its record's names.
+        best = RunRecord.load(tmp_path / "grid-runs" / "runs" / ours["run_id"]).history[ours[BEST_EPOCH] - 1]
+        assert {name: ours[name] for name in (TRAIN_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS)} == \
+            {name: best[name] for name in (TRAIN_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS)}
     assert len(cells) == 2 and "adam 0.001" in capsys.readouterr().out
 
 

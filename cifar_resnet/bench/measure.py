@@ -33,17 +33,13 @@ from torch import nn
 from ..config import Config
 from ..data import IMAGE_SIZE_PX, DataSplits, DeviceLoader, ImageSet, load_splits
 from ..engine import (
-    CapturedEval,
-    CapturedStep,
-    TrainHooks,
-    EagerStep,
     EvalStep,
-    autocast_context,
+    TrainHooks,
+    build_eval_step,
     build_model,
-    build_optimizer,
+    build_step,
     drive,
     evaluate,
-    memory_format_for,
     select_device,
     train_one_epoch,
     tta_views,
@@ -222,21 +218,15 @@ def train_loader(config: Config, train: ImageSet, device: torch.device) -> Devic
 
 def ours_step_runner(config: Config, train: ImageSet, num_classes: int, device: torch.device,
                      variant: Variant) -> Callable[[int], None]:
-    """The engine's `train_one_epoch` over `steps` batches of `DeviceLoader`, with the variant's options and the
-    step a run uses (captured as a CUDA graph on CUDA, during the warm-up steps, unless the variant says not)."""
+    """The engine's `train_one_epoch` over `steps` batches of `DeviceLoader`, with the step a run builds
+    (`build_step`: captured as a CUDA graph on CUDA, during the warm-up steps) and the variant's one option changed."""
     changes = {"bf16": variant.bf16, "channels_last": variant.channels_last, "cuda_graph": variant.cuda_graph,
-               "optimizer": variant.optimizer}
+               "optimizer": variant.optimizer, "compile": True if variant.compile_mode else None}
     config = config.replace(**{name: value for name, value in changes.items() if value is not None})
-    graph = uses_cuda_graph(config, device) and not variant.compile_mode
-    model = build_model(config, num_classes, device)
-    step_model = torch.compile(model, mode=variant.compile_mode) if variant.compile_mode else model
-    optimizer = build_optimizer(config, model, device, fused=variant.fused, graph=graph)
+    step = build_step(config, build_model(config, num_classes, device), device, fused=variant.fused,
+                      mode=variant.compile_mode)
     # The schedule's shape costs nothing; a constant one never runs out of steps however long the timing runs.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    autocast = autocast_context(config, device, cache_enabled=not graph)
-    memory_format = memory_format_for(config, device)
-    step = (CapturedStep if graph else EagerStep)(step_model, optimizer, loss_fn, autocast, memory_format)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(step.optimizer, lambda _: 1.0)
     on_batch = (lambda: synchronize(device)) if variant.sync_every_step else None
     stream = endless(train_loader(config, train, device))
 
@@ -282,8 +272,6 @@ def measure_eval(config: Config, val: ImageSet, num_classes: int, plan: Plan,
     where the graph is used, also the eager step at the evaluation batch with flip TTA, for comparison."""
     model = build_model(config, num_classes, device)
     graph = uses_cuda_graph(config, device)
-    autocast = autocast_context(config, device, cache_enabled=not graph)
-    memory_format = memory_format_for(config, device)
     cases = {  # (batch size, tta, translate_px, captured)
         f"batch {config.eval_batch_size}": (config.eval_batch_size, False, 0, graph),
         f"batch {config.batch_size}": (config.batch_size, False, 0, graph),
@@ -295,8 +283,8 @@ def measure_eval(config: Config, val: ImageSet, num_classes: int, plan: Plan,
     results = {}
     for label, (batch_size, tta, translate_px, captured) in cases.items():
         loader = DeviceLoader(val, batch_size, device)
-        settings = (model, num_classes, autocast, memory_format, tta, translate_px)
-        step = CapturedEval(*settings, batch_size=batch_size) if captured else EvalStep(*settings)
+        settings = config.replace(eval_batch_size=batch_size, tta=tta, tta_translate_px=translate_px)
+        step = build_eval_step(settings, model, num_classes, device, capture=captured)
 
         def work(loader: DeviceLoader = loader, step: EvalStep = step) -> None:
             evaluate(model, loader, num_classes, step=step)

@@ -13,19 +13,25 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
-from ..data import DeviceLoader
-from ..engine import autocast_context, evaluate, memory_format_for, select_device
+from ..engine import evaluate_test, select_device
 from ..errors import UserError
 from ..files import atomic_write_json
 from ..records import (
+    BEST_EPOCH,
     EPOCH_SECONDS,
     RUN_SECONDS,
+    TEST_ACC,
     TRAIN_ACC,
     TRAIN_IMAGES_PER_SECOND,
     TRAIN_LOSS,
     VAL_ACC,
     VAL_LOSS,
+    RunResult,
+    read_record,
+    result_from_record,
 )
+from ..runner import run_folder, run_training
+from ..table import markdown_table
 from .machine import machine_info, seconds_since_process_start
 from .spawn import SECONDS_PER_HOUR, print_settings_help, spawn_runs
 from .writeup import WRITEUP_TABLE
@@ -48,40 +54,36 @@ def measure_concurrency(config: Config, count: int, work_dir: Path) -> dict[str,
     }
 
 
-# The test accuracies `bench run` reports for each run, whatever its own tta settings: (tta, translate_px).
+# The test accuracies `bench run` reports for each run, whatever its own tta settings: (tta, translate_px). The run's
+# own test (`test/acc` in its record) is the one of these its settings name.
 TEST_VIEWS = {"test_acc": (False, 0), "test_acc_tta": (True, 0), "test_acc_tta_shift1": (True, 1)}
+AT_BEST_EPOCH = (TRAIN_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS)  # reported as the run's record has them at its best epoch
 
 
 def run_one(config: Config, run_id: str) -> dict[str, Any]:
     """One run through the runner (files, no W&B), its best weights tested without TTA, with flip TTA and with flip
-    plus 1 px shifts TTA.
+    plus 1 px shifts TTA; beside them, the run's record at its best epoch, under the record's names.
 
     `process_s` is taken when the run ends, before the extra tests (not part of a run)."""
-    from ..runner import run_training
-
     outcome = run_training(config, run_id)
     process_s = seconds_since_process_start()  # the run as a user sees it: interpreter, imports, data, all
     device = select_device(config.device)
-    loader = DeviceLoader(outcome.data.test, config.eval_batch_size, device)
     own_views = (config.tta, config.tta_translate_px)  # the run's own test has these: not tested twice
     tested = {name: outcome.fit.test.acc if views == own_views else
-              evaluate(outcome.fit.model, loader, len(outcome.data.classes), autocast_context(config, device),
-                       memory_format_for(config, device), *views).acc
+              evaluate_test(config.replace(tta=views[0], tta_translate_px=views[1]), outcome.fit.model, outcome.data,
+                            device).acc
               for name, views in TEST_VIEWS.items()}
-    best = outcome.record.history[outcome.fit.best_epoch - 1]
+    run = result_from_record(outcome.record)
     return {
         "run_id": run_id,
         "config": config.to_dict(),
         **tested,
-        "train_acc": best[TRAIN_ACC],
-        "train_loss": best[TRAIN_LOSS],
-        "val_acc": best[VAL_ACC],
-        "val_loss": best[VAL_LOSS],
-        "best_epoch": outcome.fit.best_epoch,
-        "run_s": outcome.record.summary[RUN_SECONDS],
+        **{metric: run.at_best_epoch(metric) for metric in AT_BEST_EPOCH},
+        BEST_EPOCH: run.best_epoch,
+        RUN_SECONDS: run.seconds,
         "process_s": process_s,
-        "epoch_s": [epoch[EPOCH_SECONDS] for epoch in outcome.record.history],
-        "train_images_per_s": statistics.median(e[TRAIN_IMAGES_PER_SECOND] for e in outcome.record.history),
+        "epoch_s": run.curve(EPOCH_SECONDS)[1],
+        "train_images_per_s": statistics.median(run.curve(TRAIN_IMAGES_PER_SECOND)[1]),
     }
 
 
@@ -97,22 +99,28 @@ def run_grid(base: Config, workers: int, folder: Path) -> dict[str, Any]:
             "cells": cells}
 
 
-def grid_table(result: dict[str, Any]) -> str:
+def grid_table(result: dict[str, Any], runs: Sequence[RunResult]) -> str:
+    """The cells' runs in the results table a sweep prints (`runs`, from their records), then each cell's test
+    accuracy beside the write-up's published one."""
     lines = [f"six cells on {result['machine']['device_name']}, {result['workers']} at a time: "
-             f"{result['wall_s']:.1f} s wall",
-             f"{'cell':<16}{'write-up test':>14}{'ours test':>11}{'ours TTA':>10}{'train acc':>11}{'train loss':>12}"
-             f"{'val acc':>9}{'val loss':>10}{'process s':>11}"]
+             f"{result['wall_s']:.1f} s wall", "", markdown_table(runs) if runs else "no run left a record",
+             f"{'cell':<16}{'write-up test':>14}{'ours test':>11}{'ours TTA':>10}{'process s':>11}"]
     for cell in result["cells"]:
         writeup, ours = cell["writeup"], cell["ours"]
         name = f"{writeup['optimizer']} {writeup['learning_rate']}"
         if ours.get("status") == "failed":
-            lines.append(f"{name:<16}{writeup['test_acc']:>14.2%}  failed (exit {ours['exit_code']}, "
+            lines.append(f"{name:<16}{writeup[TEST_ACC]:>14.2%}  failed (exit {ours['exit_code']}, "
                          f"log {ours['log']})")
             continue
-        lines.append(f"{name:<16}{writeup['test_acc']:>14.2%}{ours['test_acc']:>11.2%}{ours['test_acc_tta']:>10.2%}"
-                     f"{ours['train_acc']:>11.2%}{ours['train_loss']:>12.4f}{ours['val_acc']:>9.2%}"
-                     f"{ours['val_loss']:>10.4f}{ours['process_s']:>11.1f}")
+        lines.append(f"{name:<16}{writeup[TEST_ACC]:>14.2%}{ours['test_acc']:>11.2%}{ours['test_acc_tta']:>10.2%}"
+                     f"{ours['process_s']:>11.1f}")
     return "\n".join(lines)
+
+
+def cell_runs(base: Config, result: dict[str, Any]) -> list[RunResult]:
+    """The cells' runs as their records have them (a run that failed before writing one is left out)."""
+    records = [read_record(run_folder(base, cell["ours"]["run_id"])) for cell in result["cells"]]
+    return [result_from_record(record) for record in records if record is not None]
 
 
 def run_main(argv: Sequence[str]) -> int:
@@ -152,7 +160,7 @@ def grid_main(argv: Sequence[str]) -> int:
         raise UserError(f"--workers: must be >= 1, got {args.workers}")
     result = run_grid(base, args.workers, folder)
     atomic_write_json(out, result)
-    print(grid_table(result))
+    print(grid_table(result, cell_runs(base, result)))
     print(f"\nwritten: {out}")
     return 1 if any(cell["ours"].get("status") == "failed" for cell in result["cells"]) else 0
 
