@@ -13,6 +13,16 @@ from typing import Any
 
 from cifar_resnet.records import BEST_EPOCH, RUN_SECONDS, TEST_ACC, TRAIN_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS
 
+# Bench's own names for a run's figures in the JSON stored before 2026-11-30 (benchmarks/results/): read as the
+# record's names, which bench has written since.
+STORED_NAMES = {"train_acc": TRAIN_ACC, "train_loss": TRAIN_LOSS, "val_acc": VAL_ACC, "val_loss": VAL_LOSS,
+                "run_s": RUN_SECONDS}
+STORED_WRITEUP_NAMES = {**STORED_NAMES, "test_acc": TEST_ACC}  # the write-up's table (bench keeps `test_acc` its own)
+
+
+def record_names(figures: dict[str, Any], names: dict[str, str] = STORED_NAMES) -> dict[str, Any]:
+    return {names.get(name, name): value for name, value in figures.items()}
+
 
 def provenance(machine: dict[str, Any]) -> str:
     load = ", ".join(f"{x:.1f}" for x in machine["load_average"])
@@ -72,7 +82,7 @@ def grid_markdown(result: dict[str, Any]) -> str:
     config = result["config"]
     rows = []
     for cell in result["cells"]:
-        writeup, ours = cell["writeup"], cell["ours"]
+        writeup, ours = record_names(cell["writeup"], STORED_WRITEUP_NAMES), record_names(cell["ours"])
         name = [str(writeup["learning_rate"]), writeup["optimizer"]]
         if ours.get("status") == "failed":
             rows.append([*name, f"{writeup[TEST_ACC]:.2%}", "failed", "", "", "", "", "", ""])
@@ -91,6 +101,7 @@ def grid_markdown(result: dict[str, Any]) -> str:
 
 
 def run_markdown(result: dict[str, Any]) -> str:
+    result = record_names(result)
     config = result["config"]
     return (f"Run {result['run_id']} (recipe={config['recipe']}, {config['optimizer']} {config['learning_rate']}, "
             f"width {config['width']}, {config['epochs']} epochs, {config['dataset']}, {config['device']}): "

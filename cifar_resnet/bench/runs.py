@@ -30,7 +30,8 @@ from ..records import (
     read_record,
     result_from_record,
 )
-from ..runner import run_folder, run_training
+from ..run_contract import EXIT_CRASH, EXIT_OK, run_folder
+from ..runner import run_training
 from ..table import markdown_table
 from .machine import machine_info, seconds_since_process_start
 from .spawn import SECONDS_PER_HOUR, print_settings_help, spawn_runs
@@ -119,7 +120,7 @@ def grid_table(result: dict[str, Any], runs: Sequence[RunResult]) -> str:
 
 def cell_runs(base: Config, result: dict[str, Any]) -> list[RunResult]:
     """The cells' runs as their records have them (a run that failed before writing one is left out)."""
-    records = [read_record(run_folder(base, cell["ours"]["run_id"])) for cell in result["cells"]]
+    records = [read_record(run_folder(base.output_dir, cell["ours"]["run_id"])) for cell in result["cells"]]
     return [result_from_record(record) for record in records if record is not None]
 
 
@@ -162,6 +163,6 @@ def grid_main(argv: Sequence[str]) -> int:
     atomic_write_json(out, result)
     print(grid_table(result, cell_runs(base, result)))
     print(f"\nwritten: {out}")
-    return 1 if any(cell["ours"].get("status") == "failed" for cell in result["cells"]) else 0
+    return EXIT_CRASH if any(cell["ours"].get("status") == "failed" for cell in result["cells"]) else EXIT_OK
 
 
