@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build docker/Dockerfile for real and smoke-test the image, without a Docker daemon or a GPU, from Debian's and
-# PyPI's packages alone (see README.md, "Cloud GPU workers (Docker)"). As root, from anywhere:
+# PyPI's packages alone (see docs/workers.md, "The Docker image"). As root, from anywhere:
 #
 #   docker/build-local.sh [--work DIR] [--tag NAME] [--rebuild-base] [--remove-image]
 #

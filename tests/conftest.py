@@ -8,6 +8,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from cifar_resnet.config import Config
 
@@ -38,6 +39,15 @@ def offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     # The agent's `${interpreter}` is the `python` on PATH: make it this environment's.
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     return tmp_path
+
+
+@pytest.fixture
+def one_thread():
+    """Training in this process on one thread: on a shared 2-core machine, two threads can be many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -272,7 +272,7 @@ def test_build_local_refuses_bad_input_in_one_line():
 def test_build_local_builds_the_image_and_smoke_tests_it():
     """docker/build-local.sh for real: the local Debian base, the wheels, the image from docker/Dockerfile, the
     smoke test inside as the image's user, the layer scan. About 15 minutes on 2 cores the first time (4 GB of
-    wheels to download), under 4 once its base, wheels and layers are cached; see README.md."""
+    wheels to download), under 4 once its base, wheels and layers are cached; see docs/workers.md."""
     if os.geteuid() != 0 or not (shutil.which("apt-get") or shutil.which("buildah")):
         pytest.skip("needs root, and buildah and debootstrap or apt-get to install them")
     done = subprocess.run(["bash", str(BUILD_LOCAL)], capture_output=True, text=True, timeout=2700)

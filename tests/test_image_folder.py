@@ -261,7 +261,7 @@ def test_a_changed_folder_is_noticed_and_loads_as_a_first_load_would(tmp_path, c
 
 
 def test_an_image_rewritten_in_place_is_not_noticed_until_its_folder_is_touched(tmp_path):
-    """The documented limit of finding the cache by folder stamps (README's Data section), and its remedy."""
+    """The documented limit of finding the cache by folder stamps (docs/settings.md, "Data"), and its remedy."""
     root = _aged_folder(tmp_path / "imgs")
     load_image_folder(root)
     (root / "train" / "cat" / "0.png").write_bytes(png(123))  # same name, new content, its folder untouched

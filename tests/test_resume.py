@@ -63,15 +63,6 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.fixture
-def one_thread():
-    """Training in this process on one thread: on a shared 2-core machine, two threads can be many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def resume_config(tiny_config: Config) -> Config:
     # 31 steps an epoch (about a second on one core): room to land a signal inside an epoch. Three epochs: the
     # run is stopped in epoch 2, then in epoch 3, and its third attempt finishes epoch 3.

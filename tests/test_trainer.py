@@ -7,6 +7,7 @@ with history and model artifact, and its exit status.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,19 +46,33 @@ def socket_path():
     folder.rmdir()
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def start_trainer(socket_path: Path, log: Path) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "cifar_resnet", "trainer", f"--socket={socket_path}",
                                  "--device=cpu"], env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+@contextlib.contextmanager
+def trainer_running(socket_path: Path, log: Path) -> Iterator[subprocess.Popen]:
+    """A trainer for the block, stopped with SIGTERM when it ends, as its pool stops it."""
+    trainer = start_trainer(socket_path, log)
+    try:
+        yield trainer
+    finally:
+        trainer.send_signal(signal.SIGTERM)
+        trainer.wait(WAIT_SECONDS)
+
+
+def assert_own_wandb_run(wandb_dir: Path, run_id: str, epochs: int) -> None:
+    """The run's offline W&B run logged val/acc every epoch and holds its model artifact."""
+    records = read_records(offline_run_file(wandb_dir, run_id))
+    logged = [item.key or "/".join(item.nested_key) for r in records if r.HasField("history")
+              for item in r.history.item]
+    assert logged.count("val/acc") == epochs
+    (model,) = [r.artifact for r in records if r.HasField("artifact") and r.artifact.type == "model"]
+    assert model.name == f"model-{run_id}"
+    assert next(r.exit for r in records if r.HasField("exit")).exit_code == 0
 
 
 def start_run(config, run_id: str, socket_path: Path, log: Path) -> subprocess.Popen:
@@ -105,14 +121,11 @@ def alone_runs(configs, tmp_path):
 def test_three_runs_in_one_trainer_end_as_three_runs_alone_with_their_own_wandb_runs(tmp_path, tiny_config,
                                                                                     socket_path, one_thread):
     configs = cells(tiny_config)
-    trainer = start_trainer(socket_path, tmp_path / "trainer.log")
-    try:
+    with trainer_running(socket_path, tmp_path / "trainer.log") as trainer:
         runs = {run_id: start_run(config, run_id, socket_path, tmp_path / f"{run_id}.log")
                 for run_id, config in configs.items()}
         statuses = wait_all(runs, tmp_path)
-    finally:
-        trainer.send_signal(signal.SIGTERM)
-        assert trainer.wait(WAIT_SECONDS) == 0
+    assert trainer.returncode == 0
     assert statuses == dict.fromkeys(configs, 0), (tmp_path / "trainer.log").read_text()[-3000:]
     trainer_log = (tmp_path / "trainer.log").read_text()
     assert trainer_log.count("joins the pack") == 3
@@ -121,21 +134,14 @@ def test_three_runs_in_one_trainer_end_as_three_runs_alone_with_their_own_wandb_
         run_dir = Path(config.output_dir) / run_id
         assert_like_alone(run_dir, alone[run_id])
         assert not (run_dir / RESUME_CHECKPOINT).exists()
-        records = read_records(offline_run_file(tmp_path, run_id))
-        logged = [item.key or "/".join(item.nested_key) for r in records if r.HasField("history")
-                  for item in r.history.item]
-        assert logged.count("val/acc") == config.epochs
-        (model,) = [r.artifact for r in records if r.HasField("artifact") and r.artifact.type == "model"]
-        assert model.name == f"model-{run_id}"
-        assert next(r.exit for r in records if r.HasField("exit")).exit_code == 0
+        assert_own_wandb_run(tmp_path, run_id, config.epochs)
 
 
 @pytest.mark.slow
 def test_a_run_stopped_in_its_trainer_resumes_there_and_the_others_are_undisturbed(tmp_path, tiny_config,
                                                                                   socket_path, one_thread):
     configs = cells(tiny_config)
-    trainer = start_trainer(socket_path, tmp_path / "trainer.log")
-    try:
+    with trainer_running(socket_path, tmp_path / "trainer.log"):
         runs = {run_id: start_run(config, run_id, socket_path, tmp_path / f"{run_id}.log")
                 for run_id, config in configs.items()}
         stopped = "sgd00001"
@@ -150,9 +156,6 @@ def test_a_run_stopped_in_its_trainer_resumes_there_and_the_others_are_undisturb
         # The same run again, in the same trainer: it resumes from its last.pt.
         runs[stopped] = start_run(configs[stopped], stopped, socket_path, tmp_path / f"{stopped}.log")
         statuses = wait_all(runs, tmp_path)
-    finally:
-        trainer.send_signal(signal.SIGTERM)
-        trainer.wait(WAIT_SECONDS)
     assert statuses == dict.fromkeys(configs, 0), (tmp_path / "trainer.log").read_text()[-3000:]
     alone = alone_runs(configs, tmp_path)
     for run_id, config in configs.items():
@@ -174,14 +177,10 @@ def test_runs_of_a_killed_trainer_are_preempted_and_resume_in_the_next_one(tmp_p
     trainer.kill()
     trainer.wait()
     assert wait_all(runs, tmp_path) == dict.fromkeys(configs, 128 + signal.SIGTERM)
-    trainer = start_trainer(socket_path, tmp_path / "trainer2.log")
-    try:
+    with trainer_running(socket_path, tmp_path / "trainer2.log"):
         runs = {run_id: start_run(config, run_id, socket_path, tmp_path / f"{run_id}.log")
                 for run_id, config in configs.items()}
         assert wait_all(runs, tmp_path) == dict.fromkeys(configs, 0)
-    finally:
-        trainer.send_signal(signal.SIGTERM)
-        trainer.wait(WAIT_SECONDS)
     alone = alone_runs(configs, tmp_path)
     for run_id, config in configs.items():
         assert_like_alone(Path(config.output_dir) / run_id, alone[run_id])
@@ -192,8 +191,7 @@ def test_three_runs_of_one_sweep_through_wandbs_own_agent_share_one_trainer(tmp_
     """The online path: W&B's own agent code starts each run (tests/wandb_agent_driver.py, the W&B server a
     stand-in), three agents on one "GPU" whose runs hand their training to its one trainer."""
     configs = cells(tiny_config)
-    trainer = start_trainer(socket_path, tmp_path / "trainer.log")
-    try:
+    with trainer_running(socket_path, tmp_path / "trainer.log"):
         agents = {}
         for run_id, config in configs.items():
             os.environ[TRAINER_VARIABLE] = str(socket_path)  # the agents' environment, as `cifar-resnet agent` sets it
@@ -202,21 +200,13 @@ def test_three_runs_of_one_sweep_through_wandbs_own_agent_share_one_trainer(tmp_
             finally:
                 del os.environ[TRAINER_VARIABLE]
         outputs = {run_id: agent.communicate(timeout=WAIT_SECONDS)[0] for run_id, (agent, _) in agents.items()}
-    finally:
-        trainer.send_signal(signal.SIGTERM)
-        trainer.wait(WAIT_SECONDS)
     assert (tmp_path / "trainer.log").read_text().count("joins the pack") == 3
     for run_id, config in configs.items():
         agent, result_file = agents[run_id]
         assert agent.returncode == 0, outputs[run_id][-3000:]
         assert json.loads(result_file.read_text())["runs"] == {run_id: 0}
         assert RunRecord.load(Path(config.output_dir) / run_id).status == "finished"
-        records = read_records(offline_run_file(tmp_path, run_id))
-        logged = [item.key or "/".join(item.nested_key) for r in records if r.HasField("history")
-                  for item in r.history.item]
-        assert logged.count("val/acc") == config.epochs
-        (model,) = [r.artifact for r in records if r.HasField("artifact") and r.artifact.type == "model"]
-        assert model.name == f"model-{run_id}"
+        assert_own_wandb_run(tmp_path, run_id, config.epochs)
 
 
 @pytest.mark.slow

@@ -177,7 +177,7 @@ def warn_unless_our_entry_point(plan: SweepPlan) -> None:
         argv = run_argv(plan.config.get("command"), plan.config.get("program"), {}, Path(scratch) / "args.json")
     if not starts_our_training(argv):
         log.warning("%s: the agent would run `%s`, which is not this package's training; for it write "
-                    "program: %s and command: [%s] (see README, Sweeps on one machine)", plan.path, " ".join(argv),
+                    "program: %s and command: [%s] (see docs/sweeps.md, On one machine)", plan.path, " ".join(argv),
                     TRAIN_MODULE, ", ".join(OUR_COMMAND))
 
 

@@ -5,7 +5,7 @@
 #       [--runs-per-gpu 6] | kubectl apply -f -
 #
 # --gpus: pods at once, one GPU each (the Job's parallelism). --runs-per-gpu K: the runs sharing each GPU
-# (`cifar-resnet agent --agents-per-gpu K`; 6 fits an 80 GB card, see README.md, "Runs per GPU"). Each pod's
+# (`cifar-resnet agent --agents-per-gpu K`; 6 fits an 80 GB card, see docs/workers.md, "Runs per GPU"). Each pod's
 # resources follow K: K + 1 CPU cores, 4 GiB of memory per run and 2 GiB for the agents, and 512 MiB of /dev/shm
 # per run (counted in the memory). A missing or malformed value is refused in one line (exit 2) and nothing is
 # printed, so nothing is applied with a placeholder.
