@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from .config import OPTIMIZERS, Config
 from .data import DataSplits, DeviceLoader
@@ -816,13 +817,13 @@ class TrainState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state` (a `state_dict()`), wherever `torch.load` put its tensors: the weights, the optimizer's
         and the average's state and the best weights land on the model's device, the optimizer's step counters and
-        the generator's state on the CPU (`set_state` takes a CPU byte tensor, even for a CUDA generator). Call `keep_graph_settings` after it."""
+        the generator's state on the CPU (`set_state` takes a CPU byte tensor, even for a CUDA generator). Call
+        `keep_graph_settings` after it."""
         device = next(self.model.parameters()).device
         self.model.load_state_dict(state["model"])  # copied into the model's own tensors, on its device
         # From the CPU, as saved: torch moves the state to each parameter's device, except the step counters, which
         # it leaves where they are unless the optimizer is capturable (a counter on a GPU would sync every step).
-        self.optimizer.load_state_dict(torch.utils._pytree.tree_map_only(torch.Tensor, torch.Tensor.cpu,
-                                                                          state["optimizer"]))
+        self.optimizer.load_state_dict(pytree.tree_map_only(torch.Tensor, torch.Tensor.cpu, state["optimizer"]))
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"].to("cpu"))
         self.epoch = state["epoch"]
