@@ -121,7 +121,8 @@ def ending(error: BaseException | None) -> dict[str, Any]:
         return {"status": FAILED, "kind": DONE_BEFORE, "error": str(error)}
     kind = USER if isinstance(error, UserError) else MACHINE if isinstance(error, (TrainingDiverged, StorageError)) \
         else CRASH
-    return {"status": FAILED, "kind": kind, "error": str(error) if kind != CRASH else f"{type(error).__name__}: {error}"}
+    message = f"{type(error).__name__}: {error}" if kind == CRASH else str(error)
+    return {"status": FAILED, "kind": kind, "error": message}
 
 
 class Trainer:
