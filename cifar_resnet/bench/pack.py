@@ -31,7 +31,7 @@ from ..data import load_source, split
 from ..engine import build_model, select_device, start_device, training
 from ..errors import UserError
 from ..files import atomic_write_json
-from ..pack import Pack
+from ..pack import train_together
 from ..records import TRAIN_IMAGES_PER_SECOND
 from .machine import machine_info
 from .spawn import SECONDS_PER_HOUR, print_settings_help, spawn_runs
@@ -62,19 +62,17 @@ def measure_pack(base: Config, count: int, streams: bool) -> dict[str, Any]:
     device = select_device(base.device)
     source = load_source(base).to(device)  # loaded once, shared by every member
     members = member_configs(base, count)
-    pack = Pack(device, streams=streams)
     images = 0
     started = time.perf_counter()
+    trainings = {}
     for name, config in members:
         data = split(source, config)
         images += train_images(config, len(data.train))
-        pack.add(name, training(config, build_model(config, len(data.classes), device), data, device))
-    results: dict[str, Any] = {}
-    while pack:
-        for end in pack.step():
-            if end.error is not None:
-                raise end.error
-            results[end.name] = end.result
+        trainings[name] = training(config, build_model(config, len(data.classes), device), data, device)
+    ended = train_together(trainings, device, streams)
+    if failed := [end for end in ended.values() if end.error is not None]:
+        raise failed[0].error
+    results = {name: end.result for name, end in ended.items()}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall_s = time.perf_counter() - started
