@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from cifar_resnet import runner
-from cifar_resnet.engine import step as training_step
 from cifar_resnet.config import Config
+from cifar_resnet.engine import step as training_step
 from cifar_resnet.engine.loop import Interrupted
 from cifar_resnet.records import RunRecord
 from cifar_resnet.runner import RunHooks, run_training

@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from cifar_resnet.engine import evaluation
-from cifar_resnet.engine import step as training_step
 from cifar_resnet.data.loader import DeviceLoader
 from cifar_resnet.data.sources import load_splits
+from cifar_resnet.engine import evaluation
+from cifar_resnet.engine import step as training_step
 from cifar_resnet.engine.device import build_model, build_optimizer, build_scheduler, keep_graph_settings
 from cifar_resnet.engine.evaluation import CapturedEval, EvalStep, evaluate, tta_logits
 from cifar_resnet.engine.loop import drive, fit, train_one_epoch

@@ -25,9 +25,9 @@ from torch.utils import _pytree as pytree
 from conftest import tiny_args
 from helpers.wandb_records import logged_epochs, offline_runs
 
-from cifar_resnet.engine import loop
 from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
 from cifar_resnet.config import Config
+from cifar_resnet.engine import loop
 from cifar_resnet.engine.loop import EpochResult, Interrupted
 from cifar_resnet.errors import StorageError
 from cifar_resnet.files import LOCK_FILE
