@@ -42,7 +42,7 @@ from cifar_resnet.bench.runs import TEST_VIEWS
 from cifar_resnet.bench.spawn import spawn_runs
 from cifar_resnet.bench.writeup import WRITEUP_TABLE
 from cifar_resnet.config import Config
-from cifar_resnet.engine import select_device
+from cifar_resnet.engine.device import select_device
 from cifar_resnet.files import atomic_write_json
 from cifar_resnet.records import TEST_ACC
 

@@ -30,22 +30,11 @@ from .checkpoint import (
     save_resume,
 )
 from .config import Config, changed_settings
-from .data import DataSplits, load_splits, load_source, split
-from .engine import (
-    EpochResult,
-    EvalResult,
-    FitResult,
-    Interrupted,
-    TrainHooks,
-    TrainingSteps,
-    TrainState,
-    build_model,
-    drive,
-    evaluate_test,
-    select_device,
-    start_device,
-    training,
-)
+from .data.images import DataSplits
+from .data.sources import load_source, load_splits, split
+from .engine.device import build_model, select_device, start_device
+from .engine.evaluation import EvalResult, evaluate_test
+from .engine.loop import EpochResult, FitResult, Interrupted, TrainHooks, TrainingSteps, TrainState, drive, training
 from .errors import ConfigError, StorageError, UserError
 from .files import FolderBusy, check_folder_path, folder_lock
 from .model import count_parameters

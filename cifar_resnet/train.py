@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .checkpoint import RESUME_CHECKPOINT
 from .config import Config, argument_parser
-from .engine import Interrupted
+from .engine.loop import Interrupted
 from .errors import RunFailed, StorageError, TrainingDiverged, UserError
 from .files import check_folder_path
 from .names import requested_run_id

@@ -39,8 +39,10 @@ import torch
 
 from .checkpoint import RESUME_CHECKPOINT
 from .config import Config
-from .data import DataSource, load_source, source_key, split
-from .engine import Interrupted, select_device
+from .data.images import DataSource
+from .data.sources import load_source, source_key, split
+from .engine.device import select_device
+from .engine.loop import Interrupted
 from .errors import RunFailed, StorageError, TrainingDiverged, UserError
 from .pack import Ended, Pack
 from .process import SUPERVISOR_STOP_SIGNALS, reject_unknown_arguments, stop_on_signals

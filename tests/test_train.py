@@ -22,7 +22,7 @@ from helpers.wandb_records import offline_run_file, read_records
 from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
 from cifar_resnet.cli import main as cli_main
 from cifar_resnet.config import Config
-from cifar_resnet.engine import build_optimizer
+from cifar_resnet.engine.device import build_optimizer
 from cifar_resnet.errors import ConfigError
 from cifar_resnet.files import LOCK_FILE, folder_lock
 from cifar_resnet.model import CIFAR10CNN

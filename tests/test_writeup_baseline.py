@@ -18,8 +18,8 @@ from torchvision import transforms
 
 from cifar_resnet.bench import writeup
 from cifar_resnet.config import Config
-from cifar_resnet.data import ImageSet
-from cifar_resnet.engine import memory_format_for
+from cifar_resnet.data.images import ImageSet
+from cifar_resnet.engine.device import memory_format_for
 from cifar_resnet.model import CIFAR10CNN
 
 IMAGES = 48

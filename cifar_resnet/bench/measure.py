@@ -31,20 +31,13 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..data import IMAGE_SIZE_PX, DataSplits, DeviceLoader, ImageSet, load_splits
-from ..engine import (
-    EvalStep,
-    TrainHooks,
-    build_eval_step,
-    build_model,
-    build_step,
-    drive,
-    evaluate,
-    select_device,
-    train_one_epoch,
-    tta_views,
-    uses_cuda_graph,
-)
+from ..data.images import IMAGE_SIZE_PX, DataSplits, ImageSet
+from ..data.loader import DeviceLoader
+from ..data.sources import load_splits
+from ..engine.device import build_model, select_device, uses_cuda_graph
+from ..engine.evaluation import EvalStep, build_eval_step, evaluate, tta_views
+from ..engine.loop import TrainHooks, drive, train_one_epoch
+from ..engine.step import build_step
 from ..errors import UserError
 from ..files import atomic_write_json
 from ..process import set_cpu_threads

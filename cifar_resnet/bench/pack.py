@@ -27,8 +27,9 @@ from typing import Any
 import torch
 
 from ..config import Config
-from ..data import load_source, split
-from ..engine import build_model, select_device, start_device, training
+from ..data.sources import load_source, split
+from ..engine.device import build_model, select_device, start_device
+from ..engine.loop import training
 from ..errors import UserError
 from ..files import atomic_write_json
 from ..pack import train_together

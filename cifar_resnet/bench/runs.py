@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
-from ..engine import evaluate_test, select_device
+from ..engine.device import select_device
+from ..engine.evaluation import evaluate_test
 from ..errors import UserError
 from ..files import atomic_write_json
 from ..records import (

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..data import CIFAR10_MEAN, CIFAR10_STD, CROP_PADDING_PX, IMAGE_SIZE_PX, ImageSet
-from ..engine import build_model
+from ..data.images import IMAGE_SIZE_PX, ImageSet
+from ..data.loader import CIFAR10_MEAN, CIFAR10_STD, CROP_PADDING_PX
+from ..engine.device import build_model
 from ..records import TEST_ACC, TRAIN_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS
 
 LOADER_WORKERS = 0  # the write-up's DataLoader decodes and transforms in the training process
