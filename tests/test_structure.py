@@ -1,10 +1,12 @@
 """The package's architecture, read from its import graph (module-level and deferred imports alike): no cycle,
 no tool imports another (a tool's package, such as `sweep/`, is one tool), the sweep's modules import only those
-below them, and wandb stays out of the core and the runner."""
+below them, and wandb stays out of the core and the runner. Outside it, the benchmarks (benchmarks/, not installed)
+and the tests use only its public names, and the package imports nothing of theirs."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ pytestmark = pytest.mark.quick  # seconds in all: part of `pytest -m quick`
 
 
 PACKAGE = REPO / "cifar_resnet"
-TOOLS = {"sweep", "agent", "report", "bench"}
+TOOLS = {"sweep", "agent", "report"}
 WITHOUT_WANDB = {"config", "model", "data", "engine", "pack", "checkpoint", "records", "files", "errors", "process",
                  "names", "credentials", "table", "runner", "trainer", "run_contract"}
 MAX_LEVELS = 9  # errors, config, data, engine, runner, tracking, train, cli, __main__
@@ -109,3 +111,62 @@ def test_wandb_stays_out_of_the_core_and_the_runner(graph):
             reachable.add(module)
             frontier += graph[module][0]
     assert {"tracking", "wandb_sweep"} & reachable == set()
+
+
+def private_names_used(path: Path) -> set[str]:
+    """The package's private names (`_name`) a file outside it uses: imported from one of its modules, read as an
+    attribute of a module of it imported, or written in a string (a monkeypatch target, code run in a child)."""
+    tree = ast.parse(path.read_text())
+    modules: dict[str, str] = {}  # local name -> the package module it is bound to
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "cifar_resnet":
+            for alias in node.names:
+                target = f"{node.module}.{alias.name}"
+                if module_name_of(target) in MODULES:
+                    modules[alias.asname or alias.name] = target
+        elif isinstance(node, ast.Import):
+            modules.update({alias.asname: alias.name for alias in node.names
+                            if alias.asname and alias.name.split(".")[0] == "cifar_resnet"})
+    used = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "cifar_resnet":
+            used |= {f"{node.module}.{alias.name}" for alias in node.names if is_private(alias.name)}
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules \
+                and is_private(node.attr):
+            used.add(f"{modules[node.value.id]}.{node.attr}")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            used |= {f"{module}.{name}" for module, name in
+                     re.findall(r"\b(cifar_resnet(?:\.\w+)*)(?:\.| import )(_[a-z]\w*)", node.value)}
+    return used
+
+
+def module_name_of(dotted: str) -> str:
+    return dotted.removeprefix("cifar_resnet.") if dotted != "cifar_resnet" else "__init__"
+
+
+def is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+# Private helpers of data.py that benchmarks and tests still reach: the data module's split into a package makes
+# them public (issue 28); then this set is emptied.
+AWAITING_THE_DATA_SPLIT = {
+    ("benchmarks/decode_threads.py", "cifar_resnet.data._decode_images"),
+    ("benchmarks/decode_threads.py", "cifar_resnet.data._list_folder"),
+    ("benchmarks/startup_parts.py", "cifar_resnet.data._list_folder"),
+    ("benchmarks/warm_loads.py", "cifar_resnet.data._list_folder"),
+    ("tests/test_image_folder.py", "cifar_resnet.data._decode_images"),
+    ("tests/test_image_folder.py", "cifar_resnet.data._list_folder"),
+    ("tests/test_image_folder.py", "cifar_resnet.data._scan"),
+}
+
+
+def test_nothing_outside_the_package_uses_its_private_names():
+    files = sorted([*(REPO / "benchmarks").rglob("*.py"), *(REPO / "tests").rglob("*.py")])
+    files.remove(Path(__file__))  # this file names them, in the set above
+    used = {(path.relative_to(REPO).as_posix(), name) for path in files for name in private_names_used(path)}
+    assert used == AWAITING_THE_DATA_SPLIT
+
+
+def test_the_package_imports_nothing_of_the_benchmarks_or_the_tests(graph):
+    assert [module for module, (_, external) in graph.items() if external & {"benchmarks", "tests", "conftest"}] == []
