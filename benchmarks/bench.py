@@ -508,7 +508,7 @@ def main(argv: Sequence[str]) -> int:
     out = Path(args.out)
     work_dir = Path(args.runs_dir) if args.runs_dir else out.parent / f"{out.stem}-runs"
     base = Config(dataset="synthetic", width=FULL_WIDTH if mode == "gpu" else 16,
-                  device="cuda" if mode == "gpu" else "cpu", output_dir=str(work_dir / "runs"))
+                  device="cuda" if mode == "gpu" else "cpu", output_dir=str(work_dir))
     config = settings_from(args, base=base)
     plan = Plan.for_mode(mode)
     plan = replace(plan, **{name: parse_plan_value(name, getattr(args, name), getattr(plan, name))
