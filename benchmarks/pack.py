@@ -93,7 +93,7 @@ def measure_processes(base: Config, count: int, work_dir: Path) -> dict[str, Any
     results, wall_s = runs_at_once(member_configs(base, count), work_dir / f"processes{count}")
     failed = [r for r in results if r.get("status") == "failed"]
     if failed:
-        raise UserError(f"bench pack: {len(failed)} of {count} runs failed; see {failed[0]['log']}")
+        raise UserError(f"{len(failed)} of {count} runs as processes failed; see {failed[0]['log']}")
     rates = [r["train_images_per_s"] for r in results]
     return {"wall_s": wall_s, "together_img_s": sum(rates), "run_img_s": rates,
             "test_acc": [r["test_acc"] for r in results]}

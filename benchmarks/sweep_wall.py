@@ -10,7 +10,6 @@ settings, test accuracy and own seconds, read from its run record.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
