@@ -1,6 +1,6 @@
 """Seconds to decode an image folder's JPEGs with N threads (the first decode of `dataset=imagefolder`).
 
-    python benchmarks/decode_threads.py DATA_DIR THREADS,... SPLITS      # e.g. /tmp/cifar10-jpeg 2,1,2,1 train,test
+    python -m benchmarks.decode_threads DATA_DIR THREADS,... SPLITS      # e.g. /tmp/cifar10-jpeg 2,1,2,1 train,test
 """
 
 import os

@@ -18,7 +18,7 @@ both alike. Every figure is a median over the repeats, in wall seconds and the C
   everything above together, on a CPU where training is slow.
 
     git archive b142e91 | tar -x -C /tmp/old
-    python benchmarks/startup_parts.py --old=/tmp/old --old_data=/tmp/old-data/cifar10-jpeg \\
+    python -m benchmarks.startup_parts --old=/tmp/old --old_data=/tmp/old-data/cifar10-jpeg \\
         --data=data/cifar10-jpeg --out=benchmarks/results/startup_parts.json
 
 The two data folders hold the same files; each tree builds its own cache there first (a cold decode, untimed).
@@ -243,10 +243,9 @@ def main() -> int:
     parser.add_argument("--work", default=tempfile.gettempdir(), help="where the checkpoints are written")
     parser.add_argument("--only", default="", help="comma-separated parts to measure (default: all)")
     args = parser.parse_args()
-    sys.path.insert(0, str(REPO))
-    from cifar_resnet.bench.machine import machine_info
-
     import torch
+
+    from .machine import machine_info
 
     old, old_data, data = Path(args.old), Path(args.old_data), Path(args.data)
     result: dict[str, Any] = {"machine": machine_info(torch.device("cpu")), "repeats": args.repeats}

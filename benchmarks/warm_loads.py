@@ -1,7 +1,7 @@
 """Warm loads: the image folder's decode cache (mmap and not), and CIFAR-10 (torchvision against our cache) on a
 real-size CIFAR-10-format folder made from the same images (no download: torchvision's own format, made here).
 
-    python benchmarks/warm_loads.py DATA_DIR WORK_DIR     # DATA_DIR: an image folder whose decode cache is built
+    python -m benchmarks.warm_loads DATA_DIR WORK_DIR    # DATA_DIR: an image folder whose decode cache is built
 """
 import hashlib, os, pickle, sys, time
 from pathlib import Path

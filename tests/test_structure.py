@@ -1,11 +1,13 @@
 """The package's architecture, read from its import graph (module-level and deferred imports alike): no cycle,
 no tool imports another (a tool's package, such as `sweep/`, is one tool), the sweep's modules import only those
-below them, and wandb stays out of the core and the runner; and its files: none over 600 lines, and a subpackage's
-`__init__.py` only its docstring."""
+below them, and wandb stays out of the core and the runner; its files: none over 600 lines, and a subpackage's
+`__init__.py` only its docstring. Outside it, the benchmarks (benchmarks/, not installed) and the tests use only
+its public names, and the package imports nothing of theirs."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ pytestmark = pytest.mark.quick  # seconds in all: part of `pytest -m quick`
 
 
 PACKAGE = REPO / "cifar_resnet"
-TOOLS = {"sweep", "agent", "report", "bench"}
+TOOLS = {"sweep", "agent", "report"}
 # Modules, and packages standing for every module in them.
 WITHOUT_WANDB = {"config", "model", "data", "engine", "pack", "checkpoint", "records", "files", "errors", "process",
                  "names", "credentials", "table", "runner", "trainer", "run_contract"}
@@ -130,3 +132,49 @@ def test_a_subpackages_init_holds_only_its_docstring():
     assert [path for path, body in bodies.items()
             if len(body) != 1 or not isinstance(body[0], ast.Expr) or not isinstance(body[0].value, ast.Constant)
             ] == []
+
+
+def private_names_used(path: Path) -> set[str]:
+    """The package's private names (`_name`) a file outside it uses: imported from one of its modules, read as an
+    attribute of a module of it imported, or written in a string (a monkeypatch target, code run in a child)."""
+    tree = ast.parse(path.read_text())
+    modules: dict[str, str] = {}  # local name -> the package module it is bound to
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "cifar_resnet":
+            for alias in node.names:
+                target = f"{node.module}.{alias.name}"
+                if module_name_of(target) in MODULES:
+                    modules[alias.asname or alias.name] = target
+        elif isinstance(node, ast.Import):
+            modules.update({alias.asname: alias.name for alias in node.names
+                            if alias.asname and alias.name.split(".")[0] == "cifar_resnet"})
+    used = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "cifar_resnet":
+            used |= {f"{node.module}.{alias.name}" for alias in node.names if is_private(alias.name)}
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules \
+                and is_private(node.attr):
+            used.add(f"{modules[node.value.id]}.{node.attr}")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            used |= {f"{module}.{name}" for module, name in
+                     re.findall(r"\b(cifar_resnet(?:\.\w+)*)(?:\.| import )(_[a-z]\w*)", node.value)}
+    return used
+
+
+def module_name_of(dotted: str) -> str:
+    return dotted.removeprefix("cifar_resnet.") if dotted != "cifar_resnet" else "__init__"
+
+
+def is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def test_nothing_outside_the_package_uses_its_private_names():
+    files = sorted([*(REPO / "benchmarks").rglob("*.py"), *(REPO / "tests").rglob("*.py")])
+    files.remove(Path(__file__))  # this file names them, in the set above
+    used = {(path.relative_to(REPO).as_posix(), name) for path in files for name in private_names_used(path)}
+    assert used == set()
+
+
+def test_the_package_imports_nothing_of_the_benchmarks_or_the_tests(graph):
+    assert [module for module, (_, external) in graph.items() if external & {"benchmarks", "tests", "conftest"}] == []
