@@ -42,6 +42,28 @@ def offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
+def fake_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Put a stand-in nvidia-smi first on PATH that lists the given (index, uuid, MiB) rows: there is no GPU here
+    (the one test double of the GPU tests; the rest is real). None: no nvidia-smi on PATH at all."""
+    folder = tmp_path / "nvidia-bin"
+
+    def install(rows: list[tuple[int, str, int]] | None) -> None:
+        if rows is None:
+            monkeypatch.setenv("PATH", os.pathsep.join(
+                entry for entry in os.environ["PATH"].split(os.pathsep)
+                if not (Path(entry) / "nvidia-smi").exists()))
+            return
+        folder.mkdir(exist_ok=True)
+        script = folder / "nvidia-smi"
+        lines = "\n".join(f"{index}, {uuid}, {mib}" for index, uuid, mib in rows)
+        script.write_text(f"#!/bin/sh\ncat <<'EOF'\n{lines}\nEOF\n")
+        script.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+
+    return install
+
+
+@pytest.fixture
 def one_thread():
     """Training in this process on one thread: on a shared 2-core machine, two threads can be many times slower."""
     threads = torch.get_num_threads()

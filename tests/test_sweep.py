@@ -395,8 +395,9 @@ def online(tmp_path, monkeypatch):
     return created, agent_calls
 
 
-def test_online_creates_the_sweep_and_starts_one_pinned_agent_per_gpu(tmp_path, tiny_config, online):
+def test_online_creates_the_sweep_and_starts_one_pinned_agent_per_gpu(tmp_path, tiny_config, online, fake_gpus):
     created, agent_calls = online
+    fake_gpus([(0, "GPU-aaa", 8192), (1, "GPU-bbb", 8192)])  # small: one run per GPU
     path = write_sweep(tmp_path / "grid.yaml", GRID | tiny_settings(tiny_config))
 
     assert main(["sweep", str(path), "--gpus", "0,1", "--count", "3", "--project", "proj",
