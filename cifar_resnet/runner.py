@@ -30,7 +30,7 @@ from .checkpoint import (
     save_resume,
 )
 from .config import Config, changed_settings
-from .data import DataSplits, load_splits, load_source, split
+from .data import CIFAR10_FILES, CIFAR10_FOLDER, DataSplits, load_cifar10, load_splits, load_source, split
 from .engine import (
     EpochResult,
     EvalResult,
@@ -46,7 +46,7 @@ from .engine import (
     start_device,
     training,
 )
-from .errors import ConfigError, StorageError, UserError
+from .errors import ConfigError, DataError, StorageError, UserError
 from .files import FolderBusy, check_folder_path, folder_lock
 from .model import count_parameters
 from .run_contract import run_folder
@@ -151,6 +151,25 @@ def check_not_finished(config: Config, run_id: str, run_dir: Path | None = None)
                         "give this run another id (WANDB_RUN_ID), or another output_dir")
     raise AlreadyFinished(f"run {run_id}: finished already in {run_dir}; nothing to train (remove that folder to "
                           "train it again)")
+
+
+def check_inputs(config: Config) -> None:
+    """What would fail the run at its start, checked before anything starts (`train` calls it before W&B, so that
+    such a mistake leaves no W&B run behind): the device, and the data source's presence: an image folder's
+    `train/` and `test/` folders (a stat each, with data.py's message), and CIFAR-10's files, downloaded now where
+    they are missing, so that a download that cannot happen fails here. Where the data is in place, a few stats;
+    what only reading the images can find (an empty class folder, an unreadable file) is found as before."""
+    if config.device != "auto":  # auto never fails
+        select_device(config.device)
+    data_dir = Path(config.data_dir)
+    if config.dataset == "imagefolder":
+        for folder in (data_dir / "train", data_dir / "test"):
+            if not folder.is_dir():
+                raise DataError(f"data_dir: {folder} is not a folder; expected <data_dir>/train/<class>/*.jpg and "
+                                "test/")
+    elif config.dataset == "cifar10" and not all((data_dir / CIFAR10_FOLDER / name).is_file()
+                                                 for name in CIFAR10_FILES):
+        load_cifar10(data_dir)  # the download (its one owner), or its one-line DataError; the run reads its cache
 
 
 def run_training(config: Config, run_id: str, hooks: RunHooks | None = None) -> RunOutcome:
