@@ -86,14 +86,17 @@ def tiny_args(config: Config) -> list[str]:
     return [f"--{name}={value}" for name, value in config.to_dict().items()]
 
 
-def require_shared_input(path: Path, what: str, variable: str | None = None) -> None:
-    """Skip, saying why, when `path` is absent; fail instead under REQUIRE_REAL_DATA=1 (CI)."""
+def require_shared_input(path: Path, what: str, variable: str) -> None:
+    """Skip, saying why, when `path` (`variable`'s, or its default) is absent; fail instead under REQUIRE_REAL_DATA=1
+    (CI). The message names the variable, and the path only where the variable gave it: the default lies outside
+    the clone, and means nothing to a user of it."""
     if path.is_file():
         return
-    where = f" (set {variable})" if variable else ""
+    absent = f"{what} {path} is absent (from {variable})" if variable in os.environ else (
+        f"{what} is absent (set {variable} to its path)")
     if REQUIRE_SHARED_INPUTS:
-        pytest.fail(f"{what} {path} is absent{where}, and REQUIRE_REAL_DATA=1 requires it", pytrace=False)
-    pytest.skip(f"{what} {path} is absent{where}; REQUIRE_REAL_DATA=1 makes this a failure")
+        pytest.fail(f"{absent}, and REQUIRE_REAL_DATA=1 requires it", pytrace=False)
+    pytest.skip(f"{absent}; REQUIRE_REAL_DATA=1 makes this a failure")
 
 
 @pytest.fixture(scope="session")
