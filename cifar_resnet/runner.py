@@ -31,7 +31,7 @@ from .checkpoint import (
 )
 from .config import Config, changed_settings
 from .data.images import DataSplits
-from .data.sources import load_source, load_splits, split
+from .data.sources import check_source_present, load_source, load_splits, split
 from .engine.device import build_model, select_device, start_device
 from .engine.evaluation import EvalResult, evaluate_test
 from .engine.loop import EpochResult, FitResult, Interrupted, TrainHooks, TrainingSteps, TrainState, drive, training
@@ -140,6 +140,14 @@ def check_not_finished(config: Config, run_id: str, run_dir: Path | None = None)
                         "give this run another id (WANDB_RUN_ID), or another output_dir")
     raise AlreadyFinished(f"run {run_id}: finished already in {run_dir}; nothing to train (remove that folder to "
                           "train it again)")
+
+
+def check_inputs(config: Config) -> None:
+    """What would fail the run at its start, checked before anything starts (`train` calls it before W&B, so that
+    such a mistake leaves no W&B run behind): the device, and the data source's presence (`check_source_present`)."""
+    if config.device != "auto":  # auto never fails
+        select_device(config.device)
+    check_source_present(config)
 
 
 def run_training(config: Config, run_id: str, hooks: RunHooks | None = None) -> RunOutcome:

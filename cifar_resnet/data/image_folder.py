@@ -43,6 +43,12 @@ def _folder_stamp(path: str | os.PathLike[str]) -> list[int]:
     return [stat.st_mtime_ns, stat.st_ctime_ns]
 
 
+def check_is_folder(folder: Path) -> None:
+    """A split's folder (`<data_dir>/train`, `<data_dir>/test`) must be a folder: one line where it is not."""
+    if not folder.is_dir():
+        raise DataError(f"data_dir: {folder} is not a folder; expected <data_dir>/train/<class>/*.jpg and test/")
+
+
 def list_folder(
     folder: Path, stamps: dict[str, list[int]] | None = None
 ) -> tuple[list[tuple[str, int]], list[str]]:
@@ -60,8 +66,7 @@ def list_folder(
     (`train/cat/loop -> ..`) relabel every image as `cat`, and two such links loop forever (issue 8).
     `folder` itself and the folders above it may be links.
     """
-    if not folder.is_dir():
-        raise DataError(f"data_dir: {folder} is not a folder; expected <data_dir>/train/<class>/*.jpg and test/")
+    check_is_folder(folder)
     if stamps is not None:
         stamps[os.curdir] = _folder_stamp(folder)
     classes = sorted(entry.name for entry in _scan(folder) if _is_folder(entry))

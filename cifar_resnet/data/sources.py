@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..config import Config
 from ..errors import DataError
 from ..files import atomic_torch_save, file_lock
-from .image_folder import CACHE_FOLDER, CACHE_FORMAT_VERSION, load_image_folder
+from .image_folder import CACHE_FOLDER, CACHE_FORMAT_VERSION, check_is_folder, load_image_folder
 from .images import IMAGE_SIZE_PX, DataSource, DataSplits, ImageSet
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,20 @@ def source_key(config: Config) -> tuple:
         return (config.dataset, config.val_size + (config.train_size or SYNTHETIC_TRAIN_IMAGES),
                 config.test_size or SYNTHETIC_TEST_IMAGES)
     return (config.dataset, os.path.realpath(config.data_dir))
+
+
+def check_source_present(config: Config) -> None:
+    """What `load_source` would fail on at once, found with a few stats: an image folder without its `train/` or
+    `test/` folder; CIFAR-10's files, downloaded now where they are missing (so that a download that cannot happen
+    fails here). What only reading the images can find (an empty class folder, an unreadable file) is left to
+    `load_source`."""
+    data_dir = Path(config.data_dir)
+    if config.dataset == "imagefolder":
+        for folder in (data_dir / "train", data_dir / "test"):
+            check_is_folder(folder)
+    elif config.dataset == "cifar10" and not all((data_dir / CIFAR10_FOLDER / name).is_file()
+                                                 for name in CIFAR10_FILES):
+        load_cifar10(data_dir)  # the download (its one owner), or its one-line DataError; the run reads its cache
 
 
 def load_source(config: Config) -> DataSource:
