@@ -30,6 +30,7 @@ from ..records import (
     VAL_ACC,
     VAL_LOSS,
     describe_epoch,
+    describe_test,
 )
 from .averaging import Lookahead, WeightAverage
 from .device import build_scheduler, keep_graph_settings
@@ -316,5 +317,5 @@ def training(
     # The validation step (and its graph) where it evaluates the model tested; else one of the model tested.
     test_step = val_step if evaluated is step.model else build_eval_step(config, step.model, num_classes, device)
     test = evaluate_test(config, step.model, data, device, test_step)
-    log.info("test (best epoch %d): loss %.4f acc %.2f%%", state.best_epoch, test.loss, 100 * test.acc)
+    log.info("%s", describe_test(state.best_epoch, test.loss, test.acc))
     return FitResult(state.history, state.best_epoch, state.best_val_acc, test, model)
