@@ -1,5 +1,5 @@
-"""What tests of whole runs share: a run's error lines, the files of a folder, and waiting on
-processes."""
+"""What tests of whole runs share: a command in a process or in this one, a run's error lines, the files of a folder,
+and waiting on processes."""
 
 from __future__ import annotations
 
