@@ -19,7 +19,6 @@ from cifar_resnet.config import Config
 from cifar_resnet.engine.device import select_device
 from cifar_resnet.errors import UserError
 from cifar_resnet.files import atomic_write_json
-from cifar_resnet.process import set_cpu_threads
 from cifar_resnet.records import (
     TEST_ACC,
     TRAIN_ACC,
@@ -32,6 +31,7 @@ from cifar_resnet.records import (
 )
 from cifar_resnet.run_contract import EXIT_CRASH, EXIT_OK, run_folder
 from cifar_resnet.table import data_line, markdown, markdown_table
+from cifar_resnet.threads import set_cpu_threads
 
 from .cli import run_script, settings_from, settings_parser, start_logging
 from .launch import sweep_runs

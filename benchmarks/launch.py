@@ -23,9 +23,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cifar_resnet.children import child_environment, start_process
 from cifar_resnet.config import Config
-from cifar_resnet.process import Launch, child_environment, run_staggered_statuses, start_process
 from cifar_resnet.run_contract import run_folder
+from cifar_resnet.staggered import Launch, run_staggered_statuses
 from cifar_resnet.sweep.local import RUN_LOG, LocalSweep
 from cifar_resnet.sweep.plan import SweepPlan
 from cifar_resnet.sweep.state import STATE_FILE, LocalRun, SweepFolder

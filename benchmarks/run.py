@@ -18,7 +18,6 @@ from cifar_resnet.engine.evaluation import evaluate_test
 from cifar_resnet.errors import UserError
 from cifar_resnet.files import atomic_write_json
 from cifar_resnet.names import RUN_ID_VARIABLE, check_run_id, requested_run_id
-from cifar_resnet.process import set_cpu_threads
 from cifar_resnet.records import (
     BEST_EPOCH,
     EPOCH_SECONDS,
@@ -32,6 +31,7 @@ from cifar_resnet.records import (
 )
 from cifar_resnet.run_contract import run_folder
 from cifar_resnet.runner import run_training
+from cifar_resnet.threads import set_cpu_threads
 
 from .cli import run_script, settings_from, settings_parser, start_logging
 from .machine import seconds_since_process_start

@@ -2,8 +2,9 @@
 benchmark, a scheduler): how its exit status reads, how its log marks its one-line error, where its files go, and
 the variable that hands its training to a trainer. Each is defined here once, and both sides import it.
 
-Its own module, not `process.py`: the run's side (the runner, `train`, the trainer) needs these facts but none of
-process.py's signal and child-process plumbing, and a leaf that imports almost nothing can be imported by anything.
+Its own module, not beside the process plumbing (`signals.py`, `children.py`): the run's side (the runner, `train`,
+the trainer) needs these facts but none of that plumbing, and a leaf that imports almost nothing can be imported by
+anything.
 """
 
 from __future__ import annotations

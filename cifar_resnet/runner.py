@@ -38,7 +38,6 @@ from .engine.loop import EpochResult, FitResult, Interrupted, TrainHooks, Traini
 from .errors import ConfigError, StorageError, UserError
 from .files import FolderBusy, check_folder_path, folder_lock
 from .model import count_parameters
-from .run_contract import run_folder
 from .records import (
     BEST_EPOCH,
     BEST_VAL_ACC,
@@ -60,6 +59,7 @@ from .records import (
     RunRecord,
     read_record,
 )
+from .run_contract import run_folder
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,6 @@ from . import __version__
 from .checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
 from .config import Config
 from .credentials import DEFAULT_PROJECT, choose_mode
-from .process import stop_on_signals
 from .records import (
     BEST_EPOCH,
     EPOCH,
@@ -39,6 +38,7 @@ from .records import (
     TEST_LOSS,
     RunRecord,
 )
+from .signals import stop_on_signals
 
 log = logging.getLogger(__name__)
 

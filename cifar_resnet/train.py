@@ -24,17 +24,13 @@ from .config import Config, argument_parser
 from .engine.loop import Interrupted
 from .errors import RunFailed, StorageError, TrainingDiverged, UserError
 from .files import check_folder_path
+from .logs import logs_to_current_stderr, setup_logging
 from .names import requested_run_id
-from .process import (
-    exit_ignoring_stop_signals,
-    logs_to_current_stderr,
-    set_cpu_threads,
-    setup_logging,
-    stop_on_signals,
-)
 from .records import RunRecord
 from .run_contract import EXIT_CRASH, EXIT_OK, EXIT_USAGE, SIGNAL_EXIT_BASE, TRAINER_VARIABLE, run_folder
 from .runner import AlreadyFinished, RunHooks, check_inputs, check_not_finished, run_training
+from .signals import exit_ignoring_stop_signals, stop_on_signals
+from .threads import set_cpu_threads
 from .trainer import train_in_trainer
 
 log = logging.getLogger("cifar_resnet")

@@ -43,12 +43,12 @@ from .data.images import DataSource
 from .data.sources import load_source, source_key, split
 from .engine.device import select_device
 from .engine.loop import Interrupted
-from .errors import RunFailed, StorageError, TrainingDiverged, UserError
+from .errors import RunFailed, StorageError, TrainingDiverged, UserError, reject_unknown_arguments
 from .pack import Ended, Pack
-from .process import SUPERVISOR_STOP_SIGNALS, reject_unknown_arguments, stop_on_signals
 from .records import BEST_EPOCH, TEST_ACC, TEST_LOSS, RunRecord, describe_epoch, describe_test, read_record
 from .run_contract import run_folder
 from .runner import AlreadyFinished, RunHooks, run_steps
+from .signals import SUPERVISOR_STOP_SIGNALS, stop_on_signals
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,11 @@ from pathlib import Path
 
 from ..config import Config
 from ..credentials import DEFAULT_PROJECT, choose_mode
-from ..errors import UserError
+from ..errors import UserError, reject_unknown_arguments
 from ..gpus import AUTO, check_gpus_exist, parse_runs_per_gpu, resolve_runs_per_gpu
-from ..process import Launch, reject_unknown_arguments, run_staggered
 from ..records import RunResult, result_from_record
 from ..run_contract import SIGNAL_EXIT_BASE, run_folder
+from ..staggered import Launch, run_staggered
 from ..table import markdown_table
 from ..wandb_sweep import DEFAULT_STAGGER_SECONDS, agent_argv, create_sweep
 from .local import RUN_LOG, LocalSweep, LocalSweepResult, record_if_readable, run_params

@@ -16,19 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from ..children import child_environment, exit_status, start_process, stop_processes
 from ..config import Config
 from ..errors import UserError
-from ..process import (
-    SUPERVISOR_STOP_SIGNALS,
-    Trainers,
-    child_environment,
-    exit_status,
-    start_process,
-    stop_on_signals,
-    stop_processes,
-)
 from ..records import RunRecord, read_record
 from ..run_contract import ERROR_LINE_PREFIX, EXIT_CRASH, EXIT_OK, EXIT_USAGE, SIGNAL_EXIT_BASE, run_folder
+from ..signals import SUPERVISOR_STOP_SIGNALS, stop_on_signals
+from ..trainer_pool import Trainers
 from ..wandb_sweep import new_id, run_argv, write_param_file
 from .plan import SweepPlan, proposer_run, runs_to_stop, sweep_name, sweep_proposer
 from .state import (

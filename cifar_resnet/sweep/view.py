@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import Config
-from ..process import logs_to_current_stderr
+from ..logs import logs_to_current_stderr
 from ..records import SELECTION_METRIC, RunRecord, read_progress
 from ..table import duration_text
 from .state import DONE, LocalRun
