@@ -25,6 +25,7 @@ from cifar_resnet.records import (
     PROGRESS_FILE,
     RUN_SECONDS,
     LiveProgress,
+    RunFolder,
     RunRecord,
     read_progress,
     result_from_record,
@@ -75,7 +76,7 @@ def test_the_writeup_sweep_is_the_writeups_experiment():
 
 
 def test_a_run_records_its_data_and_the_table_and_plots_name_it(tiny_config, tmp_path, monkeypatch):
-    outcome = run_training(tiny_config, "data0001")
+    outcome = run_training(tiny_config, RunFolder.of(tiny_config.output_dir, "data0001"))
     assert outcome.record.data == {"dataset": "synthetic", "train_images": 1000, "val_images": 200,
                                    "test_images": 200, "class_count": 10}
     results = results_from_folder(Path(tiny_config.output_dir))
@@ -100,7 +101,7 @@ def test_a_run_records_its_data_and_the_table_and_plots_name_it(tiny_config, tmp
 def test_the_synthetic_trial_is_not_solved_at_once(tiny_config):
     """The synthetic set is a task, not a giveaway: a short run lands above chance and well below 100% (measured:
     28% for this width-8 model on 1,000 images in 2 epochs; 100% before the classes were brought closer)."""
-    outcome = run_training(tiny_config, "hard0001")
+    outcome = run_training(tiny_config, RunFolder.of(tiny_config.output_dir, "hard0001"))
     assert CHANCE + 0.05 < outcome.fit.test.acc < 0.9
 
 
@@ -120,7 +121,7 @@ def test_progress_file_is_written_inside_each_epoch_and_throttled(tiny_config, m
     run_dir = Path(tiny_config.output_dir) / "prog0001"
     hooks = RunHooks(on_batch=lambda: seen.append(read_progress(run_dir)))
 
-    run_training(tiny_config, "prog0001", hooks)
+    run_training(tiny_config, RunFolder.of(tiny_config.output_dir, "prog0001"), hooks)
 
     steps = tiny_config.train_size // tiny_config.batch_size
     expected = steps + 1 if writes_per_epoch == "every step" else 2
@@ -141,7 +142,7 @@ def test_progress_of_a_running_run_reads_its_progress_file(tmp_path, tiny_config
     LiveProgress(epoch=2, epochs=4, step=25, steps=100, images_per_second=900.0, seconds=30.0,
                  updated_at=time.time()).save(run_dir)
 
-    progress = progress_of(run, RunRecord.load(run_dir), Config(), run_dir)
+    progress = progress_of(run, RunRecord.load(run_dir), Config(), RunFolder(run_dir, run.run_id))
 
     assert (progress.epoch, progress.done_epochs, progress.images_per_second) == (1, 1.25, 900.0)
     assert 30.0 <= progress.seconds < 35.0
@@ -252,13 +253,13 @@ def test_run_time_counts_every_attempt(tiny_config):
     hooks = RunHooks(on_epoch=lambda record: epochs_seen.append(len(record.history)),
                      should_stop=stop_after_first_epoch)
     with pytest.raises(Interrupted):
-        run_training(config, "time0001", hooks)
+        run_training(config, RunFolder.of(config.output_dir, "time0001"), hooks)
     run_dir = Path(config.output_dir) / "time0001"
     first_attempt = RunRecord.load(run_dir).seconds
     assert first_attempt > 0
 
     started = time.perf_counter()
-    outcome = run_training(config, "time0001")
+    outcome = run_training(config, RunFolder.of(config.output_dir, "time0001"))
     second_attempt = time.perf_counter() - started
 
     total = outcome.record.summary[RUN_SECONDS]

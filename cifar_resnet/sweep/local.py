@@ -19,8 +19,8 @@ from typing import IO, Any
 from ..children import child_environment, exit_status, start_process, stop_processes
 from ..config import Config
 from ..errors import UserError
-from ..records import RunRecord, read_record
-from ..run_contract import ERROR_LINE_PREFIX, EXIT_CRASH, EXIT_OK, EXIT_USAGE, SIGNAL_EXIT_BASE, run_folder
+from ..records import RunFolder, RunRecord, read_record
+from ..run_contract import ERROR_LINE_PREFIX, EXIT_CRASH, EXIT_OK, EXIT_USAGE, SIGNAL_EXIT_BASE
 from ..signals import SUPERVISOR_STOP_SIGNALS, stop_on_signals
 from ..trainer_pool import Trainers
 from ..wandb_sweep import new_id, run_argv, write_param_file
@@ -39,8 +39,8 @@ from .view import LogView, RunTiming, exit_text, progress_of, sweep_seconds_left
 
 log = logging.getLogger(__name__)
 
-RUN_LOG = "run.log"  # a run's stdout and stderr, in its run folder
 TRAINER_LOGS = "trainers"  # in the sweep's folder, a folder per host: each trainer's log (`--pack`)
+# In a run's folder, beside the run's own files (RunFolder), the files `wandb agent` would give its command:
 PARAM_FILE = "sweep-params.yaml"  # what WANDB_SWEEP_PARAM_PATH names
 ARGS_JSON_FILE = "sweep-args.json"  # for a command that uses ${args_json_file}
 POLL_SECONDS = 0.5
@@ -64,13 +64,12 @@ def error_line(path: Path) -> str | None:
     return next((line.strip() for line in reversed(lines) if line.strip()), None)
 
 
-def record_if_readable(run_dir: Path) -> RunRecord | None:
+def record_if_readable(folder: RunFolder) -> RunRecord | None:
     """The run's record, or None when it has none or one that cannot be read."""
     try:
-        return read_record(run_dir)
+        return read_record(folder.path)
     except UserError:
         return None
-
 
 
 @dataclass
@@ -139,16 +138,16 @@ class LocalSweep:
         for run in self.state.runs:  # a done run's record that cannot be read is refused before any run starts
             self.record_of(run)
 
-    def run_dir(self, run_id: str) -> Path:
-        return run_folder(self.out_dir, run_id)
+    def run_folder(self, run_id: str) -> RunFolder:
+        return RunFolder.of(self.out_dir, run_id)
 
     def record_of(self, run: LocalRun) -> RunRecord | None:
         """A done run's record, read once (one that cannot be read is a UserError); another run's, when readable
         (its own process rewrites it, or fails on it, in one line in its log)."""
         if run.state not in DONE:
-            return record_if_readable(self.run_dir(run.run_id))
+            return record_if_readable(self.run_folder(run.run_id))
         if run.run_id not in self.done_records:
-            self.done_records[run.run_id] = read_record(self.run_dir(run.run_id))
+            self.done_records[run.run_id] = read_record(self.run_folder(run.run_id).path)
         return self.done_records[run.run_id]
 
     # --- transactions on the shared state (called with its lock held) ---
@@ -258,7 +257,7 @@ class LocalSweep:
 
     def report_ended(self, runs: Sequence[LocalRun]) -> None:
         for run in runs:
-            self.view.ended(progress_of(run, self.record_of(run), self.base), self.run_dir(run.run_id) / RUN_LOG)
+            self.view.ended(progress_of(run, self.record_of(run), self.base), self.run_folder(run.run_id).log)
             self.watch_for_user_mistake(run)
 
     def watch_for_user_mistake(self, run: LocalRun) -> None:
@@ -269,7 +268,7 @@ class LocalSweep:
             self.user_mistake = None
         elif (run.exit_code == EXIT_USAGE and self.user_mistake is None
               and not any(other.state in DONE for other in self.state.runs)):
-            self.user_mistake = error_line(self.run_dir(run.run_id) / RUN_LOG) or f"run {run.run_id}: {exit_text(run)}"
+            self.user_mistake = error_line(self.run_folder(run.run_id).log) or f"run {run.run_id}: {exit_text(run)}"
 
     def record_now(self, outcomes: Sequence[RunEnd]) -> None:
         with self.folder.transaction() as state:
@@ -283,14 +282,14 @@ class LocalSweep:
     # --- the runs' processes ---
 
     def start(self, run: LocalRun, gpu: str | None) -> None:
-        run_dir = self.run_dir(run.run_id)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        folder = self.run_folder(run.run_id)
+        folder.path.mkdir(parents=True, exist_ok=True)
         params = run_params(run, self.out_dir)
-        write_param_file(run_dir / PARAM_FILE, params)
+        write_param_file(folder.path / PARAM_FILE, params)
         command = run_argv(self.plan.config.get("command"), self.plan.config.get("program"), params,
-                           run_dir / ARGS_JSON_FILE)
+                           folder.path / ARGS_JSON_FILE)
         env = self.environment(run, gpu)
-        log_file = open(run_dir / RUN_LOG, "ab")  # appended: a resumed run keeps its earlier attempts' lines
+        log_file = open(folder.log, "ab")  # appended: a resumed run keeps its earlier attempts' lines
         try:
             process = start_process(command, env, log_file)
         except OSError as error:  # the sweep's command cannot start: this run fails, the sweep goes on
@@ -316,7 +315,7 @@ class LocalSweep:
             self.workers,
             WANDB_MODE="offline",
             WANDB_RUN_ID=run.run_id,
-            WANDB_SWEEP_PARAM_PATH=str((self.run_dir(run.run_id) / PARAM_FILE).resolve()),
+            WANDB_SWEEP_PARAM_PATH=str((self.run_folder(run.run_id).path / PARAM_FILE).resolve()),
             WANDB_RUN_GROUP=f"sweep-{name}-{self.state.sweep_id}",
         )
         env.pop("WANDB_SWEEP_ID", None)  # one left in this shell by an agent
@@ -346,7 +345,7 @@ class LocalSweep:
         A process killed by signal N (before it could handle it: in its start-up, or SIGKILL) is recorded with exit
         status 128 + N, as a shell reports it and as a run that handled the signal exits."""
         exit_code = exit_status(process)
-        record = record_if_readable(self.run_dir(run_id))
+        record = record_if_readable(self.run_folder(run_id))
         if record is not None and record.status == "finished":
             return RunEnd(run_id, "finished", exit_code)
         if run_id in self.stopping:
@@ -397,7 +396,7 @@ class LocalSweep:
                     self.trainers.revive()
                 claimed = self.step()
                 self.early_terminate()
-                progress = [progress_of(run, self.record_of(run), self.base, self.run_dir(run.run_id))
+                progress = [progress_of(run, self.record_of(run), self.base, self.run_folder(run.run_id))
                             for run in self.state.runs]
                 now = time.monotonic()
                 timings = {run_id: worker.timing for run_id, worker in self.active.items()}
