@@ -61,12 +61,12 @@ log = logging.getLogger(__name__)
 PROGRESS_WRITE_SECONDS = 0.5  # how often a run rewrites its progress file inside an epoch, at most
 
 
-class ProgressWriter:
+class ProgressFile:
     """Writes the run's `progress.json` from the engine's host-side hooks: steps are counted on the host and timed
     with the monotonic clock (no device sync), and the file is rewritten at most every PROGRESS_WRITE_SECONDS."""
 
-    def __init__(self, run_dir: Path, config: Config, elapsed: Callable[[], float], hooks: RunHooks) -> None:
-        self.run_dir, self.config, self.elapsed, self.hooks = run_dir, config, elapsed, hooks
+    def __init__(self, folder: RunFolder, config: Config, elapsed: Callable[[], float]) -> None:
+        self.folder, self.config, self.elapsed = folder, config, elapsed
         self.epoch = self.step = self.steps = 0
         self.epoch_started = self.last_write = time.monotonic()
 
@@ -74,23 +74,19 @@ class ProgressWriter:
         self.epoch, self.step, self.steps = epoch, 0, steps
         self.epoch_started = time.monotonic()
         self.write(self.epoch_started)
-        if self.hooks.on_epoch_start is not None:
-            self.hooks.on_epoch_start(epoch, steps)
 
     def on_batch(self) -> None:
         self.step += 1
         now = time.monotonic()
         if now - self.last_write >= PROGRESS_WRITE_SECONDS or self.step == self.steps:
             self.write(now)
-        if self.hooks.on_batch is not None:
-            self.hooks.on_batch()
 
     def write(self, now: float) -> None:
         self.last_write = now
         seconds_in_epoch = now - self.epoch_started
         rate = self.step * self.config.batch_size / seconds_in_epoch if self.step and seconds_in_epoch > 0 else None
         LiveProgress(self.epoch, self.config.epochs, self.step, self.steps, rate, self.elapsed(),
-                     time.time()).save(self.run_dir)
+                     time.time()).save(self.folder.path)
 
 
 @dataclass
@@ -102,15 +98,20 @@ class RunOutcome:
 
 
 @dataclass
-class RunHooks:
+class RunHooks(TrainHooks):
     """What a run tells the outside world (the W&B layer, a progress bar, a trainer's client) and how it is asked to
-    stop; every field is optional. Called on the host between steps: none may read a device tensor."""
+    stop; every field is optional. The engine's hooks (`TrainHooks`: each epoch's start, each step, each epoch's
+    result and state, and `should_stop`) are passed on to it, called after the run's own (its progress file, its
+    checkpoints); the fields below are what only a run has. Called on the host between steps: none may read a device
+    tensor.
+
+    A run trained in a trainer (another process) relays `on_start`, `on_epoch_recorded` and `should_stop`, which
+    carry plain data; the engine's other hooks hold live objects and stay in the process that trains.
+    """
 
     on_start: Callable[[dict[str, Any]], None] | None = None  # facts known once data and model are built
-    on_epoch_start: Callable[[int, int], None] | None = None  # (epoch, batches in it)
-    on_batch: Callable[[], None] | None = None  # after each optimizer step
-    on_epoch: Callable[[RunRecord], None] | None = None  # after the epoch's files are written: its record holds it
-    should_stop: Callable[[], bool] = lambda: False  # polled every step; True stops the run (Interrupted)
+    # After each epoch, once its files are on their way to disk (CheckpointWriter): the run's record, which holds it.
+    on_epoch_recorded: Callable[[RunRecord], None] | None = None
     # Puts a resume checkpoint saved elsewhere (another machine's, via W&B) at the given path when the run folder
     # has none; returns whether it did.
     fetch_resume: Callable[[Path], bool] | None = None
@@ -222,15 +223,14 @@ def _run_claimed(config: Config, folder: RunFolder, hooks: RunHooks, started: fl
             saves.insert(0, functools.partial(save_best, folder.best, snapshot["best_model_state"], config,
                                               result.epoch, result.metrics(), data.classes))
         writer.submit(*saves)  # first waits for the previous epoch's files, raising their error
-        if hooks.on_epoch is not None:
-            hooks.on_epoch(record)
+        if hooks.on_epoch_recorded is not None:
+            hooks.on_epoch_recorded(record)
 
-    progress = ProgressWriter(folder.path, config, elapsed, hooks)
-    engine_hooks = TrainHooks(on_epoch_start=progress.on_epoch_start, on_batch=progress.on_batch, on_epoch=on_epoch,
-                              should_stop=hooks.should_stop)
+    progress = ProgressFile(folder, config, elapsed)
+    own = TrainHooks(on_epoch_start=progress.on_epoch_start, on_batch=progress.on_batch, on_epoch=on_epoch)
     try:
         with writer:  # waits for the last checkpoints; their write error (a full disk) fails the run
-            result = yield from training(config, model, data, device, engine_hooks, resume=resume)
+            result = yield from training(config, model, data, device, own.followed_by(hooks), resume=resume)
     except BaseException as error:
         # Interrupted: asked to stop; GeneratorExit: its pack was closed. Either way last.pt holds the last epoch.
         record.status = "preempted" if isinstance(error, (Interrupted, GeneratorExit)) else "failed"

@@ -104,8 +104,9 @@ def main(argv: Sequence[str] | None = None, prog: str = MODULE_COMMAND) -> int:
             config = Config.from_mapping(tracker.settings())  # under a sweep, W&B's values are the truth
             tracker.record_config(config)
             folder = RunFolder.of(config.output_dir, tracker.run_id)  # the run's files, from here on
-            hooks = RunHooks(on_start=lambda facts: tracker.record_run_info(**facts), on_epoch=tracker.on_epoch,
-                             should_stop=lambda: bool(received), fetch_resume=tracker.fetch_resume_checkpoint)
+            hooks = RunHooks(on_start=lambda facts: tracker.record_run_info(**facts),
+                             on_epoch_recorded=tracker.on_epoch, should_stop=lambda: bool(received),
+                             fetch_resume=tracker.fetch_resume_checkpoint)
             record = train(config, folder, hooks, received)
             tracker.finish_run(record, folder.best)
             return EXIT_OK

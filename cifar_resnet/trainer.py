@@ -209,7 +209,7 @@ class Trainer:
             client.tell({"ended": ending(error)})
             return self.drop(client)
         hooks = RunHooks(on_start=lambda facts: client.tell({"started": facts}),
-                         on_epoch=lambda record: client.tell({"epoch": asdict(record)}),
+                         on_epoch_recorded=lambda record: client.tell({"epoch": asdict(record)}),
                          should_stop=lambda: client.stop)
         folder = RunFolder.of(cwd / config.output_dir, client.run_id)  # output_dir as the run's process sees it
         members = len(self.pack) + 1
@@ -319,8 +319,8 @@ def train_in_trainer(socket_path: Path, config: Config, folder: RunFolder, hooks
                 elif "epoch" in message:
                     record = RunRecord(**message["epoch"])
                     log.info("%s", describe_epoch(record.history, config.epochs))
-                    if hooks.on_epoch is not None:
-                        hooks.on_epoch(record)
+                    if hooks.on_epoch_recorded is not None:
+                        hooks.on_epoch_recorded(record)
                 elif "ended" in message:
                     return logged_test(ended(message["ended"], folder))
 

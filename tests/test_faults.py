@@ -178,7 +178,7 @@ def small_disk(tmp_path):
 def stop_after_first_epoch() -> RunHooks:
     """Hooks that stop a run as a signal would, after its first epoch: its best.pt and last.pt stay."""
     done: list[int] = []
-    return RunHooks(on_epoch=lambda record: done.append(len(record.history)), should_stop=lambda: bool(done))
+    return RunHooks(on_epoch_recorded=lambda record: done.append(len(record.history)), should_stop=lambda: bool(done))
 
 
 def test_a_full_disk_while_saving_a_checkpoint_ends_in_one_line_and_keeps_every_epoch(small_disk, tiny_config):

@@ -82,7 +82,7 @@ def test_a_run_interrupted_after_epoch_1_and_resumed_matches_an_uninterrupted_on
     whole = run_training(config, RunFolder.of(config.output_dir, "whole001"))
 
     stop = []
-    hooks = RunHooks(on_epoch=lambda record: stop.append(len(record.history)), should_stop=lambda: bool(stop))
+    hooks = RunHooks(on_epoch_recorded=lambda record: stop.append(len(record.history)), should_stop=lambda: bool(stop))
     with pytest.raises(Interrupted):
         run_training(config, RunFolder.of(config.output_dir, "split001"), hooks)
     assert stop == [1] and (tmp_path / "runs" / "split001" / "last.pt").exists()

@@ -250,7 +250,7 @@ def test_run_time_counts_every_attempt(tiny_config):
     def stop_after_first_epoch() -> bool:
         return len(epochs_seen) >= 1
 
-    hooks = RunHooks(on_epoch=lambda record: epochs_seen.append(len(record.history)),
+    hooks = RunHooks(on_epoch_recorded=lambda record: epochs_seen.append(len(record.history)),
                      should_stop=stop_after_first_epoch)
     with pytest.raises(Interrupted):
         run_training(config, RunFolder.of(config.output_dir, "time0001"), hooks)

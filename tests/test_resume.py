@@ -231,7 +231,8 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_resumable
 
     # The next attempt resumes from epoch 1, clears the leftovers, and ends as an uninterrupted run does (its
     # best.pt too, though the failed attempt may have written epoch 2's just before failing on last.pt).
-    resumed, reference = run_training(config, RunFolder.of(config.output_dir, "killed01")), run_training(config, RunFolder.of(config.output_dir, "straight02"))
+    resumed = run_training(config, RunFolder.of(config.output_dir, "killed01"))
+    reference = run_training(config, RunFolder.of(config.output_dir, "straight02"))
     assert_same_end(resumed, reference)
     assert sorted(path.name for path in run_dir.iterdir()) == [LOCK_FILE, BEST_CHECKPOINT, RECORD_FILE]
 
@@ -309,7 +310,7 @@ def test_a_checkpoint_that_torch_load_puts_on_another_device_resumes_as_an_unint
     config = tiny_config.replace(epochs=3, ema_decay=0.9)  # the weight average's state is restored too
     reference = run_training(config, RunFolder.of(config.output_dir, "straight03"))
     stop = []
-    hooks = RunHooks(on_epoch=lambda record: stop.append(len(record.history)), should_stop=lambda: bool(stop))
+    hooks = RunHooks(on_epoch_recorded=lambda record: stop.append(len(record.history)), should_stop=lambda: bool(stop))
     with pytest.raises(Interrupted):
         run_training(config, RunFolder.of(config.output_dir, "moved001"), hooks)
 
@@ -394,7 +395,8 @@ def test_lookahead_and_the_average_resume_from_last_pt_as_the_uninterrupted_run(
     assert slow.keys() < fast.keys()  # the parameters, not the batch-norm statistics
     assert not all(torch.equal(slow[name], fast[name]) for name in slow)  # 3 steps after the last sync
 
-    resumed, reference = run_training(config, RunFolder.of(config.output_dir, "ahead01")), run_training(config, RunFolder.of(config.output_dir, "straight03"))
+    resumed = run_training(config, RunFolder.of(config.output_dir, "ahead01"))
+    reference = run_training(config, RunFolder.of(config.output_dir, "straight03"))
     assert_same_end(resumed, reference)
 
 

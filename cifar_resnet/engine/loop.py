@@ -212,7 +212,8 @@ class TrainState:
 
 @dataclass
 class TrainHooks:
-    """What `fit` tells the outside world, and how it is asked to stop; every field is optional.
+    """What `fit` tells the outside world, and how it is asked to stop; every field is optional. The runner's
+    `RunHooks` are these, and what only a run with files has.
 
     Called on the host between steps: none of them may read a device tensor, or it would add a sync per step.
     """
@@ -221,6 +222,22 @@ class TrainHooks:
     on_batch: Callable[[], None] | None = None  # after each optimizer step
     on_epoch: Callable[[EpochResult, TrainState], None] | None = None  # after validation: the state to save
     should_stop: Callable[[], bool] = lambda: False  # polled every step; True raises Interrupted
+
+    def followed_by(self, later: TrainHooks) -> TrainHooks:
+        """These hooks, then `later`'s, at each event; stopping when either asks."""
+        return TrainHooks(_in_turn(self.on_epoch_start, later.on_epoch_start), _in_turn(self.on_batch, later.on_batch),
+                          _in_turn(self.on_epoch, later.on_epoch), lambda: self.should_stop() or later.should_stop())
+
+
+def _in_turn(first: Callable[..., None] | None, then: Callable[..., None] | None) -> Callable[..., None] | None:
+    if first is None or then is None:
+        return first or then
+
+    def both(*args: Any) -> None:
+        first(*args)
+        then(*args)
+
+    return both
 
 
 @dataclass
