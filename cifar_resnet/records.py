@@ -6,12 +6,13 @@ Each run keeps its files in one folder (`RunFolder`: `output_dir/<run id>`), amo
 sweep runner, the report, resume and the benchmark all read it; W&B gets the same numbers under the same names. A
 new metric touches the engine (which computes it) and this module (which names it).
 
-A run's data has one name for each form it takes: `RunRecord` is what the run keeps (`record.json`, written as it
-trains); `LiveProgress` is where it is inside the epoch in progress (`progress.json`); `RunResult` is a run as the
-report and the tables read it, from a record or from W&B. Around them, in their modules: the runner's `RunOutcome`
-is what one call of `run_training` hands back in memory (the record, the engine's result, the data); the sweep's
-`RunEnd` is how one attempt's process ended, `RunProgress` a run as its progress views show it, and
-`LocalSweepResult` how a whole offline sweep ended.
+A run's data has one name for each form it takes: `RunFolder` is where it lies; `RunRecord` is what the run keeps
+(`record.json`, written as it trains); `EpochProgress` is where it is inside the epoch in progress (`progress.json`);
+`RunResult` is a run as the report and the tables read it, from a record or from W&B. Around them, in their modules:
+the runner's `RunOutcome` is what one call of `run_training` hands back in memory (the folder, the record, the
+engine's result, the data); the sweep's `Attempt` is one attempt of a run in progress (its process), `AttemptEnd`
+how it ended, `RunProgress` a run as the sweep's progress views show it, and `LocalSweepResult` how a whole offline
+sweep ended.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def read_record(run_dir: Path) -> RunRecord | None:
 
 
 @dataclass
-class LiveProgress:
+class EpochProgress:
     """Where a run is inside its current epoch (`progress.json`); written by the runner, read by the sweep's view."""
 
     epoch: int  # 1-based, the epoch in progress
@@ -132,17 +133,17 @@ class LiveProgress:
         atomic_write_json(run_dir / PROGRESS_FILE, asdict(self), durable=False)
 
 
-def read_progress(run_dir: Path) -> LiveProgress | None:
+def read_progress(run_dir: Path) -> EpochProgress | None:
     """The progress in `run_dir`, or None before the first step (or when being replaced: it is read again soon)."""
     try:
-        return LiveProgress(**json.loads((run_dir / PROGRESS_FILE).read_text()))
+        return EpochProgress(**json.loads((run_dir / PROGRESS_FILE).read_text()))
     except (OSError, ValueError, TypeError):
         return None
 
 
 # --- a run's folder, `output_dir/<run id>`: its files -------------------------------------------------------------
 RECORD_FILE = "record.json"  # RunRecord: written as the run trains, kept when it ends
-PROGRESS_FILE = "progress.json"  # LiveProgress: rewritten a few times a second inside an epoch, removed at the end
+PROGRESS_FILE = "progress.json"  # EpochProgress: rewritten a few times a second inside an epoch, removed at the end
 BEST_CHECKPOINT = "best.pt"  # the best validation epoch's weights (checkpoint.save_best)
 RESUME_CHECKPOINT = "last.pt"  # the state after the last completed epoch (checkpoint.save_resume); removed at the end
 RUN_LOG = "run.log"  # the run's stdout and stderr, where a tool that starts its process keeps them (the sweep)

@@ -51,7 +51,7 @@ from .records import (
     TEST_LOSS,
     TRAIN_IMAGES,
     VAL_IMAGES,
-    LiveProgress,
+    EpochProgress,
     RunFolder,
     RunRecord,
 )
@@ -85,8 +85,8 @@ class ProgressFile:
         self.last_write = now
         seconds_in_epoch = now - self.epoch_started
         rate = self.step * self.config.batch_size / seconds_in_epoch if self.step and seconds_in_epoch > 0 else None
-        LiveProgress(self.epoch, self.config.epochs, self.step, self.steps, rate, self.elapsed(),
-                     time.time()).save(self.folder.path)
+        EpochProgress(self.epoch, self.config.epochs, self.step, self.steps, rate, self.elapsed(),
+                      time.time()).save(self.folder.path)
 
 
 @dataclass

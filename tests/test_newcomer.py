@@ -24,7 +24,7 @@ from cifar_resnet.engine.loop import Interrupted
 from cifar_resnet.records import (
     PROGRESS_FILE,
     RUN_SECONDS,
-    LiveProgress,
+    EpochProgress,
     RunFolder,
     RunRecord,
     read_progress,
@@ -114,9 +114,9 @@ def test_progress_file_is_written_inside_each_epoch_and_throttled(tiny_config, m
     from cifar_resnet import runner
 
     monkeypatch.setattr(runner, "PROGRESS_WRITE_SECONDS", write_every_s)
-    written: list[LiveProgress] = []
-    original = LiveProgress.save
-    monkeypatch.setattr(LiveProgress, "save", lambda self, run_dir: (written.append(self), original(self, run_dir)))
+    written: list[EpochProgress] = []
+    original = EpochProgress.save
+    monkeypatch.setattr(EpochProgress, "save", lambda self, run_dir: (written.append(self), original(self, run_dir)))
     seen = []
     run_dir = Path(tiny_config.output_dir) / "prog0001"
     hooks = RunHooks(on_batch=lambda: seen.append(read_progress(run_dir)))
@@ -139,8 +139,8 @@ def test_progress_of_a_running_run_reads_its_progress_file(tmp_path, tiny_config
     run = LocalRun("live0001", {"epochs": 4}, "running")
     run_dir = tmp_path / run.run_id
     RunRecord(run.run_id, tiny_config.to_dict(), history=[{"epoch": 1, "val/acc": 0.3}], seconds=20.0).save(run_dir)
-    LiveProgress(epoch=2, epochs=4, step=25, steps=100, images_per_second=900.0, seconds=30.0,
-                 updated_at=time.time()).save(run_dir)
+    EpochProgress(epoch=2, epochs=4, step=25, steps=100, images_per_second=900.0, seconds=30.0,
+                  updated_at=time.time()).save(run_dir)
 
     progress = progress_of(run, RunRecord.load(run_dir), Config(), RunFolder(run_dir, run.run_id))
 
@@ -158,8 +158,8 @@ def test_the_progress_file_is_replaced_atomically_without_waiting_for_the_disk(t
     synced = []
     real_fsync = os.fsync
     monkeypatch.setattr(files.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
-    LiveProgress(epoch=1, epochs=2, step=3, steps=10, images_per_second=1.0, seconds=1.0,
-                 updated_at=time.time()).save(tmp_path)
+    EpochProgress(epoch=1, epochs=2, step=3, steps=10, images_per_second=1.0, seconds=1.0,
+                  updated_at=time.time()).save(tmp_path)
     assert synced == [] and read_progress(tmp_path).step == 3
     assert sorted(path.name for path in tmp_path.iterdir()) == [PROGRESS_FILE]  # no temporary file left
     RunRecord("sync0001", tiny_config.to_dict()).save(tmp_path)

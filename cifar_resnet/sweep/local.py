@@ -32,8 +32,8 @@ from .state import (
     LocalRun,
     SweepFolder,
     SweepState,
+    owner_name,
     renew_interval,
-    worker_name,
 )
 from .view import LogView, RunTiming, exit_text, progress_of, sweep_seconds_left
 
@@ -81,8 +81,9 @@ class LocalSweepResult:
 
 
 @dataclass
-class Worker:
-    """A run in progress: its process, the GPU it holds and its log file."""
+class Attempt:
+    """A run in progress in this process: one attempt of it (LocalRun.attempts counts them), its process, the GPU it
+    holds and its log file."""
 
     process: subprocess.Popen
     gpu: str | None
@@ -91,8 +92,8 @@ class Worker:
 
 
 @dataclass(frozen=True)
-class RunEnd:
-    """How a run's process (one attempt of the run) ended, to be recorded in the sweep's state."""
+class AttemptEnd:
+    """How an attempt of a run (its process) ended, to be recorded in the sweep's state."""
 
     run_id: str
     state: str
@@ -114,7 +115,7 @@ class LocalSweep:
                  project: str | None, view: LogView, lease_seconds: float = LEASE_SECONDS, pack: bool = False) -> None:
         self.plan, self.out_dir, self.count, self.project, self.view = plan, out_dir, count, project, view
         self.lease_seconds = lease_seconds
-        self.owner = worker_name()
+        self.owner = owner_name()
         self.folder = SweepFolder(out_dir, plan.config, new_id)
         self.joined_at = time.time()
         with self.folder.transaction() as state:  # creates the sweep, or joins it (another sweep's folder: refused)
@@ -126,7 +127,7 @@ class LocalSweep:
         self.workers = len(gpus)
         # With `pack`, the runs of each GPU train together in one trainer (their processes hand it their training).
         self.trainers = Trainers(gpus, out_dir / TRAINER_LOGS / socket.gethostname()) if pack else None
-        self.active: dict[str, Worker] = {}
+        self.active: dict[str, Attempt] = {}
         self.stopping: set[str] = set()  # runs that early_terminate stopped
         self.whole_runs: list[float] = []  # seconds from process start to exit of each run that finished here
         self.done_records: dict[str, RunRecord | None] = {}  # records of done runs do not change: read them once
@@ -199,16 +200,16 @@ class LocalSweep:
                                        default=lambda number: number.item()))
         return LocalRun(new_id(), params)
 
-    def record_outcomes(self, state: SweepState, outcomes: Sequence[RunEnd], now: float) -> list[LocalRun]:
+    def record_ends(self, state: SweepState, ends: Sequence[AttemptEnd], now: float) -> list[LocalRun]:
         """Mark this process's ended runs; a run another process has taken over keeps that one's state."""
         ended = []
-        for outcome in outcomes:
-            run = state.find(outcome.run_id)
+        for end in ends:
+            run = state.find(end.run_id)
             if run is None or run.owner != self.owner or run.state != "running":
                 log.warning("run %s: taken over by %s meanwhile; this attempt's end (%s) is not recorded",
-                            outcome.run_id, run.owner if run else "nobody", outcome.state)
+                            end.run_id, run.owner if run else "nobody", end.state)
                 continue
-            run.state, run.exit_code, run.reason, run.ended_at = outcome.state, outcome.exit_code, outcome.reason, now
+            run.state, run.exit_code, run.reason, run.ended_at = end.state, end.exit_code, end.reason, now
             ended.append(run)
         return ended
 
@@ -229,12 +230,12 @@ class LocalSweep:
         """Reap ended runs; in one transaction record them and renew leases when due; then claim and start runs for
         the free workers, one transaction each (a run that cannot start is recorded before the next proposal).
         Whether it claimed any."""
-        outcomes = self.reap()
+        ends = self.reap()
         renew = time.monotonic() - self.renewed_at >= renew_interval(self.lease_seconds)
-        if outcomes or renew:
+        if ends or renew:
             with self.folder.transaction() as state:
                 now = time.time()
-                ended = self.record_outcomes(state, outcomes, now)
+                ended = self.record_ends(state, ends, now)
                 lost = self.renew_leases(state, now) if renew else []
                 self.state = state
             if renew:
@@ -270,9 +271,9 @@ class LocalSweep:
               and not any(other.state in DONE for other in self.state.runs)):
             self.user_mistake = error_line(self.run_folder(run.run_id).log) or f"run {run.run_id}: {exit_text(run)}"
 
-    def record_now(self, outcomes: Sequence[RunEnd]) -> None:
+    def record_now(self, ends: Sequence[AttemptEnd]) -> None:
         with self.folder.transaction() as state:
-            ended = self.record_outcomes(state, outcomes, time.time())
+            ended = self.record_ends(state, ends, time.time())
             self.state = state
         self.report_ended(ended)
 
@@ -296,9 +297,9 @@ class LocalSweep:
             log_file.write(f"cannot start {' '.join(command)}: {error}\n".encode())
             log_file.close()
             self.free_gpus.append(gpu)
-            self.record_now([RunEnd(run.run_id, "failed", None)])
+            self.record_now([AttemptEnd(run.run_id, "failed", None)])
             return
-        self.active[run.run_id] = Worker(process, gpu, log_file)
+        self.active[run.run_id] = Attempt(process, gpu, log_file)
         self.started_any = True
         self.view.started(run, gpu)
 
@@ -328,18 +329,18 @@ class LocalSweep:
             env.update(self.trainers.environment(gpu))
         return env
 
-    def release(self, run_id: str) -> Worker:
-        worker = self.active.pop(run_id)
-        worker.log_file.close()
-        self.free_gpus.append(worker.gpu)
-        return worker
+    def release(self, run_id: str) -> Attempt:
+        attempt = self.active.pop(run_id)
+        attempt.log_file.close()
+        self.free_gpus.append(attempt.gpu)
+        return attempt
 
     def drop(self, run_id: str) -> None:
         """Stop a run this process no longer owns, without recording anything."""
         stop_processes([self.active[run_id].process], STOP_GRACE_SECONDS)
         self.release(run_id)
 
-    def outcome(self, run_id: str, process: subprocess.Popen, stopped_by_signal: bool = False) -> RunEnd:
+    def attempt_end(self, run_id: str, process: subprocess.Popen, stopped_by_signal: bool = False) -> AttemptEnd:
         """What a run's ended process, and its record, say about how it ended. A record that says finished wins: the
         run's process may be stopped or killed after writing it (while W&B shuts down), and it is never run again.
         A process killed by signal N (before it could handle it: in its start-up, or SIGKILL) is recorded with exit
@@ -347,27 +348,27 @@ class LocalSweep:
         exit_code = exit_status(process)
         record = record_if_readable(self.run_folder(run_id))
         if record is not None and record.status == "finished":
-            return RunEnd(run_id, "finished", exit_code)
+            return AttemptEnd(run_id, "finished", exit_code)
         if run_id in self.stopping:
-            return RunEnd(run_id, "stopped", exit_code)
+            return AttemptEnd(run_id, "stopped", exit_code)
         if exit_code == 0:
             if record is None:
-                return RunEnd(run_id, "failed", exit_code, NO_RECORD_REASON)
-            return RunEnd(run_id, "failed", exit_code, f"exited 0, but its run record says {record.status}")
+                return AttemptEnd(run_id, "failed", exit_code, NO_RECORD_REASON)
+            return AttemptEnd(run_id, "failed", exit_code, f"exited 0, but its run record says {record.status}")
         # Stopped by a signal after saving its state (a process killed by one is a failure, unless this one sent it)
         if process.returncode > SIGNAL_EXIT_BASE or stopped_by_signal:
-            return RunEnd(run_id, "preempted", exit_code)
-        return RunEnd(run_id, "failed", exit_code)
+            return AttemptEnd(run_id, "preempted", exit_code)
+        return AttemptEnd(run_id, "failed", exit_code)
 
-    def reap(self) -> list[RunEnd]:
+    def reap(self) -> list[AttemptEnd]:
         """The runs whose process has ended (their GPUs freed)."""
-        outcomes = []
-        for run_id in [run_id for run_id, worker in self.active.items() if worker.process.poll() is not None]:
-            worker = self.release(run_id)
-            outcomes.append(self.outcome(run_id, worker.process))
-            if outcomes[-1].state == "finished":
-                self.whole_runs.append(time.monotonic() - worker.timing.started_at)
-        return outcomes
+        ends = []
+        for run_id in [run_id for run_id, attempt in self.active.items() if attempt.process.poll() is not None]:
+            attempt = self.release(run_id)
+            ends.append(self.attempt_end(run_id, attempt.process))
+            if ends[-1].state == "finished":
+                self.whole_runs.append(time.monotonic() - attempt.timing.started_at)
+        return ends
 
     def early_terminate(self) -> None:
         if "early_terminate" not in self.plan.config:
@@ -381,8 +382,8 @@ class LocalSweep:
 
     def interrupt(self, signum: int) -> None:
         """Stop this process's runs (each saves its state) and release them: they resume in any process."""
-        stop_processes([worker.process for worker in self.active.values()], STOP_GRACE_SECONDS)
-        self.record_now([self.outcome(run_id, self.release(run_id).process, stopped_by_signal=True)
+        stop_processes([attempt.process for attempt in self.active.values()], STOP_GRACE_SECONDS)
+        self.record_now([self.attempt_end(run_id, self.release(run_id).process, stopped_by_signal=True)
                          for run_id in list(self.active)])
         log.info("stopped by signal %d", signum)
 
@@ -399,7 +400,7 @@ class LocalSweep:
                 progress = [progress_of(run, self.record_of(run), self.base, self.run_folder(run.run_id))
                             for run in self.state.runs]
                 now = time.monotonic()
-                timings = {run_id: worker.timing for run_id, worker in self.active.items()}
+                timings = {run_id: attempt.timing for run_id, attempt in self.active.items()}
                 for item in progress:
                     if item.run.run_id in timings:
                         timings[item.run.run_id].saw(item.done_epochs, now)
