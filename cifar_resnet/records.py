@@ -9,7 +9,7 @@ new metric touches the engine (which computes it) and this module (which names i
 A run's data has one name for each form it takes: `RunFolder` is where it lies; `RunRecord` is what the run keeps
 (`record.json`, written as it trains); `EpochProgress` is where it is inside the epoch in progress (`progress.json`);
 `RunResult` is a run as the report and the tables read it, from a record or from W&B. Around them, in their modules:
-the runner's `RunOutcome` is what one call of `run_training` hands back in memory (the folder, the record, the
+the runner's `TrainedRun` is what one call of `run_training` hands back in memory (the folder, the record, the
 engine's result, the data); the sweep's `Attempt` is one attempt of a run in progress (its process), `AttemptEnd`
 how it ended, `RunProgress` a run as the sweep's progress views show it, and `LocalSweepResult` how a whole offline
 sweep ended.

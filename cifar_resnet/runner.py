@@ -32,7 +32,7 @@ from .data.images import DataSplits
 from .data.sources import check_source_present, load_source, load_splits, split
 from .engine.device import build_model, select_device, start_device
 from .engine.evaluation import EvalResult, evaluate_test
-from .engine.loop import EpochResult, FitResult, Interrupted, TrainHooks, TrainingSteps, TrainState, drive, training
+from .engine.loop import EpochResult, FitResult, Interrupted, TrainHooks, TrainingSteps, TrainState, drive, fit_steps
 from .errors import ConfigError, StorageError, UserError
 from .files import check_folder_path
 from .model import count_parameters
@@ -90,7 +90,7 @@ class ProgressFile:
 
 
 @dataclass
-class RunOutcome:
+class TrainedRun:
     folder: RunFolder
     record: RunRecord
     fit: FitResult
@@ -125,7 +125,7 @@ def check_inputs(config: Config) -> None:
     check_source_present(config)
 
 
-def run_training(config: Config, folder: RunFolder, hooks: RunHooks | None = None) -> RunOutcome:
+def run_training(config: Config, folder: RunFolder, hooks: RunHooks | None = None) -> TrainedRun:
     """Train one run in this process, in `folder` (`RunFolder.of(config.output_dir, run_id)`): its data loaded
     here, then `run_steps` driven alone."""
     started = time.perf_counter()
@@ -143,10 +143,10 @@ def run_training(config: Config, folder: RunFolder, hooks: RunHooks | None = Non
 
 
 def run_steps(config: Config, folder: RunFolder, data: DataSplits, device: torch.device, hooks: RunHooks | None = None,
-              started: float | None = None) -> TrainingSteps[RunOutcome]:
+              started: float | None = None) -> TrainingSteps[TrainedRun]:
     """One run with its files: write `best.pt`, `last.pt` (removed when the run finishes) and `record.json` in
     `folder`, training on `data` (views on `device`, perhaps shared with other runs). A generator of steps, as
-    `engine.training` is: `run_training` drives it alone, a trainer in a pack.
+    `engine.fit_steps` is: `run_training` drives it alone, a trainer in a pack.
 
     A `last.pt` already in the run folder (a preempted earlier attempt with the same run id), or else the one
     `hooks.fetch_resume` provides, is resumed: training continues after its last completed epoch. The run claims its
@@ -161,7 +161,7 @@ def run_steps(config: Config, folder: RunFolder, data: DataSplits, device: torch
 
 
 def _run_claimed(config: Config, folder: RunFolder, hooks: RunHooks, started: float, device: torch.device,
-                 data: DataSplits, model: nn.Module) -> TrainingSteps[RunOutcome]:
+                 data: DataSplits, model: nn.Module) -> TrainingSteps[TrainedRun]:
     data_facts = {DATA_SOURCE: config.dataset, TRAIN_IMAGES: len(data.train), VAL_IMAGES: len(data.val),
                   TEST_IMAGES: len(data.test), CLASS_COUNT: len(data.classes)}
     if hooks.on_start is not None:
@@ -230,7 +230,7 @@ def _run_claimed(config: Config, folder: RunFolder, hooks: RunHooks, started: fl
     own = TrainHooks(on_epoch_start=progress.on_epoch_start, on_batch=progress.on_batch, on_epoch=on_epoch)
     try:
         with writer:  # waits for the last checkpoints; their write error (a full disk) fails the run
-            result = yield from training(config, model, data, device, own.followed_by(hooks), resume=resume)
+            result = yield from fit_steps(config, model, data, device, own.followed_by(hooks), resume=resume)
     except BaseException as error:
         # Interrupted: asked to stop; GeneratorExit: its pack was closed. Either way last.pt holds the last epoch.
         record.status = "preempted" if isinstance(error, (Interrupted, GeneratorExit)) else "failed"
@@ -253,7 +253,7 @@ def _run_claimed(config: Config, folder: RunFolder, hooks: RunHooks, started: fl
     save_record()
     folder.last.unlink(missing_ok=True)  # finished: nothing left to resume
     folder.progress.unlink(missing_ok=True)  # nor to follow: the record has it all
-    return RunOutcome(folder, record, result, data)
+    return TrainedRun(folder, record, result, data)
 
 
 def evaluate_checkpoint(path: Path, overrides: dict[str, Any]) -> tuple[Config, EvalResult]:

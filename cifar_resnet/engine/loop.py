@@ -1,5 +1,5 @@
 """The training loop: one epoch of steps (`train_one_epoch`), everything a run needs to continue where it stopped
-(`TrainState`), and the whole run (`training`, a generator of steps that `drive` runs alone and a pack interleaves;
+(`TrainState`), and the whole run (`fit_steps`, a generator of steps that `drive` runs alone and a pack interleaves;
 `fit`), which reports through one `TrainHooks` object."""
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def train_one_epoch(
 
 
 def drive(steps: TrainingSteps[T]) -> T:
-    """Run a generator of training steps (`train_one_epoch`, `training`) to its end, alone; its return value."""
+    """Run a generator of training steps (`train_one_epoch`, `fit_steps`) to its end, alone; its return value."""
     while True:
         try:
             next(steps)
@@ -257,11 +257,11 @@ def fit(
     hooks: TrainHooks | None = None,
     resume: dict[str, Any] | None = None,
 ) -> FitResult:
-    """`training` run alone, to its end."""
-    return drive(training(config, model, data, device, hooks, resume))
+    """`fit_steps` run alone, to its end."""
+    return drive(fit_steps(config, model, data, device, hooks, resume))
 
 
-def training(
+def fit_steps(
     config: Config,
     model: nn.Module,
     data: DataSplits,
