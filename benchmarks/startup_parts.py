@@ -194,11 +194,11 @@ def measure_progress(work: Path, repeats: int) -> dict[str, Any]:
     from dataclasses import asdict
 
     from cifar_resnet.files import atomic_write_json
-    from cifar_resnet.records import PROGRESS_FILE, LiveProgress
+    from cifar_resnet.records import PROGRESS_FILE, EpochProgress
 
     run_dir = Path(tempfile.mkdtemp(dir=work))
-    progress = LiveProgress(epoch=1, epochs=10, step=100, steps=351, images_per_second=50000.0, seconds=3.0,
-                            updated_at=time.time())
+    progress = EpochProgress(epoch=1, epochs=10, step=100, steps=351, images_per_second=50000.0, seconds=3.0,
+                             updated_at=time.time())
 
     def timed(write: Callable[[], None]) -> dict[str, float]:
         started = time.perf_counter()

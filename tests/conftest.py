@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
 from cifar_resnet.config import Config
 from cifar_resnet.engine.loop import Interrupted
-from cifar_resnet.runner import RunHooks, RunOutcome, run_training
+from cifar_resnet.records import BEST_CHECKPOINT, RESUME_CHECKPOINT, RunFolder
+from cifar_resnet.runner import RunHooks, TrainedRun, run_training
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHIVE = Path(os.environ.get("CIFAR10_JPEG_ARCHIVE", REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"))
@@ -106,9 +106,10 @@ def tiny_config(tmp_path: Path) -> Config:
 
 
 @pytest.fixture(scope="session")
-def finished_run(tmp_path_factory: pytest.TempPathFactory) -> RunOutcome:
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
     """The tiny run, trained to its end: its folder holds best.pt and record.json; read it, do not write in it."""
-    return run_training(tiny(tmp_path_factory.mktemp("finished") / "runs"), "finished1")
+    config = tiny(tmp_path_factory.mktemp("finished") / "runs")
+    return run_training(config, RunFolder.of(config.output_dir, "finished1"))
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ def offline_run(tmp_path_factory: pytest.TempPathFactory) -> OfflineRun:
 def stop_after_first_epoch() -> RunHooks:
     """Hooks that stop a run as a signal would, after its first epoch: its best.pt and last.pt stay."""
     done: list[int] = []
-    return RunHooks(on_epoch=lambda record: done.append(len(record.history)), should_stop=lambda: bool(done))
+    return RunHooks(on_epoch_recorded=lambda record: done.append(len(record.history)), should_stop=lambda: bool(done))
 
 
 def stopped(config: Config) -> Config:
@@ -152,7 +153,7 @@ def stopped_run_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`stopped(tiny)` run "stopped1", stopped after epoch 1 of 2 as a preempted one is: best.pt and last.pt."""
     config = stopped(tiny(tmp_path_factory.mktemp("stopped") / "runs"))
     with pytest.raises(Interrupted):
-        run_training(config, "stopped1", stop_after_first_epoch())
+        run_training(config, RunFolder.of(config.output_dir, "stopped1"), stop_after_first_epoch())
     run_dir = Path(config.output_dir) / "stopped1"
     assert (run_dir / RESUME_CHECKPOINT).exists() and (run_dir / BEST_CHECKPOINT).exists()
     return run_dir

@@ -23,13 +23,13 @@ from conftest import REPO, stopped, tiny_args
 from helpers.runs import cli, cli_in_process, error_lines, one_error_line
 
 from cifar_resnet import files
-from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT, CheckpointWriter, host_copy
+from cifar_resnet.checkpoint import CheckpointWriter, host_copy
 from cifar_resnet.cli import main
 from cifar_resnet.config import Config
 from cifar_resnet.engine.device import select_device
 from cifar_resnet.engine.loop import Interrupted
 from cifar_resnet.errors import ConfigError, StorageError
-from cifar_resnet.records import RECORD_FILE, RunRecord
+from cifar_resnet.records import BEST_CHECKPOINT, RECORD_FILE, RESUME_CHECKPOINT, RunFolder, RunRecord
 from cifar_resnet.runner import run_training
 from cifar_resnet.sweep.state import LocalRun, SweepFolder
 from cifar_resnet.train import main as train_main
@@ -193,7 +193,7 @@ def test_a_full_disk_while_saving_a_checkpoint_ends_in_one_line_and_keeps_every_
     assert not list(run_dir.glob(".*.tmp"))  # no half-written file is left
     # With space again, the run resumes after epoch 1 and finishes.
     fill.unlink()
-    resumed = run_training(config, "full0001")
+    resumed = run_training(config, RunFolder.of(config.output_dir, "full0001"))
     assert resumed.record.status == "finished" and [h["epoch"] for h in resumed.record.history] == [1, 2]
     assert RunRecord.load(run_dir).status == "finished"
 
@@ -241,7 +241,8 @@ def test_a_truncated_run_record_is_one_line_on_resume_in_a_sweep_and_in_the_repo
 def test_a_resumed_run_s_record_keeps_no_error_of_the_attempt_before(stopped_run, tiny_config):
     """Issue 23: a run stopped once and resumed to its end kept `"error": "Interrupted"` in its record."""
     assert RunRecord.load(stopped_run).error == "Interrupted"
-    assert run_training(stopped(tiny_config), "stopped1").record.status == "finished"
+    assert run_training(stopped(tiny_config), RunFolder.of(tiny_config.output_dir, "stopped1")).record.status == \
+        "finished"
     record = json.loads((stopped_run / RECORD_FILE).read_text())
     assert record["status"] == "finished" and record["error"] is None
     assert [entry["epoch"] for entry in record["history"]] == [1, 2]
