@@ -112,12 +112,6 @@ def test_the_docs_name_no_path_outside_a_clone_of_the_repository():
     assert [page.name for page in DOCS if re.search(r"\.\./shared|/work/", page.read_text())] == []
 
 
-@pytest.mark.quick
-def test_the_readme_gives_the_install_and_test_line_ci_runs():
-    """`.ci/run` runs the README's install line exactly as a user copies it."""
-    (line,) = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if "pip install -e '.[test]'" in line]
-    assert f"```bash\n{line}\n```" in (REPO / "README.md").read_text()
-
 @pytest.mark.slow
 def test_a_mistake_every_run_would_repeat_is_fixed_as_its_line_says(tmp_path, tiny_config, capsys):
     """"fix it, then run the same command again", followed literally: both fixes a user would make (the data put

@@ -7,14 +7,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, tiny_args
+from conftest import REPO
 from helpers.sweeps import sweep_state, tiny_settings, write_sweep
 from helpers.wandb_records import read_records
 
@@ -75,11 +73,12 @@ def test_the_writeup_sweep_is_the_writeups_experiment():
 # --- the data, named beside the results ---------------------------------------------------------------------------
 
 
-def test_a_run_records_its_data_and_the_table_and_plots_name_it(tiny_config, tmp_path, monkeypatch):
-    outcome = run_training(tiny_config, RunFolder.of(tiny_config.output_dir, "data0001"))
+def test_a_run_records_its_data_and_the_table_and_plots_name_it(finished_run, tmp_path, monkeypatch):
+    outcome = finished_run
     assert outcome.record.data == {"dataset": "synthetic", "train_images": 1000, "val_images": 200,
                                    "test_images": 200, "class_count": 10}
-    results = results_from_folder(Path(tiny_config.output_dir))
+    runs = outcome.folder.path.parent
+    results = results_from_folder(runs)
     table = markdown_table(results)
     assert table.splitlines()[0] == TINY_DATA_LINE
     assert "| tuned |" in table  # the Recipe column
@@ -94,15 +93,14 @@ def test_a_run_records_its_data_and_the_table_and_plots_name_it(tiny_config, tmp
         return original(figure, path, **kwargs)
 
     monkeypatch.setattr(Figure, "savefig", savefig)
-    assert main(["report", tiny_config.output_dir, "--out", str(tmp_path / "report")]) == 0
+    assert main(["report", str(runs), "--out", str(tmp_path / "report")]) == 0
     assert len(captions) >= 3 and all(texts == [TINY_DATA_LINE] for texts in captions.values())
 
 
-def test_the_synthetic_trial_is_not_solved_at_once(tiny_config):
+def test_the_synthetic_trial_is_not_solved_at_once(finished_run):
     """The synthetic set is a task, not a giveaway: a short run lands above chance and well below 100% (measured:
     28% for this width-8 model on 1,000 images in 2 epochs; 100% before the classes were brought closer)."""
-    outcome = run_training(tiny_config, RunFolder.of(tiny_config.output_dir, "hard0001"))
-    assert CHANCE + 0.05 < outcome.fit.test.acc < 0.9
+    assert CHANCE + 0.05 < finished_run.fit.test.acc < 0.9
 
 
 # --- progress inside an epoch -------------------------------------------------------------------------------------
@@ -270,19 +268,14 @@ def test_run_time_counts_every_attempt(tiny_config):
 # --- a self-contained offline run ---------------------------------------------------------------------------------
 
 
-def test_an_offline_run_holds_its_artifact_files(tiny_config, tmp_path):
-    """Copy the offline run folder elsewhere and delete W&B's own staging area: every file the run's artifact
-    names is still there, inside the copy, for `wandb sync` on another machine."""
-    done = subprocess.run([sys.executable, "-m", "cifar_resnet.train", *tiny_args(tiny_config.replace(epochs=1))],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "WANDB_RUN_ID": "self0001"})
-    assert done.returncode == 0, done.stderr[-2000:]
-    (run_folder,) = (tmp_path / "wandb").glob("offline-run-*-self0001")
+def test_an_offline_run_holds_its_artifact_files(offline_run, tmp_path):
+    """Copy the offline run folder elsewhere: every file the run's artifact names is there, inside the copy, for
+    `wandb sync` on another machine (and W&B's own staging area is empty: test_train)."""
+    (run_folder,) = (offline_run.wandb_dir / "wandb").glob(f"offline-run-*-{offline_run.run_id}")
     copy = tmp_path / "elsewhere" / run_folder.name
     shutil.copytree(run_folder, copy)
-    shutil.rmtree(tmp_path / ".wandb-data", ignore_errors=True)  # W&B's data folder, where it would stage them
 
-    artifacts = [record.artifact for record in read_records(copy / "run-self0001.wandb")
+    artifacts = [record.artifact for record in read_records(copy / f"run-{offline_run.run_id}.wandb")
                  if record.HasField("artifact")]
     (model,) = [artifact for artifact in artifacts if artifact.type == "model"]
     named = [Path(entry.local_path) for entry in model.manifest.contents]

@@ -71,8 +71,7 @@ def resume_config(tiny_config: Config) -> Config:
 def start_training(config: Config, run_id: str, log: Path, **env: str) -> subprocess.Popen:
     """`python -m cifar_resnet.train` as the agent starts it; with DOUBLE_CALLS set, through DOWNLOAD_DOUBLE."""
     program = ["-c", DOWNLOAD_DOUBLE] if "DOUBLE_CALLS" in env else ["-m", "cifar_resnet.train"]
-    # One thread in every process: the same arithmetic in all of them, whatever else runs on the machine.
-    env = dict(os.environ, WANDB_RUN_ID=run_id, OMP_NUM_THREADS="1", **env)
+    env = dict(os.environ, WANDB_RUN_ID=run_id, **env)  # one thread (conftest): the same arithmetic in all
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, *program, *tiny_args(config)], env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
@@ -194,8 +193,7 @@ def assert_same_end(resumed, reference) -> None:
 
 
 @pytest.mark.slow
-def test_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_resumable(tiny_config, monkeypatch,
-                                                                                   one_thread):
+def test_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_resumable(tiny_config, monkeypatch):
     config = tiny_config.replace(epochs=3)
     run_dir = Path(config.output_dir) / "killed01"
 
@@ -300,7 +298,7 @@ def on_another_device(value):
 
 
 def test_a_checkpoint_that_torch_load_puts_on_another_device_resumes_as_an_uninterrupted_run(
-    tiny_config, monkeypatch, one_thread
+    tiny_config, monkeypatch
 ):
     """On a GPU the resume checkpoint's tensors came back from torch.load on the GPU (b142e91 loaded it with
     map_location=device), and the generator's state failed `set_state` with "RNG state must be a torch.ByteTensor":
@@ -363,7 +361,7 @@ def crash_in_epoch_2(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(loop, "train_one_epoch", crashing)
 
 
-def test_a_crash_ends_the_run_as_failed_not_preempting(tmp_path, tiny_config, monkeypatch, one_thread):
+def test_a_crash_ends_the_run_as_failed_not_preempting(tmp_path, tiny_config, monkeypatch):
     """A bug must fail the run, or the sweep would requeue it for ever."""
     crash_in_epoch_2(monkeypatch)
     monkeypatch.setenv("WANDB_RUN_ID", "crash001")
@@ -377,8 +375,7 @@ def test_a_crash_ends_the_run_as_failed_not_preempting(tmp_path, tiny_config, mo
 
 
 @pytest.mark.slow
-def test_lookahead_and_the_average_resume_from_last_pt_as_the_uninterrupted_run(tiny_config, monkeypatch,
-                                                                               one_thread):
+def test_lookahead_and_the_average_resume_from_last_pt_as_the_uninterrupted_run(tiny_config, monkeypatch):
     """Lookahead's slow weights and step count travel in last.pt beside the weight average: a run that fails in
     epoch 2, when its last.pt holds epoch 1 in the middle of a Lookahead cycle, runs again to the same end."""
     config = tiny_config.replace(epochs=3, optimizer="sgd", learning_rate=0.01, sgd_norm_lr_scale=16.0,

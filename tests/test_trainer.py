@@ -58,10 +58,9 @@ def socket_path():
 
 
 def start_trainer(socket_path: Path, log: Path) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "cifar_resnet", "trainer", f"--socket={socket_path}",
-                                 "--device=cpu"], env=env, stdout=out, stderr=subprocess.STDOUT)
+                                 "--device=cpu"], stdout=out, stderr=subprocess.STDOUT)
 
 
 @contextlib.contextmanager
@@ -87,7 +86,7 @@ def assert_own_wandb_run(wandb_dir: Path, run_id: str, epochs: int) -> None:
 
 
 def start_run(config, run_id: str, socket_path: Path, log: Path) -> subprocess.Popen:
-    env = dict(os.environ, WANDB_RUN_ID=run_id, OMP_NUM_THREADS="1", **{TRAINER_VARIABLE: str(socket_path)})
+    env = dict(os.environ, WANDB_RUN_ID=run_id, **{TRAINER_VARIABLE: str(socket_path)})
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "cifar_resnet.train", *tiny_args(config)], env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
@@ -131,7 +130,7 @@ def alone_runs(configs, tmp_path):
 
 @pytest.mark.slow
 def test_three_runs_in_one_trainer_end_as_three_runs_alone_with_their_own_wandb_runs(tmp_path, tiny_config,
-                                                                                    socket_path, one_thread):
+                                                                                    socket_path):
     configs = cells(tiny_config)
     with trainer_running(socket_path, tmp_path / "trainer.log") as trainer:
         runs = {run_id: start_run(config, run_id, socket_path, tmp_path / f"{run_id}.log")
@@ -151,7 +150,7 @@ def test_three_runs_in_one_trainer_end_as_three_runs_alone_with_their_own_wandb_
 
 @pytest.mark.slow
 def test_a_run_stopped_in_its_trainer_resumes_there_and_the_others_are_undisturbed(tmp_path, tiny_config,
-                                                                                  socket_path, one_thread):
+                                                                                  socket_path):
     configs = cells(tiny_config)
     with trainer_running(socket_path, tmp_path / "trainer.log"):
         runs = {run_id: start_run(config, run_id, socket_path, tmp_path / f"{run_id}.log")
@@ -175,8 +174,7 @@ def test_a_run_stopped_in_its_trainer_resumes_there_and_the_others_are_undisturb
 
 
 @pytest.mark.slow
-def test_runs_of_a_killed_trainer_are_preempted_and_resume_in_the_next_one(tmp_path, tiny_config, socket_path,
-                                                                           one_thread):
+def test_runs_of_a_killed_trainer_are_preempted_and_resume_in_the_next_one(tmp_path, tiny_config, socket_path):
     configs = cells(tiny_config)
     trainer = start_trainer(socket_path, tmp_path / "trainer.log")
     runs = {run_id: start_run(config, run_id, socket_path, tmp_path / f"{run_id}.log")
@@ -226,7 +224,6 @@ def test_an_offline_sweep_packs_its_workers_runs_into_one_trainer(tmp_path, tiny
     """`cifar-resnet sweep --workers 3 --pack` on a CPU: one trainer, every cell trained in it, as alone."""
     from cifar_resnet.cli import main
 
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     grid = {"learning_rate": {"values": [0.002, 0.001, 0.0005]}, "optimizer": {"value": "adam"}}
     path = write_sweep(tmp_path / "grid.yaml", grid | tiny_settings(tiny_config, epochs=2))
     out_dir = tmp_path / "packed"
@@ -235,14 +232,13 @@ def test_an_offline_sweep_packs_its_workers_runs_into_one_trainer(tmp_path, tiny
     assert [run["state"] for run in runs] == ["finished"] * 3
     (trainer_log,) = (out_dir / "trainers").glob("*/trainer-default.log")
     assert trainer_log.read_text().count("joins the pack") == 3
-    torch.set_num_threads(1)
     for run in runs:
         config = Config.from_mapping(run["params"], base=tiny_config).replace(output_dir=str(tmp_path / "alone"))
         alone = run_training(config, RunFolder.of(config.output_dir, run["run_id"]))
         assert_like_alone(out_dir / run["run_id"], alone)
 
 
-def test_a_packed_runs_log_holds_the_lines_of_a_run_alone(tiny_config, socket_path, one_thread, caplog):
+def test_a_packed_runs_log_holds_the_lines_of_a_run_alone(tiny_config, socket_path, caplog):
     """Issue 27: a packed run's log (its process's output, the sweep's run.log) lacked its `config:` and `test (best
     epoch ...)` lines, which only the trainer's log held; and the trainer said "(1 members)". A trainer on a thread
     of this process; the run's side (this thread) logs what its member's messages relay. Its lines are a run
