@@ -1,5 +1,6 @@
 """An image folder as a data source (`dataset=imagefolder`): its listing in torchvision's `ImageFolder` order, the
-decoding of its images on several threads, and the decode cache beside it, found again by its folders' stamps."""
+decoding of its images on several threads, and the decode cache beside it, found again by its folders' stamps and
+checked against its images' stamps."""
 
 from __future__ import annotations
 
