@@ -1,6 +1,7 @@
 """The image-folder data source (`dataset=imagefolder`): listing (links, classes, extensions), decoding (exact
 pixels, on several threads, any PNG mode PIL reads), the decode cache (rebuilt when the folder changes or the cache
-is damaged, skipped on a full disk or a read-only folder), its errors in one line, and a short run on real images."""
+is damaged, an image rewritten in place decoded again alone, skipped on a full disk or a read-only folder), its
+errors in one line, and a short run on real images."""
 
 from __future__ import annotations
 

@@ -146,8 +146,8 @@ def _stamps_unchanged(folder: Path, stamps: dict[str, list[int]]) -> bool:
 def _file_stamps(folder: Path, names: list[str]) -> torch.Tensor | None:
     """(N, 4) int64: each image's inode, size, and modification and status-change times in nanoseconds, as `stat`
     gives them through a link; None where an image is gone. A rewrite in place changes the times (the status-change
-    time even where a tool puts the modification time back), a replacement the inode. One `stat` per image, about
-    0.15 s of CPU for CIFAR-10's 60,000 on a 2-core AMD EPYC (BENCHMARKS.md)."""
+    time even where a tool puts the modification time back), a replacement the inode. One `stat` per image
+    (BENCHMARKS.md has its cost for CIFAR-10's 60,000)."""
     stamps = array.array("q")
     split_folder = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)  # names resolved from it, not from the root
     try:
@@ -267,9 +267,11 @@ def _save_cache(cache_dir: Path, folder: Path, contents: dict[str, Any]) -> Path
     """Write `folder`'s cache (under its lock) in place of the old ones; its path, or None where it could not be
     written (the cache only saves time: the run trains on, as for a read-only data folder)."""
     cache_file = _cache_file(cache_dir, folder, contents)
-    # Old caches of this split, and temporary files of writers killed mid-write (only the lock holder writes).
+    # Old caches of this split, and temporary files of writers killed mid-write (only the lock holder writes). A
+    # cache refreshed under its own name is replaced by the atomic write, never missing for a reader.
     for stale in [*cache_dir.glob(f"{folder.name}-*.pt"), *cache_dir.glob(f".{folder.name}-*.tmp")]:
-        stale.unlink(missing_ok=True)
+        if stale != cache_file:
+            stale.unlink(missing_ok=True)
     try:
         atomic_torch_save(cache_file, contents)
     except StorageError as error:
