@@ -72,13 +72,17 @@ print(json.dumps({"list_s": listed - started, "stat_s": time.perf_counter() - li
 """
 RUN_DATA_LOAD = """
 import json, sys, time
-from pathlib import Path
 from cifar_resnet import runner
 from cifar_resnet.config import Config
 runner.drive = lambda steps: steps.close()  # the run ends where its steps would start: its data on the device
 config = Config(dataset="imagefolder", data_dir=sys.argv[1], device="cpu", output_dir=sys.argv[2])
+try:
+    from cifar_resnet.records import RunFolder
+    run = RunFolder.of(config.output_dir, "dataload")
+except ImportError:  # an older tree, whose run_training took the run's id
+    run = "dataload"
 wall, cpu, main_thread = time.perf_counter(), time.process_time(), time.thread_time()
-runner.run_training(config, "dataload")
+runner.run_training(config, run)
 print(json.dumps({"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
                   "main_thread_cpu_s": time.thread_time() - main_thread}))
 """
@@ -218,11 +222,11 @@ def measure_progress(work: Path, repeats: int) -> dict[str, Any]:
     from dataclasses import asdict
 
     from cifar_resnet.files import atomic_write_json
-    from cifar_resnet.records import PROGRESS_FILE, LiveProgress
+    from cifar_resnet.records import PROGRESS_FILE, EpochProgress
 
     run_dir = Path(tempfile.mkdtemp(dir=work))
-    progress = LiveProgress(epoch=1, epochs=10, step=100, steps=351, images_per_second=50000.0, seconds=3.0,
-                            updated_at=time.time())
+    progress = EpochProgress(epoch=1, epochs=10, step=100, steps=351, images_per_second=50000.0, seconds=3.0,
+                             updated_at=time.time())
 
     def timed(write: Callable[[], None]) -> dict[str, float]:
         started = time.perf_counter()

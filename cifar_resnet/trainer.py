@@ -37,18 +37,26 @@ from typing import Any
 
 import torch
 
-from .checkpoint import RESUME_CHECKPOINT
 from .config import Config
 from .data.images import DataSource
 from .data.sources import load_source, source_key, split
 from .engine.device import select_device
 from .engine.loop import Interrupted
-from .errors import RunFailed, StorageError, TrainingDiverged, UserError
+from .errors import RunFailed, StorageError, TrainingDiverged, UserError, reject_unknown_arguments
 from .pack import Ended, Pack
-from .process import SUPERVISOR_STOP_SIGNALS, reject_unknown_arguments, stop_on_signals
-from .records import BEST_EPOCH, TEST_ACC, TEST_LOSS, RunRecord, describe_epoch, describe_test, read_record
-from .run_contract import run_folder
-from .runner import AlreadyFinished, RunHooks, run_steps
+from .records import (
+    BEST_EPOCH,
+    TEST_ACC,
+    TEST_LOSS,
+    AlreadyFinished,
+    RunFolder,
+    RunRecord,
+    describe_epoch,
+    describe_test,
+    read_record,
+)
+from .runner import RunHooks, run_steps
+from .signals import SUPERVISOR_STOP_SIGNALS, stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -201,12 +209,12 @@ class Trainer:
             client.tell({"ended": ending(error)})
             return self.drop(client)
         hooks = RunHooks(on_start=lambda facts: client.tell({"started": facts}),
-                         on_epoch=lambda record: client.tell({"epoch": asdict(record)}),
+                         on_epoch_recorded=lambda record: client.tell({"epoch": asdict(record)}),
                          should_stop=lambda: client.stop)
-        run_dir = cwd / run_folder(config.output_dir, client.run_id)
+        folder = RunFolder.of(cwd / config.output_dir, client.run_id)  # output_dir as the run's process sees it
         members = len(self.pack) + 1
         log.info("run %s joins the pack (%d member%s)", client.run_id, members, "" if members == 1 else "s")
-        self.pack.add(client.name, run_steps(config, client.run_id, data, self.device, hooks, run_dir=run_dir))
+        self.pack.add(client.name, run_steps(config, folder, data, self.device, hooks))
 
     def source(self, config: Config, cwd: Path) -> DataSource:
         """The run's data source on the device, loaded once for every run of the same source."""
@@ -273,7 +281,7 @@ def connect(socket_path: Path, wait_seconds: float = CONNECT_WAIT_SECONDS) -> so
             time.sleep(CONNECT_RETRY_SECONDS)
 
 
-def train_in_trainer(socket_path: Path, config: Config, run_id: str, hooks: RunHooks,
+def train_in_trainer(socket_path: Path, config: Config, folder: RunFolder, hooks: RunHooks,
                      received: Sequence[int]) -> RunRecord | None:
     """Hand this run's training to the trainer at `socket_path` and relay its member's life to `hooks`; the run's
     record once it has finished. None when the trainer cannot take it: the caller trains it in this process.
@@ -283,11 +291,10 @@ def train_in_trainer(socket_path: Path, config: Config, run_id: str, hooks: RunH
     if sock is None:
         log.warning("no trainer answers on %s: training in this process", socket_path)
         return None
-    run_dir = run_folder(config.output_dir, run_id)
     with sock:
-        if hooks.fetch_resume is not None and not (run_dir / RESUME_CHECKPOINT).exists():
-            hooks.fetch_resume(run_dir / RESUME_CHECKPOINT)
-        send(sock, {"train": {"run_id": run_id, "config": config.to_dict(), "cwd": os.getcwd()}})
+        if hooks.fetch_resume is not None and not folder.last.exists():
+            hooks.fetch_resume(folder.last)
+        send(sock, {"train": {"run_id": folder.run_id, "config": config.to_dict(), "cwd": os.getcwd()}})
         sock.settimeout(POLL_SECONDS)
         reader, stop_sent = LineReader(sock), False
         while True:
@@ -296,7 +303,7 @@ def train_in_trainer(socket_path: Path, config: Config, run_id: str, hooks: RunH
                 stop_sent = True
             messages = reader.read()
             if messages is None:  # the trainer died: what the run's files say is what happened
-                record = read_record(run_dir)
+                record = read_record(folder.path)
                 if record is not None and record.status == FINISHED:
                     return logged_test(record)
                 raise Interrupted("its trainer ended")
@@ -312,10 +319,10 @@ def train_in_trainer(socket_path: Path, config: Config, run_id: str, hooks: RunH
                 elif "epoch" in message:
                     record = RunRecord(**message["epoch"])
                     log.info("%s", describe_epoch(record.history, config.epochs))
-                    if hooks.on_epoch is not None:
-                        hooks.on_epoch(record)
+                    if hooks.on_epoch_recorded is not None:
+                        hooks.on_epoch_recorded(record)
                 elif "ended" in message:
-                    return logged_test(ended(message["ended"], run_dir))
+                    return logged_test(ended(message["ended"], folder))
 
 
 def logged_test(record: RunRecord) -> RunRecord:
@@ -325,9 +332,9 @@ def logged_test(record: RunRecord) -> RunRecord:
     return record
 
 
-def ended(end: dict[str, Any], run_dir: Path) -> RunRecord:
+def ended(end: dict[str, Any], folder: RunFolder) -> RunRecord:
     if end["status"] == FINISHED:
-        return RunRecord.load(run_dir)
+        return RunRecord.load(folder.path)
     if end["status"] == STOPPED:
         raise Interrupted("stopped in its trainer")
     if end["kind"] == DONE_BEFORE:

@@ -23,13 +23,13 @@ from conftest import REPO, tiny_args
 from helpers.runs import cli, error_lines, one_error_line
 
 from cifar_resnet import files
-from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT, CheckpointWriter, host_copy
+from cifar_resnet.checkpoint import CheckpointWriter, host_copy
 from cifar_resnet.cli import main
 from cifar_resnet.config import Config
 from cifar_resnet.engine.device import select_device
 from cifar_resnet.engine.loop import Interrupted
 from cifar_resnet.errors import ConfigError, StorageError
-from cifar_resnet.records import RECORD_FILE, RunRecord
+from cifar_resnet.records import BEST_CHECKPOINT, RECORD_FILE, RESUME_CHECKPOINT, RunFolder, RunRecord
 from cifar_resnet.runner import RunHooks, run_training
 from cifar_resnet.sweep.state import LocalRun, SweepFolder
 from cifar_resnet.train import main as train_main
@@ -71,8 +71,8 @@ def test_a_gpu_index_beyond_the_visible_gpus_is_one_line(monkeypatch):
 def stopped_run(tiny_config) -> Path:
     """A run stopped after epoch 1 of 2, as a preempted one is: its folder keeps best.pt and last.pt."""
     with pytest.raises(Interrupted):
-        run_training(tiny_config.replace(train_size=256, val_size=64, test_size=64), "stopped1",
-                     stop_after_first_epoch())
+        run_training(tiny_config.replace(train_size=256, val_size=64, test_size=64),
+                     RunFolder.of(tiny_config.output_dir, "stopped1"), stop_after_first_epoch())
     run_dir = Path(tiny_config.output_dir) / "stopped1"
     assert (run_dir / RESUME_CHECKPOINT).exists() and (run_dir / BEST_CHECKPOINT).exists()
     return run_dir
@@ -178,7 +178,7 @@ def small_disk(tmp_path):
 def stop_after_first_epoch() -> RunHooks:
     """Hooks that stop a run as a signal would, after its first epoch: its best.pt and last.pt stay."""
     done: list[int] = []
-    return RunHooks(on_epoch=lambda record: done.append(len(record.history)), should_stop=lambda: bool(done))
+    return RunHooks(on_epoch_recorded=lambda record: done.append(len(record.history)), should_stop=lambda: bool(done))
 
 
 def test_a_full_disk_while_saving_a_checkpoint_ends_in_one_line_and_keeps_every_epoch(small_disk, tiny_config):
@@ -186,7 +186,7 @@ def test_a_full_disk_while_saving_a_checkpoint_ends_in_one_line_and_keeps_every_
     config = small.replace(output_dir=str(small_disk / "runs"))
     # This run's checkpoint sizes, measured by the same run stopped after epoch 1 elsewhere (same model, same sizes).
     with pytest.raises(Interrupted):
-        run_training(small, "measure1", stop_after_first_epoch())
+        run_training(small, RunFolder.of(small.output_dir, "measure1"), stop_after_first_epoch())
     measured = Path(tiny_config.output_dir) / "measure1"
     best_bytes, last_bytes = ((measured / name).stat().st_size for name in (BEST_CHECKPOINT, RESUME_CHECKPOINT))
     # Leave room for epoch 1's best.pt and last.pt, plus half a best.pt (the run record fits in that): epoch 2
@@ -210,7 +210,7 @@ def test_a_full_disk_while_saving_a_checkpoint_ends_in_one_line_and_keeps_every_
     assert not list(run_dir.glob(".*.tmp"))  # no half-written file is left
     # With space again, the run resumes after epoch 1 and finishes.
     fill.unlink()
-    resumed = run_training(config, "full0001")
+    resumed = run_training(config, RunFolder.of(config.output_dir, "full0001"))
     assert resumed.record.status == "finished" and [h["epoch"] for h in resumed.record.history] == [1, 2]
     assert RunRecord.load(run_dir).status == "finished"
 
@@ -260,7 +260,7 @@ def test_a_resumed_run_s_record_keeps_no_error_of_the_attempt_before(stopped_run
     """Issue 23: a run stopped once and resumed to its end kept `"error": "Interrupted"` in its record."""
     assert RunRecord.load(stopped_run).error == "Interrupted"
     config = tiny_config.replace(train_size=256, val_size=64, test_size=64)
-    assert run_training(config, "stopped1").record.status == "finished"
+    assert run_training(config, RunFolder.of(config.output_dir, "stopped1")).record.status == "finished"
     record = json.loads((stopped_run / RECORD_FILE).read_text())
     assert record["status"] == "finished" and record["error"] is None
     assert [entry["epoch"] for entry in record["history"]] == [1, 2]

@@ -29,6 +29,7 @@ from cifar_resnet.config import Config
 from cifar_resnet.data.image_folder import CACHE_FOLDER, IMAGE_EXTENSIONS, decode_images, list_folder, load_image_folder
 from cifar_resnet.data.sources import load_splits
 from cifar_resnet.errors import DataError, StorageError
+from cifar_resnet.records import RunFolder
 from cifar_resnet.runner import run_training
 
 CHANCE = 0.1  # ten classes
@@ -580,5 +581,5 @@ def test_one_epoch_on_real_images_learns_with_the_tuned_recipe(cifar_jpeg_dir, t
     mostly at their initial values, and evaluation at chance whatever the schedule (measured: 22% train, 11% test)."""
     config = Config(dataset="imagefolder", data_dir=str(cifar_jpeg_dir), epochs=1, width=16, val_size=500,
                     batch_size=32, output_dir=str(tmp_path / "runs"), device="cpu")
-    outcome = run_training(config, "real0001")
+    outcome = run_training(config, RunFolder.of(config.output_dir, "real0001"))
     assert outcome.fit.test.acc > CHANCE + 0.1

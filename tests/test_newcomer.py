@@ -24,7 +24,8 @@ from cifar_resnet.engine.loop import Interrupted
 from cifar_resnet.records import (
     PROGRESS_FILE,
     RUN_SECONDS,
-    LiveProgress,
+    EpochProgress,
+    RunFolder,
     RunRecord,
     read_progress,
     result_from_record,
@@ -75,7 +76,7 @@ def test_the_writeup_sweep_is_the_writeups_experiment():
 
 
 def test_a_run_records_its_data_and_the_table_and_plots_name_it(tiny_config, tmp_path, monkeypatch):
-    outcome = run_training(tiny_config, "data0001")
+    outcome = run_training(tiny_config, RunFolder.of(tiny_config.output_dir, "data0001"))
     assert outcome.record.data == {"dataset": "synthetic", "train_images": 1000, "val_images": 200,
                                    "test_images": 200, "class_count": 10}
     results = results_from_folder(Path(tiny_config.output_dir))
@@ -100,7 +101,7 @@ def test_a_run_records_its_data_and_the_table_and_plots_name_it(tiny_config, tmp
 def test_the_synthetic_trial_is_not_solved_at_once(tiny_config):
     """The synthetic set is a task, not a giveaway: a short run lands above chance and well below 100% (measured:
     28% for this width-8 model on 1,000 images in 2 epochs; 100% before the classes were brought closer)."""
-    outcome = run_training(tiny_config, "hard0001")
+    outcome = run_training(tiny_config, RunFolder.of(tiny_config.output_dir, "hard0001"))
     assert CHANCE + 0.05 < outcome.fit.test.acc < 0.9
 
 
@@ -113,14 +114,14 @@ def test_progress_file_is_written_inside_each_epoch_and_throttled(tiny_config, m
     from cifar_resnet import runner
 
     monkeypatch.setattr(runner, "PROGRESS_WRITE_SECONDS", write_every_s)
-    written: list[LiveProgress] = []
-    original = LiveProgress.save
-    monkeypatch.setattr(LiveProgress, "save", lambda self, run_dir: (written.append(self), original(self, run_dir)))
+    written: list[EpochProgress] = []
+    original = EpochProgress.save
+    monkeypatch.setattr(EpochProgress, "save", lambda self, run_dir: (written.append(self), original(self, run_dir)))
     seen = []
     run_dir = Path(tiny_config.output_dir) / "prog0001"
     hooks = RunHooks(on_batch=lambda: seen.append(read_progress(run_dir)))
 
-    run_training(tiny_config, "prog0001", hooks)
+    run_training(tiny_config, RunFolder.of(tiny_config.output_dir, "prog0001"), hooks)
 
     steps = tiny_config.train_size // tiny_config.batch_size
     expected = steps + 1 if writes_per_epoch == "every step" else 2
@@ -138,10 +139,10 @@ def test_progress_of_a_running_run_reads_its_progress_file(tmp_path, tiny_config
     run = LocalRun("live0001", {"epochs": 4}, "running")
     run_dir = tmp_path / run.run_id
     RunRecord(run.run_id, tiny_config.to_dict(), history=[{"epoch": 1, "val/acc": 0.3}], seconds=20.0).save(run_dir)
-    LiveProgress(epoch=2, epochs=4, step=25, steps=100, images_per_second=900.0, seconds=30.0,
-                 updated_at=time.time()).save(run_dir)
+    EpochProgress(epoch=2, epochs=4, step=25, steps=100, images_per_second=900.0, seconds=30.0,
+                  updated_at=time.time()).save(run_dir)
 
-    progress = progress_of(run, RunRecord.load(run_dir), Config(), run_dir)
+    progress = progress_of(run, RunRecord.load(run_dir), Config(), RunFolder(run_dir, run.run_id))
 
     assert (progress.epoch, progress.done_epochs, progress.images_per_second) == (1, 1.25, 900.0)
     assert 30.0 <= progress.seconds < 35.0
@@ -157,8 +158,8 @@ def test_the_progress_file_is_replaced_atomically_without_waiting_for_the_disk(t
     synced = []
     real_fsync = os.fsync
     monkeypatch.setattr(files.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
-    LiveProgress(epoch=1, epochs=2, step=3, steps=10, images_per_second=1.0, seconds=1.0,
-                 updated_at=time.time()).save(tmp_path)
+    EpochProgress(epoch=1, epochs=2, step=3, steps=10, images_per_second=1.0, seconds=1.0,
+                  updated_at=time.time()).save(tmp_path)
     assert synced == [] and read_progress(tmp_path).step == 3
     assert sorted(path.name for path in tmp_path.iterdir()) == [PROGRESS_FILE]  # no temporary file left
     RunRecord("sync0001", tiny_config.to_dict()).save(tmp_path)
@@ -249,16 +250,16 @@ def test_run_time_counts_every_attempt(tiny_config):
     def stop_after_first_epoch() -> bool:
         return len(epochs_seen) >= 1
 
-    hooks = RunHooks(on_epoch=lambda record: epochs_seen.append(len(record.history)),
+    hooks = RunHooks(on_epoch_recorded=lambda record: epochs_seen.append(len(record.history)),
                      should_stop=stop_after_first_epoch)
     with pytest.raises(Interrupted):
-        run_training(config, "time0001", hooks)
+        run_training(config, RunFolder.of(config.output_dir, "time0001"), hooks)
     run_dir = Path(config.output_dir) / "time0001"
     first_attempt = RunRecord.load(run_dir).seconds
     assert first_attempt > 0
 
     started = time.perf_counter()
-    outcome = run_training(config, "time0001")
+    outcome = run_training(config, RunFolder.of(config.output_dir, "time0001"))
     second_attempt = time.perf_counter() - started
 
     total = outcome.record.summary[RUN_SECONDS]

@@ -13,7 +13,7 @@ import pytest
 from cifar_resnet import report, wandb_sweep
 from cifar_resnet.cli import main
 from cifar_resnet.config import RECIPE_PRESETS, Config
-from cifar_resnet.records import RunRecord, RunResult, results_from_folder
+from cifar_resnet.records import RunFolder, RunRecord, RunResult, results_from_folder
 from cifar_resnet.runner import run_training
 from cifar_resnet.table import markdown_table
 from cifar_resnet.wandb_sweep import build_sweep_view
@@ -35,7 +35,7 @@ def sweep_folder(tmp_path_factory) -> Path:
                   test_size=200, output_dir=str(folder), device="cpu")
     for index, (learning_rate, optimizer, batch_size) in enumerate(CELLS):
         config = base.replace(learning_rate=learning_rate, optimizer=optimizer, batch_size=batch_size)
-        run_training(config, f"run{index}")
+        run_training(config, RunFolder.of(config.output_dir, f"run{index}"))
     torch.set_num_threads(threads)
     unfinished = base.replace(learning_rate=0.0001)
     RunRecord("running0", unfinished.to_dict(), history=[

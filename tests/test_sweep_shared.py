@@ -26,7 +26,7 @@ from helpers.sweeps import GRID, sweep_state, table_rows, tiny_settings, write_s
 from cifar_resnet import files
 from cifar_resnet.cli import main
 from cifar_resnet.config import Config
-from cifar_resnet.records import RECORD_FILE, RunRecord
+from cifar_resnet.records import RECORD_FILE, RunFolder, RunRecord
 from cifar_resnet.runner import run_training
 from cifar_resnet.sweep.local import NO_RECORD_REASON, LocalSweep
 from cifar_resnet.sweep.plan import load_sweep, starts_our_training, warn_unless_our_entry_point
@@ -152,7 +152,7 @@ def test_a_killed_host_s_run_is_taken_over_and_ends_as_an_uninterrupted_run(tmp_
     torch.set_num_threads(1)
     try:
         reference = run_training(Config.from_mapping({**resumed.config, "output_dir": str(tmp_path / "ref")}),
-                                 "reference").record
+                                 RunFolder.of(tmp_path / "ref", "reference")).record
     finally:
         torch.set_num_threads(threads)
 

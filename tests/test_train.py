@@ -19,14 +19,13 @@ from helpers.runs import error_lines, tree
 from wandb.sdk.lib import config_util
 from helpers.wandb_records import offline_run_file, read_records
 
-from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
 from cifar_resnet.cli import main as cli_main
 from cifar_resnet.config import Config
 from cifar_resnet.engine.device import build_optimizer
 from cifar_resnet.errors import ConfigError
 from cifar_resnet.files import LOCK_FILE, folder_lock
 from cifar_resnet.model import CIFAR10CNN
-from cifar_resnet.records import RunRecord
+from cifar_resnet.records import BEST_CHECKPOINT, RESUME_CHECKPOINT, RunFolder, RunRecord
 from cifar_resnet.runner import run_training
 from cifar_resnet.train import main as train_main
 from cifar_resnet.wandb_sweep import run_argv
@@ -112,7 +111,7 @@ def test_sweep_values_win_over_the_command_line(tmp_path, tiny_config):
 
 def test_narrow_model_learns_synthetic_classes(tiny_config):
     config = tiny_config.replace(epochs=3, train_size=2000)
-    outcome = run_training(config, "learn01")
+    outcome = run_training(config, RunFolder.of(config.output_dir, "learn01"))
     assert outcome.fit.test.acc > 0.3  # chance is 0.1; measured 0.41 (the synthetic classes are meant to be hard)
     assert outcome.record.history[-1]["train/loss"] < outcome.record.history[0]["train/loss"]
 
@@ -120,7 +119,7 @@ def test_narrow_model_learns_synthetic_classes(tiny_config):
 def test_narrow_model_learns_real_cifar_images(cifar_jpeg_dir, tmp_path):
     config = Config(dataset="imagefolder", data_dir=str(cifar_jpeg_dir), width=16, epochs=2, val_size=500,
                     batch_size=64, recipe="writeup", output_dir=str(tmp_path / "runs"), device="cpu")
-    outcome = run_training(config, "real01")
+    outcome = run_training(config, RunFolder.of(config.output_dir, "real01"))
     assert outcome.fit.test.acc > 0.25  # chance is 0.1; 2,500 images and 2 epochs
 
 
@@ -201,8 +200,8 @@ def test_no_credentials_goes_offline_by_itself_and_says_how_to_sync(tiny_config,
 
 
 def test_evaluate_command_tests_a_saved_checkpoint(tiny_config, capsys):
-    outcome = run_training(tiny_config, "eval0001")
-    assert cli_main(["evaluate", str(outcome.run_dir / BEST_CHECKPOINT), "--device=cpu"]) == 0
+    outcome = run_training(tiny_config, RunFolder.of(tiny_config.output_dir, "eval0001"))
+    assert cli_main(["evaluate", str(outcome.folder.best), "--device=cpu"]) == 0
     printed = capsys.readouterr().out
     assert f"test acc {100 * outcome.fit.test.acc:.2f}%" in printed  # in %, as the report shows it
     assert cli_main(["evaluate", "missing.pt"]) == 2

@@ -28,10 +28,17 @@ from helpers.sweeps import tiny_settings, write_sweep
 from helpers.wandb_agent import start_agent
 from helpers.wandb_records import offline_run_file, read_records
 
-from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
 from cifar_resnet.config import Config
 from cifar_resnet.run_contract import TRAINER_VARIABLE
-from cifar_resnet.records import EPOCH_SECONDS, TRAIN_IMAGES_PER_SECOND, RunRecord, read_record
+from cifar_resnet.records import (
+    BEST_CHECKPOINT,
+    EPOCH_SECONDS,
+    RESUME_CHECKPOINT,
+    TRAIN_IMAGES_PER_SECOND,
+    RunFolder,
+    RunRecord,
+    read_record,
+)
 from cifar_resnet.runner import RunHooks, run_training
 from cifar_resnet.trainer import Trainer, train_in_trainer
 
@@ -108,7 +115,7 @@ def assert_like_alone(run_dir: Path, alone) -> None:
     assert record.status == "finished"
     assert without_timings(record.history) == without_timings(alone.record.history)
     assert record.summary["test/acc"] == alone.record.summary["test/acc"]
-    for name, tensor in best_weights(alone.run_dir).items():
+    for name, tensor in best_weights(alone.folder.path).items():
         assert torch.equal(best_weights(run_dir)[name], tensor), name
 
 
@@ -117,7 +124,8 @@ def wait_all(processes: dict, logs: Path) -> dict:
 
 
 def alone_runs(configs, tmp_path):
-    return {run_id: run_training(config.replace(output_dir=str(tmp_path / "alone")), run_id)
+    return {run_id: run_training(config.replace(output_dir=str(tmp_path / "alone")),
+                                 RunFolder.of(tmp_path / "alone", run_id))
             for run_id, config in configs.items()}
 
 
@@ -230,7 +238,7 @@ def test_an_offline_sweep_packs_its_workers_runs_into_one_trainer(tmp_path, tiny
     torch.set_num_threads(1)
     for run in runs:
         config = Config.from_mapping(run["params"], base=tiny_config).replace(output_dir=str(tmp_path / "alone"))
-        alone = run_training(config, run["run_id"])
+        alone = run_training(config, RunFolder.of(config.output_dir, run["run_id"]))
         assert_like_alone(out_dir / run["run_id"], alone)
 
 
@@ -245,14 +253,15 @@ def test_a_packed_runs_log_holds_the_lines_of_a_run_alone(tiny_config, socket_pa
     with caplog.at_level(logging.INFO, logger="cifar_resnet"):
         trainer.start()
         try:
-            record = train_in_trainer(socket_path, tiny_config, "packed01", RunHooks(), [])
+            record = train_in_trainer(socket_path, tiny_config, RunFolder.of(tiny_config.output_dir, "packed01"),
+                                      RunHooks(), [])
         finally:
             received.append(signal.SIGTERM)
             trainer.join(WAIT_SECONDS)
         packed = [item.getMessage() for item in caplog.records if item.threadName != "trainer"]
         trainer_lines = [item.getMessage() for item in caplog.records if item.threadName == "trainer"]
         caplog.clear()
-        run_training(tiny_config, "alone001")
+        run_training(tiny_config, RunFolder.of(tiny_config.output_dir, "alone001"))
         alone = [item.getMessage() for item in caplog.records]
 
     def untimed(lines: list[str]) -> list[str]:
