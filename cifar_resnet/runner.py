@@ -11,6 +11,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,12 +134,15 @@ def run_training(config: Config, folder: RunFolder, hooks: RunHooks | None = Non
     log.info("config: %s", config.to_dict())
     device = select_device(config.device)
     device_ready = start_device(device)  # CUDA starts on a thread while the data loads
-    source = load_source(config)
-    # torch.optim imports torch._dynamo when it builds its first optimizer (add_param_group is wrapped by
-    # torch._disable_dynamo): a second or more of every run's start. Imported here, it overlaps CUDA's start.
-    import torch._dynamo  # noqa: F401
-    device_ready()
-    data = split(source.to(device), config)  # on the device once: the splits are views of it
+    # The data loads on a thread too: its stat of every image (an image folder's cache checked) and its decoding
+    # release the GIL, and overlap the import below where a core is free.
+    with ThreadPoolExecutor(1, thread_name_prefix="data-load") as loading:
+        source = loading.submit(load_source, config)
+        # torch.optim imports torch._dynamo when it builds its first optimizer (add_param_group is wrapped by
+        # torch._disable_dynamo): a second or more of every run's start. Imported here, it overlaps CUDA's start.
+        import torch._dynamo  # noqa: F401
+        device_ready()
+        data = split(source.result().to(device), config)  # on the device once: the splits are views of it
     return drive(run_steps(config, folder, data, device, hooks, started))
 
 
