@@ -46,9 +46,10 @@ def test_concurrent_transactions_lose_no_change(tmp_path):
 @pytest.mark.quick
 def test_a_lease_runs_out_after_its_seconds_and_runs_to_take_over_come_before_new_ones(tmp_path, tiny_config,
                                                                                      caplog):
-    """The takeover test above in seconds, without processes (issue 23: with leases that never ran out, the default
-    suite stayed green): a lease holds for exactly its seconds after the last heartbeat; a claim takes, in the
-    state's order, a run whose lease ran out or a preempted one, before the proposer's next; never a live lease."""
+    """The takeover test of test_e2e_local_sweep.py in seconds, without processes (issue 23: with leases that never
+    ran out, the default suite stayed green): a lease holds for exactly its seconds after the last heartbeat; a
+    claim takes, in the state's order, a run whose lease ran out or a preempted one, before the proposer's next;
+    never a live lease."""
     run = LocalRun("r", {}, state="running", owner="host:1:a", heartbeat_at=1000.0, lease_seconds=3.0)
     assert not run.lease_expired(1003.0) and run.lease_expired(1003.001)
     assert not LocalRun("f", {}, state="finished", heartbeat_at=0.0, lease_seconds=3.0).lease_expired(1e9)

@@ -29,7 +29,7 @@ def test_no_credentials_goes_offline_by_itself_and_says_how_to_sync(offline_run)
 
 def test_an_offline_run_holds_its_artifact_files(offline_run, tmp_path):
     """Copy the offline run folder elsewhere: every file the run's artifact names is there, inside the copy, for
-    `wandb sync` on another machine (and W&B's own staging area is empty: test_train)."""
+    `wandb sync` on another machine (and W&B's own staging area is empty: the test below)."""
     (run_folder,) = (offline_run.wandb_dir / "wandb").glob(f"offline-run-*-{offline_run.run_id}")
     copy = tmp_path / "elsewhere" / run_folder.name
     shutil.copytree(run_folder, copy)
