@@ -96,6 +96,10 @@ def tiny(output_dir: Path) -> Config:
     )
 
 
+# The first line of the tiny run's results table, and of its run's output: the data it trained on.
+TINY_DATA_LINE = "data: synthetic (1,000 train / 200 val / 200 test images, 10 classes)"
+
+
 @pytest.fixture
 def tiny_config(tmp_path: Path) -> Config:
     return tiny(tmp_path / "runs")

@@ -1,6 +1,6 @@
-"""`cifar-resnet report`: the results table and plots from a folder of run records, the W&B path through the same
-rows (with a stand-in for the W&B public API: there is no W&B server here), and the workspace view (built, not
-saved)."""
+"""`cifar-resnet report` (report.py): the results table and plots from a folder of run records, each naming the
+data its runs trained on; the W&B path through the same rows (with a stand-in for the W&B public API: there is no
+W&B server here), and the workspace view it saves."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import TINY_DATA_LINE
 
 from cifar_resnet import report, wandb_sweep
 from cifar_resnet.cli import main
@@ -16,7 +17,6 @@ from cifar_resnet.config import RECIPE_PRESETS, Config
 from cifar_resnet.records import RunFolder, RunRecord, RunResult, results_from_folder
 from cifar_resnet.runner import run_training
 from cifar_resnet.table import markdown_table
-from cifar_resnet.wandb_sweep import build_sweep_view
 
 # A 2x2 grid of learning rate x optimizer, whose batch size also varies: a sweep's folder of real run records.
 CELLS = [(0.001, "adam", 64), (0.001, "sgd", 64), (0.0005, "adam", 32), (0.0005, "sgd", 32)]
@@ -188,18 +188,6 @@ def test_report_defaults_to_a_folder_inside_the_source(sweep_folder, tmp_path):
     assert (sweep_folder / "report" / "results.md").exists()
 
 
-def test_the_table_reports_the_best_epoch_not_the_last():
-    history = [{"epoch": 1, "train/loss": 1.0, "train/acc": 0.6, "val/loss": 0.9, "val/acc": 0.7},
-               {"epoch": 2, "train/loss": 0.5, "train/acc": 0.8, "val/loss": 1.2, "val/acc": 0.65}]
-    result = RunResult("abc", "finished", {"learning_rate": 0.001, "optimizer": "adam", "batch_size": 128},
-                       history, {"best_epoch": 1, "test/acc": 0.69}, 75.0)
-
-    row = markdown_table([result]).splitlines()[4]
-
-    assert row == ("| **abc** (best) | 0.001 | adam | 128 | – | 69.00% | 60.00% | 1.0000 | 70.00% | 0.9000 | 1 | "
-                   "1m 15s |")
-
-
 @pytest.mark.parametrize(("source", "extra", "message"), [
     ("no-such-folder", [], "no-such-folder: no such folder"),
     (".", [], "holds no run records"),
@@ -275,19 +263,25 @@ def test_a_wandb_sweep_gives_the_same_table_and_a_view(sweep_folder, tmp_path, m
     assert png_size(tmp_path / "out" / "val_acc.png")[0] > 100
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # wandb-workspaces' own pydantic-v1 validators
-def test_wandb_view_has_the_sweeps_panels():
-    import wandb_workspaces.reports.v2 as wr
+def test_a_run_records_its_data_and_the_table_and_plots_name_it(finished_run, tmp_path, monkeypatch):
+    outcome = finished_run
+    assert outcome.record.data == {"dataset": "synthetic", "train_images": 1000, "val_images": 200,
+                                   "test_images": 200, "class_count": 10}
+    runs = outcome.folder.path.parent
+    results = results_from_folder(runs)
+    table = markdown_table(results)
+    assert table.splitlines()[0] == TINY_DATA_LINE
+    assert "| tuned |" in table  # the Recipe column
 
-    view = build_sweep_view("team", "cifar", "sw33p", ["learning_rate", "optimizer"])
+    from matplotlib.figure import Figure
 
-    assert (view.entity, view.project) == ("team", "cifar")
-    (section,) = view.sections
-    parallel, importance, curves = section.panels
-    assert isinstance(parallel, wr.ParallelCoordinatesPlot)
-    assert [column.metric.name for column in parallel.columns] == ["learning_rate", "optimizer", "val/acc",
-                                                                    "test/acc"]
-    assert isinstance(importance, wr.ParameterImportancePlot) and importance.with_respect_to == "val/acc"
-    assert isinstance(curves, wr.LinePlot) and curves.x == "epoch" and curves.y == ["val/acc"]
-    assert "sw33p" in str(view.runset_settings.filters)
-    view._to_model()  # serialises for the server without contacting it
+    captions = {}
+    original = Figure.savefig
+
+    def savefig(figure, path, **kwargs):
+        captions[Path(path).name] = [text.get_text() for text in figure.texts]
+        return original(figure, path, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    assert main(["report", str(runs), "--out", str(tmp_path / "report")]) == 0
+    assert len(captions) >= 3 and all(texts == [TINY_DATA_LINE] for texts in captions.values())

@@ -105,6 +105,32 @@ def test_no_test_module_imports_another():
     assert imported == set()
 
 
+# What a test file may be named after besides a module: the journeys across modules (e2e_*), and what lies beside
+# the code (each may be followed by `_` and what in it the file guards).
+TEST_AREAS = ("e2e", "docs", "example_sweeps", "ci_inputs", "deploy", "docker", "gpu", "structure")
+
+
+def test_each_test_file_is_named_after_the_modules_it_guards_or_an_area():
+    """`test_engine_step.py` guards engine/step.py and `test_benchmarks.py` benchmarks/: a file's name is one or more
+    module or package names (a subpackage's modules by their path or their own name), or starts with one of
+    TEST_AREAS; never the work that added it (`test_newcomer.py`)."""
+    names = set()
+    for root in (PACKAGE, REPO / "benchmarks"):
+        for path in root.rglob("*.py"):
+            parts = (root.name, *path.relative_to(root).with_suffix("").parts)
+            parts = parts[:-1] if parts[-1] == "__init__" else parts
+            names |= {"_".join(parts[start:]) for start in range(1 if root == PACKAGE else 0, len(parts))}
+
+    def modules_only(stem: str) -> bool:
+        return stem in names or any(stem.startswith(f"{name}_") and modules_only(stem[len(name) + 1:])
+                                    for name in names)
+
+    misnamed = [path.name for path in sorted((REPO / "tests").glob("test_*.py"))
+                if not modules_only(stem := path.stem.removeprefix("test_"))
+                and not any(stem == area or stem.startswith(f"{area}_") for area in TEST_AREAS)]
+    assert misnamed == []
+
+
 def test_wandb_stays_out_of_the_core_and_the_runner(graph):
     without_wandb = {module for module in graph if module.split(".")[0] in WITHOUT_WANDB}
     assert {"engine.loop", "data.sources", "runner"} <= without_wandb

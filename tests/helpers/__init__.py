@@ -6,7 +6,10 @@ modules import from here (`from helpers.images import image_folder`), never from
 - `cifar10.py`: a stand-in CIFAR-10 archive served over HTTP, and torchvision pointed at it;
 - `runs.py`: a command in a process or in this one, a run's error lines, the files of a folder, waiting on
   processes;
-- `sweeps.py`: sweep files of the tiny run, and the sweep's state and table as a test reads them;
+- `sweeps.py`: sweep files of the tiny run, the folder a sweep file's runs go to, the sweep's state and table as a
+  test reads them, and how long a sweep's processes are waited for;
+- `engine.py`: the engine's training parts on the CPU, an epoch driven alone, a GPU pretended until the capture;
+- `filesystems.py`: a small or a read-only file system (tmpfs) mounted for a test;
 - `wandb_records.py`: the records of an offline W&B run;
 - `wandb_agent.py`: W&B's own agent in a child process (`tests/wandb_agent_driver.py`).
 """

@@ -38,6 +38,13 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("ERROR")]
 
 
+def only_error_line(err: str) -> str:
+    """The one ERROR line of a command run in this process (its log lines go to the captured stderr)."""
+    (line,) = error_lines(err)
+    assert "Traceback" not in err
+    return line
+
+
 def one_error_line(done: subprocess.CompletedProcess, status: int) -> str:
     """The run's one ERROR line, after checking its exit status and that no traceback was printed."""
     assert done.returncode == status, done.stderr[-3000:]

@@ -1,8 +1,8 @@
-"""The training step and the evaluation batch that CUDA captures, on the CPU: the same results as the loops they
-replaced, and the fallback to eager work when a capture is not possible (one warning, then it goes on).
+"""The training step (engine/step.py) and its CUDA graph capture (engine/capture.py), on the CPU: the same results
+as the loop it replaced, a tensor learning rate the schedule fills in place, and the fallback to eager steps when a
+capture is not possible (one warning, then it goes on).
 
-The capture itself needs a GPU: tests/test_gpu_graph.py (marked gpu) compares the graphs against eager steps there.
-"""
+The capture itself needs a GPU: tests/test_gpu_graph.py (marked gpu) compares the graphs against eager steps there."""
 
 from __future__ import annotations
 
@@ -11,15 +11,13 @@ import logging
 
 import pytest
 import torch
-from torch import nn
+from helpers.engine import one_epoch, pretend_a_gpu_until_the_capture, training_parts
 
-from cifar_resnet.data.loader import DeviceLoader
 from cifar_resnet.data.sources import load_splits
 from cifar_resnet.engine import evaluation
 from cifar_resnet.engine import step as training_step
-from cifar_resnet.engine.device import build_model, build_optimizer, build_scheduler, keep_graph_settings
-from cifar_resnet.engine.evaluation import CapturedEval, EvalStep, evaluate, tta_logits
-from cifar_resnet.engine.loop import drive, fit, train_one_epoch
+from cifar_resnet.engine.device import build_model, keep_graph_settings
+from cifar_resnet.engine.loop import fit
 from cifar_resnet.engine.step import CapturedStep, EagerStep
 
 CPU = torch.device("cpu")
@@ -44,16 +42,6 @@ def previous_loop(model, loader, optimizer, scheduler, loss_fn):
     return loss_sum.item() / seen, correct.item() / seen
 
 
-def training_parts(config, graph=False):
-    data = load_splits(config)
-    model = build_model(config, len(data.classes), CPU)
-    loader = DeviceLoader(data.train, config.batch_size, CPU, generator=torch.Generator().manual_seed(1), augment=True)
-    optimizer = build_optimizer(config, model, CPU, graph=graph)
-    scheduler = build_scheduler(config, optimizer, len(loader))
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    return model, loader, optimizer, scheduler, loss_fn
-
-
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
 def test_the_step_function_gives_the_previous_loops_results_bit_for_bit(tiny_config, optimizer):
     config = tiny_config.replace(optimizer=optimizer, weight_decay=5e-4)
@@ -65,12 +53,6 @@ def test_the_step_function_gives_the_previous_loops_results_bit_for_bit(tiny_con
         assert got == expected
     for a, b in zip(reference[0].state_dict().values(), ours[0].state_dict().values(), strict=True):
         assert torch.equal(a, b)
-
-
-def one_epoch(model, loader, optimizer, scheduler, loss_fn, step=None):
-    """The engine's `train_one_epoch`, driven alone, with an eager step unless one is given."""
-    step = step or EagerStep(model, optimizer, loss_fn, contextlib.nullcontext)
-    return drive(train_one_epoch(step, loader, [scheduler.step]))
 
 
 def epoch_with(step_class, config, **step_options):
@@ -90,21 +72,6 @@ def test_capture_on_a_cpu_warns_once_and_trains_eagerly(tiny_config, caplog):
     assert result == eager_result
     for a, b in zip(eager_model.state_dict().values(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
-
-
-def pretend_a_gpu_until_the_capture(monkeypatch, captured) -> None:
-    """As if on a GPU: the side stream exists and the warm-up steps run (eagerly, here); then the capture raises,
-    because there is no CUDA."""
-    def pretend_prepare(self, images):
-        self.side_stream = object()
-        return True
-
-    def eager_warm_up(self, images, labels):
-        self.eager_step(images, labels)
-        self.warmed_up += 1
-
-    monkeypatch.setattr(captured, "prepare", pretend_prepare)
-    monkeypatch.setattr(captured, "warm_up", eager_warm_up)
 
 
 def test_a_capture_that_raises_falls_back_once_and_loses_no_step(tiny_config, caplog, monkeypatch):
@@ -181,71 +148,3 @@ def test_fit_on_the_graph_path_trains_like_the_eager_path(tiny_config, monkeypat
         assert got["val/acc"] == pytest.approx(expected["val/acc"], abs=0.03)
         assert isinstance(got["lr"], float)
     assert graph.test.acc == pytest.approx(eager.test.acc, abs=0.02)
-
-
-# --- evaluation ---------------------------------------------------------------------------------------------------
-
-
-@torch.inference_mode()
-def previous_evaluate(model, loader, num_classes, tta, translate_px):
-    """evaluate as it was before the evaluation step was factored out (commit b142e91), kept as the reference."""
-    model.eval()
-    loss_sum = torch.zeros(())
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64)
-    for images, labels in loader:
-        logits = tta_logits(model, images, tta, translate_px)
-        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
-        confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
-    confusion = confusion.view(num_classes, num_classes)
-    total = int(confusion.sum())
-    return loss_sum.item() / total, int(confusion.diag().sum()) / total, confusion
-
-
-def trained_model_and_val_loader(config, eval_batch_size):
-    """A model after one epoch (its predictions are not all one class) and the validation split in batches that
-    end with a partial one."""
-    model, loader, optimizer, scheduler, loss_fn = training_parts(config)
-    one_epoch(model, loader, optimizer, scheduler, loss_fn)
-    val = load_splits(config).val
-    assert len(val) % eval_batch_size != 0
-    return model, DeviceLoader(val, eval_batch_size, CPU)
-
-
-@pytest.mark.parametrize("tta, translate_px", [(False, 0), (True, 0), (True, 2)])
-def test_the_evaluation_step_gives_the_previous_evaluations_results_bit_for_bit(tiny_config, tta, translate_px):
-    model, loader = trained_model_and_val_loader(tiny_config, eval_batch_size=64)
-    loss, acc, confusion = previous_evaluate(model, loader, 10, tta, translate_px)
-    step = EvalStep(model, 10, tta=tta, translate_px=translate_px)
-    for _ in range(2):  # the totals start from zero on every pass
-        got = evaluate(model, loader, 10, step=step)
-        assert (got.loss, got.acc) == (loss, acc) and torch.equal(got.confusion, confusion)
-    assert 0.0 < acc < 1.0
-
-
-def test_evaluation_capture_on_a_cpu_warns_once_and_evaluates_eagerly(tiny_config, caplog):
-    model, loader = trained_model_and_val_loader(tiny_config, eval_batch_size=64)
-    expected = evaluate(model, loader, 10, tta=True)
-    step = CapturedEval(model, 10, tta=True, batch_size=64)
-    with caplog.at_level(logging.WARNING, logger="cifar_resnet.engine"):
-        results = [evaluate(model, loader, 10, step=step) for _ in range(2)]
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == ["evaluating eagerly, without a CUDA graph: RuntimeError: the device is cpu, not CUDA"]
-    assert step.eager and step.graph is None
-    for got in results:
-        assert (got.loss, got.acc) == (expected.loss, expected.acc) and torch.equal(got.confusion, expected.confusion)
-
-
-def test_an_evaluation_capture_that_raises_falls_back_once_and_loses_no_batch(tiny_config, caplog, monkeypatch):
-    """The capture raises after the warm-up batches: that batch is evaluated eagerly, as is every later one; the
-    last, partial batch of each pass never counts towards the warm-up or the capture."""
-    pretend_a_gpu_until_the_capture(monkeypatch, CapturedEval)
-    model, loader = trained_model_and_val_loader(tiny_config, eval_batch_size=64)  # 3 full batches, 1 partial
-    expected = evaluate(model, loader, 10)
-    step = CapturedEval(model, 10, batch_size=64, warmup_steps=2)
-    with caplog.at_level(logging.WARNING, logger="cifar_resnet.engine"):
-        got = evaluate(model, loader, 10, step=step)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "the capture failed" in warnings[0]
-    assert step.eager and step.warmed_up == 2
-    assert (got.loss, got.acc) == (expected.loss, expected.acc) and torch.equal(got.confusion, expected.confusion)
-    assert int(got.confusion.sum()) == len(loader.data)  # every image once: nothing skipped, nothing twice

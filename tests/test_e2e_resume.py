@@ -1,11 +1,10 @@
-"""Preemption and resume: a run stopped by SIGTERM mid-epoch and started again with the same run id (as W&B's
-agent requeues it) ends exactly where an uninterrupted run ends; a kill during a checkpoint write loses nothing;
-a crash is never marked preempting.
+"""Resume after preemption, end to end: a run stopped by SIGTERM mid-epoch and started again with the same run id
+(as W&B's agent requeues it) ends exactly where an uninterrupted run ends; a kill during a checkpoint write loses
+nothing; a crash is never marked preempting.
 
 Real training processes, real signals, real W&B offline runs (read back from their transaction logs). One test
 double: W&B cannot download an artifact offline, so the call that downloads the resume checkpoint artifact is
-replaced, in the resumed process, by one that serves the file the preempted attempt staged for upload.
-"""
+replaced, in the resumed process, by one that serves the file the preempted attempt staged for upload."""
 
 from __future__ import annotations
 
@@ -16,23 +15,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 import wandb
-from torch.utils import _pytree as pytree
 from conftest import tiny_args
 from helpers.wandb_records import logged_epochs, offline_runs
+from torch.utils import _pytree as pytree
 
 from cifar_resnet.config import Config
 from cifar_resnet.engine import loop
-from cifar_resnet.engine.loop import EpochResult, Interrupted
+from cifar_resnet.engine.loop import Interrupted
 from cifar_resnet.errors import StorageError
 from cifar_resnet.files import LOCK_FILE
 from cifar_resnet.records import BEST_CHECKPOINT, RECORD_FILE, RESUME_CHECKPOINT, RunFolder, RunRecord
 from cifar_resnet.runner import RunHooks, run_training
-from cifar_resnet.tracking import RESUME_ARTIFACT_TYPE, Tracker
+from cifar_resnet.tracking import RESUME_ARTIFACT_TYPE
 from cifar_resnet.train import main as train_main
 
 TIMING_KEYS = ("epoch_seconds", "train/images_per_second")  # differ between any two runs
@@ -414,30 +412,3 @@ def test_a_stop_signal_while_a_finished_run_shuts_down_leaves_it_finished(tmp_pa
     (records,) = offline_runs(tmp_path, "late0001")
     assert not was_marked_preempting(records) and exit_code(records) == 0
     assert RunRecord.load(run_dir).status == "finished"
-
-
-def epoch_result(epoch: int) -> EpochResult:
-    return EpochResult(epoch=epoch, train_loss=1.0, train_acc=0.5, val_loss=1.0, val_acc=0.5, lr=0.1,
-                       epoch_seconds=1.0, train_images_per_second=100.0, is_best=False)
-
-
-@pytest.mark.parametrize(
-    "wandb_next_step, resumed_after, logged",
-    [
-        (3, 2, [3, 4, 5]),  # W&B holds epochs 1-2, as does the checkpoint: log the new epochs
-        (2, 3, [2, 3, 4, 5, 6]),  # killed after saving epoch 3, before logging it: log the missing ones too
-        (5, 2, [5]),  # W&B holds epochs 3-4 of an attempt whose checkpoint was lost: do not log them twice
-    ],
-)
-def test_resumed_online_run_logs_each_epoch_once(wandb_next_step, resumed_after, logged):
-    """W&B's side of a resumed online run (the step its history reached) cannot run here: a stand-in supplies it."""
-    steps = []
-    tracker = object.__new__(Tracker)  # its W&B run is the stand-in
-    tracker.next_epoch_to_log = None
-    tracker.run = SimpleNamespace(resumed=True, step=wandb_next_step,
-                                  log=lambda metrics, step, commit: steps.append((step, metrics["epoch"])))
-    history = [epoch_result(epoch).metrics() for epoch in range(1, resumed_after + 1)]
-    for epoch in range(resumed_after + 1, resumed_after + 4):  # this attempt trains three epochs
-        history.append(epoch_result(epoch).metrics())
-        tracker.on_epoch(SimpleNamespace(history=history))
-    assert steps == [(epoch, epoch) for epoch in logged]

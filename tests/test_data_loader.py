@@ -1,8 +1,16 @@
+"""Batches on the device (data/loader.py): crops as windows of the zero-padded image and flips that mirror them,
+seeded; normalised batches that cover a split; training batches shuffled, the partial one dropped; alternating
+flips."""
+
+from __future__ import annotations
+
+import pytest
 import torch
 
 from cifar_resnet.data.images import ImageSet
 from cifar_resnet.data.loader import CIFAR10_MEAN, CIFAR10_STD, DeviceLoader, random_crop_flip
-from cifar_resnet.data.sources import load_splits
+
+CPU = torch.device("cpu")
 
 
 def test_crops_are_windows_of_the_zero_padded_image_and_flips_mirror_them():
@@ -56,13 +64,28 @@ def test_training_loader_shuffles_drops_the_partial_batch_and_augments():
     assert len(set(torch.cat(labels).tolist())) == 8  # a permutation: no repeats
 
 
-def test_validation_split_is_held_out_and_chosen_by_seed(tiny_config):
-    a = load_splits(tiny_config)
-    b = load_splits(tiny_config)
-    c = load_splits(tiny_config.replace(seed=1))
-    assert (len(a.train), len(a.val), len(a.test)) == (1000, 200, 200)
-    assert torch.equal(a.val.images, b.val.images)
-    assert not torch.equal(a.val.images, c.val.images)
-    # No validation image is also a training image.
-    train_rows = {bytes(img.numpy()) for img in a.train.images}
-    assert not any(bytes(img.numpy()) in train_rows for img in a.val.images)
+def flips_seen(loader: DeviceLoader, epoch: int) -> dict[int, bool]:
+    """Which images (by label) the loader mirrors in `epoch`. Each image is a left-to-right ramp: mirrored, it
+    falls; a 4 px crop shift cannot turn that around in the middle columns."""
+    loader.set_epoch(epoch)
+    seen = {}
+    for images, labels in loader:
+        falls = images[:, 0, 16, 18] < images[:, 0, 16, 13]
+        seen.update(zip(labels.tolist(), falls.tolist(), strict=True))
+    return seen
+
+
+@pytest.mark.quick
+def test_alternating_flip_mirrors_each_image_in_every_other_epoch():
+    n = 256
+    ramp = torch.arange(32, dtype=torch.uint8).mul(8).expand(n, 3, 32, 32).contiguous()
+    data = ImageSet(ramp, torch.arange(n))
+    generator = torch.Generator().manual_seed(0)
+    loader = DeviceLoader(data, 32, CPU, generator=generator, augment=True, alternating_flip=True)
+    epochs = [flips_seen(loader, epoch) for epoch in range(1, 5)]
+    assert 0.35 < sum(epochs[0].values()) / n < 0.65  # a random half first
+    for image in range(n):
+        assert [epoch[image] for epoch in epochs] == [epochs[0][image], not epochs[0][image]] * 2
+    coin = DeviceLoader(data, 32, CPU, generator=torch.Generator().manual_seed(0), augment=True)
+    tosses = [flips_seen(coin, epoch) for epoch in range(1, 5)]
+    assert any(tosses[0][i] == tosses[1][i] for i in range(n))  # the default is a coin toss each epoch
