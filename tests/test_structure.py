@@ -15,7 +15,7 @@ pytestmark = pytest.mark.quick  # seconds in all: part of `pytest -m quick`
 
 PACKAGE = REPO / "cifar_resnet"
 TOOLS = {"sweep", "agent", "report", "bench"}
-WITHOUT_WANDB = {"config", "model", "data", "engine", "pack", "checkpoint", "records", "files", "errors", "process",
+WITHOUT_WANDB = {"config", "model", "data", "engine", "fused", "pack", "checkpoint", "records", "files", "errors", "process",
                  "names", "credentials", "table", "runner", "trainer", "run_contract"}
 MAX_LEVELS = 9  # errors, config, data, engine, runner, tracking, train, cli, __main__
 # The sweep's modules, each above those it may import: command -> local -> view and plan -> state.
