@@ -275,6 +275,7 @@ class FusedGroup:
         self.steps_done = 0
         self.graph: Any = None  # torch.cuda.CUDAGraph once captured
         self.warmed_up = 0
+        self.wait_for_caller()  # the tensors made above, before the group's stream uses them
 
     def can_capture(self) -> bool:
         capability = torch.cuda.get_device_capability(self.device)
