@@ -336,6 +336,9 @@ class FusedGroup:
         for optimizer_of_slot in slot.optimizers.values():
             set_learning_rates(optimizer_of_slot, 0.0)
         load_settings(optimizer, build_optimizer(config, member_model, self.device, graph=self.capture))
+        # Its steps run inside the group's (a graph's replay on CUDA), where the check of torch's schedulers that
+        # optimizer.step() came first cannot see them: say so, as the step's own wrapper would.
+        optimizer._opt_called = True  # type: ignore[attr-defined]
         slot.keep_static_state(config.optimizer)
         slot.zero_state(config.optimizer)
         self.nll_weights[index] = 1.0 - config.label_smoothing  # Python floats, as the loss alone gets them
