@@ -14,7 +14,6 @@ import contextlib
 import pytest
 import torch
 
-from cifar_resnet import fused
 from cifar_resnet.checkpoint import host_copy
 from cifar_resnet.config import Config
 from cifar_resnet.data import DeviceLoader, load_splits
