@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement of BENCHMARKS.md in one call, on the JPEG copy of CIFAR-10, with nothing but python, torch
-# and torchvision (no W&B; the package needs no installing). The default steps are sized for 6 minutes on one H100
+# and torchvision by default (no W&B; the package needs no installing; the grid and recipe steps run their cells
+# through an offline sweep, which needs wandb installed, and say so in one line where it is not). The default steps are sized for 6 minutes on one H100
 # or H200: an estimate, about 5 minutes, from the H200 figures of commit b142e91 (BENCHMARKS.md, "The GPU check"):
 #   0. gpu-tests: the GPU tests (resume, bf16, channels_last, fused optimizer, the captured training and
 #      evaluation steps against eager ones);
@@ -11,8 +12,8 @@
 #      evaluation (graph and eager), runs per hour with 1, 2 and 6 concurrent full runs (what the runs-per-GPU table
 #      of cifar_resnet/gpus.py rests on), then the write-up's pipeline against ours;
 #   3. full10: one full 10-epoch run, timed from process start, the decode cache warm;
-#   4. (grid, not by default; 80 s at b142e91) the write-up's six cells with our default recipe, as many at a time as
-#      step 2 found best;
+#   4. (grid, not by default; 80 s at b142e91) the write-up's six cells with our default recipe through an offline
+#      sweep, as many at a time as step 2 found best;
 #   5. (grid-writeup, not by default; measured at b555040) the same six cells with recipe=writeup;
 #   6. image, with IMAGE=<the worker image> and docker or podman (and the NVIDIA container toolkit): torch inside the
 #      image's own Python sees the GPU and computes on it (skipped, with a message, without a GPU or an engine);
@@ -111,13 +112,13 @@ else
 fi
 
 if [[ ",$STEPS," == *",full10-cold,"* ]]; then rm -rf "$DATA_DIR/.cifar_resnet_cache"; fi  # decode from the JPEGs
-step full10-cold "$PYTHON" -m cifar_resnet.bench run --run_id=full10-cold "--result=$OUT_DIR/full10-cold.json" \
+step full10-cold "$PYTHON" -m benchmarks.run --run_id=full10-cold "--result=$OUT_DIR/full10-cold.json" \
     "${DATA[@]}" "${RUN[@]}" "--output_dir=$WORK/full10-runs"
 
-step bench "$PYTHON" -m cifar_resnet.bench "--mode=$MODE" "${DATA[@]}" "${RUN[@]}" "${BENCH[@]}" \
+step bench "$PYTHON" -m benchmarks.bench "--mode=$MODE" "${DATA[@]}" "${RUN[@]}" "${BENCH[@]}" \
     "--out=$OUT_DIR/bench.json" "--runs_dir=$WORK/bench-runs"
 
-step full10 "$PYTHON" -m cifar_resnet.bench run --run_id=full10 "--result=$OUT_DIR/full10.json" "${DATA[@]}" \
+step full10 "$PYTHON" -m benchmarks.run --run_id=full10 "--result=$OUT_DIR/full10.json" "${DATA[@]}" \
     "${RUN[@]}" "--output_dir=$WORK/full10-runs"
 
 GRID_WORKERS=${WORKERS:-}
@@ -125,27 +126,33 @@ if [ -z "$GRID_WORKERS" ]; then  # the concurrency with the most runs per hour i
     GRID_WORKERS=$("$PYTHON" -c "import json, sys; c = json.load(open(sys.argv[1])).get('concurrency') or {}
 print(max(c, key=lambda k: c[k]['runs_per_hour']) if c else 1)" "$OUT_DIR/bench.json" 2>/dev/null || echo 1)
 fi
-step grid "$PYTHON" -m cifar_resnet.bench grid "--workers=$GRID_WORKERS" "${DATA[@]}" "${RUN[@]}" \
+HAS_WANDB=$("$PYTHON" -c "import wandb" 2>/dev/null && echo 1 || true)
+sweep_step() {  # sweep_step NAME COMMAND...: a step whose cells run through an offline sweep, which needs wandb
+    if [[ ",$STEPS," != *",$1,"* ]] || [ -n "$HAS_WANDB" ]; then step "$@"; return; fi
+    echo "=== $1: wandb is not installed: its cells run through an offline sweep, which needs it" | tee -a "$LOG"
+    FAILED+=("$1")
+}
+sweep_step grid "$PYTHON" -m benchmarks.grid "--workers=$GRID_WORKERS" "${DATA[@]}" "${RUN[@]}" \
     "--out=$OUT_DIR/grid.json" "--runs_dir=$WORK/grid-runs"
-step grid-writeup "$PYTHON" -m cifar_resnet.bench grid "--workers=$GRID_WORKERS" --recipe=writeup "${DATA[@]}" \
+sweep_step grid-writeup "$PYTHON" -m benchmarks.grid "--workers=$GRID_WORKERS" --recipe=writeup "${DATA[@]}" \
     "${RUN[@]}" "--out=$OUT_DIR/grid-writeup.json" "--runs_dir=$WORK/grid-writeup-runs"
 # shellcheck disable=SC2206  # RECIPE_SETTINGS is a list of --name=value words
-RECIPE=("$PYTHON" benchmarks/recipe_experiments.py "${RECIPE_RUNS[@]}" "--runs_dir=$WORK/recipe-runs" "${DATA[@]}"
+RECIPE=("$PYTHON" -m benchmarks.recipe_experiments "${RECIPE_RUNS[@]}" "--runs_dir=$WORK/recipe-runs" "${DATA[@]}"
         "${RUN[@]}" ${RECIPE_ONLY:+"--only=$RECIPE_ONLY"} ${RECIPE_SETTINGS:-})
-step recipe-candidates "${RECIPE[@]}" candidates "--out=$OUT_DIR/recipe-candidates.json"
-step recipe-grid "${RECIPE[@]}" grid "--out=$OUT_DIR/recipe-grid.json"
-step recipe "${RECIPE[@]}" both "--out=$OUT_DIR/recipe.json"
-step pack "$PYTHON" -m cifar_resnet.bench pack --sharing=streams "$PACK_STREAMS" "${DATA[@]}" "${RUN[@]}" \
+sweep_step recipe-candidates "${RECIPE[@]}" candidates "--out=$OUT_DIR/recipe-candidates.json"
+sweep_step recipe-grid "${RECIPE[@]}" grid "--out=$OUT_DIR/recipe-grid.json"
+sweep_step recipe "${RECIPE[@]}" both "--out=$OUT_DIR/recipe.json"
+step pack "$PYTHON" -m benchmarks.pack --sharing=streams "$PACK_STREAMS" "${DATA[@]}" "${RUN[@]}" \
     "${PACK[@]}" "--out=$OUT_DIR/pack.json" "--runs_dir=$WORK/pack-runs"
-step pack "$PYTHON" -m cifar_resnet.bench pack --sharing=turns "$PACK_TURNS" "${DATA[@]}" "${RUN[@]}" "${PACK[@]}" \
+step pack "$PYTHON" -m benchmarks.pack --sharing=turns "$PACK_TURNS" "${DATA[@]}" "${RUN[@]}" "${PACK[@]}" \
     "--out=$OUT_DIR/pack-turns.json" "--runs_dir=$WORK/pack-runs"
-step pack "$PYTHON" -m cifar_resnet.bench pack --sharing=processes "$PACK_PROCESSES" "${DATA[@]}" "${RUN[@]}" \
+step pack "$PYTHON" -m benchmarks.pack --sharing=processes "$PACK_PROCESSES" "${DATA[@]}" "${RUN[@]}" \
     "${PACK[@]}" "--out=$OUT_DIR/pack-processes.json" "--runs_dir=$WORK/pack-runs"
 if [[ ",$STEPS," == *",pack,"* ]] && command -v nvidia-cuda-mps-control >/dev/null; then
     export CUDA_MPS_PIPE_DIRECTORY="$WORK/mps-pipe" CUDA_MPS_LOG_DIRECTORY="$WORK/mps-log"
     mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
     if nvidia-cuda-mps-control -d; then
-        step pack "$PYTHON" -m cifar_resnet.bench pack --sharing=processes "$PACK_MPS" "${DATA[@]}" "${RUN[@]}" \
+        step pack "$PYTHON" -m benchmarks.pack --sharing=processes "$PACK_MPS" "${DATA[@]}" "${RUN[@]}" \
             "${PACK[@]}" "--out=$OUT_DIR/pack-mps.json" "--runs_dir=$WORK/pack-runs"
         echo quit | nvidia-cuda-mps-control
     else
@@ -154,7 +161,7 @@ if [[ ",$STEPS," == *",pack,"* ]] && command -v nvidia-cuda-mps-control >/dev/nu
     unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
 fi
 if "$PYTHON" -c "import wandb, sweeps" 2>/dev/null; then
-    step pack env WANDB_MODE=offline "$PYTHON" benchmarks/sweep_wall.py "--out=$OUT_DIR/sweep6.json" \
+    step pack env WANDB_MODE=offline "$PYTHON" -m benchmarks.sweep_wall "--out=$OUT_DIR/sweep6.json" \
         "--output-dir=$WORK/sweep6" -- sweep.yaml "${SWEEP6[@]}" --set dataset=imagefolder "--set=data_dir=$DATA_DIR"
 else
     [[ ",$STEPS," != *",pack,"* ]] || echo "=== pack: wandb[sweeps] is not installed: no sweep6 figure" | tee -a "$LOG"

@@ -1,9 +1,11 @@
-"""Recipe experiments (issues 10 and 22): each candidate over seeds, then the six cells, as concurrent runs on one
-device.
+"""`python -m benchmarks.recipe_experiments`: recipe candidates over seeds, then the six cells, as an offline sweep
+on one device (issues 10 and 22).
 
-Two phases, alone or one after the other (`both`). Every run is `cifar-resnet bench run` in its own process (no
-W&B), its best weights tested without TTA, with flip TTA and with flip plus 1 px shifts TTA (evaluation only, so
-one training run gives all three numbers and the multi-crop TTA candidate needs no runs of its own).
+Two phases, alone or one after the other (`both`). Each phase is one offline sweep (`launch.sweep_runs`), --workers
+runs at a time, each run a `benchmarks.run` (no W&B), its best weights tested without TTA, with flip TTA and with
+flip plus 1 px shifts TTA (evaluation only, so one training run gives all three numbers and the multi-crop TTA
+candidate needs no runs of its own). A run that fails with a user mistake before any run has finished stops its
+phase, as it stops a sweep (every other run would fail the same way): the runs not started are reported as failed.
 
   candidates  the tuned recipe at the sweep's best cell (Adam 0.001), then each candidate alone on top of it, then
               all of them together; SGD's own candidates (its batch-norm factor, Nesterov momentum 0.9) at the best
@@ -17,11 +19,11 @@ Any `cifar-resnet train` setting (`--name=value`) applies to every run of the ph
 learning rate excepted): the candidates are measured on top of it, and it is the recipe the grid tests. On a GPU,
 with the JPEG copy unpacked into data/ (six concurrent 10-epoch runs take 72 s on an H200 at b142e91):
 
-    python benchmarks/recipe_experiments.py candidates --workers=6 --seeds=2 --out=candidates.json \\
+    python -m benchmarks.recipe_experiments candidates --workers=6 --seeds=2 --out=candidates.json \\
         --dataset=imagefolder --data_dir=data/cifar10-jpeg
-    python benchmarks/recipe_experiments.py grid --workers=6 --seeds=2 --out=grid.json \\
+    python -m benchmarks.recipe_experiments grid --workers=6 --seeds=2 --out=grid.json \\
         --dataset=imagefolder --data_dir=data/cifar10-jpeg --norm_lr_scale=8 --label_smoothing=0.2 --ema_decay=0.99
-    python benchmarks/recipe_experiments.py both ...   # the two, the grid with the winners
+    python -m benchmarks.recipe_experiments both ...   # the two, the grid with the winners
 
 `--small` shrinks every run to CPU size (width 16, 2 epochs, 2,000 synthetic training images): it proves the
 script end to end and decides nothing.
@@ -29,7 +31,6 @@ script end to end and decides nothing.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import statistics
 import sys
@@ -37,16 +38,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cifar_resnet.bench.machine import machine_info
-from cifar_resnet.bench.runs import TEST_VIEWS
-from cifar_resnet.bench.spawn import spawn_runs
-from cifar_resnet.bench.writeup import WRITEUP_TABLE
 from cifar_resnet.config import Config
-from cifar_resnet.engine import select_device
+from cifar_resnet.engine.device import select_device
+from cifar_resnet.errors import UserError
 from cifar_resnet.files import atomic_write_json
+from cifar_resnet.process import set_cpu_threads
 from cifar_resnet.records import TEST_ACC
+from cifar_resnet.table import markdown
 
-log = logging.getLogger("recipe_experiments")
+from .cli import run_script, settings_from, settings_parser, start_logging
+from .launch import sweep_runs
+from .machine import machine_info
+from .run import TEST_VIEWS
+from .writeup import WRITEUP_TABLE
+
+log = logging.getLogger(__name__)
 
 BEST_CELL = {"optimizer": "adam", "learning_rate": 0.001}
 # The best SGD cell of the tuned grid (83.15% with flip TTA on an H200 at b142e91): SGD's own candidates run there.
@@ -155,7 +161,7 @@ def run_candidates(base: Config, seeds: int, workers: int, folder: Path, only: s
     jobs = [(f"{slug(label)}-s{seed}", base.replace(**{**BEST_CELL, **settings}, seed=seed))
             for label, settings in chosen for seed in range(base.seed, base.seed + seeds)]
     log.info("%d candidates x %d seeds, %d runs at a time", len(chosen), seeds, workers)
-    results, wall_s = spawn_runs(jobs, workers, folder)
+    results, wall_s = sweep_runs(jobs, workers, folder / "candidates", "recipe-candidates")
     rows = []
     for index, (label, settings) in enumerate(chosen):
         runs = results[index * seeds : (index + 1) * seeds]
@@ -163,20 +169,20 @@ def run_candidates(base: Config, seeds: int, workers: int, folder: Path, only: s
     return {"phase": "candidates", "wall_s": wall_s, "failed": failures(results), "rows": rows}
 
 
-def candidates_table(result: dict[str, Any]) -> str:
+def candidates_markdown(result: dict[str, Any]) -> str:
     rows = result["rows"]
     cells = references(rows)
-    lines = ["| candidate (on tuned, adam 0.001 unless named) | seeds | test (min–max) | flip TTA (min–max) | "
-             "flip + 1 px shifts TTA | vs its cell's tuned row, points (flip TTA) | run s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = []
     for row in rows:
         s, reference = row["summary"], cells.get(cell_of(row["settings"]))
-        seconds = f"{s['process_s']['mean']:.0f}" if s["process_s"] else "–"
         failed = f" ({s['failed']} failed)" if s["failed"] else ""
-        lines.append(f"| {row['label']} | {s['seeds']}{failed} | {percent(s['test_acc'], True)} | "
-                     f"{percent(s['test_acc_tta'], True)} | {percent(s['test_acc_tta_shift1'])} | "
-                     f"{points(s['test_acc_tta'], reference and reference['test_acc_tta'])} | {seconds} |")
-    return "\n".join(lines)
+        lines.append([row["label"], f"{s['seeds']}{failed}", percent(s["test_acc"], True),
+                      percent(s["test_acc_tta"], True), percent(s["test_acc_tta_shift1"]),
+                      points(s["test_acc_tta"], reference and reference["test_acc_tta"]),
+                      f"{s['process_s']['mean']:.0f}" if s["process_s"] else "–"])
+    return markdown(["candidate (on tuned, adam 0.001 unless named)", "seeds", "test (min–max)",
+                     "flip TTA (min–max)", "flip + 1 px shifts TTA", "vs its cell's tuned row, points (flip TTA)",
+                     "run s"], lines)
 
 
 def half_range(stat: dict[str, float]) -> float:
@@ -222,7 +228,7 @@ def run_six_cells(base: Config, seeds: int, workers: int, folder: Path) -> dict[
             for name, config in recipes.items() for cell in WRITEUP_TABLE
             for seed in range(base.seed, base.seed + seeds)]
     log.info("six cells x 2 recipes x %d seeds, %d runs at a time", seeds, workers)
-    results, wall_s = spawn_runs(jobs, workers, folder)
+    results, wall_s = sweep_runs(jobs, workers, folder / "grid", "recipe-grid")
     per_recipe = len(WRITEUP_TABLE) * seeds
     cells = []
     for index, cell in enumerate(WRITEUP_TABLE):
@@ -234,21 +240,22 @@ def run_six_cells(base: Config, seeds: int, workers: int, folder: Path) -> dict[
             "cells": cells}
 
 
-def grid_table(result: dict[str, Any]) -> str:
-    lines = ["| cell | write-up, published (PNG data) | `recipe=writeup` | new | new, flip TTA | new, flip + 1 px "
-             "shifts TTA | new (flip TTA) vs `recipe=writeup`, points |", "|---|---|---|---|---|---|---|"]
-    for cell in result["cells"]:
-        published, new, writeup = cell["writeup_published"], cell["new"], cell["writeup"]
-        lines.append(f"| {published['optimizer']} {published['learning_rate']} | {published[TEST_ACC]:.2%} | "
-                     f"{percent(writeup['test_acc'], True)} | {percent(new['test_acc'], True)} | "
-                     f"{percent(new['test_acc_tta'], True)} | {percent(new['test_acc_tta_shift1'])} | "
-                     f"{points(new['test_acc_tta'], writeup['test_acc'])} |")
-    return "\n".join(lines)
+def six_cells_markdown(result: dict[str, Any]) -> str:
+    return markdown(
+        ["cell", "write-up, published (PNG data)", "`recipe=writeup`", "new", "new, flip TTA",
+         "new, flip + 1 px shifts TTA", "new (flip TTA) vs `recipe=writeup`, points"],
+        [[f"{cell['writeup_published']['optimizer']} {cell['writeup_published']['learning_rate']}",
+          f"{cell['writeup_published'][TEST_ACC]:.2%}", percent(cell["writeup"]["test_acc"], True),
+          percent(cell["new"]["test_acc"], True), percent(cell["new"]["test_acc_tta"], True),
+          percent(cell["new"]["test_acc_tta_shift1"]), points(cell["new"]["test_acc_tta"], cell["writeup"]["test_acc"])]
+         for cell in result["cells"]])
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
-                                     epilog="Any other --name=value is a `cifar-resnet train` setting for every run.")
+    parser = settings_parser("python -m benchmarks.recipe_experiments",
+                             "{candidates,grid,both} [--seeds=N] [--workers=N] [--out=FILE] [--only=LABELS] [--small]",
+                             __doc__.split("\n\n")[0])
+    parser.epilog = "The run settings above apply to every run of the phase."
     parser.add_argument("phase", choices=("candidates", "grid", "both"),
                         help="both: candidates, then the grid with the winners (see choose_winners)")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per row, from the base seed up (default 2)")
@@ -258,19 +265,18 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--runs_dir", default="", help="run folders and logs (default: next to --out)")
     parser.add_argument("--only", default="", help="candidates: comma-separated labels (default: all)")
     parser.add_argument("--small", action="store_true", help="CPU-sized runs: proves the script, decides nothing")
-    args, rest = parser.parse_known_args(list(argv))
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    args = parser.parse_args(list(argv))
     if args.seeds < 1 or args.workers < 1:
-        parser.error("--seeds and --workers must be >= 1")
+        raise UserError(f"--seeds and --workers: must be >= 1, got {args.seeds} and {args.workers}")
     only = {label.strip() for label in args.only.split(",") if label.strip()}
     unknown = only - {label for label, _ in CANDIDATES}
     if unknown:
-        parser.error(f"--only: unknown {', '.join(sorted(unknown))}; "
-                     f"candidates: {', '.join(label for label, _ in CANDIDATES)}")
+        raise UserError(f"--only: unknown {', '.join(sorted(unknown))}; "
+                        f"candidates: {', '.join(label for label, _ in CANDIDATES)}")
+    set_cpu_threads()
     out = Path(args.out)
     folder = Path(args.runs_dir) if args.runs_dir else out.parent / f"{out.stem}-runs"
-    base = Config(output_dir=str(folder / "runs"), **(SMALL if args.small else {}))
-    base = Config.from_argv(rest, base=base)
+    base = settings_from(args, base=Config(output_dir=str(folder), **(SMALL if args.small else {})))
     report: dict[str, Any] = {"machine": machine_info(select_device(base.device)), "base": base.to_dict(),
                               "seeds": args.seeds, "workers": args.workers, "small": args.small}
 
@@ -282,16 +288,17 @@ def main(argv: Sequence[str]) -> int:
     grid_base = base
     if args.phase in ("candidates", "both"):
         result = run_candidates(base, args.seeds, args.workers, folder, only)
-        finish("candidates", result, candidates_table(result))
+        finish("candidates", result, candidates_markdown(result))
     if args.phase == "both":
         report["winners"] = choose_winners(report["candidates"]["rows"])
         log.info("the grid's recipe: tuned with %s", report["winners"] or "no change")
         grid_base = base.replace(**report["winners"])
     if args.phase in ("grid", "both"):
         result = run_six_cells(grid_base, args.seeds, args.workers, folder)
-        finish("grid", result, grid_table(result))
+        finish("grid", result, six_cells_markdown(result))
     return 1 if any(report[phase]["failed"] for phase in ("candidates", "grid") if phase in report) else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    start_logging()
+    sys.exit(run_script(main))

@@ -18,7 +18,7 @@ both alike. Every figure is a median over the repeats, in wall seconds and the C
   everything above together, on a CPU where training is slow.
 
     git archive b142e91 | tar -x -C /tmp/old
-    python benchmarks/startup_parts.py --old=/tmp/old --old_data=/tmp/old-data/cifar10-jpeg \\
+    python -m benchmarks.startup_parts --old=/tmp/old --old_data=/tmp/old-data/cifar10-jpeg \\
         --data=data/cifar10-jpeg --out=benchmarks/results/startup_parts.json
 
 The two data folders hold the same files; each tree builds its own cache there first (a cold decode, untimed).
@@ -46,7 +46,10 @@ IMPORTS = "import cifar_resnet.train, cifar_resnet.tracking, sys; print('torchvi
 LOOKUP = """
 import json, sys, time
 from pathlib import Path
-from cifar_resnet.data import load_image_folder
+try:
+    from cifar_resnet.data.image_folder import load_image_folder
+except ModuleNotFoundError:  # an older tree, whose data module was one file
+    from cifar_resnet.data import load_image_folder
 wall, cpu = time.perf_counter(), time.process_time()
 train, test, classes = load_image_folder(Path(sys.argv[1]))
 print(json.dumps({"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
@@ -55,10 +58,10 @@ print(json.dumps({"wall_s": time.perf_counter() - wall, "cpu_s": time.process_ti
 OLD_KEY_PARTS = """
 import json, os, sys, time
 from pathlib import Path
-from cifar_resnet.data import _list_folder
+from cifar_resnet.data.image_folder import list_folder
 root = Path(sys.argv[1])
 started = time.perf_counter()
-samples = [path for split in ("train", "test") for path, _ in _list_folder(root / split)[0]]
+samples = [path for split in ("train", "test") for path, _ in list_folder(root / split)[0]]
 listed = time.perf_counter()
 for path in samples:
     os.stat(path)
@@ -69,8 +72,14 @@ import json, sys, time
 from pathlib import Path
 import torch
 from cifar_resnet.config import Config
-from cifar_resnet.data import DeviceLoader, load_splits
-from cifar_resnet.engine import build_model, evaluate
+try:
+    from cifar_resnet.data.loader import DeviceLoader
+    from cifar_resnet.data.sources import load_splits
+    from cifar_resnet.engine.device import build_model
+    from cifar_resnet.engine.evaluation import evaluate
+except ModuleNotFoundError:  # an older tree, whose data and engine modules were one file each
+    from cifar_resnet.data import DeviceLoader, load_splits
+    from cifar_resnet.engine import build_model, evaluate
 config = Config(dataset="imagefolder", data_dir=sys.argv[1], device="cpu", width=16, val_size=2000, test_size=1000)
 data = load_splits(config)
 model = build_model(config, len(data.classes), torch.device("cpu"))
@@ -140,7 +149,8 @@ def measure_checkpoints(work: Path, repeats: int) -> dict[str, Any]:
 
     from cifar_resnet.checkpoint import CheckpointWriter, host_copy, save_best, save_resume
     from cifar_resnet.config import Config
-    from cifar_resnet.engine import TrainState, build_model, build_optimizer, build_scheduler
+    from cifar_resnet.engine.device import build_model, build_optimizer, build_scheduler
+    from cifar_resnet.engine.loop import TrainState
     from cifar_resnet.records import RunRecord
 
     config, cpu = Config(device="cpu", width=64), torch.device("cpu")
@@ -233,10 +243,9 @@ def main() -> int:
     parser.add_argument("--work", default=tempfile.gettempdir(), help="where the checkpoints are written")
     parser.add_argument("--only", default="", help="comma-separated parts to measure (default: all)")
     args = parser.parse_args()
-    sys.path.insert(0, str(REPO))
-    from cifar_resnet.bench.machine import machine_info
-
     import torch
+
+    from .machine import machine_info
 
     old, old_data, data = Path(args.old), Path(args.old_data), Path(args.data)
     result: dict[str, Any] = {"machine": machine_info(torch.device("cpu")), "repeats": args.repeats}

@@ -1,6 +1,6 @@
 """A whole sweep through `cifar-resnet sweep`, timed from outside, its runs' results in one JSON file.
 
-    python benchmarks/sweep_wall.py --out=FILE --output-dir=DIR -- SWEEP_YAML [cifar-resnet sweep options]
+    python -m benchmarks.sweep_wall --out=FILE --output-dir=DIR -- SWEEP_YAML [cifar-resnet sweep options]
 
 The sweep runs offline (`--offline` is added) in DIR, from a fresh folder; the JSON holds the command, its exit
 status, its wall seconds (process start to exit: imports, trainers, runs, the final table), and each run's
@@ -10,7 +10,6 @@ settings, test accuracy and own seconds, read from its run record.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys

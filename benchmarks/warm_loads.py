@@ -1,13 +1,13 @@
 """Warm loads: the image folder's decode cache (mmap and not), and CIFAR-10 (torchvision against our cache) on a
 real-size CIFAR-10-format folder made from the same images (no download: torchvision's own format, made here).
 
-    python benchmarks/warm_loads.py DATA_DIR WORK_DIR     # DATA_DIR: an image folder whose decode cache is built
+    python -m benchmarks.warm_loads DATA_DIR WORK_DIR    # DATA_DIR: an image folder whose decode cache is built
 """
 import hashlib, os, pickle, sys, time
 from pathlib import Path
 import torch
-from cifar_resnet import data
-from cifar_resnet.data import CACHE_FOLDER, CIFAR10_FOLDER, load_cifar10, load_image_folder
+from cifar_resnet.data.image_folder import CACHE_FOLDER, list_folder, load_image_folder
+from cifar_resnet.data.sources import CIFAR10_FOLDER, load_cifar10
 
 root = Path(sys.argv[1]); work = Path(sys.argv[2])
 def timed(label, fn, repeats=3):
@@ -20,7 +20,7 @@ train, test, classes = timed("load_image_folder, warm cache (listing, key, mmap 
 cache = sorted((root / CACHE_FOLDER).glob("train-*.pt"))[0]
 timed("torch.load train cache, mmap=True", lambda: torch.load(cache, weights_only=True, mmap=True))
 timed("torch.load train cache, mmap=False", lambda: torch.load(cache, weights_only=True))
-timed("listing the train folder (torchvision make_dataset)", lambda: data._list_folder(root / "train"))
+timed("listing the train folder (torchvision make_dataset)", lambda: list_folder(root / "train"))
 # a CIFAR-10-format folder with these 60,000 images, as torchvision's archive extracts it
 folder = work / CIFAR10_FOLDER
 if not (folder / "batches.meta").exists():

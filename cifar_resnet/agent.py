@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 
 from .credentials import NO_CREDENTIALS, has_credentials
 from .errors import UserError
-from .gpus import AUTO, parse_runs_per_gpu, resolve_runs_per_gpu
+from .gpus import AUTO, check_gpus_exist, parse_runs_per_gpu, resolve_runs_per_gpu
 from .process import (
     Launch,
     Trainers,
@@ -48,10 +48,13 @@ RELAY_DRAIN_SECONDS = 5.0  # how long to wait for an ended agent's last lines (a
 
 
 def visible_gpus() -> list[str]:
-    """The GPUs to share out: the entries of CUDA_VISIBLE_DEVICES when it is set, else every GPU CUDA sees."""
+    """The GPUs to share out: the entries of CUDA_VISIBLE_DEVICES when it is set (each a GPU of this machine, or a
+    UserError: an agent pinned to no GPU would train on the CPU), else every GPU CUDA sees."""
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
     if listed is not None:
-        return [entry.strip() for entry in listed.split(",") if entry.strip()]
+        gpus = [entry.strip() for entry in listed.split(",") if entry.strip()]
+        check_gpus_exist(gpus, "CUDA_VISIBLE_DEVICES", "name GPUs it has, or unset it to use every GPU (none: the CPU)")
+        return gpus
     import torch  # deferred: only the count is needed, and torch's import is slow
 
     return [str(index) for index in range(torch.cuda.device_count())]

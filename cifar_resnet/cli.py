@@ -36,12 +36,6 @@ def _evaluate(args: argparse.Namespace, rest: list[str]) -> int:
     return EXIT_OK
 
 
-def _bench(args: argparse.Namespace, rest: list[str]) -> int:
-    from .bench.measure import main as bench_main
-
-    return bench_main(rest)
-
-
 def _trainer(args: argparse.Namespace, rest: list[str]) -> int:
     from .trainer import trainer_command
 
@@ -76,12 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("checkpoint", help="path to a best.pt or a last.pt")
     evaluate.set_defaults(handler=_evaluate)
-
-    bench = commands.add_parser(
-        "bench", add_help=False,
-        help="benchmark the write-up's pipeline against ours (also `bench run`, `bench grid`); --help for options",
-    )
-    bench.set_defaults(handler=_bench)
 
     from . import report  # light modules: their heavy imports happen inside the handlers
     from .sweep import command as sweep

@@ -49,16 +49,10 @@ import torch
 from torch import nn
 
 from .config import OPTIMIZERS, Config
-from .engine import (
-    CAPTURE_WARMUP_STEPS,
-    MIN_GRAPH_CAPABILITY,
-    StepTotals,
-    TrainingSteps,
-    autocast_context,
-    build_optimizer,
-    memory_format_for,
-    uses_cuda_graph,
-)
+from .engine.capture import CAPTURE_WARMUP_STEPS, MIN_GRAPH_CAPABILITY
+from .engine.device import autocast_context, build_optimizer, memory_format_for, uses_cuda_graph
+from .engine.loop import TrainingSteps
+from .engine.step import StepTotals
 from .model import CIFAR10CNN
 
 log = logging.getLogger(__name__)

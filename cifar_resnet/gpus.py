@@ -19,6 +19,7 @@ step (`benchmarks/gpu_check.sh` measures 1, 2 and 6). The smaller rows scale the
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 AUTO = "auto"
 MIB_PER_GIB = 1024
 NVIDIA_SMI_TIMEOUT_S = 30
+NVIDIA_SMI_ERRORS = (OSError, subprocess.SubprocessError, ValueError)
 
 # (at least this much memory per GPU in GiB, runs per GPU), largest first. Only the first row's count is measured,
 # on an H200 of 141 GB (see above: 1.55x one after another at b142e91, from overlapping start-up; 3.3x at b555040
@@ -62,24 +64,62 @@ def parse_runs_per_gpu(text: str | int | None, option: str) -> int | None:
     return value
 
 
+def nvidia_smi_rows() -> list[tuple[str, str, float]]:
+    """(index, UUID, memory in MiB) of every GPU of this machine, as `nvidia-smi` lists them (whatever
+    CUDA_VISIBLE_DEVICES hides). nvidia-smi, not torch: querying memory through CUDA would give this long-lived
+    parent process a CUDA context, and its memory, on every GPU. Raises OSError, SubprocessError or ValueError."""
+    output = subprocess.run(
+        ["nvidia-smi", "--query-gpu=index,uuid,memory.total", "--format=csv,noheader,nounits"],
+        capture_output=True, text=True, check=True, timeout=NVIDIA_SMI_TIMEOUT_S,
+    ).stdout
+    rows = [[field.strip() for field in line.split(",")] for line in output.splitlines() if line.strip()]
+    return [(index, uuid, float(total)) for index, uuid, total in rows]
+
+
 def gpu_memory_gib(gpus: Sequence[str]) -> float | None:
     """The smallest memory, in GiB, of `gpus` (indices or UUIDs as CUDA_VISIBLE_DEVICES lists them; empty: every
-    GPU), as `nvidia-smi` reports it; None when it cannot say. nvidia-smi, not torch: querying through CUDA would
-    give this long-lived parent process a CUDA context, and its memory, on every GPU."""
+    GPU), as `nvidia-smi` reports it; None when it cannot say."""
     if shutil.which("nvidia-smi") is None:
         return None
     try:
-        output = subprocess.run(
-            ["nvidia-smi", "--query-gpu=index,uuid,memory.total", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, check=True, timeout=NVIDIA_SMI_TIMEOUT_S,
-        ).stdout
-        rows = [[field.strip() for field in line.split(",")] for line in output.splitlines() if line.strip()]
-        memory_mib = {(index, uuid): float(total) for index, uuid, total in rows}
-    except (OSError, subprocess.SubprocessError, ValueError) as error:
+        rows = nvidia_smi_rows()
+    except NVIDIA_SMI_ERRORS as error:
         log.warning("could not read GPU memory from nvidia-smi (%s): one run per GPU", error)
         return None
-    chosen = [mib for (index, uuid), mib in memory_mib.items() if not gpus or index in gpus or uuid in gpus]
+    chosen = [mib for index, uuid, mib in rows if not gpus or index in gpus or uuid in gpus]
     return min(chosen) / MIB_PER_GIB if chosen else None
+
+
+def machine_gpus() -> list[tuple[str, str]] | None:
+    """This machine's GPUs as (index, UUID): every one `nvidia-smi` lists; without nvidia-smi, those CUDA finds
+    (torch counts them without a CUDA context), named as CUDA_VISIBLE_DEVICES names them when it is set (CUDA stops
+    at its first entry that is no GPU) and without a UUID. None when nvidia-smi fails: unknown."""
+    if shutil.which("nvidia-smi") is not None:
+        try:
+            return [(index, uuid) for index, uuid, _ in nvidia_smi_rows()]
+        except NVIDIA_SMI_ERRORS as error:
+            log.warning("could not list the GPUs with nvidia-smi (%s): the GPUs asked for are not checked", error)
+            return None
+    import torch  # deferred: the tools that never train need not import it
+
+    count = torch.cuda.device_count()
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = [str(index) for index in range(count)] if listed is None else [
+        entry.strip() for entry in listed.split(",") if entry.strip()]
+    return [(name, "") for name in names[:count]]
+
+
+def check_gpus_exist(gpus: Sequence[str], option: str, remedy: str) -> None:
+    """A UserError naming `option`, what it asked for, what this machine has and `remedy`, when one of `gpus`
+    (indices or UUIDs) is no GPU of this machine: a run pinned to it would train on the CPU. MIG devices (`MIG-...`),
+    which neither list names, pass."""
+    found = machine_gpus()
+    if found is None:
+        return
+    missing = [gpu for gpu in gpus if not gpu.startswith("MIG-") and not any(gpu in names for names in found)]
+    if missing:
+        has = f"GPU {', '.join(index for index, _ in found)}" if found else "no GPU"
+        raise UserError(f"{option}: GPU {', '.join(missing)} asked for, but this machine has {has}; {remedy}")
 
 
 def auto_runs_per_gpu(gpus: Sequence[str]) -> int:

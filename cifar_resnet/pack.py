@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .engine import TrainingSteps
+from .engine.loop import TrainingSteps
 
 log = logging.getLogger(__name__)
 

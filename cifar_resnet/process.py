@@ -120,7 +120,7 @@ def cpu_threads_per_run(concurrent_runs: int) -> int:
 
 
 def set_cpu_threads(concurrent_runs: int = 1) -> int:
-    """Give torch this process's share of the cores as one of `concurrent_runs` (`train`, `bench`); where
+    """Give torch this process's share of the cores as one of `concurrent_runs` (`train`, a benchmark); where
     OMP_NUM_THREADS is set (by the tool that started it, or by the user), torch has read it already. Returns the
     threads torch uses."""
     import torch  # deferred: the tools that never train need not import it

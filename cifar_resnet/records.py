@@ -71,6 +71,11 @@ def describe_epoch(history: list[dict[str, float]], epochs: int) -> str:
             f"{last[EPOCH_SECONDS]:.1f}s  {last[TRAIN_IMAGES_PER_SECOND]:.0f} img/s{'  (best)' if best else ''}")
 
 
+def describe_test(best_epoch: int, loss: float, acc: float) -> str:
+    """The log line of a run's test pass, with its best epoch's weights."""
+    return f"test (best epoch {best_epoch}): loss {loss:.4f} acc {100 * acc:.2f}%"
+
+
 @dataclass
 class RunRecord:
     run_id: str

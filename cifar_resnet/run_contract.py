@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .names import check_run_id
 
-# --- exit status: what `train`, `bench` and every tool's command exit with ------------------------------------------
+# --- exit status: what `train` and every tool's command exit with --------------------------------------------------
 EXIT_OK = 0  # finished (or finished earlier with the same settings: a finished run is never trained again)
 EXIT_CRASH = 1  # the machine's fault: diverged, a file not written (a full disk), a crash; one line says which
 EXIT_USAGE = 2  # the user's input: one line names the setting or file and what is allowed

@@ -30,22 +30,11 @@ from .checkpoint import (
     save_resume,
 )
 from .config import Config, changed_settings
-from .data import DataSplits, load_splits, load_source, split
-from .engine import (
-    EpochResult,
-    EvalResult,
-    FitResult,
-    Interrupted,
-    TrainHooks,
-    TrainingSteps,
-    TrainState,
-    build_model,
-    drive,
-    evaluate_test,
-    select_device,
-    start_device,
-    training,
-)
+from .data.images import DataSplits
+from .data.sources import check_source_present, load_source, load_splits, split
+from .engine.device import build_model, select_device, start_device
+from .engine.evaluation import EvalResult, evaluate_test
+from .engine.loop import EpochResult, FitResult, Interrupted, TrainHooks, TrainingSteps, TrainState, drive, training
 from .errors import ConfigError, StorageError, UserError
 from .files import FolderBusy, check_folder_path, folder_lock
 from .model import count_parameters
@@ -151,6 +140,14 @@ def check_not_finished(config: Config, run_id: str, run_dir: Path | None = None)
                         "give this run another id (WANDB_RUN_ID), or another output_dir")
     raise AlreadyFinished(f"run {run_id}: finished already in {run_dir}; nothing to train (remove that folder to "
                           "train it again)")
+
+
+def check_inputs(config: Config) -> None:
+    """What would fail the run at its start, checked before anything starts (`train` calls it before W&B, so that
+    such a mistake leaves no W&B run behind): the device, and the data source's presence (`check_source_present`)."""
+    if config.device != "auto":  # auto never fails
+        select_device(config.device)
+    check_source_present(config)
 
 
 def run_training(config: Config, run_id: str, hooks: RunHooks | None = None) -> RunOutcome:

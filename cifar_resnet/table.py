@@ -1,12 +1,13 @@
 """The results table of a set of runs, in the write-up's columns: the sweep prints it at its end, and the report
-writes it as `results.md`. Accuracies are shown in %; the run records and W&B keep fractions.
+writes it as `results.md`. Accuracies are shown in %; the run records and W&B keep fractions. `markdown` is the one
+writer of a table, for these and for the benchmarks' tables.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from .config import Config
@@ -77,6 +78,12 @@ def data_line(results: Sequence[RunResult]) -> str:
     return "data: " + "; ".join(described)
 
 
+def markdown(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A Markdown table of text cells, one row per line."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def markdown_table(results: Sequence[RunResult]) -> str:
     """The write-up's results table, best validation accuracy first; the best run is marked. Its first line names
     the data."""
@@ -84,7 +91,7 @@ def markdown_table(results: Sequence[RunResult]) -> str:
     header = (["Run"] + [TABLE_SETTINGS.get(name, name) for name in settings]
               + ["Test Accuracy", "Train Accuracy", "Train Loss", "Val Accuracy", "Val Loss", "Epochs to Best",
                  "Run Time"])
-    lines = [data_line(results), "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for rank, result in enumerate(by_val_acc(results)):
         run = f"**{result.run_id}** (best)" if rank == 0 and result.val_acc is not None else result.run_id
         if result.status != "finished":
@@ -94,5 +101,5 @@ def markdown_table(results: Sequence[RunResult]) -> str:
             _number(result.at_best_epoch(TRAIN_LOSS)), percent(result.val_acc),
             _number(result.at_best_epoch(VAL_LOSS)), setting_text(result.best_epoch), duration_text(result.seconds),
         ])
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append(cells)
+    return f"{data_line(results)}\n\n{markdown(header, rows)}\n"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .checkpoint import RESUME_CHECKPOINT
 from .config import Config, argument_parser
-from .engine import Interrupted
+from .engine.loop import Interrupted
 from .errors import RunFailed, StorageError, TrainingDiverged, UserError
 from .files import check_folder_path
 from .names import requested_run_id
@@ -34,7 +34,7 @@ from .process import (
 )
 from .records import RunRecord
 from .run_contract import EXIT_CRASH, EXIT_OK, EXIT_USAGE, SIGNAL_EXIT_BASE, TRAINER_VARIABLE, run_folder
-from .runner import AlreadyFinished, RunHooks, check_not_finished, run_training
+from .runner import AlreadyFinished, RunHooks, check_inputs, check_not_finished, run_training
 from .trainer import train_in_trainer
 
 log = logging.getLogger("cifar_resnet")
@@ -91,6 +91,7 @@ def main(argv: Sequence[str] | None = None, prog: str = MODULE_COMMAND) -> int:
         run_id = requested_run_id()  # checked before W&B sees it
         if run_id is not None:  # a finished run is not trained again, nor its W&B run touched
             check_not_finished(config, run_id)
+        check_inputs(config)  # a missing device or data source: one line, and no W&B run left behind
     except AlreadyFinished as done:
         log.info("%s", done)
         return EXIT_OK

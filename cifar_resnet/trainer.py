@@ -39,12 +39,14 @@ import torch
 
 from .checkpoint import RESUME_CHECKPOINT
 from .config import Config
-from .data import DataSource, load_source, source_key, split
-from .engine import Interrupted, select_device
+from .data.images import DataSource
+from .data.sources import load_source, source_key, split
+from .engine.device import select_device
+from .engine.loop import Interrupted
 from .errors import RunFailed, StorageError, TrainingDiverged, UserError
 from .pack import Ended, Pack
 from .process import SUPERVISOR_STOP_SIGNALS, reject_unknown_arguments, stop_on_signals
-from .records import RunRecord, describe_epoch, read_record
+from .records import BEST_EPOCH, TEST_ACC, TEST_LOSS, RunRecord, describe_epoch, describe_test, read_record
 from .run_contract import run_folder
 from .runner import AlreadyFinished, RunHooks, run_steps
 
@@ -202,7 +204,8 @@ class Trainer:
                          on_epoch=lambda record: client.tell({"epoch": asdict(record)}),
                          should_stop=lambda: client.stop)
         run_dir = cwd / run_folder(config.output_dir, client.run_id)
-        log.info("run %s joins the pack (%d members)", client.run_id, len(self.pack) + 1)
+        members = len(self.pack) + 1
+        log.info("run %s joins the pack (%d member%s)", client.run_id, members, "" if members == 1 else "s")
         self.pack.add(client.name, run_steps(config, client.run_id, data, self.device, hooks, run_dir=run_dir))
 
     def source(self, config: Config, cwd: Path) -> DataSource:
@@ -295,22 +298,31 @@ def train_in_trainer(socket_path: Path, config: Config, run_id: str, hooks: RunH
             if messages is None:  # the trainer died: what the run's files say is what happened
                 record = read_record(run_dir)
                 if record is not None and record.status == FINISHED:
-                    return record
+                    return logged_test(record)
                 raise Interrupted("its trainer ended")
             for message in messages:
                 if "refused" in message:
                     log.warning("the trainer on %s cannot take this run (%s): training in this process",
                                 socket_path, message["refused"])
                     return None
-                if "started" in message and hooks.on_start is not None:
-                    hooks.on_start(message["started"])
+                if "started" in message:
+                    log.info("config: %s", config.to_dict())  # this run's log holds what a run alone's holds
+                    if hooks.on_start is not None:
+                        hooks.on_start(message["started"])
                 elif "epoch" in message:
                     record = RunRecord(**message["epoch"])
                     log.info("%s", describe_epoch(record.history, config.epochs))
                     if hooks.on_epoch is not None:
                         hooks.on_epoch(record)
                 elif "ended" in message:
-                    return ended(message["ended"], run_dir)
+                    return logged_test(ended(message["ended"], run_dir))
+
+
+def logged_test(record: RunRecord) -> RunRecord:
+    """A finished run's record, after logging its test line (the trainer's log has it too, among other runs')."""
+    summary = record.summary
+    log.info("%s", describe_test(summary[BEST_EPOCH], summary[TEST_LOSS], summary[TEST_ACC]))
+    return record
 
 
 def ended(end: dict[str, Any], run_dir: Path) -> RunRecord:

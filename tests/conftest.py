@@ -42,6 +42,28 @@ def offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
+def fake_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Put a stand-in nvidia-smi first on PATH that lists the given (index, uuid, MiB) rows: there is no GPU here
+    (the one test double of the GPU tests; the rest is real). None: no nvidia-smi on PATH at all."""
+    folder = tmp_path / "nvidia-bin"
+
+    def install(rows: list[tuple[int, str, int]] | None) -> None:
+        if rows is None:
+            monkeypatch.setenv("PATH", os.pathsep.join(
+                entry for entry in os.environ["PATH"].split(os.pathsep)
+                if not (Path(entry) / "nvidia-smi").exists()))
+            return
+        folder.mkdir(exist_ok=True)
+        script = folder / "nvidia-smi"
+        lines = "\n".join(f"{index}, {uuid}, {mib}" for index, uuid, mib in rows)
+        script.write_text(f"#!/bin/sh\ncat <<'EOF'\n{lines}\nEOF\n")
+        script.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+
+    return install
+
+
+@pytest.fixture
 def one_thread():
     """Training in this process on one thread: on a shared 2-core machine, two threads can be many times slower."""
     threads = torch.get_num_threads()
@@ -64,14 +86,17 @@ def tiny_args(config: Config) -> list[str]:
     return [f"--{name}={value}" for name, value in config.to_dict().items()]
 
 
-def require_shared_input(path: Path, what: str, variable: str | None = None) -> None:
-    """Skip, saying why, when `path` is absent; fail instead under REQUIRE_REAL_DATA=1 (CI)."""
+def require_shared_input(path: Path, what: str, variable: str) -> None:
+    """Skip, saying why, when `path` (`variable`'s, or its default) is absent; fail instead under REQUIRE_REAL_DATA=1
+    (CI). The message names the variable, and the path only where the variable gave it: the default lies outside
+    the clone, and means nothing to a user of it."""
     if path.is_file():
         return
-    where = f" (set {variable})" if variable else ""
+    absent = f"{what} {path} is absent (from {variable})" if variable in os.environ else (
+        f"{what} is absent (set {variable} to its path)")
     if REQUIRE_SHARED_INPUTS:
-        pytest.fail(f"{what} {path} is absent{where}, and REQUIRE_REAL_DATA=1 requires it", pytrace=False)
-    pytest.skip(f"{what} {path} is absent{where}; REQUIRE_REAL_DATA=1 makes this a failure")
+        pytest.fail(f"{absent}, and REQUIRE_REAL_DATA=1 requires it", pytrace=False)
+    pytest.skip(f"{absent}; REQUIRE_REAL_DATA=1 makes this a failure")
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ from cifar_resnet.cli import main as cli_main
 
 API_KEY = "0123456789abcdef0123456789abcdef01234567"  # a made-up key, only passed through
 WAIT_SECONDS = 60
+SMALL_GPU_MIB = 8192
 POLL_SECONDS = 0.05
 
 STAND_IN = """#!{python}
@@ -58,8 +59,10 @@ sys.exit(int(json.loads(os.environ.get("STAND_IN_STATUS", "{{}}")).get(record["g
 
 
 @pytest.fixture
-def stand_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A stand-in `wandb` first on PATH; returns the folder where its runs record themselves."""
+def stand_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_gpus) -> Path:
+    """A stand-in `wandb` first on PATH, and a stand-in `nvidia-smi` listing GPUs 0 to 3 (small ones: `auto` puts
+    one agent on each); returns the folder where its runs record themselves."""
+    fake_gpus([(index, f"GPU-{index}", SMALL_GPU_MIB) for index in range(4)])
     bin_dir, log_dir = tmp_path / "bin", tmp_path / "stand-in"
     bin_dir.mkdir()
     log_dir.mkdir()
@@ -174,6 +177,24 @@ def test_refuses_in_one_line(args, env, message, monkeypatch, capsys):
     assert cli_main(["agent", *args]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"ERROR: {message}")
+
+
+@pytest.mark.parametrize(("rows", "listed", "missing", "has"), [
+    (None, "0", "0", "no GPU"),  # no nvidia-smi, and CUDA finds none
+    ([(0, "GPU-aaa", SMALL_GPU_MIB), (1, "GPU-bbb", SMALL_GPU_MIB)], "1,GPU-aaa,2", "2", "GPU 0, 1"),
+])
+def test_cuda_visible_devices_naming_gpus_this_machine_lacks_is_one_line_and_starts_no_agent(
+        stand_in, fake_gpus, monkeypatch, capsys, rows, listed, missing, has):
+    """Issue 27: agents pinned to a GPU that is not there would train their runs on the CPU."""
+    if rows is None and torch.cuda.device_count():
+        pytest.skip("a GPU is here")
+    fake_gpus(rows)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", listed)
+    assert cli_main(["agent", "ent/proj/abc123", "--stagger=0"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"ERROR: CUDA_VISIBLE_DEVICES: GPU {missing} asked for, but this machine has {has}; name GPUs it has, or "
+        "unset it to use every GPU (none: the CPU)"]
+    assert records(stand_in) == []
 
 
 def test_the_real_wandb_agent_takes_the_arguments_given_to_the_stand_in():

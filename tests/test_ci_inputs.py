@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, require_shared_input
 
 REAL_DATA_TEST = "tests/test_image_folder.py::test_real_jpeg_folder_loads"
 WAIT_SECONDS = 300
@@ -36,7 +36,7 @@ def test_ci_runs_every_slow_test():
 
 
 @pytest.mark.parametrize(("required", "exit_code", "said"), [
-    ("1", 1, "is absent (set CIFAR10_JPEG_ARCHIVE), and REQUIRE_REAL_DATA=1 requires it"),
+    ("1", 1, "is absent (from CIFAR10_JPEG_ARCHIVE), and REQUIRE_REAL_DATA=1 requires it"),
     ("", 0, "SKIPPED"),
 ])
 def test_a_missing_archive_fails_under_require_real_data_and_skips_with_the_reason_otherwise(
@@ -47,6 +47,19 @@ def test_a_missing_archive_fails_under_require_real_data_and_skips_with_the_reas
     assert said in done.stdout and str(tmp_path / "absent.tar.gz") in done.stdout
     if not required:
         assert "REQUIRE_REAL_DATA=1 makes this a failure" in done.stdout
+
+
+@pytest.mark.quick
+def test_a_missing_input_s_message_names_its_variable_not_a_path_outside_the_clone(monkeypatch):
+    """Issue 27: the skip message named the default path, `../shared/...` beside the clone, which a user's clone
+    does not have."""
+    monkeypatch.delenv("CIFAR10_JPEG_ARCHIVE", raising=False)
+    default = REPO.parent / "no-such-folder" / "cifar10-jpeg.tar.gz"
+    with pytest.raises((pytest.skip.Exception, pytest.fail.Exception)) as outcome:
+        require_shared_input(default, "real-data archive", "CIFAR10_JPEG_ARCHIVE")
+    message = str(outcome.value)
+    assert message.startswith("real-data archive is absent (set CIFAR10_JPEG_ARCHIVE to its path)")
+    assert str(REPO.parent) not in message
 
 
 def test_gpu_tests_skip_without_cuda_and_need_no_wandb():

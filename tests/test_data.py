@@ -1,6 +1,8 @@
 import torch
 
-from cifar_resnet.data import CIFAR10_MEAN, CIFAR10_STD, DeviceLoader, ImageSet, load_splits, random_crop_flip
+from cifar_resnet.data.images import ImageSet
+from cifar_resnet.data.loader import CIFAR10_MEAN, CIFAR10_STD, DeviceLoader, random_crop_flip
+from cifar_resnet.data.sources import load_splits
 
 
 def test_crops_are_windows_of_the_zero_padded_image_and_flips_mirror_them():

@@ -26,7 +26,8 @@ from helpers.cifar10 import (  # noqa: F401  (stand_in_cifar10: a fixture)
 )
 from helpers.images import digest, write_jpeg_folder
 
-from cifar_resnet.data import CACHE_FOLDER, CIFAR10_FOLDER, load_cifar10
+from cifar_resnet.data.image_folder import CACHE_FOLDER
+from cifar_resnet.data.sources import CIFAR10_FOLDER, load_cifar10
 from cifar_resnet.errors import DataError
 from cifar_resnet.records import RunRecord
 
@@ -54,12 +55,13 @@ def counted_download(*args, **kwargs):
     print("DOWNLOAD", file=sys.stderr, flush=True)
     return download(*args, **kwargs)
 utils._urlretrieve = counted_download
-from cifar_resnet import data
+from cifar_resnet.data.image_folder import load_image_folder
+from cifar_resnet.data.sources import load_cifar10
 Path(spec["ready"]).touch()
 while not Path(spec["go"]).exists():
     time.sleep(0.005)
 got = {}
-for name, load in (("folder", data.load_image_folder), ("cifar10", data.load_cifar10)):
+for name, load in (("folder", load_image_folder), ("cifar10", load_cifar10)):
     train, test, classes = load(Path(spec[name + "_dir"]))
     tensors = (train.images, train.labels, test.images, test.labels)
     got[name] = {"digest": hashlib.sha256(b"".join(t.numpy().tobytes() for t in tensors)).hexdigest(),

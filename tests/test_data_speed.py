@@ -9,8 +9,8 @@ import torchvision
 from helpers.cifar10 import point_torchvision_at, stand_in_cifar10  # noqa: F401  (stand_in_cifar10: a fixture)
 from helpers.images import digest
 
-from cifar_resnet import data
-from cifar_resnet.data import CIFAR10_FOLDER, load_cifar10
+from cifar_resnet.data.image_folder import CACHE_FOLDER
+from cifar_resnet.data.sources import CIFAR10_FOLDER, load_cifar10
 
 
 def test_cifar10_is_read_back_from_its_cache_until_a_batch_changes(tmp_path, stand_in_cifar10, monkeypatch):
@@ -43,4 +43,4 @@ def test_cifar10_is_read_back_from_its_cache_until_a_batch_changes(tmp_path, sta
     again = load_cifar10(data_dir)
     assert opened == [True, False]
     assert digest(again[0].images, again[0].labels, again[1].images, again[1].labels) == stand_in_cifar10["expected"]
-    assert len(list((data_dir / data.CACHE_FOLDER).glob("cifar10-*.pt"))) == 1  # the old cache is gone
+    assert len(list((data_dir / CACHE_FOLDER).glob("cifar10-*.pt"))) == 1  # the old cache is gone

@@ -26,7 +26,8 @@ from cifar_resnet import files
 from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT, CheckpointWriter, host_copy
 from cifar_resnet.cli import main
 from cifar_resnet.config import Config
-from cifar_resnet.engine import Interrupted, select_device
+from cifar_resnet.engine.device import select_device
+from cifar_resnet.engine.loop import Interrupted
 from cifar_resnet.errors import ConfigError, StorageError
 from cifar_resnet.records import RECORD_FILE, RunRecord
 from cifar_resnet.runner import RunHooks, run_training

@@ -16,8 +16,12 @@ import torch
 
 from cifar_resnet.checkpoint import host_copy
 from cifar_resnet.config import Config
-from cifar_resnet.data import DeviceLoader, load_splits
-from cifar_resnet.engine import TrainState, build_model, build_step, drive, evaluate, fit
+from cifar_resnet.data.loader import DeviceLoader
+from cifar_resnet.data.sources import load_splits
+from cifar_resnet.engine.device import build_model
+from cifar_resnet.engine.evaluation import evaluate
+from cifar_resnet.engine.loop import TrainState, drive, fit
+from cifar_resnet.engine.step import build_step
 from cifar_resnet.fused import FusedGroup
 from cifar_resnet.pack import Pack, train_together
 from cifar_resnet.records import TRAIN_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS

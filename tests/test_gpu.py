@@ -10,9 +10,10 @@ import math
 import pytest
 import torch
 
-from cifar_resnet import engine, runner
+from cifar_resnet import runner
 from cifar_resnet.config import Config
-from cifar_resnet.engine import Interrupted
+from cifar_resnet.engine import step as training_step
+from cifar_resnet.engine.loop import Interrupted
 from cifar_resnet.records import RunRecord
 from cifar_resnet.runner import RunHooks, run_training
 
@@ -36,7 +37,7 @@ def test_two_epochs_on_the_gpu_with_bf16_channels_last_and_the_fused_optimizer(t
     config = gpu_config(tmp_path)
     assert config.bf16 and config.channels_last
     models, optimizers, logit_dtypes = [], [], set()
-    real_build_model, real_build_optimizer = runner.build_model, engine.build_optimizer
+    real_build_model, real_build_optimizer = runner.build_model, training_step.build_optimizer
 
     def build_model(*args, **kwargs):
         model = real_build_model(*args, **kwargs)
@@ -50,7 +51,7 @@ def test_two_epochs_on_the_gpu_with_bf16_channels_last_and_the_fused_optimizer(t
         return optimizer
 
     monkeypatch.setattr(runner, "build_model", build_model)
-    monkeypatch.setattr(engine, "build_optimizer", build_optimizer)
+    monkeypatch.setattr(training_step, "build_optimizer", build_optimizer)  # where build_step looks it up
 
     outcome = run_training(config, "gpu00001")
 

@@ -16,21 +16,19 @@ import torch
 from torch import nn
 
 from cifar_resnet.config import Config
-from cifar_resnet.data import DeviceLoader, load_splits
-from cifar_resnet.engine import (
-    CapturedEval,
-    CapturedStep,
-    EagerStep,
-    EvalStep,
-    Lookahead,
+from cifar_resnet.data.loader import DeviceLoader
+from cifar_resnet.data.sources import load_splits
+from cifar_resnet.engine.averaging import Lookahead
+from cifar_resnet.engine.device import (
     autocast_context,
     build_model,
     build_optimizer,
     build_scheduler,
-    evaluate,
-    fit,
     memory_format_for,
 )
+from cifar_resnet.engine.evaluation import CapturedEval, EvalStep, evaluate
+from cifar_resnet.engine.loop import fit
+from cifar_resnet.engine.step import CapturedStep, EagerStep
 
 pytestmark = [
     pytest.mark.gpu,

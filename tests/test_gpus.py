@@ -5,13 +5,14 @@ There is no GPU here: a stand-in `nvidia-smi` on PATH reports the GPUs (the one 
 
 from __future__ import annotations
 
-import os
-import stat
 from pathlib import Path
 
 import pytest
+import torch
+from helpers.sweeps import write_sweep
 
 from cifar_resnet.agent import plan_agents
+from cifar_resnet.cli import main
 from cifar_resnet.errors import UserError
 from cifar_resnet.gpus import (
     RUNS_PER_GPU_BY_MEMORY_GIB,
@@ -23,22 +24,6 @@ from cifar_resnet.gpus import (
 from cifar_resnet.sweep.command import parse_gpus
 
 H100_MIB, A10_MIB = 81559, 23028
-
-
-@pytest.fixture
-def fake_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Put a stand-in nvidia-smi on PATH that lists the given (index, uuid, MiB) rows."""
-    folder = tmp_path / "bin"
-    folder.mkdir()
-
-    def install(rows: list[tuple[int, str, int]]) -> None:
-        script = folder / "nvidia-smi"
-        lines = "\n".join(f"{index}, {uuid}, {mib}" for index, uuid, mib in rows)
-        script.write_text(f"#!/bin/sh\ncat <<'EOF'\n{lines}\nEOF\n")
-        script.chmod(script.stat().st_mode | stat.S_IXUSR)
-        monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
-
-    return install
 
 
 def test_the_table_goes_down_with_memory_and_ends_at_one():
@@ -85,3 +70,22 @@ def test_the_agent_and_the_sweep_put_auto_runs_on_each_gpu(fake_gpus):
         parse_gpus("0,1", 6, "2")
     with pytest.raises(UserError, match="--runs-per-gpu: must be >= 1"):
         parse_gpus("0,1", None, "0")
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize(("rows", "asked", "missing", "has"), [
+    (None, "0", "0", "no GPU"),  # no nvidia-smi, and CUDA finds none
+    ([(0, "GPU-aaa", H100_MIB), (1, "GPU-bbb", A10_MIB)], "1,2,3", "2, 3", "GPU 0, 1"),
+])
+def test_a_sweep_on_gpus_this_machine_lacks_is_one_line_and_starts_nothing(tmp_path, fake_gpus, capsys, rows, asked,
+                                                                           missing, has):
+    """Issue 27: `--gpus 0` without a GPU was accepted, said each run started on GPU 0, and trained on the CPU."""
+    if rows is None and torch.cuda.device_count():
+        pytest.skip("a GPU is here")
+    fake_gpus(rows)
+    path = write_sweep(tmp_path / "grid.yaml", {"seed": {"values": [1, 2]}}, command=["true"])  # fails fast, if run
+    assert main(["sweep", str(path), "--gpus", asked, "--offline"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"ERROR: --gpus: GPU {missing} asked for, but this machine has {has}; name GPUs it has, or leave --gpus out "
+        "to train on the CPU"]
+    assert not Path("sweeps").exists()

@@ -13,23 +13,14 @@ import pytest
 import torch
 from torch import nn
 
-from cifar_resnet import engine
-from cifar_resnet.data import DeviceLoader, load_splits
-from cifar_resnet.engine import (
-    CapturedEval,
-    CapturedStep,
-    EagerStep,
-    EvalStep,
-    build_model,
-    build_optimizer,
-    build_scheduler,
-    drive,
-    fit,
-    evaluate,
-    keep_graph_settings,
-    train_one_epoch,
-    tta_logits,
-)
+from cifar_resnet.data.loader import DeviceLoader
+from cifar_resnet.data.sources import load_splits
+from cifar_resnet.engine import evaluation
+from cifar_resnet.engine import step as training_step
+from cifar_resnet.engine.device import build_model, build_optimizer, build_scheduler, keep_graph_settings
+from cifar_resnet.engine.evaluation import CapturedEval, EvalStep, evaluate, tta_logits
+from cifar_resnet.engine.loop import drive, fit, train_one_epoch
+from cifar_resnet.engine.step import CapturedStep, EagerStep
 
 CPU = torch.device("cpu")
 
@@ -101,7 +92,7 @@ def test_capture_on_a_cpu_warns_once_and_trains_eagerly(tiny_config, caplog):
         assert torch.equal(a, b)
 
 
-def pretend_a_gpu_until_the_capture(monkeypatch, captured, eager) -> None:
+def pretend_a_gpu_until_the_capture(monkeypatch, captured) -> None:
     """As if on a GPU: the side stream exists and the warm-up steps run (eagerly, here); then the capture raises,
     because there is no CUDA."""
     def pretend_prepare(self, images):
@@ -109,7 +100,7 @@ def pretend_a_gpu_until_the_capture(monkeypatch, captured, eager) -> None:
         return True
 
     def eager_warm_up(self, images, labels):
-        eager.__call__(self, images, labels)
+        self.eager_step(images, labels)
         self.warmed_up += 1
 
     monkeypatch.setattr(captured, "prepare", pretend_prepare)
@@ -118,7 +109,7 @@ def pretend_a_gpu_until_the_capture(monkeypatch, captured, eager) -> None:
 
 def test_a_capture_that_raises_falls_back_once_and_loses_no_step(tiny_config, caplog, monkeypatch):
     """The capture raises after the warm-up steps: that batch is trained eagerly and so is every later one."""
-    pretend_a_gpu_until_the_capture(monkeypatch, CapturedStep, EagerStep)
+    pretend_a_gpu_until_the_capture(monkeypatch, CapturedStep)
     eager_result, eager_model, _ = epoch_with(EagerStep, tiny_config)
     with caplog.at_level(logging.WARNING, logger="cifar_resnet.engine"):
         result, model, step = epoch_with(CapturedStep, tiny_config, warmup_steps=2)
@@ -177,7 +168,8 @@ def test_fit_on_the_graph_path_trains_like_the_eager_path(tiny_config, monkeypat
     eagerly; the Lookahead and the weight average are updated between the steps as on the eager path."""
     config = tiny_config.replace(**candidates)
     eager = fit(config, build_model(config, 10, CPU), load_splits(config), CPU)
-    monkeypatch.setattr(engine, "uses_cuda_graph", lambda config, device: True)
+    for module in (training_step, evaluation):  # where build_step and build_eval_step look it up
+        monkeypatch.setattr(module, "uses_cuda_graph", lambda config, device: True)
     with caplog.at_level(logging.WARNING, logger="cifar_resnet.engine"):
         graph = fit(config, build_model(config, 10, CPU), load_splits(config), CPU)
     assert sum(r.levelno == logging.WARNING for r in caplog.records) == 1
@@ -246,7 +238,7 @@ def test_evaluation_capture_on_a_cpu_warns_once_and_evaluates_eagerly(tiny_confi
 def test_an_evaluation_capture_that_raises_falls_back_once_and_loses_no_batch(tiny_config, caplog, monkeypatch):
     """The capture raises after the warm-up batches: that batch is evaluated eagerly, as is every later one; the
     last, partial batch of each pass never counts towards the warm-up or the capture."""
-    pretend_a_gpu_until_the_capture(monkeypatch, CapturedEval, EvalStep)
+    pretend_a_gpu_until_the_capture(monkeypatch, CapturedEval)
     model, loader = trained_model_and_val_loader(tiny_config, eval_batch_size=64)  # 3 full batches, 1 partial
     expected = evaluate(model, loader, 10)
     step = CapturedEval(model, 10, batch_size=64, warmup_steps=2)

@@ -24,16 +24,9 @@ from helpers.runs import cli, one_error_line, tree
 from PIL import Image
 from torchvision.io import encode_png
 
-from cifar_resnet import data
 from cifar_resnet.config import Config
-from cifar_resnet.data import (
-    CACHE_FOLDER,
-    IMAGE_EXTENSIONS,
-    _decode_images,
-    _list_folder,
-    load_image_folder,
-    load_splits,
-)
+from cifar_resnet.data.image_folder import CACHE_FOLDER, IMAGE_EXTENSIONS, decode_images, list_folder, load_image_folder
+from cifar_resnet.data.sources import load_splits
 from cifar_resnet.errors import DataError, StorageError
 from cifar_resnet.runner import run_training
 
@@ -120,7 +113,7 @@ def test_listing_matches_torchvisions_order_and_extension_rule(tmp_path):
         (root / name).write_bytes(b"x")
     classes, class_to_index = find_classes(str(root))
     expected = make_dataset(str(root), class_to_index, extensions=IMAGE_EXTENSIONS)
-    assert _list_folder(root) == (expected, classes)
+    assert list_folder(root) == (expected, classes)
     assert classes == ["a", "b", "c d"] and len(expected) == 8
 
 
@@ -156,7 +149,7 @@ def test_a_full_disk_while_caching_decoded_images_only_warns(tmp_path, monkeypat
     def no_space(path, value):
         raise StorageError(f"could not write {path}: no space left on device (0.0 MB free there)")
 
-    monkeypatch.setattr("cifar_resnet.data.atomic_torch_save", no_space)
+    monkeypatch.setattr("cifar_resnet.data.image_folder.atomic_torch_save", no_space)
     train, _, _ = load_image_folder(root)
     assert len(train) == 6
     assert any("training on without a decode cache" in r.getMessage() for r in caplog.records)
@@ -186,7 +179,7 @@ def test_image_folder_is_decoded_exactly_and_cached_until_it_changes(tmp_path):
 def test_cached_image_folder_loads_without_decoding(tmp_path, monkeypatch):
     root = image_folder(tmp_path / "imgs")
     first = load_image_folder(root)[0]
-    monkeypatch.setattr("cifar_resnet.data._decode_images", lambda paths: pytest.fail("decoded again"))
+    monkeypatch.setattr("cifar_resnet.data.image_folder.decode_images", lambda paths: pytest.fail("decoded again"))
     assert torch.equal(load_image_folder(root)[0].images, first.images)
 
 
@@ -218,8 +211,8 @@ def test_a_warm_cache_is_found_by_its_folders_stamps_without_listing_or_stat_ing
         return real_stat(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "stat", recording_stat)
-    monkeypatch.setattr("cifar_resnet.data._scan", lambda folder: pytest.fail(f"listed {folder}"))
-    monkeypatch.setattr("cifar_resnet.data._decode_images", lambda paths: pytest.fail("decoded again"))
+    monkeypatch.setattr("cifar_resnet.data.image_folder.list_folder", lambda *args: pytest.fail(f"listed {args[0]}"))
+    monkeypatch.setattr("cifar_resnet.data.image_folder.decode_images", lambda paths: pytest.fail("decoded again"))
     again = load_image_folder(root)
     monkeypatch.undo()
 
@@ -323,22 +316,23 @@ def test_test_subset_spans_the_classes_and_ignores_the_run_seed(tmp_path):
 
 def test_threads_decode_the_same_pixels_in_the_same_order(tmp_path, monkeypatch):
     root = write_jpeg_folder(tmp_path / "images", {"train": 6, "test": 2})
-    paths = [path for split in ("train", "test") for path, _ in _list_folder(root / split)[0]]
-    monkeypatch.setattr(data, "DECODE_CHUNK_IMAGES", 3)  # many chunks, so the threads share the work
-    one = _decode_images(paths, threads=1)
-    assert torch.equal(_decode_images(paths, threads=3), one)
+    paths = [path for split in ("train", "test") for path, _ in list_folder(root / split)[0]]
+    # many chunks, so the threads share the work
+    monkeypatch.setattr("cifar_resnet.data.image_folder.DECODE_CHUNK_IMAGES", 3)
+    one = decode_images(paths, threads=1)
+    assert torch.equal(decode_images(paths, threads=3), one)
     assert len(paths) > 3 * 3 and one.float().std() > 0
 
 
 def test_a_bad_file_among_threads_is_named(tmp_path, monkeypatch):
     root = write_jpeg_folder(tmp_path / "images", {"train": 6, "test": 2})
-    paths = [path for path, _ in _list_folder(root / "train")[0]]
+    paths = [path for path, _ in list_folder(root / "train")[0]]
     broken = paths[-1]
     with open(broken, "wb") as f:
         f.write(b"not an image")
-    monkeypatch.setattr(data, "DECODE_CHUNK_IMAGES", 2)
+    monkeypatch.setattr("cifar_resnet.data.image_folder.DECODE_CHUNK_IMAGES", 2)
     with pytest.raises(DataError, match=f"cannot read image {broken}"):
-        _decode_images(paths, threads=2)
+        decode_images(paths, threads=2)
 
 
 def test_a_damaged_decode_cache_is_rebuilt_not_trusted(tmp_path, caplog):
@@ -361,7 +355,7 @@ def test_a_damaged_decode_cache_is_rebuilt_not_trusted(tmp_path, caplog):
 DECODE_AND_DIGEST = """
 import hashlib, logging, sys
 from pathlib import Path
-from cifar_resnet.data import load_image_folder
+from cifar_resnet.data.image_folder import load_image_folder
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 train, test, _ = load_image_folder(Path(sys.argv[1]))
 tensors = (train.images, train.labels, test.images, test.labels)

@@ -20,7 +20,7 @@ from helpers.wandb_records import read_records
 
 from cifar_resnet.cli import main
 from cifar_resnet.config import RECIPE_PRESETS, Config
-from cifar_resnet.engine import Interrupted
+from cifar_resnet.engine.loop import Interrupted
 from cifar_resnet.records import (
     PROGRESS_FILE,
     RUN_SECONDS,

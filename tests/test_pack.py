@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cifar_resnet.data import load_splits
-from cifar_resnet.engine import Interrupted, TrainHooks, build_model, fit, training
+from cifar_resnet.data.sources import load_splits
+from cifar_resnet.engine.device import build_model
+from cifar_resnet.engine.loop import Interrupted, TrainHooks, fit, training
 from cifar_resnet.pack import Pack, train_together
 from cifar_resnet.records import EPOCH_SECONDS, TRAIN_IMAGES_PER_SECOND
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cifar_resnet.config import RECIPE_FIELDS, RECIPE_PRESETS, Config, argument_parser
-from cifar_resnet.engine import build_optimizer, build_scheduler
+from cifar_resnet.engine.device import build_optimizer, build_scheduler
 from cifar_resnet.errors import ConfigError
 from cifar_resnet.model import CIFAR10CNN
 

@@ -12,21 +12,13 @@ import torch
 from torch import nn
 
 from cifar_resnet.config import Config
-from cifar_resnet.data import DeviceLoader, ImageSet, load_splits, make_synthetic
-from cifar_resnet.engine import (
-    WHITENING_IMAGES,
-    Interrupted,
-    Lookahead,
-    TrainHooks,
-    WeightAverage,
-    build_model,
-    build_optimizer,
-    build_scheduler,
-    evaluate,
-    fit,
-    tta_logits,
-    tta_views,
-)
+from cifar_resnet.data.images import ImageSet
+from cifar_resnet.data.loader import DeviceLoader
+from cifar_resnet.data.sources import load_splits, make_synthetic
+from cifar_resnet.engine.averaging import Lookahead, WeightAverage
+from cifar_resnet.engine.device import build_model, build_optimizer, build_scheduler
+from cifar_resnet.engine.evaluation import evaluate, tta_logits, tta_views
+from cifar_resnet.engine.loop import WHITENING_IMAGES, Interrupted, TrainHooks, fit
 from cifar_resnet.errors import ConfigError
 from cifar_resnet.model import CIFAR10CNN, ResidualBlock, init_stem_whitening
 from cifar_resnet.records import EPOCH_SECONDS, TRAIN_IMAGES_PER_SECOND

@@ -25,10 +25,10 @@ from torch.utils import _pytree as pytree
 from conftest import tiny_args
 from helpers.wandb_records import logged_epochs, offline_runs
 
-from cifar_resnet import engine
 from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
 from cifar_resnet.config import Config
-from cifar_resnet.engine import EpochResult, Interrupted
+from cifar_resnet.engine import loop
+from cifar_resnet.engine.loop import EpochResult, Interrupted
 from cifar_resnet.errors import StorageError
 from cifar_resnet.files import LOCK_FILE
 from cifar_resnet.records import RECORD_FILE, RunRecord
@@ -328,14 +328,14 @@ def test_a_checkpoint_that_torch_load_puts_on_another_device_resumes_as_an_unint
                 for leaf in pytree.tree_leaves(tree) if isinstance(leaf, torch.Tensor)
                 and (type(leaf) is not torch.Tensor or leaf.device.type != "cpu")]
 
-    found, real_restore = [], engine.TrainState.load_state_dict
+    found, real_restore = [], loop.TrainState.load_state_dict
 
     def restore_and_look(state, saved) -> None:
         real_restore(state, saved)
         found.append(misplaced(state))  # one list per restore: empty when every part is where it belongs
 
     monkeypatch.setattr(torch, "load", load_onto_another_device)
-    monkeypatch.setattr(engine.TrainState, "load_state_dict", restore_and_look)
+    monkeypatch.setattr(loop.TrainState, "load_state_dict", restore_and_look)
     resumed = run_training(config, "moved001")
     monkeypatch.setattr(torch, "load", real_load)
 
@@ -351,7 +351,7 @@ def test_a_checkpoint_that_torch_load_puts_on_another_device_resumes_as_an_unint
 
 def crash_in_epoch_2(monkeypatch: pytest.MonkeyPatch) -> None:
     """Training raises, as a GPU fault would, when its second epoch starts (after epoch 1's checkpoint)."""
-    real_epoch = engine.train_one_epoch
+    real_epoch = loop.train_one_epoch
     epochs_started = []
 
     def crashing(*args, **kwargs):
@@ -360,7 +360,7 @@ def crash_in_epoch_2(monkeypatch: pytest.MonkeyPatch) -> None:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "train_one_epoch", crashing)
+    monkeypatch.setattr(loop, "train_one_epoch", crashing)
 
 
 def test_a_crash_ends_the_run_as_failed_not_preempting(tmp_path, tiny_config, monkeypatch, one_thread):
@@ -384,11 +384,11 @@ def test_lookahead_and_the_average_resume_from_last_pt_as_the_uninterrupted_run(
     config = tiny_config.replace(epochs=3, optimizer="sgd", learning_rate=0.01, sgd_norm_lr_scale=16.0,
                                  lookahead_steps=4, ema_decay=0.9)  # 15 steps an epoch: a sync every 4
     run_dir = Path(config.output_dir) / "ahead01"
-    real_epoch = engine.train_one_epoch
+    real_epoch = loop.train_one_epoch
     crash_in_epoch_2(monkeypatch)
     with pytest.raises(RuntimeError, match="illegal memory access"):
         run_training(config, "ahead01")
-    monkeypatch.setattr(engine, "train_one_epoch", real_epoch)
+    monkeypatch.setattr(loop, "train_one_epoch", real_epoch)
     saved = torch.load(run_dir / RESUME_CHECKPOINT, weights_only=True)["state"]
     assert saved["epoch"] == 1 and saved["lookahead"]["steps_taken"] == 15 and "average" in saved
     slow, fast = saved["lookahead"]["slow"], saved["model"]

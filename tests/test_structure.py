@@ -1,10 +1,13 @@
 """The package's architecture, read from its import graph (module-level and deferred imports alike): no cycle,
 no tool imports another (a tool's package, such as `sweep/`, is one tool), the sweep's modules import only those
-below them, and wandb stays out of the core and the runner."""
+below them, and wandb stays out of the core and the runner; its files: none over 600 lines, and a subpackage's
+`__init__.py` only its docstring. Outside it, the benchmarks (benchmarks/, not installed) and the tests use only
+its public names, and the package imports nothing of theirs."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -14,10 +17,12 @@ pytestmark = pytest.mark.quick  # seconds in all: part of `pytest -m quick`
 
 
 PACKAGE = REPO / "cifar_resnet"
-TOOLS = {"sweep", "agent", "report", "bench"}
+TOOLS = {"sweep", "agent", "report"}
+# Modules, and packages standing for every module in them.
 WITHOUT_WANDB = {"config", "model", "data", "engine", "fused", "pack", "checkpoint", "records", "files", "errors", "process",
                  "names", "credentials", "table", "runner", "trainer", "run_contract"}
-MAX_LEVELS = 9  # errors, config, data, engine, runner, tracking, train, cli, __main__
+MAX_LEVELS = 10  # errors, config, engine.device, engine.step, engine.loop, runner, trainer, train, cli, __main__
+MAX_FILE_LINES = 600
 # The sweep's modules, each above those it may import: command -> local -> view and plan -> state.
 SWEEP_LAYERS = {"sweep.state": 0, "sweep.plan": 1, "sweep.view": 1, "sweep.local": 2, "sweep.command": 3}
 
@@ -100,12 +105,76 @@ def test_no_test_module_imports_another():
 
 
 def test_wandb_stays_out_of_the_core_and_the_runner(graph):
-    assert [module for module in WITHOUT_WANDB if "wandb" in graph[module][1]] == []
+    without_wandb = {module for module in graph if module.split(".")[0] in WITHOUT_WANDB}
+    assert {"engine.loop", "data.sources", "runner"} <= without_wandb
+    assert [module for module in without_wandb if "wandb" in graph[module][1]] == []
     # ... also through what they import from the package
-    reachable, frontier = set(), list(WITHOUT_WANDB)
+    reachable, frontier = set(), list(without_wandb)
     while frontier:
         module = frontier.pop()
         if module not in reachable:
             reachable.add(module)
             frontier += graph[module][0]
     assert {"tracking", "wandb_sweep"} & reachable == set()
+
+
+def test_no_package_file_is_over_600_lines():
+    """The developers' guide: a file that grows past this holds more than one job."""
+    lengths = {str(path.relative_to(PACKAGE)): len(path.read_text().splitlines()) for path in PACKAGE.rglob("*.py")}
+    assert {path: lines for path, lines in lengths.items() if lines > MAX_FILE_LINES} == {}
+
+
+def test_a_subpackages_init_holds_only_its_docstring():
+    """No re-exports and no work at import time: a subpackage's modules are imported by their own names."""
+    bodies = {str(path.relative_to(PACKAGE)): ast.parse(path.read_text()).body
+              for path in PACKAGE.glob("*/__init__.py")}
+    assert {"engine/__init__.py", "data/__init__.py"} <= bodies.keys()
+    assert [path for path, body in bodies.items()
+            if len(body) != 1 or not isinstance(body[0], ast.Expr) or not isinstance(body[0].value, ast.Constant)
+            ] == []
+
+
+def private_names_used(path: Path) -> set[str]:
+    """The package's private names (`_name`) a file outside it uses: imported from one of its modules, read as an
+    attribute of a module of it imported, or written in a string (a monkeypatch target, code run in a child)."""
+    tree = ast.parse(path.read_text())
+    modules: dict[str, str] = {}  # local name -> the package module it is bound to
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "cifar_resnet":
+            for alias in node.names:
+                target = f"{node.module}.{alias.name}"
+                if module_name_of(target) in MODULES:
+                    modules[alias.asname or alias.name] = target
+        elif isinstance(node, ast.Import):
+            modules.update({alias.asname: alias.name for alias in node.names
+                            if alias.asname and alias.name.split(".")[0] == "cifar_resnet"})
+    used = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "cifar_resnet":
+            used |= {f"{node.module}.{alias.name}" for alias in node.names if is_private(alias.name)}
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules \
+                and is_private(node.attr):
+            used.add(f"{modules[node.value.id]}.{node.attr}")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            used |= {f"{module}.{name}" for module, name in
+                     re.findall(r"\b(cifar_resnet(?:\.\w+)*)(?:\.| import )(_[a-z]\w*)", node.value)}
+    return used
+
+
+def module_name_of(dotted: str) -> str:
+    return dotted.removeprefix("cifar_resnet.") if dotted != "cifar_resnet" else "__init__"
+
+
+def is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def test_nothing_outside_the_package_uses_its_private_names():
+    files = sorted([*(REPO / "benchmarks").rglob("*.py"), *(REPO / "tests").rglob("*.py")])
+    files.remove(Path(__file__))  # this file names them, in the set above
+    used = {(path.relative_to(REPO).as_posix(), name) for path in files for name in private_names_used(path)}
+    assert used == set()
+
+
+def test_the_package_imports_nothing_of_the_benchmarks_or_the_tests(graph):
+    assert [module for module, (_, external) in graph.items() if external & {"benchmarks", "tests", "conftest"}] == []

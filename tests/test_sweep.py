@@ -57,9 +57,13 @@ def test_grid_with_two_workers_runs_every_cell_as_the_agent_would(tmp_path, tiny
     rows = table_rows(capsys.readouterr().out)
     assert len(rows) == 4 and "(best)" in rows[0]
 
-    # The same command again: every cell is done, nothing runs.
+    # The same command again: every cell is done, nothing runs, and it says so in one line before the table
+    # (issue 27: it printed the table after a few seconds, without a word).
     assert main(["sweep", str(path), "--workers", "2", "--offline", "--output-dir", str(out_dir)]) == 0
     assert sweep_state(out_dir)["runs"] == runs
+    again = capsys.readouterr()
+    assert again.err.splitlines()[-1] == "INFO: all 4 runs of the sweep finished already: nothing left to do"
+    assert len(table_rows(again.out)) == 4
 
     # And the report reads the sweep's folder.
     assert main(["report", str(out_dir)]) == 0
@@ -166,12 +170,30 @@ def test_a_run_killed_after_its_record_says_finished_is_finished_and_never_run_a
         sweep.kill()
     assert sweep.returncode == 0, output
     (run,) = sweep_state(out_dir)["runs"]
-    assert run["state"] == "finished" and run["exit_code"] == -signal.SIGKILL, run
+    assert run["state"] == "finished" and run["exit_code"] == 128 + signal.SIGKILL, run
     record = RunRecord.load(out_dir / run["run_id"])
 
     assert main(["sweep", str(path), "--offline", "--output-dir", str(out_dir)]) == 0
     (run,) = sweep_state(out_dir)["runs"]
     assert run["attempts"] == 1 and RunRecord.load(out_dir / run["run_id"]) == record
+
+
+@pytest.mark.quick
+def test_a_run_killed_by_a_signal_is_recorded_with_128_plus_its_number(tmp_path):
+    """Issue 27: a run stopped in its start-up, before it handles signals, was recorded with exit_code -15 (Python's
+    returncode), where the docs and every other status say 143. Killed by the sweep's stop it is preempted; killed
+    by anything else (SIGKILL: the OOM killer), failed."""
+    path = write_sweep(tmp_path / "wait.yaml", {"seed": {"values": [1, 2]}}, command=["sleep", "60"])
+    sweep = LocalSweep(load_sweep(path, []), tmp_path / "out", [None, None], None, None, LogView([]))
+    sweep.step()  # both runs start
+    killed, stopped = sweep.active.values()
+    killed.process.kill()
+    killed.process.wait()
+    sweep.step()  # reaps the killed run
+    sweep.interrupt(signal.SIGTERM)  # as Ctrl-C or SIGTERM to the sweep: the other run gets SIGTERM
+    runs = sweep_state(tmp_path / "out")["runs"]
+    assert [(run["state"], run["exit_code"]) for run in runs] == [("failed", 128 + signal.SIGKILL),
+                                                                 ("preempted", 128 + signal.SIGTERM)]
 
 
 @pytest.mark.parametrize("name", ["..", "../escape", "/", ".hidden"])
@@ -395,8 +417,9 @@ def online(tmp_path, monkeypatch):
     return created, agent_calls
 
 
-def test_online_creates_the_sweep_and_starts_one_pinned_agent_per_gpu(tmp_path, tiny_config, online):
+def test_online_creates_the_sweep_and_starts_one_pinned_agent_per_gpu(tmp_path, tiny_config, online, fake_gpus):
     created, agent_calls = online
+    fake_gpus([(0, "GPU-aaa", 8192), (1, "GPU-bbb", 8192)])  # small: one run per GPU
     path = write_sweep(tmp_path / "grid.yaml", GRID | tiny_settings(tiny_config))
 
     assert main(["sweep", str(path), "--gpus", "0,1", "--count", "3", "--project", "proj",
@@ -428,6 +451,27 @@ def test_live_view_shows_runs_and_progress(capsys):
         view.refresh([RunProgress(run, 1, 2, 0.42, 3.0)], total_runs=6)
     shown = capsys.readouterr().err
     assert "abc12345" in shown and "1/2" in shown and "42.00%" in shown and "runs 0/6" in shown
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("columns", [80, 200])
+def test_the_live_table_keeps_the_run_ids_and_swept_values_whole_on_a_narrow_terminal(capsys, monkeypatch, columns):
+    """Issue 27: at 80 columns every swept value was cut to `0.0…` or `ad…`, and the runs could not be told apart.
+    Other columns give way, from the per-run bar on; a wide terminal shows them all."""
+    monkeypatch.setenv("COLUMNS", str(columns))
+    cells = [(0.001, "adam", "running"), (0.0005, "adamw", "preempted"), (0.0001, "sgd", "finished")]
+    runs = [LocalRun(f"run{index:05d}", {"learning_rate": rate, "optimizer": optimizer}, state)
+            for index, (rate, optimizer, state) in enumerate(cells)]
+    with LiveView(["learning_rate", "optimizer"]) as view:
+        view.refresh([RunProgress(run, 1, 2, 0.42, 63.0, 0.5, 12345.0) for run in runs], total_runs=6)
+    lines = capsys.readouterr().err.splitlines()
+    header = next(line for line in lines if line.startswith("run "))
+    assert "learning_rate" in header and "optimizer" in header and "…" not in header
+    for run, (rate, optimizer, state) in zip(runs, cells):
+        (row,) = [line for line in lines if line.startswith(run.run_id)]
+        assert row.split()[:4] == [run.run_id, state, str(rate), optimizer] and "…" not in row
+        assert len(row.rstrip()) <= columns
+    assert ("12,345" in "".join(lines)) == (columns == 200)  # images per second: given way at 80, shown at 200
 
 
 def test_sweep_help_lists_the_options(capsys):

@@ -22,7 +22,7 @@ from helpers.wandb_records import offline_run_file, read_records
 from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
 from cifar_resnet.cli import main as cli_main
 from cifar_resnet.config import Config
-from cifar_resnet.engine import build_optimizer
+from cifar_resnet.engine.device import build_optimizer
 from cifar_resnet.errors import ConfigError
 from cifar_resnet.files import LOCK_FILE, folder_lock
 from cifar_resnet.model import CIFAR10CNN
@@ -150,17 +150,34 @@ def test_bad_settings_fail_in_one_line_before_anything_starts(args, message):
     assert not Path("runs").exists()
 
 
-def test_missing_data_folder_fails_the_wandb_run_with_one_line(tmp_path):
-    done = python_train("--dataset=imagefolder", f"--data_dir={tmp_path / 'nowhere'}", "--val_size=10",
-                        WANDB_RUN_ID="nodata01")
-    assert done.returncode == 2
-    assert error_lines(done.stderr) == [
-        f"ERROR: data_dir: {tmp_path / 'nowhere' / 'train'} is not a folder; "
-        "expected <data_dir>/train/<class>/*.jpg and test/"
-    ]
-    assert "Traceback" not in done.stderr
-    records = read_records(offline_run_file(tmp_path, "nodata01"))
-    assert next(r.exit for r in records if r.HasField("exit")).exit_code == 1  # the W&B run ended as failed
+# The proxies a download goes through, all at a port where nothing listens: no internet, on any machine.
+NO_INTERNET = {name: "http://127.0.0.1:9" for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")} | {
+    "no_proxy": "", "NO_PROXY": ""}
+
+
+def test_a_missing_data_source_or_device_is_one_line_before_wandb_starts(tmp_path):
+    """Issue 27: each of these started an offline W&B run first: six `wandb:` lines after the one ERROR line, and an
+    offline run folder left behind for a run that never trained. Three processes at once."""
+    cases = {
+        "nodata01": (["--dataset=imagefolder", f"--data_dir={tmp_path / 'nowhere'}"], {},
+                     f"ERROR: data_dir: {tmp_path / 'nowhere' / 'train'} is not a folder; "
+                     "expected <data_dir>/train/<class>/*.jpg and test/"),
+        "nocifar1": (["--dataset=cifar10", f"--data_dir={tmp_path / 'cifar'}"], NO_INTERNET,
+                     f"ERROR: data_dir: could not download or read CIFAR-10 in {tmp_path / 'cifar'} ("),
+    }
+    if not torch.cuda.is_available():
+        cases["nocuda01"] = (["--device=cuda"], {},
+                             "ERROR: device: 'cuda' asked for, but CUDA is not available here; use device=cpu or auto")
+    runs = {run_id: subprocess.Popen([sys.executable, "-m", "cifar_resnet.train", *args], stderr=subprocess.PIPE,
+                                     text=True, env=dict(os.environ, WANDB_RUN_ID=run_id, WANDB_SILENT="false", **env))
+            for run_id, (args, env, _) in cases.items()}
+    for run_id, run in runs.items():
+        stderr = run.communicate(timeout=300)[1]
+        assert run.returncode == 2, stderr[-3000:]
+        (line,) = error_lines(stderr)
+        assert line.startswith(cases[run_id][2]), stderr[-3000:]
+        assert "wandb:" not in stderr and "Traceback" not in stderr, stderr[-3000:]
+    assert not list(tmp_path.glob("wandb/offline-run-*"))  # WANDB_DIR's: no W&B run was started
 
 
 def test_diverging_loss_stops_the_run(tiny_config):

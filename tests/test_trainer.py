@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +32,8 @@ from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
 from cifar_resnet.config import Config
 from cifar_resnet.run_contract import TRAINER_VARIABLE
 from cifar_resnet.records import EPOCH_SECONDS, TRAIN_IMAGES_PER_SECOND, RunRecord, read_record
-from cifar_resnet.runner import run_training
+from cifar_resnet.runner import RunHooks, run_training
+from cifar_resnet.trainer import Trainer, train_in_trainer
 
 WAIT_SECONDS = 300
 POLL_SECONDS = 0.05
@@ -228,3 +232,33 @@ def test_an_offline_sweep_packs_its_workers_runs_into_one_trainer(tmp_path, tiny
         config = Config.from_mapping(run["params"], base=tiny_config).replace(output_dir=str(tmp_path / "alone"))
         alone = run_training(config, run["run_id"])
         assert_like_alone(out_dir / run["run_id"], alone)
+
+
+def test_a_packed_runs_log_holds_the_lines_of_a_run_alone(tiny_config, socket_path, one_thread, caplog):
+    """Issue 27: a packed run's log (its process's output, the sweep's run.log) lacked its `config:` and `test (best
+    epoch ...)` lines, which only the trainer's log held; and the trainer said "(1 members)". A trainer on a thread
+    of this process; the run's side (this thread) logs what its member's messages relay. Its lines are a run
+    alone's, but for the timings."""
+    received: list[int] = []
+    trainer = threading.Thread(target=Trainer(socket_path, torch.device("cpu")).serve, args=(received,),
+                               name="trainer")
+    with caplog.at_level(logging.INFO, logger="cifar_resnet"):
+        trainer.start()
+        try:
+            record = train_in_trainer(socket_path, tiny_config, "packed01", RunHooks(), [])
+        finally:
+            received.append(signal.SIGTERM)
+            trainer.join(WAIT_SECONDS)
+        packed = [item.getMessage() for item in caplog.records if item.threadName != "trainer"]
+        trainer_lines = [item.getMessage() for item in caplog.records if item.threadName == "trainer"]
+        caplog.clear()
+        run_training(tiny_config, "alone001")
+        alone = [item.getMessage() for item in caplog.records]
+
+    def untimed(lines: list[str]) -> list[str]:
+        return [re.sub(r"\d+\.\ds  \d+ img/s", "(timing)", line) for line in lines]
+
+    assert record.status == "finished"
+    assert "run packed01 joins the pack (1 member)" in trainer_lines
+    assert packed[0].startswith("config: ") and packed[-1].startswith("test (best epoch ")
+    assert untimed(packed) == untimed(alone)

@@ -1,4 +1,4 @@
-"""The benchmark's baseline (`cifar_resnet/bench/writeup.py`) is the write-up's pipeline, checked field by field
+"""The benchmark's baseline (`benchmarks/writeup.py`) is the write-up's pipeline, checked field by field
 against the write-up's own text (`../shared/seed/`): its transforms and normalisation constants, its DataLoader
 (batch size, shuffling, no workers), a float32 NCHW model of its widths, plain Adam, and the loss read every step.
 And what the baseline serves really is a crop or a flip of the normalised original."""
@@ -16,10 +16,10 @@ from conftest import WRITEUP, require_shared_input
 from torch import nn
 from torchvision import transforms
 
-from cifar_resnet.bench import writeup
+from benchmarks import writeup
 from cifar_resnet.config import Config
-from cifar_resnet.data import ImageSet
-from cifar_resnet.engine import memory_format_for
+from cifar_resnet.data.images import ImageSet
+from cifar_resnet.engine.device import memory_format_for
 from cifar_resnet.model import CIFAR10CNN
 
 IMAGES = 48

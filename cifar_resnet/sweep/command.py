@@ -22,7 +22,7 @@ from pathlib import Path
 from ..config import Config
 from ..credentials import DEFAULT_PROJECT, choose_mode
 from ..errors import UserError
-from ..gpus import AUTO, parse_runs_per_gpu, resolve_runs_per_gpu
+from ..gpus import AUTO, check_gpus_exist, parse_runs_per_gpu, resolve_runs_per_gpu
 from ..process import Launch, reject_unknown_arguments, run_staggered
 from ..records import RunResult, result_from_record
 from ..run_contract import SIGNAL_EXIT_BASE, run_folder
@@ -108,6 +108,7 @@ def parse_gpus(gpus: str | None, workers: int | None, runs_per_gpu: str | None =
     if workers is not None and (workers % len(indices) or (per_gpu and workers != per_gpu * len(indices))):
         raise UserError(f"--workers: {workers} does not match the {len(indices)} GPUs of --gpus {gpus}"
                         f"{f' x {per_gpu} runs per GPU' if per_gpu else ''}")
+    check_gpus_exist(indices, "--gpus", "name GPUs it has, or leave --gpus out to train on the CPU")
     if per_gpu is None:
         per_gpu = workers // len(indices) if workers is not None else resolve_runs_per_gpu(None, indices)
     return [index for index in indices for _ in range(per_gpu)]

@@ -22,6 +22,7 @@ from ..process import (
     SUPERVISOR_STOP_SIGNALS,
     Trainers,
     child_environment,
+    exit_status,
     start_process,
     stop_on_signals,
     stop_processes,
@@ -139,6 +140,7 @@ class LocalSweep:
         self.renewed_at = -math.inf  # time.monotonic() of the last lease renewal
         self.proposer_done = False  # the proposer had no more runs (a complete grid): it never has again
         self.gave_up = False  # too many runs failed
+        self.started_any = False  # whether this process started a run (else it found nothing left to do)
         self.user_mistake: str | None = None  # a run's one-line error that every other run would repeat
         for run in self.state.runs:  # a done run's record that cannot be read is refused before any run starts
             self.record_of(run)
@@ -304,6 +306,7 @@ class LocalSweep:
             self.record_now([RunEnd(run.run_id, "failed", None)])
             return
         self.active[run.run_id] = Worker(process, gpu, log_file)
+        self.started_any = True
         self.view.started(run, gpu)
 
     def environment(self, run: LocalRun, gpu: str | None) -> dict[str, str]:
@@ -343,9 +346,12 @@ class LocalSweep:
         stop_processes([self.active[run_id].process], STOP_GRACE_SECONDS)
         self.release(run_id)
 
-    def outcome(self, run_id: str, exit_code: int, stopped_by_signal: bool = False) -> RunEnd:
-        """What a run's exit status, and its record, say about how it ended. A record that says finished wins: the
-        run's process may be stopped or killed after writing it (while W&B shuts down), and it is never run again."""
+    def outcome(self, run_id: str, process: subprocess.Popen, stopped_by_signal: bool = False) -> RunEnd:
+        """What a run's ended process, and its record, say about how it ended. A record that says finished wins: the
+        run's process may be stopped or killed after writing it (while W&B shuts down), and it is never run again.
+        A process killed by signal N (before it could handle it: in its start-up, or SIGKILL) is recorded with exit
+        status 128 + N, as a shell reports it and as a run that handled the signal exits."""
+        exit_code = exit_status(process)
         record = record_if_readable(self.run_dir(run_id))
         if record is not None and record.status == "finished":
             return RunEnd(run_id, "finished", exit_code)
@@ -355,7 +361,8 @@ class LocalSweep:
             if record is None:
                 return RunEnd(run_id, "failed", exit_code, NO_RECORD_REASON)
             return RunEnd(run_id, "failed", exit_code, f"exited 0, but its run record says {record.status}")
-        if exit_code > SIGNAL_EXIT_BASE or stopped_by_signal:  # stopped by a signal after saving its state
+        # Stopped by a signal after saving its state (a process killed by one is a failure, unless this one sent it)
+        if process.returncode > SIGNAL_EXIT_BASE or stopped_by_signal:
             return RunEnd(run_id, "preempted", exit_code)
         return RunEnd(run_id, "failed", exit_code)
 
@@ -364,7 +371,7 @@ class LocalSweep:
         outcomes = []
         for run_id in [run_id for run_id, worker in self.active.items() if worker.process.poll() is not None]:
             worker = self.release(run_id)
-            outcomes.append(self.outcome(run_id, worker.process.returncode))
+            outcomes.append(self.outcome(run_id, worker.process))
             if outcomes[-1].state == "finished":
                 self.whole_runs.append(time.monotonic() - worker.timing.started_at)
         return outcomes
@@ -382,7 +389,7 @@ class LocalSweep:
     def interrupt(self, signum: int) -> None:
         """Stop this process's runs (each saves its state) and release them: they resume in any process."""
         stop_processes([worker.process for worker in self.active.values()], STOP_GRACE_SECONDS)
-        self.record_now([self.outcome(run_id, self.release(run_id).process.returncode, stopped_by_signal=True)
+        self.record_now([self.outcome(run_id, self.release(run_id).process, stopped_by_signal=True)
                          for run_id in list(self.active)])
         log.info("stopped by signal %d", signum)
 
@@ -418,5 +425,9 @@ class LocalSweep:
                 return LocalSweepResult(SIGNAL_EXIT_BASE + received[0], self.state, self.out_dir)
         if self.user_mistake is not None:
             return LocalSweepResult(EXIT_USAGE, self.state, self.out_dir, self.user_mistake)
+        if not self.started_any and self.state.runs and all(run.state in DONE for run in self.state.runs):
+            stopped = self.state.count("stopped")
+            log.info("all %d runs of the sweep %s already: nothing left to do", len(self.state.runs),
+                     f"ended ({stopped} stopped by early_terminate)" if stopped else "finished")
         failed = any(run.state == "failed" for run in self.state.runs)
         return LocalSweepResult(EXIT_CRASH if failed else EXIT_OK, self.state, self.out_dir)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import Config
 from ..process import logs_to_current_stderr
@@ -18,11 +19,15 @@ from ..records import SELECTION_METRIC, RunRecord, read_progress
 from ..table import duration_text
 from .state import DONE, LocalRun
 
+if TYPE_CHECKING:  # rich is imported where a live table is drawn
+    from rich.console import Console
+    from rich.table import Table
+
 log = logging.getLogger(__name__)
 
 PROGRESS_LOG_SECONDS = 30.0  # outside a terminal, one progress line per running run this often
 RUN_BAR_WIDTH = 20  # characters of each run's bar in the live table
-RUN_ID_CHARS = 8  # W&B's run ids: 8 letters and digits
+UNBOUNDED_WIDTH = 10_000  # columns: wider than any table of runs
 
 
 def exit_text(run: LocalRun) -> str:
@@ -215,22 +220,7 @@ class LiveView(LogView):
     def refresh(self, progress: Sequence[RunProgress], total_runs: int | None,
                 seconds_left: float | None = None) -> None:
         from rich.console import Group
-        from rich.progress_bar import ProgressBar
-        from rich.table import Table
 
-        table = Table(box=None, header_style="bold")
-        # The run id, its state and its figures stay whole on a narrow terminal; the settings and the bar give way.
-        table.add_column("run", no_wrap=True, min_width=RUN_ID_CHARS)
-        for column in ("state", *self.shown, "progress", "epoch", "best val acc", "img/s", "time", "left"):
-            table.add_column(column, no_wrap=column not in self.shown and column != "progress")
-        for item in progress:
-            best = "" if item.best_val_acc is None else f"{100 * item.best_val_acc:.2f}%"
-            speed = "" if item.images_per_second is None else f"{item.images_per_second:,.0f}"
-            seconds = "" if item.seconds is None else duration_text(item.seconds)
-            left = "" if item.seconds_left is None else duration_text(item.seconds_left)
-            bar = ProgressBar(total=item.epochs, completed=item.done_epochs, width=RUN_BAR_WIDTH)
-            table.add_row(item.run.run_id, item.run.state, *(str(item.run.params.get(name)) for name in self.shown),
-                          bar, f"{item.epoch}/{item.epochs}", best, speed, seconds, left)
         done = sum(item.run.state in (*DONE, "failed") for item in progress)
         expected = max(total_runs or 0, len(progress))
         epochs_each = max((item.epochs for item in progress), default=0)
@@ -239,4 +229,42 @@ class LiveView(LogView):
                         total=expected * epochs_each if total_runs else None,
                         description=f"runs {done}/{total_runs if total_runs else '?'}",
                         left="-:--" if seconds_left is None else duration_text(seconds_left))
-        self.live.update(Group(table, self.bar))
+        self.live.update(Group(runs_table(progress, self.shown, self.live.console), self.bar))
+
+
+# The live table's columns in the order they give way on a narrow terminal, first to go first: the run id and its
+# swept values stay whole, or the runs could not be told apart (issue 27: at 80 columns every value was cut to
+# `0.0…`). The per-run bar goes first: the epoch column says as much.
+COLUMNS_GIVING_WAY = ("progress", "img/s", "time", "left", "best val acc", "epoch", "state")
+
+
+def runs_table(progress: Sequence[RunProgress], shown: Sequence[str], console: Console) -> Table:
+    """The live table of runs, with the columns that fit `console`'s width whole (see COLUMNS_GIVING_WAY)."""
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+
+    rows = []
+    for item in progress:
+        rows.append({
+            "run": item.run.run_id, "state": item.run.state,
+            **{name: str(item.run.params.get(name)) for name in shown},
+            "progress": ProgressBar(total=item.epochs, completed=item.done_epochs, width=RUN_BAR_WIDTH),
+            "epoch": f"{item.epoch}/{item.epochs}",
+            "best val acc": "" if item.best_val_acc is None else f"{100 * item.best_val_acc:.2f}%",
+            "img/s": "" if item.images_per_second is None else f"{item.images_per_second:,.0f}",
+            "time": "" if item.seconds is None else duration_text(item.seconds),
+            "left": "" if item.seconds_left is None else duration_text(item.seconds_left),
+        })
+    columns = ["run", "state", *shown, "progress", "epoch", "best val acc", "img/s", "time", "left"]
+    for giving_way in (None, *COLUMNS_GIVING_WAY):
+        if giving_way is not None:
+            columns.remove(giving_way)
+        table = Table(box=None, header_style="bold", pad_edge=False)
+        for column in columns:
+            table.add_column(column, no_wrap=True)
+        for row in rows:
+            table.add_row(*(row[column] for column in columns))
+        # Its width with nothing cut: measured as if the console had room for any table.
+        if console.measure(table, options=console.options.update_width(UNBOUNDED_WIDTH)).maximum <= console.width:
+            break
+    return table

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torchvision
 
-from cifar_resnet.data import CIFAR10_FOLDER
+from cifar_resnet.data.sources import CIFAR10_FOLDER
 
 from .images import digest
 

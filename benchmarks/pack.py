@@ -1,9 +1,9 @@
-"""`cifar-resnet bench pack`: K runs sharing one device, for each way of sharing it, side by side in one call.
+"""`python -m benchmarks.pack`: K runs sharing one device, for each way of sharing it, side by side in one call.
 
 - `streams`: one process, the runs as one pack (`pack.Pack`), each on a CUDA stream of its own (what the trainer
   does);
 - `turns`: the same pack on one stream, each run's step after the other (what streams add over it);
-- `processes`: K processes, one run each (`bench run`), as runs were before the trainer.
+- `processes`: K processes at once, one run each (`benchmarks.run`), as runs were before the trainer.
 
 Each case trains K whole runs (validation every epoch and the test included) of the settings given, the cells of
 the write-up's grid in turn (Adam and SGD at its three learning rates), seeds differing. Reported per case: the wall
@@ -15,7 +15,6 @@ is rewritten after each case, so a call cut short keeps the cases it finished.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import statistics
 import sys
@@ -26,15 +25,20 @@ from typing import Any
 
 import torch
 
-from ..config import Config
-from ..data import load_source, split
-from ..engine import build_model, select_device, start_device, training
-from ..errors import UserError
-from ..files import atomic_write_json
-from ..pack import train_together
-from ..records import TRAIN_IMAGES_PER_SECOND
+from cifar_resnet.config import Config
+from cifar_resnet.data.sources import load_source, split
+from cifar_resnet.engine.device import build_model, select_device, start_device
+from cifar_resnet.engine.loop import training
+from cifar_resnet.errors import UserError
+from cifar_resnet.files import atomic_write_json
+from cifar_resnet.pack import train_together
+from cifar_resnet.process import set_cpu_threads
+from cifar_resnet.records import TRAIN_IMAGES_PER_SECOND
+from cifar_resnet.table import markdown
+
+from .cli import run_script, settings_from, settings_parser, start_logging
+from .launch import SECONDS_PER_HOUR, runs_at_once
 from .machine import machine_info
-from .spawn import SECONDS_PER_HOUR, print_settings_help, spawn_runs
 from .writeup import WRITEUP_TABLE
 
 log = logging.getLogger(__name__)
@@ -87,12 +91,10 @@ def measure_pack(base: Config, count: int, streams: bool) -> dict[str, Any]:
 
 def measure_processes(base: Config, count: int, work_dir: Path) -> dict[str, Any]:
     """`count` runs as `count` processes at once, one run each, their run folders under `work_dir`."""
-    folder = work_dir / f"processes{count}"
-    jobs = [(run_id, config.replace(output_dir=str(folder / "runs"))) for run_id, config in member_configs(base, count)]
-    results, wall_s = spawn_runs(jobs, count, folder)
+    results, wall_s = runs_at_once(member_configs(base, count), work_dir / f"processes{count}")
     failed = [r for r in results if r.get("status") == "failed"]
     if failed:
-        raise UserError(f"bench pack: {len(failed)} of {count} runs failed; see {failed[0]['log']}")
+        raise UserError(f"{len(failed)} of {count} runs as processes failed; see {failed[0]['log']}")
     rates = [r["train_images_per_s"] for r in results]
     return {"wall_s": wall_s, "together_img_s": sum(rates), "run_img_s": rates,
             "test_acc": [r["test_acc"] for r in results]}
@@ -119,28 +121,24 @@ def run_pack_benchmark(base: Config, members: Sequence[int], sharings: Sequence[
     return result
 
 
-def pack_table(result: dict[str, Any]) -> str:
-    lines = [f"{'sharing':<10}{'runs':>5}{'wall s':>9}{'together img/s':>16}{'each img/s':>12}"
-             f"{'runs/GPU-h':>12}{'test acc':>10}"]
-    for case in result["cases"]:
-        lines.append(f"{case['sharing']:<10}{case['members']:>5}{case['wall_s']:>9.1f}"
-                     f"{case['together_img_s']:>16,.0f}{statistics.median(case['run_img_s']):>12,.0f}"
-                     f"{case['training_runs_per_hour']:>12.0f}{statistics.mean(case['test_acc']):>10.2%}")
-    return "\n".join(lines)
+def pack_markdown(result: dict[str, Any]) -> str:
+    return markdown(["sharing", "runs", "wall s", "together img/s", "each img/s", "runs/GPU-h", "test acc"],
+                    [[case["sharing"], str(case["members"]), f"{case['wall_s']:.1f}",
+                      f"{case['together_img_s']:,.0f}", f"{statistics.median(case['run_img_s']):,.0f}",
+                      f"{case['training_runs_per_hour']:.0f}", f"{statistics.mean(case['test_acc']):.2%}"]
+                     for case in result["cases"]])
 
 
-def pack_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="cifar-resnet bench pack", add_help=False, allow_abbrev=False)
-    parser.add_argument("--members", default=",".join(map(str, DEFAULT_MEMBERS)))
-    parser.add_argument("--sharing", default=",".join(SHARINGS))
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--runs_dir", default=None)
-    if "-h" in argv or "--help" in argv:
-        print(f"usage: cifar-resnet bench pack --out=FILE [--members=1,2,6] [--sharing={','.join(SHARINGS)}] "
-              f"[--runs_dir=DIR] [--name=value ...]\n\n{__doc__}")
-        print_settings_help("cifar-resnet bench pack")
-        return 0
-    args, rest = parser.parse_known_args(argv)
+def main(argv: Sequence[str]) -> int:
+    parser = settings_parser("python -m benchmarks.pack", "--out=FILE [--members=1,2,6] [--sharing=WAYS]",
+                             __doc__.split("\n\n")[0])
+    parser.add_argument("--members", default=",".join(map(str, DEFAULT_MEMBERS)),
+                        help="comma-separated counts of runs sharing the device (default: %(default)s)")
+    parser.add_argument("--sharing", default=",".join(SHARINGS), help="comma-separated ways of sharing it, of "
+                        f"{', '.join(SHARINGS)} (default: all)")
+    parser.add_argument("--out", required=True, help="JSON file of the results, rewritten after each case")
+    parser.add_argument("--runs_dir", default=None, help="the processes' run folders (default: next to --out)")
+    args = parser.parse_args(list(argv))
     try:
         members = [int(count) for count in args.members.split(",")]
     except ValueError:
@@ -150,9 +148,15 @@ def pack_main(argv: Sequence[str]) -> int:
     sharings = args.sharing.split(",")
     if unknown := [sharing for sharing in sharings if sharing not in SHARINGS]:
         raise UserError(f"--sharing: {unknown[0]!r} is not one of {', '.join(SHARINGS)}")
-    base = Config.from_argv(rest)
+    set_cpu_threads()
+    base = settings_from(args)
     out = Path(args.out)
     work_dir = Path(args.runs_dir) if args.runs_dir else out.parent / "pack-runs"
     result = run_pack_benchmark(base, members, sharings, work_dir, lambda partial: atomic_write_json(out, partial))
-    print(pack_table(result), file=sys.stderr)
+    print(pack_markdown(result))
     return 0
+
+
+if __name__ == "__main__":
+    start_logging()
+    sys.exit(run_script(main))

@@ -1,8 +1,9 @@
 """The write-up's pipeline, rebuilt as the baseline the benchmark measures ours against, and its published table.
 
-What the write-up (`../shared/seed/`) trains with: a torchvision dataset through a `DataLoader` without workers, PIL
-transforms (`RandomCrop(32, padding=4)`, `RandomHorizontalFlip`, `ToTensor`, `Normalize` with the CIFAR-10 mean
-and std), a float32 NCHW model, plain `torch.optim.Adam`, and the loss and accuracy read back every step.
+What the write-up (the experiment this package reproduces) trains with: a torchvision dataset through a `DataLoader`
+without workers, PIL transforms (`RandomCrop(32, padding=4)`, `RandomHorizontalFlip`, `ToTensor`, `Normalize` with
+the CIFAR-10 mean and std), a float32 NCHW model, plain `torch.optim.Adam`, and the loss and accuracy read back
+every step.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import Config
-from ..data import CIFAR10_MEAN, CIFAR10_STD, CROP_PADDING_PX, IMAGE_SIZE_PX, ImageSet
-from ..engine import build_model
-from ..records import TEST_ACC, TRAIN_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS
+from cifar_resnet.config import Config
+from cifar_resnet.data.images import IMAGE_SIZE_PX, ImageSet
+from cifar_resnet.data.loader import CIFAR10_MEAN, CIFAR10_STD, CROP_PADDING_PX
+from cifar_resnet.engine.device import build_model
+from cifar_resnet.records import TEST_ACC, TRAIN_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS
 
 LOADER_WORKERS = 0  # the write-up's DataLoader decodes and transforms in the training process
 
@@ -27,7 +29,6 @@ def endless(loader: Iterable) -> Iterator:
     """Batches from `loader`, epoch after epoch, so any number of steps can be timed."""
     while True:
         yield from loader
-
 
 
 def writeup_transform():

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..process import PACKAGE_ROOT
+from cifar_resnet.process import PACKAGE_ROOT
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -37,6 +37,14 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "date": datetime.date.today().isoformat(),
         "commit": git_commit(),
     }
+
+
+def provenance(machine: dict[str, Any]) -> str:
+    """One line naming the machine, its load, the software, the date and the commit of a result."""
+    load = ", ".join(f"{x:.1f}" for x in machine["load_average"])
+    return (f"{machine['device_name']} ({machine['device']}; {machine['cpu_cores']} CPU cores: "
+            f"{machine['cpu_model']}; load average {load} at the start), torch {machine['torch']}, {machine['date']}, "
+            f"commit {machine['commit']}")
 
 
 def git_commit() -> str:

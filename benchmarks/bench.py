@@ -1,5 +1,5 @@
-"""`cifar-resnet bench`: the write-up's pipeline against ours, in one process, on the device at hand, on the same
-images.
+"""`python -m benchmarks.bench`: the write-up's pipeline against ours, in one process, on the device at hand, on
+the same images.
 
 - The write-up's pipeline (`writeup.py`): a `DataLoader` without workers and PIL transforms, a float32 NCHW model,
   plain Adam, and the loss and accuracy read back every step.
@@ -9,12 +9,11 @@ Reported: training images/s and seconds per epoch with their ratio, the data pip
 model FLOPs per image (counted), TFLOP/s reached and their fraction of a peak measured in the same run (a large
 bf16 matmul on GPU, fp32 on CPU), peak memory, evaluation images/s, and in GPU mode the tuning options one by one
 and runs per hour with 1, 2 and 6 concurrent runs. Warm-up first; clocks are read after a device sync; figures are
-medians over repeats. The JSON is rewritten after each section.
+medians over repeats. The JSON is rewritten after each section; the tables printed at the end are BENCHMARKS.md's.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import itertools
 import logging
@@ -30,28 +29,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import Config
-from ..data import IMAGE_SIZE_PX, DataSplits, DeviceLoader, ImageSet, load_splits
-from ..engine import (
-    EvalStep,
-    TrainHooks,
-    build_eval_step,
-    build_model,
-    build_step,
-    drive,
-    evaluate,
-    select_device,
-    train_one_epoch,
-    tta_views,
-    uses_cuda_graph,
-)
-from ..errors import UserError
-from ..files import atomic_write_json
-from ..process import set_cpu_threads
-from ..run_contract import EXIT_USAGE
-from .machine import machine_info
-from .pack import pack_main
-from .runs import grid_main, measure_concurrency, run_main
+from cifar_resnet.config import Config
+from cifar_resnet.data.images import IMAGE_SIZE_PX, DataSplits, ImageSet
+from cifar_resnet.data.loader import DeviceLoader
+from cifar_resnet.data.sources import load_splits
+from cifar_resnet.engine.device import build_model, select_device, uses_cuda_graph
+from cifar_resnet.engine.evaluation import EvalStep, build_eval_step, evaluate, tta_views
+from cifar_resnet.engine.loop import TrainHooks, drive, train_one_epoch
+from cifar_resnet.engine.step import build_step
+from cifar_resnet.errors import UserError
+from cifar_resnet.files import atomic_write_json
+from cifar_resnet.process import set_cpu_threads
+from cifar_resnet.table import markdown
+
+from .cli import run_script, settings_from, settings_parser, start_logging
+from .launch import SECONDS_PER_HOUR, runs_at_once
+from .machine import machine_info, provenance
 from .writeup import endless, writeup_datasets, writeup_loader, writeup_step_runner
 
 log = logging.getLogger(__name__)
@@ -303,6 +296,35 @@ def derived_rates(timing: dict[str, Any], train_flops: float, peak_tflops: float
             "projected_training_s": timing["setup_s"] + epochs * epoch_s}
 
 
+def measure_concurrency(config: Config, count: int, work_dir: Path) -> dict[str, Any]:
+    """`count` full runs at once on this device (seeds differ): runs per hour, and each run's time and accuracy."""
+    jobs = [(f"concurrent{count}-{i}", config.replace(seed=config.seed + i)) for i in range(count)]
+    log.info("%d concurrent runs of %d epochs", count, config.epochs)
+    results, wall_s = runs_at_once(jobs, work_dir / f"concurrent{count}")
+    finished = [r for r in results if r.get("status") != "failed"]
+    return {
+        "wall_s": wall_s,
+        "runs_per_hour": len(finished) * SECONDS_PER_HOUR / wall_s,
+        "failed": len(results) - len(finished),
+        "process_s": [r["process_s"] for r in finished],
+        "test_acc": [r["test_acc"] for r in finished],
+    }
+
+
+def peak_exceeded(result: dict[str, Any]) -> str | None:
+    """A warning when a pipeline's training rate is above the peak measured: then the peak's matmul was too small to
+    reach the device's rate (a small --peak_size), and every "of peak" figure overstates."""
+    timings = {**result.get("tuning", {}), **result.get("training", {})}
+    fractions = {name: t["fraction_of_peak"] for name, t in timings.items() if "fraction_of_peak" in t}
+    if not fractions or max(fractions.values()) <= 1:
+        return None
+    name = max(fractions, key=fractions.__getitem__)
+    peak = result["peak"]
+    return (f"{name} trained at {fractions[name]:.1%} of the peak measured ({peak['tflops']:.3f} TFLOP/s, a "
+            f"{peak['size']}^3 {peak['dtype']} matmul): that matmul is too small to measure this device's peak, so "
+            "the \"of peak\" figures overstate; give a larger --peak_size")
+
+
 def run_flops(flops: dict[str, float], splits: DataSplits, config: Config) -> float:
     """A whole run's FLOPs: training steps, validation every epoch and one test pass (each image once per TTA view)."""
     eval_images = config.epochs * len(splits.val) + len(splits.test)
@@ -402,59 +424,68 @@ def run_benchmark(config: Config, plan: Plan, work_dir: Path,
         "complete": True,
     })
     save(result)
+    if warning := peak_exceeded(result):
+        log.warning("%s", warning)
     return result
 
 
-# --- printing and the command line ----------------------------------------------------------------------------
+# --- the tables and the command line -------------------------------------------------------------------------
 
 
-def benchmark_table(result: dict[str, Any]) -> str:
-    machine, config, peak = result["machine"], result["config"], result["peak"]
-    lines = [
-        f"{machine['device_name']} ({machine['device']}, {machine['cpu_cores']} CPU cores), torch {machine['torch']}, "
-        f"commit {machine['commit']}, {machine['date']}",
-        f"model width {config['width']}, batch {config['batch_size']}, {result['images']['train']} training images",
-        f"peak: {peak['dtype']} matmul {peak['size']}^3 at {peak['tflops']:.2f} TFLOP/s",
-    ]
-    for width, flops in result["flops_per_image"].items():
-        lines.append(f"FLOPs per image, width {width}: forward {flops['forward'] / 1e9:.3f} G, training step "
-                     f"{flops['train'] / 1e9:.3f} G; a {config['epochs']}-epoch run "
-                     f"{result['run_flops'][width] / 1e15:.3f} PFLOP, its floor at peak "
-                     f"{result['floor_s'][width]:.2f} s")
-    lines += ["", f"{'pipeline':<34}{'data batch/s':>13}{'train img/s':>13}{'s/epoch':>9}{'TFLOP/s':>9}"
-                  f"{'% peak':>8}{'peak MB':>9}"]
-    for name, timing in result["training"].items():
-        lines.append(f"{name:<34}{result['data_pipeline_batches_per_s'][name]:>13.1f}{timing['images_per_s']:>13.0f}"
-                     f"{timing['epoch_s']:>9.2f}{timing['tflops']:>9.3f}{timing['fraction_of_peak']:>8.1%}"
-                     f"{timing['peak_memory_mb']:>9.0f}")
-    for name in result["speedup"]:
-        lines.append(f"ours / {name}: training x{result['speedup'][name]:.1f}, "
-                     f"data pipeline x{result['data_speedup'][name]:.1f}")
-    if len(result["tuning"]) > 1:
-        lines += ["", f"{'variant of ours':<34}{'train img/s':>13}{'vs ours':>9}{'setup s':>9}"
-                      f"{'10-epoch training s':>21}"]
-        reference = result["tuning"].get("ours", next(iter(result["tuning"].values())))["images_per_s"]
-        for name, timing in result["tuning"].items():
-            if "error" in timing:
-                lines.append(f"{name:<34}  failed: {timing['error'][:200]}")
-                continue
-            lines.append(f"{name:<34}{timing['images_per_s']:>13.0f}{timing['images_per_s'] / reference:>9.2f}"
-                         f"{timing['setup_s']:>9.1f}{timing['projected_training_s']:>21.1f}")
-    lines += ["", "evaluation images/s: " + ", ".join(f"{k} {v:.0f}" for k, v in result["eval_images_per_s"].items())]
-    for count, entry in result["concurrency"].items():
-        lines.append(f"{count} concurrent runs: {entry['runs_per_hour']:.0f} runs/hour ({entry['wall_s']:.1f} s wall; "
-                     f"each from process start {', '.join(f'{s:.1f}' for s in entry['process_s'])} s; test acc "
-                     f"{', '.join(f'{a:.4f}' for a in entry['test_acc'])}; {entry['failed']} failed)")
-    return "\n".join(lines)
+def benchmark_markdown(result: dict[str, Any]) -> str:
+    """The benchmark's tables, as BENCHMARKS.md quotes them; a benchmark cut short shows the sections it finished."""
+    config, peak = result["config"], result["peak"]
+    parts = [f"Machine: {provenance(result['machine'])}. Model width {config['width']}, batch {config['batch_size']}, "
+             f"{result['images']['train']} training images ({config['dataset']}). Peak: {peak['dtype']} matmul "
+             f"{peak['size']}^3 at {peak['tflops']:.3f} TFLOP/s, measured in the same run."]
+    if not result.get("complete", True):
+        parts.append("(cut short: the sections below are those it finished)")
+    if "training" in result:  # the write-up's pipeline, its last section
+        pipeline = result["data_pipeline_batches_per_s"]
+        parts.append(markdown(["pipeline", "data alone, batches/s", "training images/s", "s/epoch (projected)",
+                               "TFLOP/s", "of peak", "peak memory, MB"],
+                              [[name, f"{pipeline[name]:.1f}", f"{t['images_per_s']:.0f}", f"{t['epoch_s']:.2f}",
+                                f"{t['tflops']:.3f}", f"{t['fraction_of_peak']:.1%}", f"{t['peak_memory_mb']:.0f}"]
+                               for name, t in result["training"].items()]))
+        parts.append("; ".join(f"ours / {name}: training x{result['speedup'][name]:.1f}, data pipeline "
+                               f"x{result['data_speedup'][name]:.1f}" for name in result["speedup"]))
+    parts.append(markdown(["width", "forward GFLOP/image", "training step GFLOP/image",
+                           f"{config['epochs']}-epoch run, PFLOP", "its floor at the peak, s"],
+                          [[width, f"{f['forward'] / 1e9:.3f}", f"{f['train'] / 1e9:.3f}",
+                            f"{result['run_flops'][width] / 1e15:.3f}", f"{result['floor_s'][width]:.2f}"]
+                           for width, f in result["flops_per_image"].items()]))
+    tuning = result["tuning"]
+    if len(tuning) > 1:
+        reference = next((t["images_per_s"] for t in (tuning.get("ours"), *tuning.values()) if t and "error" not in t),
+                         None)
+        parts.append(markdown(["variant of ours", "training images/s", "vs ours", "one-off setup, s",
+                               f"{config['epochs']}-epoch training, s (projected)"],
+                              [[name, f"failed: {t['error'][:200]}", "", "", ""] if "error" in t else
+                               [name, f"{t['images_per_s']:.0f}", f"{t['images_per_s'] / reference:.2f}",
+                                f"{t['setup_s']:.1f}", f"{t['projected_training_s']:.1f}"]
+                               for name, t in tuning.items()]))
+    if "eval_images_per_s" in result:
+        parts.append("Evaluation images/s (inference_mode): " + ", ".join(
+            f"{name}: {value:.0f}" for name, value in result["eval_images_per_s"].items()))
+    if result.get("concurrency"):
+        parts.append(markdown(["concurrent runs", "runs/hour", "wall, s", "each from process start, s", "test acc",
+                               "failed"],
+                              [[count, f"{c['runs_per_hour']:.0f}", f"{c['wall_s']:.1f}",
+                                ", ".join(f"{s:.1f}" for s in c["process_s"]),
+                                ", ".join(f"{a:.2%}" for a in c["test_acc"]), str(c.get("failed", 0))]
+                               for count, c in result["concurrency"].items()]))
+    if warning := peak_exceeded(result):
+        parts.append(f"Warning: {warning}.")
+    return "\n\n".join(part for part in parts if part)
 
 
-def bench_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="cifar-resnet bench", description=__doc__.split("\n\n")[0], allow_abbrev=False,
-        epilog="Any `cifar-resnet train` setting (--width, --dataset, --data_dir, --batch_size, --epochs for the "
-        "concurrent runs, ...) also applies; the default data set is synthetic and the default width 16 on CPU, "
-        "64 on GPU. Subcommands: `bench run --help`, `bench grid --help`.",
-    )
+def main(argv: Sequence[str]) -> int:
+    """The benchmark, from the command line."""
+    parser = settings_parser("python -m benchmarks.bench", "[--mode=auto|cpu|gpu] [--out=FILE] [--steps=N ...]",
+                             __doc__.split("\n\n")[0])
+    parser.epilog = ("The run settings above apply too (--width, --dataset, --data_dir, --batch_size, --epochs for "
+                     "the concurrent runs, ...); the default data set is synthetic and the default width 16 on CPU, "
+                     "64 on GPU.")
     parser.add_argument("--mode", choices=("auto", "cpu", "gpu"), default="auto", help="auto: gpu when CUDA is here")
     parser.add_argument("--out", default="bench.json", help="JSON file of the results, rewritten after each "
                         "section (default: bench.json)")
@@ -464,18 +495,19 @@ def bench_main(argv: Sequence[str]) -> int:
         cpu, gpu = (",".join(map(str, value)) if isinstance(value, tuple) else value
                     for value in (defaults["cpu"][name], defaults["gpu"][name]))
         parser.add_argument(f"--{name}", default=None, help=f"{text} (default: cpu {cpu!r}, gpu {gpu!r})")
-    args, rest = parser.parse_known_args(list(argv))
+    args = parser.parse_args(list(argv))
+    set_cpu_threads()  # as `train` does: every core, or OMP_NUM_THREADS
     mode = ("gpu" if torch.cuda.is_available() else "cpu") if args.mode == "auto" else args.mode
-    base = Config(dataset="synthetic", width=FULL_WIDTH if mode == "gpu" else 16,
-                  device="cuda" if mode == "gpu" else "cpu")
     out = Path(args.out)
     work_dir = Path(args.runs_dir) if args.runs_dir else out.parent / f"{out.stem}-runs"
-    config = Config.from_argv(rest, base=base.replace(output_dir=str(work_dir / "runs")))
+    base = Config(dataset="synthetic", width=FULL_WIDTH if mode == "gpu" else 16,
+                  device="cuda" if mode == "gpu" else "cpu", output_dir=str(work_dir))
+    config = settings_from(args, base=base)
     plan = Plan.for_mode(mode)
     plan = replace(plan, **{name: parse_plan_value(name, getattr(args, name), getattr(plan, name))
                             for name in PLAN_HELP if getattr(args, name) is not None})
     result = run_benchmark(config, plan, work_dir, save=lambda partial: atomic_write_json(out, partial))
-    print(benchmark_table(result))
+    print(benchmark_markdown(result))
     print(f"\nwritten: {out}")
     return 0
 
@@ -495,15 +527,6 @@ def parse_plan_value(name: str, text: str, default: Any) -> Any:
     return value
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`cifar-resnet bench [run|grid|pack] ...`; a user mistake is one line and exit status 2."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    set_cpu_threads()  # as `train` does: every core, or OMP_NUM_THREADS; `grid` gives its runs their share
-    commands = {"run": run_main, "grid": grid_main, "pack": pack_main}
-    try:
-        if argv and argv[0] in commands:
-            return commands[argv[0]](argv[1:])
-        return bench_main(argv)
-    except UserError as error:
-        log.error("%s", error)
-        return EXIT_USAGE
+if __name__ == "__main__":
+    start_logging()
+    sys.exit(run_script(main))

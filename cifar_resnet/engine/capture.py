@@ -1,0 +1,113 @@
+"""CUDA graph capture by hand, what the captured training step (`step.CapturedStep`) and the captured evaluation
+batch (`evaluation.CapturedEval`) share: each holds the eager step whose work on one batch it captures."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Generic, Protocol, TypeVar
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CAPTURE_WARMUP_STEPS = 3  # eager steps on a side stream before the capture (PyTorch's CUDA Graphs notes use 3):
+# they create the optimizer state and the cuDNN and cuBLAS workspaces, which must exist before a capture.
+MIN_GRAPH_CAPABILITY = (7, 0)  # Volta: older GPUs lack the CUDA graph features the capture relies on
+
+
+class EagerWork(Protocol):
+    """The work on one batch, done eagerly, all on the device: what a `GraphCapture` captures."""
+
+    memory_format: torch.memory_format
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None: ...
+
+
+Work = TypeVar("Work", bound=EagerWork)
+
+
+class GraphCapture(Generic[Work]):
+    """What `CapturedStep` and `CapturedEval` share, whatever they capture: the eager step they hold (`eager_step`,
+    which does every batch no graph does), the checks that a capture is possible here, the eager warm-up calls on a
+    side stream (PyTorch's CUDA Graphs notes), the capture of the eager step's work on static buffers, its replays,
+    and the fall back to the eager step for good, after one warning with the reason. A subclass decides, per batch,
+    whether to replay, warm up or capture, or run it eagerly."""
+
+    DOING = "running"  # the warning's first word: "training eagerly, ..."
+
+    def __init__(self, eager_step: Work, warmup_steps: int = CAPTURE_WARMUP_STEPS) -> None:
+        self.eager_step = eager_step
+        self.warmup_steps = warmup_steps
+        self.warmed_up = 0
+        self.graph: Any = None  # torch.cuda.CUDAGraph once captured
+        self.eager = False  # fell back for good
+        self.static_images: torch.Tensor | None = None
+        self.static_labels: torch.Tensor | None = None
+        self.side_stream: Any = None
+
+    def fall_back(self, reason: str) -> None:
+        log.warning("%s eagerly, without a CUDA graph: %s", self.DOING, reason)
+        self.eager = True
+
+    def prepare(self, images: torch.Tensor) -> bool:
+        """Check that a capture is possible here and make the side stream; False (after the warning) if not."""
+        try:
+            if images.device.type != "cuda":
+                raise RuntimeError(f"the device is {images.device.type}, not CUDA")
+            capability = torch.cuda.get_device_capability(images.device)
+            if capability < MIN_GRAPH_CAPABILITY:
+                raise RuntimeError(f"GPU compute capability {capability} is below {MIN_GRAPH_CAPABILITY}")
+            self.side_stream = torch.cuda.Stream(images.device)
+        except Exception as error:  # any reason at all: the work goes on eagerly
+            self.fall_back(f"{type(error).__name__}: {error}")
+            return False
+        return True
+
+    def warm_up_or_capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Before the graph exists, each call runs its batch as a warm-up step, or as the capture's, or eagerly when
+        no capture is possible here."""
+        if self.side_stream is None and not self.prepare(images):
+            self.eager_step(images, labels)
+        elif self.warmed_up < self.warmup_steps:
+            self.warm_up(images, labels)
+        else:
+            self.capture(images, labels)
+
+    def warm_up(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.side_stream.wait_stream(torch.cuda.current_stream(images.device))
+        with torch.cuda.stream(self.side_stream):
+            self.eager_step(images, labels)
+        torch.cuda.current_stream(images.device).wait_stream(self.side_stream)
+        self.warmed_up += 1
+
+    def capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Capture the eager step's work on the static buffers as `self.graph` and replay it for this batch; if the
+        capture raises, fall back and run this batch eagerly."""
+        # The buffers the graph reads, filled with this batch: every replay copies its batch into them.
+        self.static_images = torch.empty_like(images, memory_format=self.eager_step.memory_format).copy_(images)
+        self.static_labels = labels.clone()
+        try:
+            graph = torch.cuda.CUDAGraph()
+            self.clear_for_capture()
+            with torch.cuda.graph(graph):
+                self.eager_step(self.static_images, self.static_labels)  # in its memory format already: no copy
+        except Exception as error:  # nothing ran: a capture records kernels without running them
+            self.clear_for_capture()  # what the failed capture left behind
+            self.fall_back(f"the capture failed: {type(error).__name__}: {error}")
+            self.eager_step(images, labels)
+            return
+        self.graph = graph
+        graph.replay()  # this call's own batch
+        log.info("%s", self.captured())
+
+    def clear_for_capture(self) -> None:
+        """What must be cleared before a capture, and again after a failed one; nothing by default."""
+
+    def captured(self) -> str:
+        """The line logged once the capture is done."""
+        raise NotImplementedError
+
+    def replay(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.static_images.copy_(images)  # also converts to the captured memory format
+        self.static_labels.copy_(labels)
+        self.graph.replay()

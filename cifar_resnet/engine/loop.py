@@ -1,0 +1,321 @@
+"""The training loop: one epoch of steps (`train_one_epoch`), everything a run needs to continue where it stopped
+(`TrainState`), and the whole run (`training`, a generator of steps that `drive` runs alone and a pack interleaves;
+`fit`), which reports through one `TrainHooks` object."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Generator, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from ..config import Config
+from ..data.images import DataSplits
+from ..data.loader import DeviceLoader
+from ..errors import ConfigError, TrainingDiverged
+from ..model import init_stem_whitening
+from ..records import (
+    EPOCH,
+    EPOCH_SECONDS,
+    LR,
+    TRAIN_ACC,
+    TRAIN_IMAGES_PER_SECOND,
+    TRAIN_LOSS,
+    VAL_ACC,
+    VAL_LOSS,
+    describe_epoch,
+    describe_test,
+)
+from .averaging import Lookahead, WeightAverage
+from .device import build_scheduler, keep_graph_settings
+from .evaluation import EvalResult, build_eval_step, evaluate, evaluate_test
+from .step import CapturedStep, EagerStep, build_step
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# A run's training, or one epoch of it, as a generator that yields after every optimizer step and returns its
+# result: `drive` runs one alone; `pack.Pack` steps several in turn on one device.
+TrainingSteps = Generator[None, None, T]
+
+
+class Interrupted(Exception):
+    """Training was asked to stop (a signal); the state of the last completed epoch is intact."""
+
+
+def train_one_epoch(
+    step: EagerStep | CapturedStep,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    after_step: Sequence[Callable[[], None]] = (),
+    hooks: TrainHooks | None = None,
+) -> TrainingSteps[tuple[float, float]]:
+    """Train over `loader` once with `step` (which holds the model, optimizer, loss and autocast; a `CapturedStep`
+    replays a CUDA graph); return (mean loss, accuracy). One host sync, at the end.
+
+    `after_step` runs after every step, outside it (and outside a captured graph), in order: in a run, the Lookahead,
+    the weight average and the schedule (the average sees the weights after a Lookahead sync; the schedule fills the
+    next step's learning rate in place, as a captured step reads it).
+    A generator: it yields after every optimizer step, so that a pack (`pack.Pack`) can interleave several runs'
+    steps; `drive` runs it alone.
+    """
+    hooks = hooks or TrainHooks()
+    step.model.train()
+    step.totals.zero_()
+    seen = 0
+    for images, labels in loader:  # images (B, 3, 32, 32) float, labels (B,)
+        if hooks.should_stop():
+            raise Interrupted
+        step(images, labels)
+        for update in after_step:
+            update()
+        seen += len(labels)
+        if hooks.on_batch is not None:
+            hooks.on_batch()
+        yield
+    loss_value, correct_value = step.totals.loss_sum.item(), step.totals.correct.item()  # sync: once per epoch
+    return loss_value / max(seen, 1), correct_value / max(seen, 1)
+
+
+def drive(steps: TrainingSteps[T]) -> T:
+    """Run a generator of training steps (`train_one_epoch`, `training`) to its end, alone; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as end:
+            return end.value
+
+
+WHITENING_IMAGES = 5000  # training images whose patches set the stem's whitening (airbench's number): plenty for
+# a 27 x 27 covariance, and seconds on a CPU
+
+
+@dataclass
+class EpochResult:
+    epoch: int  # 1-based
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    lr: float  # at the end of the epoch
+    epoch_seconds: float  # training and validation
+    train_images_per_second: float
+    is_best: bool
+
+    def metrics(self) -> dict[str, float]:
+        """The per-epoch metrics under the names W&B and the run record use."""
+        return {
+            EPOCH: self.epoch,
+            TRAIN_LOSS: self.train_loss,
+            TRAIN_ACC: self.train_acc,
+            VAL_LOSS: self.val_loss,
+            VAL_ACC: self.val_acc,
+            LR: self.lr,
+            EPOCH_SECONDS: self.epoch_seconds,
+            TRAIN_IMAGES_PER_SECOND: self.train_images_per_second,
+        }
+
+
+@dataclass
+class TrainState:
+    """Everything a run needs to continue exactly where it stopped."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator  # shuffling and augmentation
+    average: WeightAverage | None = None  # with ema_decay: the averaged weights, which are the ones evaluated
+    lookahead: Lookahead | None = None  # with lookahead_steps: the slow weights and the steps counted
+    epoch: int = 0  # completed epochs
+    best_epoch: int = 0
+    best_val_acc: float = -1.0
+    best_model_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, config: Config, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+              steps_per_epoch: int) -> TrainState:
+        """A run's state before its first epoch: the schedule of `config`, and the weight average and Lookahead when
+        it asks for them."""
+        scheduler = build_scheduler(config, optimizer, steps_per_epoch)
+        average = WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None
+        lookahead = Lookahead(model, config.lookahead_steps, config.lookahead_alpha) if config.lookahead_steps else None
+        return cls(model, optimizer, scheduler, generator, average, lookahead)
+
+    def resume(self, saved: dict[str, Any]) -> None:
+        """Continue after the last completed epoch of `saved` (a `state_dict()`), keeping what this process built
+        and a checkpoint must not change (`keep_graph_settings`)."""
+        built = [dict(group) for group in self.optimizer.param_groups]
+        self.load_state_dict(saved)
+        keep_graph_settings(self.optimizer, built)
+
+    def after_step(self) -> list[Callable[[], None]]:
+        """What runs after every optimizer step, in order: Lookahead, the weight average, the schedule (the average
+        sees the weights after a Lookahead sync; the schedule fills the next step's learning rate in place, as a
+        captured step reads it)."""
+        return [part.update for part in (self.lookahead, self.average) if part is not None] + [self.scheduler.step]
+
+    def keep_if_best(self, epoch: int, val_acc: float, kept: nn.Module) -> bool:
+        """Whether `epoch` is the best so far; if so, `kept`'s weights are copied as the best."""
+        is_best = val_acc > self.best_val_acc
+        if is_best:
+            self.best_epoch, self.best_val_acc = epoch, val_acc
+            self.best_model_state = {k: v.detach().clone() for k, v in kept.state_dict().items()}
+        return is_best
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "epoch": self.epoch,
+            "best_epoch": self.best_epoch,
+            "best_val_acc": self.best_val_acc,
+            "best_model_state": self.best_model_state,
+            "history": self.history,
+            **({"average": self.average.state_dict()} if self.average is not None else {}),
+            **({"lookahead": self.lookahead.state_dict()} if self.lookahead is not None else {}),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state` (a `state_dict()`), wherever `torch.load` put its tensors: the weights, the optimizer's
+        and the average's state and the best weights land on the model's device, the optimizer's step counters and
+        the generator's state on the CPU (`set_state` takes a CPU byte tensor, even for a CUDA generator). Call
+        `keep_graph_settings` after it."""
+        device = next(self.model.parameters()).device
+        self.model.load_state_dict(state["model"])  # copied into the model's own tensors, on its device
+        # From the CPU, as saved: torch moves the state to each parameter's device, except the step counters, which
+        # it leaves where they are unless the optimizer is capturable (a counter on a GPU would sync every step).
+        self.optimizer.load_state_dict(pytree.tree_map_only(torch.Tensor, torch.Tensor.cpu, state["optimizer"]))
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"].to("cpu"))
+        self.epoch = state["epoch"]
+        self.best_epoch = state["best_epoch"]
+        self.best_val_acc = state["best_val_acc"]
+        self.best_model_state = {name: tensor.to(device) for name, tensor in state["best_model_state"].items()}
+        self.history = list(state["history"])
+        if self.average is not None and "average" in state:
+            self.average.load_state_dict(state["average"])
+        elif self.average is not None:  # saved without an average: start it from the loaded weights
+            self.average.model.load_state_dict(state["model"])
+        if self.lookahead is not None and "lookahead" in state:
+            self.lookahead.load_state_dict(state["lookahead"])
+        elif self.lookahead is not None:  # saved without Lookahead: slow weights from the loaded ones
+            self.lookahead.restart()
+
+
+@dataclass
+class TrainHooks:
+    """What `fit` tells the outside world, and how it is asked to stop; every field is optional.
+
+    Called on the host between steps: none of them may read a device tensor, or it would add a sync per step.
+    """
+
+    on_epoch_start: Callable[[int, int], None] | None = None  # (epoch, batches in it)
+    on_batch: Callable[[], None] | None = None  # after each optimizer step
+    on_epoch: Callable[[EpochResult, TrainState], None] | None = None  # after validation: the state to save
+    should_stop: Callable[[], bool] = lambda: False  # polled every step; True raises Interrupted
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_val_acc: float
+    test: EvalResult
+    model: nn.Module  # holding the best weights
+
+
+def fit(
+    config: Config,
+    model: nn.Module,
+    data: DataSplits,
+    device: torch.device,
+    hooks: TrainHooks | None = None,
+    resume: dict[str, Any] | None = None,
+) -> FitResult:
+    """`training` run alone, to its end."""
+    return drive(training(config, model, data, device, hooks, resume))
+
+
+def training(
+    config: Config,
+    model: nn.Module,
+    data: DataSplits,
+    device: torch.device,
+    hooks: TrainHooks | None = None,
+    resume: dict[str, Any] | None = None,
+) -> TrainingSteps[FitResult]:
+    """Train `model` (from `build_model`, on `device`) for `config.epochs`, keep the weights of the best
+    validation epoch, and test them once at the end. With `whiten_stem` the stem's filters are first set from the
+    training images (not on resume); with `ema_decay` the weights validated, tested and kept are the average;
+    with `lookahead_steps` Lookahead wraps the optimizer.
+
+    `resume` is a `TrainState.state_dict()`; training continues after its last completed epoch. When
+    `hooks.should_stop` returns True, `Interrupted` is raised and the state of the last completed epoch stays as
+    `hooks.on_epoch` last saw it.
+
+    A generator that yields after every optimizer step (`fit` drives it alone; a `pack.Pack` interleaves several);
+    its return value is the `FitResult`.
+    """
+    hooks = hooks or TrainHooks()
+    num_classes = len(data.classes)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    train_loader = DeviceLoader(data.train, config.batch_size, device, generator=generator, augment=True,
+                                alternating_flip=config.alternating_flip)
+    val_loader = DeviceLoader(data.val, config.eval_batch_size, device)
+    if len(train_loader) == 0:
+        raise ConfigError(
+            f"batch_size: {config.batch_size} is more than the {len(data.train)} training images; lower it"
+        )
+    if config.whiten_stem and resume is None:
+        init_stem_whitening(model, train_loader.normalize(train_loader.first(WHITENING_IMAGES)))
+    step = build_step(config, model, device)
+    state = TrainState.start(config, model, step.optimizer, generator, len(train_loader))
+    if resume is not None:
+        state.resume(resume)
+        log.info("resuming after epoch %d of %d", state.epoch, config.epochs)
+    after_step = state.after_step()
+    # With ema_decay the averaged copy is what is validated, tested and kept; else the model trained.
+    evaluated, kept = (state.average.model,) * 2 if state.average is not None else (step.model, model)
+    val_step = build_eval_step(config, evaluated, num_classes, device)  # captured at the first validation
+
+    for epoch in range(state.epoch + 1, config.epochs + 1):
+        if hooks.on_epoch_start is not None:
+            hooks.on_epoch_start(epoch, len(train_loader))
+        start = time.perf_counter()
+        train_loader.set_epoch(epoch)
+        train_loss, train_acc = yield from train_one_epoch(step, train_loader, after_step, hooks)
+        train_seconds = time.perf_counter() - start  # train_one_epoch ended on a sync, so this is honest
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(
+                f"training loss became {train_loss} in epoch {epoch}; lower learning_rate "
+                f"(now {config.learning_rate})"
+            )
+        val = evaluate(evaluated, val_loader, num_classes, step=val_step)
+        is_best = state.keep_if_best(epoch, val.acc, kept)
+        result = EpochResult(
+            epoch, train_loss, train_acc, val.loss, val.acc,
+            lr=float(state.scheduler.get_last_lr()[0]),  # a device tensor under a captured step: read once an epoch
+            epoch_seconds=time.perf_counter() - start,
+            train_images_per_second=len(train_loader) * config.batch_size / train_seconds,
+            is_best=is_best,
+        )
+        state.epoch = epoch
+        state.history.append(result.metrics())
+        log.info("%s", describe_epoch(state.history, config.epochs))
+        if hooks.on_epoch is not None:
+            hooks.on_epoch(result, state)
+
+    model.load_state_dict(state.best_model_state)
+    # The validation step (and its graph) where it evaluates the model tested; else one of the model tested.
+    test_step = val_step if evaluated is step.model else build_eval_step(config, step.model, num_classes, device)
+    test = evaluate_test(config, step.model, data, device, test_step)
+    log.info("%s", describe_test(state.best_epoch, test.loss, test.acc))
+    return FitResult(state.history, state.best_epoch, state.best_val_acc, test, model)
