@@ -34,7 +34,18 @@ from .data.images import DataSplits
 from .data.sources import check_source_present, load_source, load_splits, split
 from .engine.device import build_model, select_device, start_device
 from .engine.evaluation import EvalResult, evaluate_test
-from .engine.loop import EpochResult, FitResult, Interrupted, TrainHooks, TrainingSteps, TrainState, drive, training
+from .engine.loop import (
+    EpochResult,
+    FitResult,
+    Interrupted,
+    Join,
+    TrainHooks,
+    TrainingSteps,
+    TrainState,
+    drive,
+    training,
+)
+from .engine.streams import CudaStreams
 from .errors import ConfigError, StorageError, UserError
 from .files import FolderBusy, check_folder_path, folder_lock
 from .model import count_parameters
@@ -158,6 +169,7 @@ def run_training(config: Config, run_id: str, hooks: RunHooks | None = None) -> 
     check_not_finished(config, run_id, run_dir)
     log.info("config: %s", config.to_dict())
     device = select_device(config.device)
+    log.info("trains alone, in its own process, on %s", device)
     device_ready = start_device(device)  # CUDA starts on a thread while the data loads
     source = load_source(config)
     # torch.optim imports torch._dynamo when it builds its first optimizer (add_param_group is wrapped by
@@ -169,7 +181,8 @@ def run_training(config: Config, run_id: str, hooks: RunHooks | None = None) -> 
 
 
 def run_steps(config: Config, run_id: str, data: DataSplits, device: torch.device, hooks: RunHooks | None = None,
-              run_dir: Path | None = None, started: float | None = None) -> TrainingSteps[RunOutcome]:
+              run_dir: Path | None = None, started: float | None = None, join: Join | None = None,
+              streams: CudaStreams | None = None) -> TrainingSteps[RunOutcome]:
     """One run with its files: write `best.pt`, `last.pt` (removed when the run finishes) and `record.json` in
     `run_dir` (default `output_dir/<run id>`), training on `data` (views on `device`, perhaps shared with other
     runs). A generator of steps, as `engine.training` is: `run_training` drives it alone, a trainer in a pack.
@@ -179,6 +192,9 @@ def run_steps(config: Config, run_id: str, data: DataSplits, device: torch.devic
     its folder's lock once its data and model are ready (a mistake in the data leaves no folder behind): a second
     process with the same run id is refused in one line. A run that finished is not trained again (AlreadyFinished,
     or a UserError with other settings).
+
+    `join` and `streams` go to `engine.loop.training`: a trainer's run joins a fused group with them, and takes its
+    CUDA streams from the trainer's one owner of streams.
     """
     hooks = hooks or RunHooks()
     started = time.perf_counter() if started is None else started
@@ -187,14 +203,16 @@ def run_steps(config: Config, run_id: str, data: DataSplits, device: torch.devic
     try:
         with folder_lock(run_dir):
             check_not_finished(config, run_id, run_dir)  # under the lock: it may have finished in another process
-            return (yield from _run_locked(config, run_id, run_dir, hooks, started, device, data, model))
+            return (yield from _run_locked(config, run_id, run_dir, hooks, started, device, data, model, join,
+                                           streams))
     except FolderBusy:
         raise UserError(f"run {run_id}: another process is training it in {run_dir}; wait for it to end, or "
                         "give this run another id") from None
 
 
 def _run_locked(config: Config, run_id: str, run_dir: Path, hooks: RunHooks, started: float, device: torch.device,
-                data: DataSplits, model: nn.Module) -> TrainingSteps[RunOutcome]:
+                data: DataSplits, model: nn.Module, join: Join | None,
+                streams: CudaStreams | None) -> TrainingSteps[RunOutcome]:
     data_facts = {DATA_SOURCE: config.dataset, TRAIN_IMAGES: len(data.train), VAL_IMAGES: len(data.val),
                   TEST_IMAGES: len(data.test), CLASS_COUNT: len(data.classes)}
     if hooks.on_start is not None:
@@ -241,6 +259,7 @@ def _run_locked(config: Config, run_id: str, run_dir: Path, hooks: RunHooks, sta
     save_record()
 
     writer = CheckpointWriter()
+    snapshots = []  # the last epoch's, held here so that it is freed on this thread (see `host_copy`)
 
     def on_epoch(result: EpochResult, state: TrainState) -> None:
         # The epoch's files are copied here, at its sync point, and written on the writer's thread while the next
@@ -257,6 +276,7 @@ def _run_locked(config: Config, run_id: str, run_dir: Path, hooks: RunHooks, sta
             saves.insert(0, functools.partial(save_best, run_dir / BEST_CHECKPOINT, snapshot["best_model_state"],
                                               config, result.epoch, result.metrics(), data.classes))
         writer.submit(*saves)  # first waits for the previous epoch's files, raising their error
+        snapshots[:] = [snapshot]  # the previous one's files are written: it is freed here, now
         if hooks.on_epoch is not None:
             hooks.on_epoch(record)
 
@@ -265,7 +285,8 @@ def _run_locked(config: Config, run_id: str, run_dir: Path, hooks: RunHooks, sta
                               should_stop=hooks.should_stop)
     try:
         with writer:  # waits for the last checkpoints; their write error (a full disk) fails the run
-            result = yield from training(config, model, data, device, engine_hooks, resume=resume)
+            result = yield from training(config, model, data, device, engine_hooks, resume=resume, join=join,
+                                         streams=streams)
     except BaseException as error:
         # Interrupted: asked to stop; GeneratorExit: its pack was closed. Either way last.pt holds the last epoch.
         record.status = "preempted" if isinstance(error, (Interrupted, GeneratorExit)) else "failed"

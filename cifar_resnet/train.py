@@ -25,6 +25,7 @@ from .engine.loop import Interrupted
 from .errors import RunFailed, StorageError, TrainingDiverged, UserError
 from .files import check_folder_path
 from .names import requested_run_id
+from .packing.client import train_in_trainer
 from .process import (
     exit_ignoring_stop_signals,
     logs_to_current_stderr,
@@ -35,7 +36,6 @@ from .process import (
 from .records import RunRecord
 from .run_contract import EXIT_CRASH, EXIT_OK, EXIT_USAGE, SIGNAL_EXIT_BASE, TRAINER_VARIABLE, run_folder
 from .runner import AlreadyFinished, RunHooks, check_inputs, check_not_finished, run_training
-from .trainer import train_in_trainer
 
 log = logging.getLogger("cifar_resnet")
 

@@ -22,8 +22,8 @@ from cifar_resnet.engine.device import build_model
 from cifar_resnet.engine.evaluation import evaluate
 from cifar_resnet.engine.loop import TrainState, drive, fit
 from cifar_resnet.engine.step import build_step
-from cifar_resnet.fused import FusedGroup
-from cifar_resnet.pack import Pack, train_together
+from cifar_resnet.packing.fused import FusedGroup
+from cifar_resnet.packing.pack import Pack, train_together
 from cifar_resnet.records import TRAIN_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS
 
 CPU = torch.device("cpu")

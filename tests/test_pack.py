@@ -8,7 +8,7 @@ import torch
 from cifar_resnet.data.sources import load_splits
 from cifar_resnet.engine.device import build_model
 from cifar_resnet.engine.loop import Interrupted, TrainHooks, fit, training
-from cifar_resnet.pack import Pack, train_together
+from cifar_resnet.packing.pack import Pack, train_together
 from cifar_resnet.records import EPOCH_SECONDS, TRAIN_IMAGES_PER_SECOND
 
 CPU = torch.device("cpu")

@@ -33,7 +33,8 @@ from cifar_resnet.config import Config
 from cifar_resnet.run_contract import TRAINER_VARIABLE
 from cifar_resnet.records import EPOCH_SECONDS, TRAIN_IMAGES_PER_SECOND, RunRecord, read_record
 from cifar_resnet.runner import RunHooks, run_training
-from cifar_resnet.trainer import Trainer, train_in_trainer
+from cifar_resnet.packing.client import train_in_trainer
+from cifar_resnet.packing.trainer import Trainer
 
 WAIT_SECONDS = 300
 POLL_SECONDS = 0.05
@@ -238,7 +239,7 @@ def test_a_packed_runs_log_holds_the_lines_of_a_run_alone(tiny_config, socket_pa
     """Issue 27: a packed run's log (its process's output, the sweep's run.log) lacked its `config:` and `test (best
     epoch ...)` lines, which only the trainer's log held; and the trainer said "(1 members)". A trainer on a thread
     of this process; the run's side (this thread) logs what its member's messages relay. Its lines are a run
-    alone's, but for the timings."""
+    alone's, but for the timings and the line that says how it trains (issue 26)."""
     received: list[int] = []
     trainer = threading.Thread(target=Trainer(socket_path, torch.device("cpu")).serve, args=(received,),
                                name="trainer")
@@ -259,6 +260,8 @@ def test_a_packed_runs_log_holds_the_lines_of_a_run_alone(tiny_config, socket_pa
         return [re.sub(r"\d+\.\ds  \d+ img/s", "(timing)", line) for line in lines]
 
     assert record.status == "finished"
-    assert "run packed01 joins the pack (1 member)" in trainer_lines
+    assert "run packed01 joins the pack (1 member): on streams" in trainer_lines
     assert packed[0].startswith("config: ") and packed[-1].startswith("test (best epoch ")
+    assert packed.pop(1) == "trains in the trainer on cpu (1 member), on streams"
+    assert alone.pop(1) == "trains alone, in its own process, on cpu"
     assert untimed(packed) == untimed(alone)

@@ -18,9 +18,9 @@ from typing import IO, Any
 
 from ..config import Config
 from ..errors import UserError
+from ..packing.pool import OFF, Trainers
 from ..process import (
     SUPERVISOR_STOP_SIGNALS,
-    Trainers,
     child_environment,
     exit_status,
     start_process,
@@ -118,7 +118,7 @@ class LocalSweep:
     """
 
     def __init__(self, plan: SweepPlan, out_dir: Path, gpus: Sequence[str | None], count: int | None,
-                 project: str | None, view: LogView, lease_seconds: float = LEASE_SECONDS, pack: bool = False) -> None:
+                 project: str | None, view: LogView, lease_seconds: float = LEASE_SECONDS, pack: str = OFF) -> None:
         self.plan, self.out_dir, self.count, self.project, self.view = plan, out_dir, count, project, view
         self.lease_seconds = lease_seconds
         self.owner = worker_name()
@@ -131,8 +131,9 @@ class LocalSweep:
         self.total = min(filter(None, (plan.grid_size, count)), default=None)
         self.free_gpus = list(gpus)
         self.workers = len(gpus)
-        # With `pack`, the runs of each GPU train together in one trainer (their processes hand it their training).
-        self.trainers = Trainers(gpus, out_dir / TRAINER_LOGS / socket.gethostname()) if pack else None
+        # Unless `pack` is off, the runs of each GPU train together in one trainer (their processes hand it their
+        # training), on streams or fused.
+        self.trainers = Trainers(gpus, out_dir / TRAINER_LOGS / socket.gethostname(), pack) if pack != OFF else None
         self.active: dict[str, Worker] = {}
         self.stopping: set[str] = set()  # runs that early_terminate stopped
         self.whole_runs: list[float] = []  # seconds from process start to exit of each run that finished here

@@ -1,12 +1,6 @@
 """K runs of one shape trained as one fused model (HFTA's horizontal fusion: Wang et al., MLSys 2021,
-UofT-EcoSystem/hfta), each run keeping its own model, torch.optim optimizer, schedule and recipe.
-
-The layout (`fuse`). K copies of `CIFAR10CNN` become one model of the same structure: every convolution a grouped
-convolution with `groups=K` (member k's images are channel group k of the batch, (B, 3K, H, W)), every batch norm
-one over K*C channels (per-channel statistics are per-member statistics), the head one batched matmul giving
-(K, B, classes). Member k's loss is its own cross-entropy with its own label smoothing (`member_losses`); the sum's
-gradient with respect to member k's weights is member k's gradient alone. So a member trains as it does alone, to
-float rounding (in float64: ~1e-16 per step).
+UofT-EcoSystem/hfta), each run keeping its own model, torch.optim optimizer, schedule and recipe. The fused model's
+layout is `layout.py`'s.
 
 Slots with static addresses. A `FusedGroup` owns the fused tensors; slot k is the k-th of K equal blocks along the
 first dimension of each (`slot_view`). Everything a member's step touches lives in its slot, at addresses that never
@@ -35,6 +29,10 @@ puts the member's batch into its slot and yields until its group has stepped. Th
 member has put its batch in: the first member resumed after that runs the step for all (`step_if_ready`), so a
 pack (`pack.Pack`) that steps its members in turn drives a group with no change, and the schedule, EMA and
 Lookahead that follow a step see its weights.
+
+On CUDA the group works on a stream of its own, taken from the process's owner of streams, where its warm-up steps,
+its capture and its replays run (never torch's default capture stream, shared by every capture of the process); a
+member's batch and settings reach it through stream waits, and the member reads its step's results after one.
 """
 
 from __future__ import annotations
@@ -48,12 +46,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import OPTIMIZERS, Config
-from .engine.capture import CAPTURE_WARMUP_STEPS, MIN_GRAPH_CAPABILITY
-from .engine.device import autocast_context, build_optimizer, memory_format_for, uses_cuda_graph
-from .engine.loop import TrainingSteps
-from .engine.step import StepTotals
-from .model import CIFAR10CNN
+from ..config import OPTIMIZERS, Config
+from ..engine.capture import CAPTURE_WARMUP_STEPS, MIN_GRAPH_CAPABILITY
+from ..engine.device import autocast_context, build_optimizer, memory_format_for, uses_cuda_graph
+from ..engine.step import StepTotals, TrainingSteps
+from ..engine.streams import CudaStreams
+from ..model import CIFAR10CNN
+from .layout import FusedBatchNorm2d, fuse, member_losses, slot_view
 
 log = logging.getLogger(__name__)
 
@@ -63,91 +62,15 @@ IMAGE_CHANNELS = 3
 # tensor the schedule fills). Everything else may differ: the optimizer type, learning rate, schedule,
 # norm_lr_scale, seed, label smoothing, EMA, Lookahead, TTA, epochs, and the data (each member has its own loader,
 # and ends its epochs on its own).
-FUSION_SETTINGS = ("width", "batch_size", "bf16", "channels_last", "cuda_graph", "compile", "weight_decay",
-                   "momentum", "nesterov", "adam_beta1", "adam_beta2", "adam_eps")
+FUSION_SETTINGS = ("width", "batch_size", "bf16", "channels_last", "cuda_graph", "weight_decay", "momentum",
+                   "nesterov", "adam_beta1", "adam_beta2", "adam_eps")
 
 
-# --- the fused model ------------------------------------------------------------------------------------------
-
-
-class FusedBatchNorm2d(nn.BatchNorm2d):
-    """Batch norm over K*C channels, K members' C each. `num_batches_tracked` is one counter per slot, (K,), which
-    the group counts (a free slot counts no batch); with a fixed momentum, as here, the counter does not enter the
-    arithmetic."""
-
-    def __init__(self, slots: int, norm: nn.BatchNorm2d, device: torch.device, dtype: torch.dtype) -> None:
-        if norm.momentum is None or not norm.track_running_stats:
-            raise ValueError("a fused batch norm needs a fixed momentum and running statistics")
-        super().__init__(slots * norm.num_features, norm.eps, norm.momentum, device=device, dtype=dtype)
-        self.num_batches_tracked = torch.zeros(slots, dtype=torch.long, device=device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                        self.training, self.momentum, self.eps)
-
-
-class FusedLinear(nn.Module):
-    """K linear layers as one batched matmul: (B, K*in) -> (K, B, out). Weight (K, out, in), bias (K, out)."""
-
-    def __init__(self, slots: int, linear: nn.Linear, device: torch.device, dtype: torch.dtype) -> None:
-        super().__init__()
-        if linear.bias is None:
-            raise ValueError("a fused linear layer needs a bias")
-        self.slots = slots
-        self.weight = nn.Parameter(torch.zeros(slots, linear.out_features, linear.in_features, device=device,
-                                               dtype=dtype))
-        self.bias = nn.Parameter(torch.zeros(slots, linear.out_features, device=device, dtype=dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.view(x.shape[0], self.slots, -1).transpose(0, 1)  # (K, B, in)
-        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))  # (K, B, out), as addmm
-
-
-def fused_layer(module: nn.Module, slots: int, device: torch.device, dtype: torch.dtype) -> nn.Module | None:
-    """`module` for `slots` members, or None for a layer without tensors (ReLU, pooling), which serves as it is."""
-    if isinstance(module, nn.Conv2d):
-        return nn.Conv2d(slots * module.in_channels, slots * module.out_channels, module.kernel_size, module.stride,
-                         module.padding, module.dilation, slots * module.groups, module.bias is not None,
-                         module.padding_mode, device=device, dtype=dtype)
-    if isinstance(module, nn.BatchNorm2d):
-        return FusedBatchNorm2d(slots, module, device, dtype)
-    if isinstance(module, nn.Linear):
-        return FusedLinear(slots, module, device, dtype)
-    if module._parameters or module._buffers:
-        raise ValueError(f"cannot fuse a {type(module).__name__}: only Conv2d, BatchNorm2d and Linear layers")
+def unfusable(config: Config) -> str | None:
+    """Why a run of `config` cannot train in any fused group; None if it can."""
+    if config.compile:
+        return "compile: a fused group runs without torch.compile"
     return None
-
-
-def fuse(model: nn.Module, slots: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """`model` (its structure only: a model on the meta device will do) with each layer replaced by its fused
-    version for `slots` members; the forward pass stays the model's own. Weights start at zero (free slots)."""
-    for name, module in list(model.named_modules()):
-        fused = fused_layer(module, slots, device, dtype) if name else None
-        if fused is not None:
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, fused)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.zero_()
-    return model
-
-
-def slot_view(fused: torch.Tensor, slots: int, slot: int, shape: Sequence[int]) -> torch.Tensor:
-    """Slot `slot`'s block of a fused tensor (the slot-th of `slots` equal blocks along its first dimension), as a
-    member's tensor of `shape`: the same storage, so writes either way are seen both ways."""
-    return fused.unflatten(0, (slots, -1))[slot].view(shape)
-
-
-def member_losses(logits: torch.Tensor, labels: torch.Tensor, nll_weights: torch.Tensor,
-                  smooth_weights: torch.Tensor) -> torch.Tensor:
-    """Each member's mean cross-entropy with its own label smoothing eps: (K,) from logits (K, B, classes) and labels
-    (K, B), as `nn.CrossEntropyLoss(label_smoothing=eps)` computes it, (1 - eps) * nll + eps / classes * smooth,
-    with nll_weights = 1 - eps and smooth_weights = eps / classes as tensors, so that members differ without a
-    capture of their own."""
-    log_probs = logits.log_softmax(-1)
-    nll = -log_probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1).mean(-1)  # (K,)
-    smooth = -log_probs.sum(-1).mean(-1)  # (K,)
-    return nll_weights * nll + smooth * smooth_weights
 
 
 def set_learning_rates(optimizer: torch.optim.Optimizer, value: float) -> None:
@@ -187,6 +110,7 @@ class Slot:
         self.states: dict[str, Any] = {}  # the optimizers' own `state` objects, holding the static tensors
         self.rates: dict[str, list[torch.Tensor | None]] = {}  # their learning-rate tensors (a captured step's)
         self.member: FusedMember | None = None
+        self.holder: str | None = None  # the run that holds the slot (reserved for it, or joined), by name
         for kind in optimizer_types:
             optimizer = build_optimizer(group.config.replace(optimizer=kind), self.model, group.device,
                                         graph=group.capture)
@@ -230,19 +154,23 @@ class FusedGroup:
 
     `optimizer_types`: the optimizer types its members may use (each slot keeps one optimizer of each). `dtype`: the
     weights' (float32 for runs; the exactness tests use float64). On CUDA with `cuda_graph` the step is captured as
-    one CUDA graph after `CAPTURE_WARMUP_STEPS` eager steps, on the group's own stream (never torch's shared default
-    capture stream); a capture that fails leaves the group training eagerly, after one warning.
+    one CUDA graph after `CAPTURE_WARMUP_STEPS` eager steps, on the group's own stream, taken from `streams` (the
+    process's owner of streams) and held until `close` (never torch's shared default capture stream); a capture that
+    fails leaves the group training eagerly, after one warning.
     """
 
     def __init__(self, config: Config, num_classes: int, device: torch.device, slots: int,
-                 optimizer_types: Sequence[str] = OPTIMIZERS, dtype: torch.dtype = torch.float32) -> None:
+                 optimizer_types: Sequence[str] = OPTIMIZERS, dtype: torch.dtype = torch.float32,
+                 streams: CudaStreams | None = None) -> None:
         unknown = sorted(set(optimizer_types) - set(OPTIMIZERS))
         if slots < 1 or unknown:
             raise ValueError(f"a fused group needs slots >= 1 (got {slots}) and optimizer types among "
                              f"{', '.join(OPTIMIZERS)} (got {', '.join(unknown)})")
         self.config, self.num_classes, self.device, self.slots = config, num_classes, device, slots
         self.optimizer_types = tuple(optimizer_types)
-        self.capture = uses_cuda_graph(config, device) and self.can_capture()
+        self.streams = streams or CudaStreams(device)
+        self.stream = self.streams.take("a fused group")  # None on a CPU
+        self.capture = uses_cuda_graph(config, device) and self.stream is not None and self.can_capture()
         self.autocast = autocast_context(config, device, cache_enabled=not self.capture)
         self.memory_format = memory_format_for(config, device)
         with torch.device("meta"):  # the structure alone: no memory, no initialisation
@@ -263,7 +191,6 @@ class FusedGroup:
         self.loss_sums, self.corrects = per_slot(torch.float32), per_slot(torch.long)  # each member's epoch so far
         self.images: torch.Tensor | None = None  # (B, 3K, H, W), made by the first batch put in
         self.labels = torch.zeros(slots, config.batch_size, dtype=torch.long, device=device)  # (K, B)
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.slot_list = [Slot(self, index, self.optimizer_types) for index in range(slots)]
         self.deposited: set[int] = set()  # slots whose batch for the next step is in
         self.steps_done = 0
@@ -299,10 +226,11 @@ class FusedGroup:
                 module._buffers[leaf] = view
         return model
 
-    def refusal(self, config: Config, num_classes: int) -> str | None:
-        """Why a run of `config` on data of `num_classes` classes cannot join this group now; None if it can."""
-        if config.compile:
-            return "compile: a fused group runs without torch.compile"
+    def refusal(self, config: Config, num_classes: int, slot: int | None = None) -> str | None:
+        """Why a run of `config` on data of `num_classes` classes cannot join this group now, in slot `slot` (one
+        reserved for it) or any free one; None if it can."""
+        if unfusable(config) is not None:
+            return unfusable(config)
         if config.optimizer not in self.optimizer_types:
             return f"optimizer: {config.optimizer}, this group holds {', '.join(self.optimizer_types)}"
         if num_classes != self.num_classes:
@@ -310,19 +238,44 @@ class FusedGroup:
         for name in FUSION_SETTINGS:
             if getattr(config, name) != getattr(self.config, name):
                 return f"{name}: {getattr(config, name)}, this group's is {getattr(self.config, name)}"
-        if all(slot.member is not None for slot in self.slot_list):
+        if slot is None and self.free_slot() is None:
             return f"all {self.slots} slots are taken"
+        if slot is not None and self.slot_list[slot].member is not None:
+            return f"slot {slot} is taken"
         return None
 
-    def join(self, config: Config, model: nn.Module) -> FusedMember:
-        """A run of `config` whose model `model` (from `build_model`, as the run built it) takes the first free
-        slot: its weights and buffers are copied in, the slot's optimizer of its type gets its settings and a fresh
-        state. Train the returned member's `model` and `optimizer` from then on."""
-        reason = self.refusal(config, model.fc.out_features)
+    def free_slot(self) -> Slot | None:
+        return next((slot for slot in self.slot_list if slot.member is None and slot.holder is None), None)
+
+    def reserve(self, name: str) -> int:
+        """Hold the first free slot for the run `name`, which joins it later (`join(..., slot=)`): a trainer places a
+        run when it admits it, before the run's first step builds its model. Its index."""
+        slot = self.free_slot()
+        if slot is None:
+            raise ValueError(f"all {self.slots} slots of the fused group are taken")
+        slot.holder = name
+        return slot.index
+
+    def release(self, name: str) -> None:
+        """Free a slot reserved for `name` that its run never joined (it failed before its first step)."""
+        for slot in self.slot_list:
+            if slot.holder == name and slot.member is None:
+                slot.holder = None
+
+    def holders(self) -> dict[int, str]:
+        """The runs holding slots, by slot."""
+        return {slot.index: slot.holder for slot in self.slot_list if slot.holder is not None}
+
+    def join(self, config: Config, model: nn.Module, slot: int | None = None) -> FusedMember:
+        """A run of `config` whose model `model` (from `build_model`, as the run built it) takes slot `slot`
+        (reserved for it), or the first free one: its weights and buffers are copied in, the slot's optimizer of its
+        type gets its settings and a fresh state. Train the returned member's `model` and `optimizer` from then
+        on."""
+        reason = self.refusal(config, model.fc.out_features, slot)
         if reason is not None:
             raise ValueError(f"this run cannot join the fused group: {reason}")
-        slot = next(slot for slot in self.slot_list if slot.member is None)
-        index = slot.index
+        index = self.free_slot().index if slot is None else slot
+        slot = self.slot_list[index]
         self.wait_for_step()  # a replay in flight may still read the free slot
         member_model = self.slot_model(index)
         member_model.load_state_dict(model.state_dict())  # copied into the slot, in place
@@ -342,7 +295,6 @@ class FusedGroup:
         totals.loss_sum, totals.correct = self.loss_sums[index], self.corrects[index]
         slot.member = FusedMember(self, index, config, member_model, optimizer, totals)
         self.wait_for_caller()
-        log.info("a %s run joined slot %d of %d of a fused group", config.optimizer, index, self.slots)
         return slot.member
 
     def leave(self, member: FusedMember) -> None:
@@ -352,7 +304,7 @@ class FusedGroup:
         if slot.member is not member:
             return
         self.wait_for_step()
-        slot.member = None
+        slot.member = slot.holder = None
         self.deposited.discard(member.slot)
         self.active[member.slot], self.active_counts[member.slot] = 0, 0
         for optimizer in slot.optimizers.values():
@@ -366,9 +318,9 @@ class FusedGroup:
         self.wait_for_caller()
 
     @contextlib.contextmanager
-    def joined(self, config: Config, model: nn.Module) -> Iterator[FusedMember]:
+    def joined(self, config: Config, model: nn.Module, slot: int | None = None) -> Iterator[FusedMember]:
         """`join`, and `leave` however the block ends (finished, failed, stopped, its generator closed)."""
-        member = self.join(config, model)
+        member = self.join(config, model, slot)
         try:
             yield member
         finally:
@@ -376,6 +328,17 @@ class FusedGroup:
 
     def members(self) -> list[FusedMember]:
         return [slot.member for slot in self.slot_list if slot.member is not None]
+
+    def close(self) -> None:
+        """The group is done with (no member holds a slot): its graph destroyed and its stream given back, once
+        its work is done."""
+        if self.stream is not None:
+            self.stream.synchronize()
+        if self.graph is not None:
+            self.graph.reset()
+            self.graph = None
+        self.streams.give_back(self.stream)
+        self.stream, self.capture = None, False
 
     # --- the step ---------------------------------------------------------------------------------------------
 
