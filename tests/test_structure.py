@@ -19,8 +19,8 @@ pytestmark = pytest.mark.quick  # seconds in all: part of `pytest -m quick`
 PACKAGE = REPO / "cifar_resnet"
 TOOLS = {"sweep", "agent", "report"}
 # Modules, and packages standing for every module in them.
-WITHOUT_WANDB = {"config", "model", "data", "engine", "fused", "pack", "checkpoint", "records", "files", "errors", "process",
-                 "names", "credentials", "table", "runner", "trainer", "run_contract"}
+WITHOUT_WANDB = {"config", "model", "data", "engine", "packing", "checkpoint", "records", "files", "errors", "process",
+                 "names", "credentials", "table", "runner", "run_contract"}
 MAX_LEVELS = 10  # errors, config, engine.device, engine.step, engine.loop, runner, trainer, train, cli, __main__
 MAX_FILE_LINES = 600
 # The sweep's modules, each above those it may import: command -> local -> view and plan -> state.
