@@ -191,20 +191,21 @@ def test_the_grids_comparison_names_the_data_of_each_column(dataset, warned):
 @pytest.mark.slow
 def test_pack_measures_each_way_of_sharing_with_its_runs_under_the_runs_folder(tiny_config, tmp_path,
                                                                                 monkeypatch, single_threaded):
-    """The pack step of the GPU check, tiny: runs taking turns in one process and runs as processes, K = 1 then 2
-    (the processes of K = 2 reuse K = 1's run names: each K keeps its runs apart, and none lands in the working
-    directory)."""
+    """The pack step of the GPU check, tiny: runs taking turns in one process, fused in one group, and runs as
+    processes, K = 1 then 2 (the processes of K = 2 reuse K = 1's run names: each K keeps its runs apart, and none
+    lands in the working directory)."""
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "pack.json"
     settings = [f"--{k}={v}" for k, v in tiny_config.replace(epochs=1, train_size=256, val_size=64, test_size=64,
                                                                batch_size=64).to_dict().items() if k != "output_dir"]
-    assert pack.main(["--members=1,2", "--sharing=turns,processes", f"--out={out}", *settings]) == 0
+    assert pack.main(["--members=1,2", "--sharing=turns,fused,processes", f"--out={out}", *settings]) == 0
     cases = json.loads(out.read_text())["cases"]
     assert [(case["sharing"], case["members"]) for case in cases] == \
-        [("turns", 1), ("turns", 2), ("processes", 1), ("processes", 2)]
+        [("turns", 1), ("turns", 2), ("fused", 1), ("fused", 2), ("processes", 1), ("processes", 2)]
     for case in cases:
         assert len(case["run_img_s"]) == len(case["test_acc"]) == case["members"]
-        assert positive(case["together_img_s"]) and positive(case["training_runs_per_hour"])
+        assert positive(case["together_img_s"]) and positive(case["epoch_img_s"])
+        assert positive(case["training_runs_per_hour"])
     assert sorted(path.name for path in (tmp_path / "pack-runs" / "processes2").iterdir()) == \
         ["m0-adam-lr0.001", "m1-sgd-lr0.001"]
     assert not (tmp_path / "runs").exists()

@@ -110,7 +110,8 @@ def test_a_member_preempted_in_a_fused_group_resumes_alone_on_streams_or_fused_t
 
     group = FusedGroups(CPU, 2, CudaStreams(CPU))
     pack = Pack(CPU)
-    ended = pack.train({"a": runner_steps(a, "a", group.place("a", a, 10).join, RunHooks(should_stop=stop_in_epoch_two)),
+    stopping = RunHooks(should_stop=stop_in_epoch_two)
+    ended = pack.train({"a": runner_steps(a, "a", group.place("a", a, 10).join, stopping),
                         "b": runner_steps(b, "b", group.place("b", b, 10).join)})
     assert isinstance(ended["a"].error, Interrupted) and ended["b"].error is None
     stopped = Path(a.output_dir) / "a"
@@ -232,5 +233,5 @@ def test_an_offline_sweep_with_pack_fused_trains_its_cells_as_one_fused_group(tm
         assert "trains in the trainer on cpu (" in run_log and "), fused: slot " in run_log
         config = Config.from_mapping(run["params"], base=base).replace(output_dir=str(tmp_path / "alone"))
         assert_close_to(RunRecord.load(out_dir / run["run_id"]), run_training(config, run["run_id"]).record)
-        records = read_records(offline_run_file(out_dir, run["run_id"]))
+        records = read_records(offline_run_file(tmp_path, run["run_id"]))  # WANDB_DIR: the test's folder
         assert next(r.exit for r in records if r.HasField("exit")).exit_code == 0

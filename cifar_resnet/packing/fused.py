@@ -375,10 +375,10 @@ class FusedGroup:
 
     def step(self) -> None:
         """One optimizer step of every active member on the batch it put in: eagerly, or as a graph's replay."""
-        for slot in self.slot_list:
-            if slot.member is not None:
-                slot.keep_static_state(slot.member.config.optimizer)
-        with self.on_stream():
+        with self.on_stream():  # after every member's work so far: each waited for its batch and its state
+            for slot in self.slot_list:
+                if slot.member is not None:
+                    slot.keep_static_state(slot.member.config.optimizer)
             if self.capture:
                 self.step_captured()
             else:
