@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 import signal
+import subprocess
 import threading
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from cifar_resnet.engine.streams import CudaStreams
 from cifar_resnet.packing.client import train_in_trainer
 from cifar_resnet.packing.groups import FusedGroups
 from cifar_resnet.packing.pack import Pack
+from cifar_resnet.packing import pool
 from cifar_resnet.packing.pool import FUSED
 from cifar_resnet.packing.trainer import Trainer
 from cifar_resnet.records import (
@@ -39,6 +41,7 @@ from cifar_resnet.records import (
     VAL_LOSS,
     RunRecord,
 )
+from cifar_resnet.run_contract import TRAINER_VARIABLE
 from cifar_resnet.runner import RunHooks, run_steps, run_training
 
 CPU = torch.device("cpu")
@@ -197,6 +200,20 @@ def test_a_fused_trainer_groups_runs_of_one_shape_and_says_how_each_trains(tmp_p
         assert_close_to(records[run_id], alone)
 
 
+def test_a_supervisors_trainers_get_their_mode_slots_and_hardware_queues(monkeypatch):
+    """What `Trainers` starts for `--pack fused` with two runs on GPU 0 and one on GPU 1 (the process start is a
+    stand-in: no GPU here): each GPU's trainer, with the runs planned for it as its group's slots, and
+    CUDA_DEVICE_MAX_CONNECTIONS=32 set before CUDA starts."""
+    started = []
+    monkeypatch.setattr(pool, "start_process", lambda argv, env, *rest: started.append((argv, env)) or
+                        subprocess.Popen(["true"]))
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "8")
+    with pool.Trainers(["0", "0", "1"], mode=FUSED) as trainers:
+        assert trainers.environment("1")[TRAINER_VARIABLE].endswith("trainer-1.sock")
+    assert [(argv[-2:], env["CUDA_VISIBLE_DEVICES"], env["CUDA_DEVICE_MAX_CONNECTIONS"]) for argv, env in started] \
+        == [(["--pack=fused", "--runs=2"], "0", "32"), (["--pack=fused", "--runs=1"], "1", "32")]
+
+
 def test_an_unknown_pack_mode_is_one_line_and_exit_2(tmp_path, capsys):
     path = write_sweep(tmp_path / "grid.yaml", {"learning_rate": {"values": [0.1]}} |
                        tiny_settings(cell(tmp_path), epochs=1))
@@ -226,6 +243,7 @@ def test_an_offline_sweep_with_pack_fused_trains_its_cells_as_one_fused_group(tm
     runs = json.loads((out_dir / "sweep.json").read_text())["runs"]
     assert [run["state"] for run in runs] == ["finished"] * 4
     (trainer_log,) = (out_dir / "trainers").glob("*/trainer-default.log")
+    assert "(members fused, 4 slots to a fused group)" in trainer_log.read_text()
     assert trainer_log.read_text().count(": fused: slot ") == 4
     torch.set_num_threads(1)
     for run in runs:

@@ -21,7 +21,7 @@ TOOLS = {"sweep", "agent", "report"}
 # Modules, and packages standing for every module in them.
 WITHOUT_WANDB = {"config", "model", "data", "engine", "packing", "checkpoint", "records", "files", "errors", "process",
                  "names", "credentials", "table", "runner", "run_contract"}
-MAX_LEVELS = 10  # errors, config, engine.device, engine.step, engine.loop, runner, trainer, train, cli, __main__
+MAX_LEVELS = 10  # errors, config, engine.device, engine.step, engine.loop, runner, packing.client, train, cli, __main__
 MAX_FILE_LINES = 600
 # The sweep's modules, each above those it may import: command -> local -> view and plan -> state.
 SWEEP_LAYERS = {"sweep.state": 0, "sweep.plan": 1, "sweep.view": 1, "sweep.local": 2, "sweep.command": 3}

@@ -103,7 +103,7 @@ class EagerStep(StepOnce):
         self.totals.add_(self.loss, correct, len(labels))
 
 
-class CapturedStep(StepOnce, GraphCapture[EagerStep]):
+class CapturedStep(GraphCapture[EagerStep], StepOnce):
     """The same step as one CUDA graph: an `EagerStep` of its own, whose work on static image and label buffers is
     captured once and replayed every call.
 
@@ -120,7 +120,7 @@ class CapturedStep(StepOnce, GraphCapture[EagerStep]):
     def __init__(self, *args: Any, warmup_steps: int = CAPTURE_WARMUP_STEPS, streams: CudaStreams | None = None,
                  **kwargs: Any) -> None:
         """`args` and `kwargs`: those of the `EagerStep` it builds and holds."""
-        GraphCapture.__init__(self, EagerStep(*args, **kwargs), warmup_steps, streams)
+        super().__init__(EagerStep(*args, **kwargs), warmup_steps, streams)
         self.capture_seconds = 0.0  # the warm-up steps and the capture, with the syncs they need
 
     # What `train_one_epoch`, `training` and the benchmark read of a step, as the eager step holds it. Once captured,
@@ -153,9 +153,6 @@ class CapturedStep(StepOnce, GraphCapture[EagerStep]):
         self.warm_up_or_capture(images, labels)
         self.capture_seconds += time.perf_counter() - started
         return None
-
-    def close(self) -> None:
-        GraphCapture.close(self)
 
     def clear_for_capture(self) -> None:
         # Before the capture, backward must allocate the gradients in the graph's pool; after a failed one, drop
