@@ -328,10 +328,11 @@ def training(
                     f"(now {config.learning_rate})"
                 )
             val = evaluate(evaluated, val_loader, num_classes, step=val_step)
+            # A device tensor under a captured step, read once an epoch, while nothing is queued after it.
+            lr = float(state.scheduler.get_last_lr()[0])
             is_best = state.keep_if_best(epoch, val.acc, kept)
             result = EpochResult(
-                epoch, train_loss, train_acc, val.loss, val.acc,
-                lr=float(state.scheduler.get_last_lr()[0]),  # a device tensor under a captured step: once an epoch
+                epoch, train_loss, train_acc, val.loss, val.acc, lr,
                 epoch_seconds=time.perf_counter() - start,
                 train_images_per_second=len(train_loader) * config.batch_size / train_seconds,
                 is_best=is_best,
