@@ -1,4 +1,4 @@
-"""A fused group (cifar_resnet/fused.py): K runs trained as one model give each run what it gets alone.
+"""A fused group (cifar_resnet/packing/fused.py): K runs trained as one model give each run what it gets alone.
 
 On the CPU in float64 a member equals the same run alone to 1e-10 in every weight, batch-norm statistic, optimizer
 state and averaged weight, over 3 epochs of the real schedule, for Adam, AdamW and SGD at other learning rates, seeds

@@ -1,8 +1,8 @@
-"""A pack: several runs stepped in turn in one process give each run exactly what it gets alone."""
+"""A pack: several runs stepped in turn in one process give each run exactly what it gets alone (on a CPU; on a GPU,
+within a tolerance: tests/test_gpu_pack.py)."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from cifar_resnet.data.sources import load_splits
@@ -80,23 +80,3 @@ def test_a_member_that_fails_leaves_and_the_pack_goes_on(tiny_config):
     assert pack.names() == ["adam", "adam-ema"]
     while pack:
         pack.step()
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_members_on_their_own_cuda_streams_match_runs_alone(tiny_config):
-    cuda = torch.device("cuda")
-    configs = {name: config.replace(device="cuda", bf16=False) for name, config in three_cells(tiny_config).items()}
-
-    def cuda_steps(config):
-        data = load_splits(config, cuda)
-        return training(config, build_model(config, len(data.classes), cuda), data, cuda)
-
-    ended = train_together({name: cuda_steps(config) for name, config in configs.items()}, cuda)
-    for name, config in configs.items():
-        data = load_splits(config, cuda)
-        alone = fit(config, build_model(config, len(data.classes), cuda), data, cuda)
-        packed = ended[name].result
-        # The same kernels on another stream: the same numbers, up to cuDNN picking other algorithms.
-        for got, expected in zip(without_timings(packed.history), without_timings(alone.history), strict=True):
-            assert got == pytest.approx(expected, rel=1e-3, abs=1e-3)
