@@ -39,8 +39,8 @@ from cifar_resnet.engine.loop import TrainHooks, drive, train_one_epoch
 from cifar_resnet.engine.step import build_step
 from cifar_resnet.errors import UserError
 from cifar_resnet.files import atomic_write_json
-from cifar_resnet.process import set_cpu_threads
 from cifar_resnet.table import markdown
+from cifar_resnet.threads import set_cpu_threads
 
 from .cli import run_script, settings_from, settings_parser, start_logging
 from .launch import SECONDS_PER_HOUR, runs_at_once

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 from cifar_resnet.config import Config, argument_parser
 from cifar_resnet.errors import UserError
-from cifar_resnet.process import setup_logging
+from cifar_resnet.logs import setup_logging
 from cifar_resnet.run_contract import EXIT_USAGE, LOG_FORMAT
 
 log = logging.getLogger("benchmarks")

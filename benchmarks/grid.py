@@ -19,19 +19,20 @@ from cifar_resnet.config import Config
 from cifar_resnet.engine.device import select_device
 from cifar_resnet.errors import UserError
 from cifar_resnet.files import atomic_write_json
-from cifar_resnet.process import set_cpu_threads
 from cifar_resnet.records import (
     TEST_ACC,
     TRAIN_ACC,
     TRAIN_LOSS,
     VAL_ACC,
     VAL_LOSS,
+    RunFolder,
     RunResult,
     read_record,
     result_from_record,
 )
-from cifar_resnet.run_contract import EXIT_CRASH, EXIT_OK, run_folder
+from cifar_resnet.run_contract import EXIT_CRASH, EXIT_OK
 from cifar_resnet.table import data_line, markdown, markdown_table
+from cifar_resnet.threads import set_cpu_threads
 
 from .cli import run_script, settings_from, settings_parser, start_logging
 from .launch import sweep_runs
@@ -65,7 +66,7 @@ def run_grid(base: Config, workers: int, folder: Path) -> tuple[dict[str, Any], 
 
 def cell_runs(folder: Path, run_ids: Sequence[str]) -> list[RunResult]:
     """The cells' runs as their records have them (a run that failed before writing one is left out)."""
-    records = [read_record(run_folder(folder, run_id)) for run_id in run_ids]
+    records = [read_record(RunFolder.of(folder, run_id).path) for run_id in run_ids]
     return [result_from_record(record) for record in records if record is not None]
 
 

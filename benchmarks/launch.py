@@ -23,10 +23,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cifar_resnet.children import child_environment, start_process
 from cifar_resnet.config import Config
-from cifar_resnet.process import Launch, child_environment, run_staggered_statuses, start_process
-from cifar_resnet.run_contract import run_folder
-from cifar_resnet.sweep.local import RUN_LOG, LocalSweep
+from cifar_resnet.records import RunFolder
+from cifar_resnet.staggered import Launch, run_staggered_statuses
+from cifar_resnet.sweep.local import LocalSweep
 from cifar_resnet.sweep.plan import SweepPlan
 from cifar_resnet.sweep.state import STATE_FILE, LocalRun, SweepFolder
 from cifar_resnet.sweep.view import LogView
@@ -52,7 +53,7 @@ def start_afresh(folder: Path, jobs: Sequence[Job]) -> None:
     """Remove what an earlier call left of these runs in `folder` (their folders, the sweep's state), so that each
     trains anew rather than resuming or being refused as finished; nothing else there is touched."""
     for run_id, _ in jobs:
-        shutil.rmtree(run_folder(folder, run_id), ignore_errors=True)
+        shutil.rmtree(RunFolder.of(folder, run_id).path, ignore_errors=True)
     (folder / STATE_FILE).unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
 
@@ -60,11 +61,11 @@ def start_afresh(folder: Path, jobs: Sequence[Job]) -> None:
 def result_of(folder: Path, run_id: str, exit_code: int | None) -> dict[str, Any]:
     """What run `run_id` measured (its results file, written last: none is left from an earlier call), or that it
     failed (or never started: exit status None) and where its log is."""
-    run_dir = run_folder(folder, run_id)
-    path = run_dir / RESULT_FILE
+    run = RunFolder.of(folder, run_id)
+    path = run.path / RESULT_FILE
     if path.exists():
         return json.loads(path.read_text())
-    return {"run_id": run_id, "status": "failed", "exit_code": exit_code, "log": str(run_dir / RUN_LOG)}
+    return {"run_id": run_id, "status": "failed", "exit_code": exit_code, "log": str(run.log)}
 
 
 def runs_at_once(jobs: Sequence[Job], folder: Path) -> tuple[list[dict[str, Any]], float]:
@@ -73,12 +74,12 @@ def runs_at_once(jobs: Sequence[Job], folder: Path) -> tuple[list[dict[str, Any]
     environment = child_environment(len(jobs))
     launches = []
     for run_id, config in jobs:
-        run_folder(folder, run_id).mkdir()
+        RunFolder.of(folder, run_id).path.mkdir()
         launches.append(Launch([sys.executable, "-m", RUN_MODULE, f"--run_id={run_id}",
                                 *(f"--{name}={value}" for name, value in run_settings(config).items()),
                                 f"--output_dir={folder}"], None, environment))
     with contextlib.ExitStack() as logs:
-        files = iter([logs.enter_context(open(run_folder(folder, run_id) / RUN_LOG, "wb")) for run_id, _ in jobs])
+        files = iter([logs.enter_context(open(RunFolder.of(folder, run_id).log, "wb")) for run_id, _ in jobs])
         started = time.perf_counter()
         statuses = run_staggered_statuses(launches, 0.0, "run",
                                           start=lambda argv, env: start_process(argv, env, next(files)))

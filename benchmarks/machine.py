@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from cifar_resnet.process import PACKAGE_ROOT
+from cifar_resnet.children import PACKAGE_ROOT
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:

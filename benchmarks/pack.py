@@ -31,14 +31,14 @@ import torch
 from cifar_resnet.config import Config
 from cifar_resnet.data.sources import load_source, split
 from cifar_resnet.engine.device import build_model, select_device, start_device
-from cifar_resnet.engine.loop import training
+from cifar_resnet.engine.loop import fit_steps
 from cifar_resnet.errors import UserError
 from cifar_resnet.files import atomic_write_json
 from cifar_resnet.packing.fused import FusedGroup
 from cifar_resnet.packing.pack import Pack
-from cifar_resnet.process import set_cpu_threads
 from cifar_resnet.records import TRAIN_IMAGES_PER_SECOND
 from cifar_resnet.table import markdown
+from cifar_resnet.threads import set_cpu_threads
 
 from .cli import run_script, settings_from, settings_parser, start_logging
 from .launch import SECONDS_PER_HOUR, runs_at_once
@@ -81,8 +81,8 @@ def measure_pack(base: Config, count: int, sharing: str) -> dict[str, Any]:
     for name, config in members:
         data = split(source, config)
         images += train_images(config, len(data.train))
-        trainings[name] = training(config, build_model(config, len(data.classes), device), data, device,
-                                   join=group.joined if group is not None else None, streams=pack.streams)
+        trainings[name] = fit_steps(config, build_model(config, len(data.classes), device), data, device,
+                                    join=group.joined if group is not None else None, streams=pack.streams)
     ended = pack.train(trainings)
     if group is not None:
         group.close()

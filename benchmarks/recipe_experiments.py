@@ -42,9 +42,9 @@ from cifar_resnet.config import Config
 from cifar_resnet.engine.device import select_device
 from cifar_resnet.errors import UserError
 from cifar_resnet.files import atomic_write_json
-from cifar_resnet.process import set_cpu_threads
 from cifar_resnet.records import TEST_ACC
 from cifar_resnet.table import markdown
+from cifar_resnet.threads import set_cpu_threads
 
 from .cli import run_script, settings_from, settings_parser, start_logging
 from .launch import sweep_runs

@@ -18,7 +18,6 @@ from cifar_resnet.engine.evaluation import evaluate_test
 from cifar_resnet.errors import UserError
 from cifar_resnet.files import atomic_write_json
 from cifar_resnet.names import RUN_ID_VARIABLE, check_run_id, requested_run_id
-from cifar_resnet.process import set_cpu_threads
 from cifar_resnet.records import (
     BEST_EPOCH,
     EPOCH_SECONDS,
@@ -28,10 +27,11 @@ from cifar_resnet.records import (
     TRAIN_LOSS,
     VAL_ACC,
     VAL_LOSS,
+    RunFolder,
     result_from_record,
 )
-from cifar_resnet.run_contract import run_folder
 from cifar_resnet.runner import run_training
+from cifar_resnet.threads import set_cpu_threads
 
 from .cli import run_script, settings_from, settings_parser, start_logging
 from .machine import seconds_since_process_start
@@ -43,12 +43,12 @@ TEST_VIEWS = {"test_acc": (False, 0), "test_acc_tta": (True, 0), "test_acc_tta_s
 AT_BEST_EPOCH = (TRAIN_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS)  # reported as the run's record has them at its best epoch
 
 
-def run_one(config: Config, run_id: str) -> dict[str, Any]:
+def run_one(config: Config, folder: RunFolder) -> dict[str, Any]:
     """One run through the runner (files, no W&B), its best weights tested without TTA, with flip TTA and with flip
     plus 1 px shifts TTA; beside them, the run's record at its best epoch, under the record's names.
 
     `process_s` is taken when the run ends, before the extra tests (not part of a run)."""
-    outcome = run_training(config, run_id)
+    outcome = run_training(config, folder)
     process_s = seconds_since_process_start()  # the run as a user sees it: interpreter, imports, data, all
     device = select_device(config.device)
     own_views = (config.tta, config.tta_translate_px)  # the run's own test has these: not tested twice
@@ -58,7 +58,7 @@ def run_one(config: Config, run_id: str) -> dict[str, Any]:
               for name, views in TEST_VIEWS.items()}
     run = result_from_record(outcome.record)
     return {
-        "run_id": run_id,
+        "run_id": folder.run_id,
         "config": config.to_dict(),
         **tested,
         **{metric: run.at_best_epoch(metric) for metric in AT_BEST_EPOCH},
@@ -81,9 +81,8 @@ def main(argv: Sequence[str]) -> int:
         raise UserError(f"--run_id: needed (or {RUN_ID_VARIABLE})")
     set_cpu_threads()  # as `train` does: every core, or OMP_NUM_THREADS (the launcher's share)
     config = settings_from(args)
-    result = run_one(config, run_id)
-    atomic_write_json(Path(args.result) if args.result else run_folder(config.output_dir, run_id) / RESULT_FILE,
-                      result)
+    folder = RunFolder.of(config.output_dir, run_id)
+    atomic_write_json(Path(args.result) if args.result else folder.path / RESULT_FILE, run_one(config, folder))
     return 0
 
 

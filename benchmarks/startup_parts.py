@@ -7,6 +7,9 @@ both alike. Every figure is a median over the repeats, in wall seconds and the C
 - the warm decode-cache lookup: a fresh interpreter's `load_image_folder` of an image folder whose cache is built,
   each tree on its own copy of the folder; beside it the two parts of the old lookup, listing the folders and a
   `stat` of every file;
+- a warm run's data load: `run_training` on that folder (device cpu), from its call to where its steps would
+  start (the data loaded, checked, split; torch._dynamo imported, as every run does there), in a fresh interpreter;
+  its CPU seconds in all threads, and in the run's own thread;
 - one epoch's checkpoints on the training path, with the real model (width 64) and Adam's state: b142e91 wrote best.pt,
   last.pt and the record on the run's thread (each fsync'd), now the run copies them to host memory and hands them
   to the writer's thread (the writing itself timed apart, as the thread does it);
@@ -66,6 +69,22 @@ listed = time.perf_counter()
 for path in samples:
     os.stat(path)
 print(json.dumps({"list_s": listed - started, "stat_s": time.perf_counter() - listed, "files": len(samples)}))
+"""
+RUN_DATA_LOAD = """
+import json, sys, time
+from cifar_resnet import runner
+from cifar_resnet.config import Config
+runner.drive = lambda steps: steps.close()  # the run ends where its steps would start: its data on the device
+config = Config(dataset="imagefolder", data_dir=sys.argv[1], device="cpu", output_dir=sys.argv[2])
+try:
+    from cifar_resnet.records import RunFolder
+    run = RunFolder.of(config.output_dir, "dataload")
+except ImportError:  # an older tree, whose run_training took the run's id
+    run = "dataload"
+wall, cpu, main_thread = time.perf_counter(), time.process_time(), time.thread_time()
+runner.run_training(config, run)
+print(json.dumps({"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
+                  "main_thread_cpu_s": time.thread_time() - main_thread}))
 """
 EVALUATE = """
 import json, sys, time
@@ -142,6 +161,15 @@ def measure_lookup(old: Path, old_data: Path, data: Path, repeats: int) -> dict[
     return result
 
 
+def measure_run_data_load(old: Path, old_data: Path, data: Path, work: Path, repeats: int) -> dict[str, Any]:
+    runs = tempfile.mkdtemp(dir=work)
+
+    def data_load(tree: Path, folder: Path) -> dict[str, float]:
+        return json.loads(child(tree, "-c", RUN_DATA_LOAD, str(folder), runs)[2])
+
+    return alternate(repeats, lambda: data_load(old, old_data), lambda: data_load(REPO, data))
+
+
 def measure_checkpoints(work: Path, repeats: int) -> dict[str, Any]:
     """One epoch's files of a width-64 run with Adam, as b142e91's runner wrote them and as this one does."""
     import torch
@@ -194,11 +222,11 @@ def measure_progress(work: Path, repeats: int) -> dict[str, Any]:
     from dataclasses import asdict
 
     from cifar_resnet.files import atomic_write_json
-    from cifar_resnet.records import PROGRESS_FILE, LiveProgress
+    from cifar_resnet.records import PROGRESS_FILE, EpochProgress
 
     run_dir = Path(tempfile.mkdtemp(dir=work))
-    progress = LiveProgress(epoch=1, epochs=10, step=100, steps=351, images_per_second=50000.0, seconds=3.0,
-                            updated_at=time.time())
+    progress = EpochProgress(epoch=1, epochs=10, step=100, steps=351, images_per_second=50000.0, seconds=3.0,
+                             updated_at=time.time())
 
     def timed(write: Callable[[], None]) -> dict[str, float]:
         started = time.perf_counter()
@@ -251,6 +279,8 @@ def main() -> int:
     result: dict[str, Any] = {"machine": machine_info(torch.device("cpu")), "repeats": args.repeats}
     for name, measure in (("imports", lambda: measure_imports(old, args.repeats)),
                           ("warm_cache_lookup", lambda: measure_lookup(old, old_data, data, args.repeats)),
+                          ("run_data_load", lambda: measure_run_data_load(old, old_data, data, Path(args.work),
+                                                                          args.repeats)),
                           ("checkpoints", lambda: measure_checkpoints(Path(args.work), args.repeats)),
                           ("progress_file", lambda: measure_progress(Path(args.work), 10 * args.repeats)),
                           ("evaluation", lambda: measure_evaluation(old, old_data, data, args.repeats)),

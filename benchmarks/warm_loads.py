@@ -16,7 +16,7 @@ def timed(label, fn, repeats=3):
         start = time.perf_counter(); result = fn(); times.append(time.perf_counter() - start)
     print(f"{label}: {', '.join(f'{t:.2f}' for t in times)} s (load average {os.getloadavg()[0]:.1f})", flush=True)
     return result
-train, test, classes = timed("load_image_folder, warm cache (listing, key, mmap load)", lambda: load_image_folder(root))
+train, test, classes = timed("load_image_folder, warm cache (folder stamps, a stat of every image, mmap load)", lambda: load_image_folder(root))
 cache = sorted((root / CACHE_FOLDER).glob("train-*.pt"))[0]
 timed("torch.load train cache, mmap=True", lambda: torch.load(cache, weights_only=True, mmap=True))
 timed("torch.load train cache, mmap=False", lambda: torch.load(cache, weights_only=True))

@@ -1,6 +1,6 @@
 """`python -m cifar_resnet` is the `cifar-resnet` command."""
 
 from .cli import main
-from .process import exit_ignoring_stop_signals
+from .signals import exit_ignoring_stop_signals
 
 exit_ignoring_stop_signals(main())

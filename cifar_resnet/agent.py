@@ -24,17 +24,12 @@ import sys
 import threading
 from collections.abc import Mapping, Sequence
 
+from .children import start_process
 from .credentials import NO_CREDENTIALS, has_credentials
-from .errors import UserError
+from .errors import UserError, reject_unknown_arguments
 from .gpus import AUTO, check_gpus_exist, parse_runs_per_gpu, resolve_runs_per_gpu
 from .packing.pool import OFF, STREAMS, Trainers, add_pack_arguments, pack_mode
-from .process import (
-    Launch,
-    first_failure,
-    reject_unknown_arguments,
-    run_staggered_statuses,
-    start_process,
-)
+from .staggered import Launch, first_failure, run_staggered_statuses
 from .wandb_sweep import DEFAULT_STAGGER_SECONDS, agent_argv
 
 SWEEP_ID_VARIABLE = "SWEEP_ID"  # the sweep id when none is given on the command line (the Docker image's way)

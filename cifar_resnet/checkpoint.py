@@ -1,7 +1,8 @@
 """Checkpoints in a run's folder, written atomically and loadable with `torch.load(..., weights_only=True)`.
 
-- `best.pt`: the weights of the best validation epoch, with the config, epoch, metrics and class names.
-- `last.pt`: the full training state after the last completed epoch, for resuming a preempted run.
+- `best.pt` (`RunFolder.best`): the weights of the best validation epoch, with the config, epoch, metrics and class
+  names.
+- `last.pt` (`RunFolder.last`): the full training state after the last completed epoch, for resuming a preempted run.
 
 Both can be evaluated (`read_weights`): a best.pt's weights, or a last.pt's best weights so far. A run writes them
 off its training path, through a `CheckpointWriter`.
@@ -27,8 +28,6 @@ from .files import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
-BEST_CHECKPOINT = "best.pt"
-RESUME_CHECKPOINT = "last.pt"
 KEYS_SHOWN = 3  # of a foreign checkpoint's keys, in its error message
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import StorageError, UserError
-from .process import setup_logging
+from .logs import setup_logging
 from .run_contract import EXIT_CRASH, EXIT_OK, EXIT_USAGE
 
 log = logging.getLogger("cifar_resnet")

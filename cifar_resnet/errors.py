@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 
 class UserError(Exception):
@@ -42,3 +42,9 @@ def extra_needed(extra: str, command: str) -> Iterator[None]:
     except ModuleNotFoundError as error:
         raise UserError(f"cifar-resnet {command} needs the [{extra}] extra ({error.name} is not installed): "
                         f"pip install 'cifar-resnet[{extra}]', or pip install -e '.[{extra}]' in a clone") from None
+
+
+def reject_unknown_arguments(command: str, rest: Sequence[str]) -> None:
+    """The CLI passes what argparse did not know on to the handlers; a tool that takes none refuses it here."""
+    if rest:
+        raise UserError(f"{command}: unknown argument {rest[0]!r} (see cifar-resnet {command} --help)")

@@ -1,29 +1,35 @@
-"""The one home of run data: the metric names, the run record and the report's view of a run.
+"""The one home of run data: the metric names, a run's folder and its files, the run record and the report's view
+of a run.
 
-Each run keeps one small JSON file (`record.json`, next to its checkpoints) with the config, the per-epoch history,
-the summary and the status. The sweep runner, the report, resume and the benchmark all read it; W&B gets the same
-numbers under the same names. A new metric touches the engine (which computes it) and this module (which names it).
+Each run keeps its files in one folder (`RunFolder`: `output_dir/<run id>`), among them one small JSON file
+(`record.json`, next to its checkpoints) with the config, the per-epoch history, the summary and the status. The
+sweep runner, the report, resume and the benchmark all read it; W&B gets the same numbers under the same names. A
+new metric touches the engine (which computes it) and this module (which names it).
 
-A run's data has one name for each form it takes: `RunRecord` is what the run keeps (`record.json`, written as it
-trains); `LiveProgress` is where it is inside the epoch in progress (`progress.json`); `RunResult` is a run as the
-report and the tables read it, from a record or from W&B. Around them, in their modules: the runner's `RunOutcome`
-is what one call of `run_training` hands back in memory (the record, the engine's result, the data); the sweep's
-`RunEnd` is how one attempt's process ended, `RunProgress` a run as its progress views show it, and
-`LocalSweepResult` how a whole offline sweep ended.
+A run's data has one name for each form it takes: `RunFolder` is where it lies; `RunRecord` is what the run keeps
+(`record.json`, written as it trains); `EpochProgress` is where it is inside the epoch in progress (`progress.json`);
+`RunResult` is a run as the report and the tables read it, from a record or from W&B. Around them, in their modules:
+the runner's `TrainedRun` is what one call of `run_training` hands back in memory (the folder, the record, the
+engine's result, the data); the sweep's `Attempt` is one attempt of a run in progress (its process), `AttemptEnd`
+how it ended, `RunProgress` a run as the sweep's progress views show it, and `LocalSweepResult` how a whole offline
+sweep ended.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config import Config, changed_settings
 from .errors import UserError
-from .files import atomic_write_json
-
-RECORD_FILE = "record.json"
+from .files import FolderBusy, atomic_write_json, folder_lock
+from .names import check_run_id
 
 # --- metric names: per epoch (history), as W&B logs them at step = epoch ------------------------------------------
 EPOCH = "epoch"  # 1-based
@@ -57,9 +63,6 @@ TEST_IMAGES = "test_images"
 CLASS_COUNT = "class_count"
 DATA_NAMES = (DATA_SOURCE, TRAIN_IMAGES, VAL_IMAGES, TEST_IMAGES, CLASS_COUNT)  # W&B keeps them in run_info
 RUN_INFO_KEY = "run_info"  # derived facts (parameter count, device, data, versions) in a W&B run's config
-
-# --- a run's progress inside an epoch: `progress.json` in its run folder, rewritten a few times a second ----------
-PROGRESS_FILE = "progress.json"
 
 
 def describe_epoch(history: list[dict[str, float]], epochs: int) -> str:
@@ -114,7 +117,7 @@ def read_record(run_dir: Path) -> RunRecord | None:
 
 
 @dataclass
-class LiveProgress:
+class EpochProgress:
     """Where a run is inside its current epoch (`progress.json`); written by the runner, read by the sweep's view."""
 
     epoch: int  # 1-based, the epoch in progress
@@ -130,12 +133,100 @@ class LiveProgress:
         atomic_write_json(run_dir / PROGRESS_FILE, asdict(self), durable=False)
 
 
-def read_progress(run_dir: Path) -> LiveProgress | None:
+def read_progress(run_dir: Path) -> EpochProgress | None:
     """The progress in `run_dir`, or None before the first step (or when being replaced: it is read again soon)."""
     try:
-        return LiveProgress(**json.loads((run_dir / PROGRESS_FILE).read_text()))
+        return EpochProgress(**json.loads((run_dir / PROGRESS_FILE).read_text()))
     except (OSError, ValueError, TypeError):
         return None
+
+
+# --- a run's folder, `output_dir/<run id>`: its files -------------------------------------------------------------
+RECORD_FILE = "record.json"  # RunRecord: written as the run trains, kept when it ends
+PROGRESS_FILE = "progress.json"  # EpochProgress: rewritten a few times a second inside an epoch, removed at the end
+BEST_CHECKPOINT = "best.pt"  # the best validation epoch's weights (checkpoint.save_best)
+RESUME_CHECKPOINT = "last.pt"  # the state after the last completed epoch (checkpoint.save_resume); removed at the end
+RUN_LOG = "run.log"  # the run's stdout and stderr, where a tool that starts its process keeps them (the sweep)
+
+
+class AlreadyFinished(UserError):
+    """The run finished earlier with these settings: nothing to train. `train` says so and exits 0; for any other
+    caller it is a refusal like any UserError."""
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """A run's folder, `output_dir/<run id>`, where it keeps its checkpoints, record and progress: its files by name,
+    its lock, and the one check that the run has not finished already. Built once where the run's output_dir and id
+    are known (train's `main`, a caller of `runner.run_training`, the sweep, the trainer) and passed down.
+
+    One process at a time trains a run: `claim` holds the folder's lock for as long as the run trains (a second
+    process with the same run id is refused in one line), and refuses a run that finished already, under that lock,
+    since another process may have finished it meanwhile. The runner claims the folder once the run's data and
+    model are ready, in whichever process trains it (the run's own, or its trainer's): a mistake in the data leaves
+    no folder behind. `check_not_finished` is the same check, claimed and released at once, for an entry point that
+    must refuse a finished run before it starts anything: `train` calls it before W&B starts, so that a finished run
+    gets no W&B run. (A run finished by another process between the two is still refused by the runner's claim.)
+    """
+
+    path: Path
+    run_id: str
+
+    @classmethod
+    def of(cls, output_dir: str | os.PathLike[str], run_id: str) -> RunFolder:
+        """`output_dir/<run id>`; a run id that would name another folder (`..`) or that W&B refuses is a
+        UserError."""
+        return cls(Path(output_dir) / check_run_id(run_id), run_id)
+
+    @property
+    def record(self) -> Path:
+        return self.path / RECORD_FILE
+
+    @property
+    def progress(self) -> Path:
+        return self.path / PROGRESS_FILE
+
+    @property
+    def best(self) -> Path:
+        return self.path / BEST_CHECKPOINT
+
+    @property
+    def last(self) -> Path:
+        return self.path / RESUME_CHECKPOINT
+
+    @property
+    def log(self) -> Path:
+        return self.path / RUN_LOG
+
+    @contextlib.contextmanager
+    def claim(self, config: Config) -> Iterator[None]:
+        """Hold the folder's lock for the block, to train the run with `config`: another process holding it is a
+        UserError, and so is a run that finished already (AlreadyFinished with the same settings; a folder that moved
+        counts as the same run). A finished run is never trained again under its id, which would overwrite its
+        best.pt and record."""
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(folder_lock(self.path))
+            except FolderBusy:
+                raise UserError(f"run {self.run_id}: another process is training it in {self.path}; wait for it to "
+                                "end, or give this run another id") from None
+            record = read_record(self.path)
+            if record is not None and record.status == "finished":
+                changed = changed_settings(record.config, config)
+                if changed:
+                    raise UserError(f"run {self.run_id}: finished already in {self.path}, with other settings "
+                                    f"({'; '.join(changed)}); give this run another id (WANDB_RUN_ID), or another "
+                                    "output_dir")
+                raise AlreadyFinished(f"run {self.run_id}: finished already in {self.path}; nothing to train (remove "
+                                      "that folder to train it again)")
+            yield
+
+    def check_not_finished(self, config: Config) -> None:
+        """`claim`'s refusals, at once, where the folder exists (a folder not there yet holds no finished run, and
+        none is made; a file in its place is the runner's to refuse, naming output_dir)."""
+        if self.path.is_dir():
+            with self.claim(config):
+                pass
 
 
 # --- the report's view of a run -----------------------------------------------------------------------------------

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .credentials import NO_CREDENTIALS, has_credentials
-from .errors import UserError, extra_needed
-from .process import reject_unknown_arguments
+from .errors import UserError, extra_needed, reject_unknown_arguments
 from .records import TRAIN_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS, RunResult, results_from_folder
 from .table import data_line, markdown_table, setting_text, varied_settings
 

@@ -1,18 +1,16 @@
 """The contract between a run and whatever starts it (the sweep, W&B's agent, `cifar-resnet agent`, a trainer, the
-benchmark, a scheduler): how its exit status reads, how its log marks its one-line error, where its files go, and
-the variable that hands its training to a trainer. Each is defined here once, and both sides import it.
+benchmark, a scheduler): how its exit status reads, how its log marks its one-line error, and the variable that
+hands its training to a trainer. Each is defined here once, and both sides import it. Where its files go is the
+other part of that contract: `records.RunFolder`, beside the record it checks.
 
-Its own module, not `process.py`: the run's side (the runner, `train`, the trainer) needs these facts but none of
-process.py's signal and child-process plumbing, and a leaf that imports almost nothing can be imported by anything.
+Its own module, not beside the process plumbing (`signals.py`, `children.py`): the run's side (the runner, `train`,
+the trainer) needs these facts but none of that plumbing, and a leaf that imports almost nothing can be imported by
+anything.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
-
-from .names import check_run_id
 
 # --- exit status: what `train` and every tool's command exit with --------------------------------------------------
 EXIT_OK = 0  # finished (or finished earlier with the same settings: a finished run is never trained again)
@@ -27,9 +25,3 @@ ERROR_LINE_PREFIX = f"{logging.getLevelName(logging.ERROR)}{LEVEL_SEPARATOR}"
 
 # The socket of the trainer (`cifar-resnet trainer`) that a run hands its training to, set by its supervisor.
 TRAINER_VARIABLE = "CIFAR_RESNET_TRAINER"
-
-
-def run_folder(output_dir: str | os.PathLike[str], run_id: str) -> Path:
-    """`output_dir/<run id>`, where a run keeps its checkpoints, record and progress; a run id that would name
-    another folder (`..`) or that W&B refuses is a UserError."""
-    return Path(output_dir) / check_run_id(run_id)

@@ -11,6 +11,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,6 @@ import torch
 from torch import nn
 
 from .checkpoint import (
-    BEST_CHECKPOINT,
-    RESUME_CHECKPOINT,
     CheckpointWriter,
     check_resume,
     host_copy,
@@ -43,13 +42,12 @@ from .engine.loop import (
     TrainingSteps,
     TrainState,
     drive,
-    training,
+    fit_steps,
 )
 from .engine.streams import CudaStreams
 from .errors import ConfigError, StorageError, UserError
-from .files import FolderBusy, check_folder_path, folder_lock
+from .files import check_folder_path
 from .model import count_parameters
-from .run_contract import run_folder
 from .records import (
     BEST_EPOCH,
     BEST_VAL_ACC,
@@ -57,8 +55,6 @@ from .records import (
     DATA_SOURCE,
     DEVICE,
     PARAM_COUNT,
-    PROGRESS_FILE,
-    RECORD_FILE,
     RUN_SECONDS,
     TEST_ACC,
     TEST_ACC_PER_CLASS,
@@ -67,9 +63,9 @@ from .records import (
     TEST_LOSS,
     TRAIN_IMAGES,
     VAL_IMAGES,
-    LiveProgress,
+    EpochProgress,
+    RunFolder,
     RunRecord,
-    read_record,
 )
 
 log = logging.getLogger(__name__)
@@ -77,12 +73,12 @@ log = logging.getLogger(__name__)
 PROGRESS_WRITE_SECONDS = 0.5  # how often a run rewrites its progress file inside an epoch, at most
 
 
-class ProgressWriter:
+class ProgressFile:
     """Writes the run's `progress.json` from the engine's host-side hooks: steps are counted on the host and timed
     with the monotonic clock (no device sync), and the file is rewritten at most every PROGRESS_WRITE_SECONDS."""
 
-    def __init__(self, run_dir: Path, config: Config, elapsed: Callable[[], float], hooks: RunHooks) -> None:
-        self.run_dir, self.config, self.elapsed, self.hooks = run_dir, config, elapsed, hooks
+    def __init__(self, folder: RunFolder, config: Config, elapsed: Callable[[], float]) -> None:
+        self.folder, self.config, self.elapsed = folder, config, elapsed
         self.epoch = self.step = self.steps = 0
         self.epoch_started = self.last_write = time.monotonic()
 
@@ -90,67 +86,47 @@ class ProgressWriter:
         self.epoch, self.step, self.steps = epoch, 0, steps
         self.epoch_started = time.monotonic()
         self.write(self.epoch_started)
-        if self.hooks.on_epoch_start is not None:
-            self.hooks.on_epoch_start(epoch, steps)
 
     def on_batch(self) -> None:
         self.step += 1
         now = time.monotonic()
         if now - self.last_write >= PROGRESS_WRITE_SECONDS or self.step == self.steps:
             self.write(now)
-        if self.hooks.on_batch is not None:
-            self.hooks.on_batch()
 
     def write(self, now: float) -> None:
         self.last_write = now
         seconds_in_epoch = now - self.epoch_started
         rate = self.step * self.config.batch_size / seconds_in_epoch if self.step and seconds_in_epoch > 0 else None
-        LiveProgress(self.epoch, self.config.epochs, self.step, self.steps, rate, self.elapsed(),
-                     time.time()).save(self.run_dir)
+        EpochProgress(self.epoch, self.config.epochs, self.step, self.steps, rate, self.elapsed(),
+                      time.time()).save(self.folder.path)
 
 
 @dataclass
-class RunOutcome:
-    run_dir: Path
+class TrainedRun:
+    folder: RunFolder
     record: RunRecord
     fit: FitResult
     data: DataSplits  # what it trained and was tested on, still in memory
 
 
 @dataclass
-class RunHooks:
+class RunHooks(TrainHooks):
     """What a run tells the outside world (the W&B layer, a progress bar, a trainer's client) and how it is asked to
-    stop; every field is optional. Called on the host between steps: none may read a device tensor."""
+    stop; every field is optional. The engine's hooks (`TrainHooks`: each epoch's start, each step, each epoch's
+    result and state, and `should_stop`) are passed on to it, called after the run's own (its progress file, its
+    checkpoints); the fields below are what only a run has. Called on the host between steps: none may read a device
+    tensor.
+
+    A run trained in a trainer (another process) relays `on_start`, `on_epoch_recorded` and `should_stop`, which
+    carry plain data; the engine's other hooks hold live objects and stay in the process that trains.
+    """
 
     on_start: Callable[[dict[str, Any]], None] | None = None  # facts known once data and model are built
-    on_epoch_start: Callable[[int, int], None] | None = None  # (epoch, batches in it)
-    on_batch: Callable[[], None] | None = None  # after each optimizer step
-    on_epoch: Callable[[RunRecord], None] | None = None  # after the epoch's files are written: its record holds it
-    should_stop: Callable[[], bool] = lambda: False  # polled every step; True stops the run (Interrupted)
+    # After each epoch, once its files are on their way to disk (CheckpointWriter): the run's record, which holds it.
+    on_epoch_recorded: Callable[[RunRecord], None] | None = None
     # Puts a resume checkpoint saved elsewhere (another machine's, via W&B) at the given path when the run folder
     # has none; returns whether it did.
     fetch_resume: Callable[[Path], bool] | None = None
-
-
-class AlreadyFinished(UserError):
-    """The run finished earlier with these settings: nothing to train. `train` says so and exits 0; for any other
-    caller it is a refusal like any UserError."""
-
-
-def check_not_finished(config: Config, run_id: str, run_dir: Path | None = None) -> None:
-    """A finished run is never trained again under its id, which would overwrite its best.pt and record: raise
-    AlreadyFinished when its folder (default `run_folder`) holds its finished record with these settings (a folder
-    that moved counts as the same run), or a UserError when with others."""
-    run_dir = run_dir or run_folder(config.output_dir, run_id)
-    record = read_record(run_dir)
-    if record is None or record.status != "finished":
-        return
-    changed = changed_settings(record.config, config)
-    if changed:
-        raise UserError(f"run {run_id}: finished already in {run_dir}, with other settings ({'; '.join(changed)}); "
-                        "give this run another id (WANDB_RUN_ID), or another output_dir")
-    raise AlreadyFinished(f"run {run_id}: finished already in {run_dir}; nothing to train (remove that folder to "
-                          "train it again)")
 
 
 def check_inputs(config: Config) -> None:
@@ -161,58 +137,52 @@ def check_inputs(config: Config) -> None:
     check_source_present(config)
 
 
-def run_training(config: Config, run_id: str, hooks: RunHooks | None = None) -> RunOutcome:
-    """Train one run in this process: its data loaded here, then `run_steps` driven alone."""
+def run_training(config: Config, folder: RunFolder, hooks: RunHooks | None = None) -> TrainedRun:
+    """Train one run in this process, in `folder` (`RunFolder.of(config.output_dir, run_id)`): its data loaded
+    here, then `run_steps` driven alone."""
     started = time.perf_counter()
-    run_dir = run_folder(config.output_dir, run_id)  # the run id and output_dir are checked before anything is loaded
-    check_folder_path(run_dir, "output_dir")
-    check_not_finished(config, run_id, run_dir)
+    check_folder_path(folder.path, "output_dir")  # a file in the way, found before anything is loaded
     log.info("config: %s", config.to_dict())
     device = select_device(config.device)
     log.info("trains alone, in its own process, on %s", device)
     device_ready = start_device(device)  # CUDA starts on a thread while the data loads
-    source = load_source(config)
-    # torch.optim imports torch._dynamo when it builds its first optimizer (add_param_group is wrapped by
-    # torch._disable_dynamo): a second or more of every run's start. Imported here, it overlaps CUDA's start.
-    import torch._dynamo  # noqa: F401
-    device_ready()
-    data = split(source.to(device), config)  # on the device once: the splits are views of it
-    return drive(run_steps(config, run_id, data, device, hooks, run_dir, started))
+    # The data loads on a thread too: its stat of every image (an image folder's cache checked) and its decoding
+    # release the GIL, and overlap the import below where a core is free.
+    with ThreadPoolExecutor(1, thread_name_prefix="data-load") as loading:
+        source = loading.submit(load_source, config)
+        # torch.optim imports torch._dynamo when it builds its first optimizer (add_param_group is wrapped by
+        # torch._disable_dynamo): a second or more of every run's start. Imported here, it overlaps CUDA's start.
+        import torch._dynamo  # noqa: F401
+        device_ready()
+        data = split(source.result().to(device), config)  # on the device once: the splits are views of it
+    return drive(run_steps(config, folder, data, device, hooks, started))
 
 
-def run_steps(config: Config, run_id: str, data: DataSplits, device: torch.device, hooks: RunHooks | None = None,
-              run_dir: Path | None = None, started: float | None = None, join: Join | None = None,
-              streams: CudaStreams | None = None) -> TrainingSteps[RunOutcome]:
+def run_steps(config: Config, folder: RunFolder, data: DataSplits, device: torch.device, hooks: RunHooks | None = None,
+              started: float | None = None, join: Join | None = None,
+              streams: CudaStreams | None = None) -> TrainingSteps[TrainedRun]:
     """One run with its files: write `best.pt`, `last.pt` (removed when the run finishes) and `record.json` in
-    `run_dir` (default `output_dir/<run id>`), training on `data` (views on `device`, perhaps shared with other
-    runs). A generator of steps, as `engine.training` is: `run_training` drives it alone, a trainer in a pack.
+    `folder`, training on `data` (views on `device`, perhaps shared with other runs). A generator of steps, as
+    `engine.fit_steps` is: `run_training` drives it alone, a trainer in a pack.
 
     A `last.pt` already in the run folder (a preempted earlier attempt with the same run id), or else the one
-    `hooks.fetch_resume` provides, is resumed: training continues after its last completed epoch. The run holds
-    its folder's lock once its data and model are ready (a mistake in the data leaves no folder behind): a second
-    process with the same run id is refused in one line. A run that finished is not trained again (AlreadyFinished,
-    or a UserError with other settings).
+    `hooks.fetch_resume` provides, is resumed: training continues after its last completed epoch. The run claims its
+    folder (`RunFolder.claim`: its lock, and the refusal of a run that finished already) once its data and model are
+    ready, and holds it to its end.
 
-    `join` and `streams` go to `engine.loop.training`: a trainer's run joins a fused group with them, and takes its
+    `join` and `streams` go to `engine.loop.fit_steps`: a trainer's run joins a fused group with them, and takes its
     CUDA streams from the trainer's one owner of streams.
     """
     hooks = hooks or RunHooks()
     started = time.perf_counter() if started is None else started
     model = build_model(config, len(data.classes), device)
-    run_dir = run_dir or run_folder(config.output_dir, run_id)
-    try:
-        with folder_lock(run_dir):
-            check_not_finished(config, run_id, run_dir)  # under the lock: it may have finished in another process
-            return (yield from _run_locked(config, run_id, run_dir, hooks, started, device, data, model, join,
-                                           streams))
-    except FolderBusy:
-        raise UserError(f"run {run_id}: another process is training it in {run_dir}; wait for it to end, or "
-                        "give this run another id") from None
+    with folder.claim(config):
+        return (yield from _run_claimed(config, folder, hooks, started, device, data, model, join, streams))
 
 
-def _run_locked(config: Config, run_id: str, run_dir: Path, hooks: RunHooks, started: float, device: torch.device,
-                data: DataSplits, model: nn.Module, join: Join | None,
-                streams: CudaStreams | None) -> TrainingSteps[RunOutcome]:
+def _run_claimed(config: Config, folder: RunFolder, hooks: RunHooks, started: float, device: torch.device,
+                 data: DataSplits, model: nn.Module, join: Join | None,
+                 streams: CudaStreams | None) -> TrainingSteps[TrainedRun]:
     data_facts = {DATA_SOURCE: config.dataset, TRAIN_IMAGES: len(data.train), VAL_IMAGES: len(data.val),
                   TEST_IMAGES: len(data.test), CLASS_COUNT: len(data.classes)}
     if hooks.on_start is not None:
@@ -220,28 +190,27 @@ def _run_locked(config: Config, run_id: str, run_dir: Path, hooks: RunHooks, sta
             PARAM_COUNT: count_parameters(model), DEVICE: str(device), "classes": data.classes, **data_facts,
         })
     # This process holds the folder's lock, so a temporary file here is a write cut short by a kill.
-    for stray in run_dir.glob(".*.tmp"):
+    for stray in folder.path.glob(".*.tmp"):
         stray.unlink(missing_ok=True)
-    resume_path = run_dir / RESUME_CHECKPOINT
-    if not resume_path.exists() and hooks.fetch_resume is not None and hooks.fetch_resume(resume_path):
-        log.info("fetched the resume checkpoint of run %s into %s", run_id, resume_path)
+    if not folder.last.exists() and hooks.fetch_resume is not None and hooks.fetch_resume(folder.last):
+        log.info("fetched the resume checkpoint of run %s into %s", folder.run_id, folder.last)
     resume = None
-    if resume_path.exists():
+    if folder.last.exists():
         # On the CPU: `fit` puts each part where it belongs (TrainState.load_state_dict), and best.pt wants it there.
-        saved = load_checkpoint(resume_path)
-        check_resume(resume_path, saved)
+        saved = load_checkpoint(folder.last)
+        check_resume(folder.last, saved)
         changed = changed_settings(saved["config"], config)
         if changed:
-            raise UserError(f"checkpoint: {resume_path} was written with other settings ({'; '.join(changed)}); "
+            raise UserError(f"checkpoint: {folder.last} was written with other settings ({'; '.join(changed)}); "
                             "remove it to start over")
         resume = saved["state"]
         # best.pt is written just before last.pt (and is absent on another machine): rewrite it from the state
         # being resumed, so that it stays the best of the epochs this run keeps.
         best_epoch = resume["best_epoch"]
-        save_best(run_dir / BEST_CHECKPOINT, resume["best_model_state"], config, best_epoch,
-                  resume["history"][best_epoch - 1], data.classes)
-    resumable_record = resume is not None and (run_dir / RECORD_FILE).exists()
-    record = RunRecord.load(run_dir) if resumable_record else RunRecord(run_id, config.to_dict())
+        save_best(folder.best, resume["best_model_state"], config, best_epoch, resume["history"][best_epoch - 1],
+                  data.classes)
+    resumable_record = resume is not None and folder.record.exists()
+    record = RunRecord.load(folder.path) if resumable_record else RunRecord(folder.run_id, config.to_dict())
     record.data = data_facts
     earlier_attempts_seconds = record.seconds if resumable_record else 0.0
 
@@ -250,7 +219,7 @@ def _run_locked(config: Config, run_id: str, run_dir: Path, hooks: RunHooks, sta
 
     def save_record() -> None:
         record.seconds = elapsed()
-        record.save(run_dir)
+        record.save(folder.path)
 
     if resume is not None:
         record.history = list(resume["history"])  # the record may lag the checkpoint by the epoch of a kill
@@ -270,23 +239,22 @@ def _run_locked(config: Config, run_id: str, run_dir: Path, hooks: RunHooks, sta
         record.history = list(state.history)  # first: a checkpoint that cannot be written must not lose the epoch
         record.seconds = elapsed()
         snapshot = host_copy(state.state_dict())
-        saves = [functools.partial(save_resume, resume_path, snapshot, config),
-                 functools.partial(dataclasses.replace(record, history=list(record.history)).save, run_dir)]
+        saves = [functools.partial(save_resume, folder.last, snapshot, config),
+                 functools.partial(dataclasses.replace(record, history=list(record.history)).save, folder.path)]
         if result.is_best:
-            saves.insert(0, functools.partial(save_best, run_dir / BEST_CHECKPOINT, snapshot["best_model_state"],
-                                              config, result.epoch, result.metrics(), data.classes))
+            saves.insert(0, functools.partial(save_best, folder.best, snapshot["best_model_state"], config,
+                                              result.epoch, result.metrics(), data.classes))
         writer.submit(*saves)  # first waits for the previous epoch's files, raising their error
         snapshots[:] = [snapshot]  # the previous one's files are written: it is freed here, now
-        if hooks.on_epoch is not None:
-            hooks.on_epoch(record)
+        if hooks.on_epoch_recorded is not None:
+            hooks.on_epoch_recorded(record)
 
-    progress = ProgressWriter(run_dir, config, elapsed, hooks)
-    engine_hooks = TrainHooks(on_epoch_start=progress.on_epoch_start, on_batch=progress.on_batch, on_epoch=on_epoch,
-                              should_stop=hooks.should_stop)
+    progress = ProgressFile(folder, config, elapsed)
+    own = TrainHooks(on_epoch_start=progress.on_epoch_start, on_batch=progress.on_batch, on_epoch=on_epoch)
     try:
         with writer:  # waits for the last checkpoints; their write error (a full disk) fails the run
-            result = yield from training(config, model, data, device, engine_hooks, resume=resume, join=join,
-                                         streams=streams)
+            result = yield from fit_steps(config, model, data, device, own.followed_by(hooks), resume=resume,
+                                          join=join, streams=streams)
     except BaseException as error:
         # Interrupted: asked to stop; GeneratorExit: its pack was closed. Either way last.pt holds the last epoch.
         record.status = "preempted" if isinstance(error, (Interrupted, GeneratorExit)) else "failed"
@@ -307,9 +275,9 @@ def _run_locked(config: Config, run_id: str, run_dir: Path, hooks: RunHooks, sta
         RUN_SECONDS: elapsed(),
     }
     save_record()
-    resume_path.unlink(missing_ok=True)  # finished: nothing left to resume
-    (run_dir / PROGRESS_FILE).unlink(missing_ok=True)  # nor to follow: the record has it all
-    return RunOutcome(run_dir, record, result, data)
+    folder.last.unlink(missing_ok=True)  # finished: nothing left to resume
+    folder.progress.unlink(missing_ok=True)  # nor to follow: the record has it all
+    return TrainedRun(folder, record, result, data)
 
 
 def evaluate_checkpoint(path: Path, overrides: dict[str, Any]) -> tuple[Config, EvalResult]:

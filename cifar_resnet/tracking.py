@@ -21,16 +21,15 @@ import torch
 import wandb
 
 from . import __version__
-from .checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
 from .config import Config
 from .credentials import DEFAULT_PROJECT, choose_mode
-from .process import stop_on_signals
 from .records import (
     BEST_EPOCH,
     EPOCH,
     EPOCH_SECONDS,
     LR,
     PARAM_COUNT,
+    RESUME_CHECKPOINT,
     RUN_INFO_KEY,
     SELECTION_METRIC,
     TEST_ACC,
@@ -39,6 +38,7 @@ from .records import (
     TEST_LOSS,
     RunRecord,
 )
+from .signals import stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +155,9 @@ class Tracker:
         """`RunHooks.fetch_resume`: the resume checkpoint a preempted attempt of this run uploaded, if any."""
         return download_resume_checkpoint(self.run, destination)
 
-    def finish_run(self, record: RunRecord, run_dir: Path) -> None:
-        """Summary, confusion matrix and the best-checkpoint artifact, all from the finished run's record, then end
-        the run as finished."""
+    def finish_run(self, record: RunRecord, best_checkpoint: Path) -> None:
+        """Summary, confusion matrix and the best-checkpoint artifact (`best_checkpoint`, the run's best.pt), all
+        from the finished run's record, then end the run as finished."""
         summary = record.summary
         for key in (BEST_EPOCH, TEST_LOSS, TEST_ACC, PARAM_COUNT):
             self.run.summary[key] = summary[key]
@@ -170,7 +170,7 @@ class Tracker:
         y_true, preds = (pairs // len(classes)).tolist(), (pairs % len(classes)).tolist()
         self.run.log({"test/confusion_matrix": wandb.plot.confusion_matrix(
             y_true=y_true, preds=preds, class_names=classes, title="Test confusion matrix (best epoch)")})
-        self.log_checkpoint(run_dir / BEST_CHECKPOINT, record)
+        self.log_checkpoint(best_checkpoint, record)
         self.run.finish(exit_code=0)
 
     def log_checkpoint(self, path: Path, record: RunRecord) -> None:

@@ -19,23 +19,18 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .checkpoint import RESUME_CHECKPOINT
 from .config import Config, argument_parser
 from .engine.loop import Interrupted
 from .errors import RunFailed, StorageError, TrainingDiverged, UserError
 from .files import check_folder_path
+from .logs import logs_to_current_stderr, setup_logging
 from .names import requested_run_id
 from .packing.client import train_in_trainer
-from .process import (
-    exit_ignoring_stop_signals,
-    logs_to_current_stderr,
-    set_cpu_threads,
-    setup_logging,
-    stop_on_signals,
-)
-from .records import RunRecord
-from .run_contract import EXIT_CRASH, EXIT_OK, EXIT_USAGE, SIGNAL_EXIT_BASE, TRAINER_VARIABLE, run_folder
-from .runner import AlreadyFinished, RunHooks, check_inputs, check_not_finished, run_training
+from .records import AlreadyFinished, RunFolder, RunRecord
+from .run_contract import EXIT_CRASH, EXIT_OK, EXIT_USAGE, SIGNAL_EXIT_BASE, TRAINER_VARIABLE
+from .runner import RunHooks, check_inputs, run_training
+from .signals import exit_ignoring_stop_signals, stop_on_signals
+from .threads import set_cpu_threads
 
 log = logging.getLogger("cifar_resnet")
 
@@ -66,16 +61,16 @@ def progress_hooks(hooks: RunHooks) -> Iterator[RunHooks]:
         yield dataclasses.replace(hooks, on_epoch_start=on_epoch_start, on_batch=lambda: bar.advance(task))
 
 
-def train(config: Config, run_id: str, hooks: RunHooks, received: Sequence[int]) -> RunRecord:
+def train(config: Config, folder: RunFolder, hooks: RunHooks, received: Sequence[int]) -> RunRecord:
     """The run's training: in the trainer that TRAINER_VARIABLE names, when there is one and it takes the run;
     else in this process, with a progress bar on a terminal."""
     trainer_socket = os.environ.get(TRAINER_VARIABLE)
     if trainer_socket:
-        record = train_in_trainer(Path(trainer_socket), config, run_id, hooks, received)
+        record = train_in_trainer(Path(trainer_socket), config, folder, hooks, received)
         if record is not None:
             return record
     with progress_hooks(hooks) as shown:
-        return run_training(config, run_id, shown).record
+        return run_training(config, folder, shown).record
 
 
 def main(argv: Sequence[str] | None = None, prog: str = MODULE_COMMAND) -> int:
@@ -90,7 +85,7 @@ def main(argv: Sequence[str] | None = None, prog: str = MODULE_COMMAND) -> int:
         check_folder_path(Path(config.output_dir), "output_dir")
         run_id = requested_run_id()  # checked before W&B sees it
         if run_id is not None:  # a finished run is not trained again, nor its W&B run touched
-            check_not_finished(config, run_id)
+            RunFolder.of(config.output_dir, run_id).check_not_finished(config)
         check_inputs(config)  # a missing device or data source: one line, and no W&B run left behind
     except AlreadyFinished as done:
         log.info("%s", done)
@@ -108,10 +103,12 @@ def main(argv: Sequence[str] | None = None, prog: str = MODULE_COMMAND) -> int:
         try:
             config = Config.from_mapping(tracker.settings())  # under a sweep, W&B's values are the truth
             tracker.record_config(config)
-            hooks = RunHooks(on_start=lambda facts: tracker.record_run_info(**facts), on_epoch=tracker.on_epoch,
-                             should_stop=lambda: bool(received), fetch_resume=tracker.fetch_resume_checkpoint)
-            record = train(config, tracker.run_id, hooks, received)
-            tracker.finish_run(record, run_folder(config.output_dir, tracker.run_id))
+            folder = RunFolder.of(config.output_dir, tracker.run_id)  # the run's files, from here on
+            hooks = RunHooks(on_start=lambda facts: tracker.record_run_info(**facts),
+                             on_epoch_recorded=tracker.on_epoch, should_stop=lambda: bool(received),
+                             fetch_resume=tracker.fetch_resume_checkpoint)
+            record = train(config, folder, hooks, received)
+            tracker.finish_run(record, folder.best)
             return EXIT_OK
         except AlreadyFinished as done:  # in another process, since the check above
             log.info("%s", done)
@@ -129,8 +126,7 @@ def main(argv: Sequence[str] | None = None, prog: str = MODULE_COMMAND) -> int:
             signum = received[0] if received else signal.SIGTERM
             log.warning("stopped (%s); the run resumes from its last completed epoch",
                         f"signal {signum}" if received else stop)
-            tracker.preempt(exit_code=SIGNAL_EXIT_BASE + signum,
-                            resume_checkpoint=run_folder(config.output_dir, tracker.run_id) / RESUME_CHECKPOINT)
+            tracker.preempt(exit_code=SIGNAL_EXIT_BASE + signum, resume_checkpoint=folder.last)
             return SIGNAL_EXIT_BASE + signum
         except Exception as error:
             log.exception("run crashed")

@@ -48,14 +48,7 @@ def positive(value) -> bool:
     return isinstance(value, float | int) and math.isfinite(value) and value > 0
 
 
-@pytest.fixture
-def single_threaded(one_thread, monkeypatch):
-    """The benchmark in this process and the runs it starts, each on one thread (`set_cpu_threads` keeps an
-    OMP_NUM_THREADS that is set)."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-
-
-def test_cpu_mode_writes_every_figure(tmp_path, capsys, caplog, monkeypatch, single_threaded):
+def test_cpu_mode_writes_every_figure(tmp_path, capsys, caplog, monkeypatch):
     # A variant that fails is reported as failed, and the others are still measured.
     monkeypatch.setitem(bench.VARIANTS, "broken", bench.Variant(compile_mode="no such mode"))
     # A peak measured too low (as by a small --peak_size) is said in one warning line.
@@ -125,7 +118,7 @@ def test_a_peak_below_the_rates_reached_is_flagged_and_one_above_is_not():
                                                   "256^3 bfloat16 matmul)")
 
 
-def test_image_folder_adds_torchvisions_imagefolder_baseline(cifar_jpeg_dir, tmp_path, single_threaded):
+def test_image_folder_adds_torchvisions_imagefolder_baseline(cifar_jpeg_dir, tmp_path):
     out = tmp_path / "bench.json"
     argv = [*TINY, "--dataset=imagefolder", f"--data_dir={cifar_jpeg_dir}", "--val_size=500", "--train_size=0",
             "--test_size=0", "--variants=", "--steps=1", f"--out={out}"]  # the baselines only
@@ -137,7 +130,7 @@ def test_image_folder_adds_torchvisions_imagefolder_baseline(cifar_jpeg_dir, tmp
 
 
 def test_grid_runs_the_cells_through_an_offline_sweep_beside_the_writeups_table(tiny_config, tmp_path, capsys,
-                                                                              monkeypatch, single_threaded):
+                                                                              monkeypatch):
     monkeypatch.setattr(grid, "WRITEUP_TABLE", writeup.WRITEUP_TABLE[:2])  # two of the six: each is a process
     out = tmp_path / "grid.json"
     settings = [f"--{k}={v}" for k, v in tiny_config.replace(epochs=1, train_size=256, val_size=64, test_size=64,
@@ -190,7 +183,7 @@ def test_the_grids_comparison_names_the_data_of_each_column(dataset, warned):
 
 @pytest.mark.slow
 def test_pack_measures_each_way_of_sharing_with_its_runs_under_the_runs_folder(tiny_config, tmp_path,
-                                                                                monkeypatch, single_threaded):
+                                                                                monkeypatch):
     """The pack step of the GPU check, tiny: runs taking turns in one process, fused in one group, and runs as
     processes, K = 1 then 2 (the processes of K = 2 reuse K = 1's run names: each K keeps its runs apart, and none
     lands in the working directory)."""

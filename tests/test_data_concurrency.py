@@ -175,7 +175,7 @@ def test_a_run_with_dataset_cifar10_downloads_through_torchvision_and_trains(tmp
             "--val_size=20", "--eval_batch_size=64", "--device=cpu", f"--output_dir={output_dir}"]
     done = subprocess.run([sys.executable, "-c", TRAIN_ON_STAND_IN, json.dumps({"cifar10": stand_in}), *args],
                           capture_output=True, text=True, timeout=WAIT_SECONDS,
-                          env={**os.environ, "WANDB_RUN_ID": "cifar001", "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "WANDB_RUN_ID": "cifar001"})
     assert done.returncode == 0, done.stderr[-3000:]
 
     record = RunRecord.load(output_dir / "cifar001")

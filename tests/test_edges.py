@@ -24,12 +24,13 @@ from conftest import REPO, tiny_args
 from helpers.images import image_folder
 from helpers.sweeps import sweep_state, tiny_settings, write_sweep
 
-from cifar_resnet import process
+from cifar_resnet import threads
 from cifar_resnet.cli import main
-from cifar_resnet.process import Launch, cpu_threads_per_run, run_staggered_statuses, usable_cpu_cores
+from cifar_resnet.staggered import Launch, run_staggered_statuses
 from cifar_resnet.sweep.plan import default_output_dir, load_sweep
 from cifar_resnet.sweep.state import LocalRun
 from cifar_resnet.sweep.view import LiveView, RunProgress, RunTiming, sweep_seconds_left
+from cifar_resnet.threads import cpu_threads_per_run, usable_cpu_cores
 
 # --- a sweep's folder is named by the sweep ----------------------------------------------------------------------
 
@@ -110,12 +111,6 @@ def test_the_docs_name_no_path_outside_a_clone_of_the_repository():
     """A user's clone has no folder beside it: the tests' inputs are named by their variables."""
     assert [page.name for page in DOCS if re.search(r"\.\./shared|/work/", page.read_text())] == []
 
-
-@pytest.mark.quick
-def test_the_readme_gives_the_install_and_test_line_ci_runs():
-    """`.ci/run` runs the README's install line exactly as a user copies it."""
-    (line,) = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if "pip install -e '.[test]'" in line]
-    assert f"```bash\n{line}\n```" in (REPO / "README.md").read_text()
 
 @pytest.mark.slow
 def test_a_mistake_every_run_would_repeat_is_fixed_as_its_line_says(tmp_path, tiny_config, capsys):
@@ -372,7 +367,7 @@ def test_a_lone_train_takes_its_share_of_the_cores_unless_omp_num_threads_says(t
     assert train_main(tiny_args(tiny_config.replace(epochs=1))) == 0
     assert chosen == [cpu_threads_per_run(1)] == [usable_cpu_cores()]
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # set by a sweep for its runs, or by the user: torch read it itself
-    assert process.set_cpu_threads() == torch.get_num_threads() and chosen == [usable_cpu_cores()]
+    assert threads.set_cpu_threads() == torch.get_num_threads() and chosen == [usable_cpu_cores()]
 
 
 @pytest.mark.quick

@@ -19,18 +19,18 @@ import yaml
 
 import pytest
 import torch
-from conftest import REPO, tiny_args
-from helpers.runs import cli, error_lines, one_error_line
+from conftest import REPO, stopped, tiny_args
+from helpers.runs import cli, cli_in_process, error_lines, one_error_line
 
 from cifar_resnet import files
-from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT, CheckpointWriter, host_copy
+from cifar_resnet.checkpoint import CheckpointWriter, host_copy
 from cifar_resnet.cli import main
 from cifar_resnet.config import Config
 from cifar_resnet.engine.device import select_device
 from cifar_resnet.engine.loop import Interrupted
 from cifar_resnet.errors import ConfigError, StorageError
-from cifar_resnet.records import RECORD_FILE, RunRecord
-from cifar_resnet.runner import RunHooks, run_training
+from cifar_resnet.records import BEST_CHECKPOINT, RECORD_FILE, RESUME_CHECKPOINT, RunFolder, RunRecord
+from cifar_resnet.runner import run_training
 from cifar_resnet.sweep.state import LocalRun, SweepFolder
 from cifar_resnet.train import main as train_main
 
@@ -67,20 +67,9 @@ def test_a_gpu_index_beyond_the_visible_gpus_is_one_line(monkeypatch):
 # --- 5. evaluate a last.pt, or a foreign file ---------------------------------------------------------------------
 
 
-@pytest.fixture
-def stopped_run(tiny_config) -> Path:
-    """A run stopped after epoch 1 of 2, as a preempted one is: its folder keeps best.pt and last.pt."""
-    with pytest.raises(Interrupted):
-        run_training(tiny_config.replace(train_size=256, val_size=64, test_size=64), "stopped1",
-                     stop_after_first_epoch())
-    run_dir = Path(tiny_config.output_dir) / "stopped1"
-    assert (run_dir / RESUME_CHECKPOINT).exists() and (run_dir / BEST_CHECKPOINT).exists()
-    return run_dir
-
-
-def test_evaluate_accepts_a_last_pt_and_tests_its_best_weights_so_far(stopped_run):
-    from_best = cli("evaluate", str(stopped_run / BEST_CHECKPOINT), "--device=cpu")
-    from_last = cli("evaluate", str(stopped_run / RESUME_CHECKPOINT), "--device=cpu")
+def test_evaluate_accepts_a_last_pt_and_tests_its_best_weights_so_far(stopped_run, capsys):
+    from_best = cli_in_process(capsys, "evaluate", str(stopped_run / BEST_CHECKPOINT), "--device=cpu")
+    from_last = cli_in_process(capsys, "evaluate", str(stopped_run / RESUME_CHECKPOINT), "--device=cpu")
     assert from_best.returncode == 0 and from_last.returncode == 0, from_last.stderr[-3000:]
     assert "Traceback" not in from_last.stderr
     assert "the best weights so far (epoch 1)" in from_last.stderr
@@ -88,7 +77,8 @@ def test_evaluate_accepts_a_last_pt_and_tests_its_best_weights_so_far(stopped_ru
     assert from_last.stdout.split(":", 1)[1] == from_best.stdout.split(":", 1)[1]
     assert "test acc" in from_last.stdout
     # Weights that do not fit the model asked for (a last.pt has no class names to check first): one line.
-    line = one_error_line(cli("evaluate", str(stopped_run / RESUME_CHECKPOINT), "--device=cpu", "--width=16"), 2)
+    line = one_error_line(cli_in_process(capsys, "evaluate", str(stopped_run / RESUME_CHECKPOINT), "--device=cpu",
+                                         "--width=16"), 2)
     assert line.startswith(f"ERROR: checkpoint: {stopped_run / RESUME_CHECKPOINT}'s weights do not fit a width=16 ")
 
 
@@ -104,10 +94,10 @@ def test_evaluate_accepts_a_last_pt_and_tests_its_best_weights_so_far(stopped_ru
          "a dict of 4 entries: 'model', 'config', 'epoch', ..."),
     ],
 )
-def test_evaluate_names_a_foreign_checkpoint_in_one_line(tmp_path, content, holds):
+def test_evaluate_names_a_foreign_checkpoint_in_one_line(tmp_path, capsys, content, holds):
     path = tmp_path / "foreign.pt"
     torch.save(content, path)
-    line = one_error_line(cli("evaluate", str(path), "--device=cpu"), status=2)
+    line = one_error_line(cli_in_process(capsys, "evaluate", str(path), "--device=cpu"), status=2)
     assert line == (f"ERROR: checkpoint: {path} is not a best.pt or last.pt written by cifar-resnet train "
                     f"(it holds {holds})")
 
@@ -175,20 +165,13 @@ def small_disk(tmp_path):
         yield mount_point
 
 
-def stop_after_first_epoch() -> RunHooks:
-    """Hooks that stop a run as a signal would, after its first epoch: its best.pt and last.pt stay."""
-    done: list[int] = []
-    return RunHooks(on_epoch=lambda record: done.append(len(record.history)), should_stop=lambda: bool(done))
-
-
-def test_a_full_disk_while_saving_a_checkpoint_ends_in_one_line_and_keeps_every_epoch(small_disk, tiny_config):
-    small = tiny_config.replace(epochs=2, train_size=128, val_size=32, test_size=32)
-    config = small.replace(output_dir=str(small_disk / "runs"))
-    # This run's checkpoint sizes, measured by the same run stopped after epoch 1 elsewhere (same model, same sizes).
-    with pytest.raises(Interrupted):
-        run_training(small, "measure1", stop_after_first_epoch())
-    measured = Path(tiny_config.output_dir) / "measure1"
-    best_bytes, last_bytes = ((measured / name).stat().st_size for name in (BEST_CHECKPOINT, RESUME_CHECKPOINT))
+def test_a_full_disk_while_saving_a_checkpoint_ends_in_one_line_and_keeps_every_epoch(small_disk, tiny_config,
+                                                                                      stopped_run_folder):
+    config = tiny_config.replace(train_size=128, val_size=32, test_size=32, output_dir=str(small_disk / "runs"))
+    # This run's checkpoint sizes, measured on the session's stopped run (the same model: the same sizes, give or
+    # take the few bytes of its folder's name in the config they hold).
+    best_bytes, last_bytes = ((stopped_run_folder / name).stat().st_size
+                              for name in (BEST_CHECKPOINT, RESUME_CHECKPOINT))
     # Leave room for epoch 1's best.pt and last.pt, plus half a best.pt (the run record fits in that): epoch 2
     # can write neither checkpoint next to the old one.
     disk = os.statvfs(small_disk)
@@ -210,7 +193,7 @@ def test_a_full_disk_while_saving_a_checkpoint_ends_in_one_line_and_keeps_every_
     assert not list(run_dir.glob(".*.tmp"))  # no half-written file is left
     # With space again, the run resumes after epoch 1 and finishes.
     fill.unlink()
-    resumed = run_training(config, "full0001")
+    resumed = run_training(config, RunFolder.of(config.output_dir, "full0001"))
     assert resumed.record.status == "finished" and [h["epoch"] for h in resumed.record.history] == [1, 2]
     assert RunRecord.load(run_dir).status == "finished"
 
@@ -241,8 +224,7 @@ def test_a_truncated_run_record_is_one_line_on_resume_in_a_sweep_and_in_the_repo
     expected = (f"ERROR: {record}: not a run record this version can read ({json_error.value}); restore it from a "
                 "copy, or remove it to go on without it (its run's results go with it)")
     monkeypatch.setenv("WANDB_RUN_ID", "stopped1")
-    config = tiny_config.replace(train_size=256, val_size=64, test_size=64)
-    assert train_main(tiny_args(config)) == 2  # resuming it
+    assert train_main(tiny_args(stopped(tiny_config))) == 2  # resuming it
     assert only_error_line(capsys.readouterr().err) == expected
 
     assert main(["report", tiny_config.output_dir]) == 2
@@ -259,8 +241,8 @@ def test_a_truncated_run_record_is_one_line_on_resume_in_a_sweep_and_in_the_repo
 def test_a_resumed_run_s_record_keeps_no_error_of_the_attempt_before(stopped_run, tiny_config):
     """Issue 23: a run stopped once and resumed to its end kept `"error": "Interrupted"` in its record."""
     assert RunRecord.load(stopped_run).error == "Interrupted"
-    config = tiny_config.replace(train_size=256, val_size=64, test_size=64)
-    assert run_training(config, "stopped1").record.status == "finished"
+    assert run_training(stopped(tiny_config), RunFolder.of(tiny_config.output_dir, "stopped1")).record.status == \
+        "finished"
     record = json.loads((stopped_run / RECORD_FILE).read_text())
     assert record["status"] == "finished" and record["error"] is None
     assert [entry["epoch"] for entry in record["history"]] == [1, 2]
@@ -269,7 +251,7 @@ def test_a_resumed_run_s_record_keeps_no_error_of_the_attempt_before(stopped_run
 def test_a_foreign_file_as_last_pt_is_one_line(stopped_run, tiny_config, capsys, monkeypatch):
     torch.save({"weights": torch.zeros(3)}, stopped_run / RESUME_CHECKPOINT)  # issue 23: KeyError: 'config'
     monkeypatch.setenv("WANDB_RUN_ID", "stopped1")
-    assert train_main(tiny_args(tiny_config.replace(train_size=256, val_size=64, test_size=64))) == 2
+    assert train_main(tiny_args(stopped(tiny_config))) == 2
     assert only_error_line(capsys.readouterr().err) == (
         f"ERROR: checkpoint: {stopped_run / RESUME_CHECKPOINT} is not a last.pt written by cifar-resnet train (it "
         "holds a dict of 1 entries: 'weights'); remove it to start the run over")

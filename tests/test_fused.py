@@ -2,7 +2,7 @@
 
 On the CPU in float64 a member equals the same run alone to 1e-10 in every weight, batch-norm statistic, optimizer
 state and averaged weight, over 3 epochs of the real schedule, for Adam, AdamW and SGD at other learning rates, seeds
-and label smoothing; in float32, trained by the engine's own `training`, its per-epoch metrics match the run
+and label smoothing; in float32, trained by the engine's own `fit_steps`, its per-epoch metrics match the run
 alone's (`fit`) within rounding. Faults
 (two slots' learning rates swapped, two members' channel groups mixed) make the same check fail, and members that
 leave or join mid-run leave the others exact. The capture needs a GPU (marked gpu).
@@ -21,7 +21,7 @@ from cifar_resnet.data.loader import DeviceLoader
 from cifar_resnet.data.sources import load_splits
 from cifar_resnet.engine.device import build_model
 from cifar_resnet.engine.evaluation import evaluate
-from cifar_resnet.engine.loop import TrainState, drive, fit, training
+from cifar_resnet.engine.loop import TrainState, drive, fit, fit_steps
 from cifar_resnet.engine.step import build_step
 from cifar_resnet.packing.fused import FusedGroup
 from cifar_resnet.packing.pack import Pack, train_together
@@ -55,7 +55,7 @@ def calm(cells: dict[str, Config]) -> dict[str, Config]:
 
 def training_steps(config: Config, dtype: torch.dtype, group: FusedGroup | None = None,
                    resume: dict | None = None, evaluate_epochs: bool = False, until: int | None = None):
-    """A run's training as `engine.training` runs it (its loader and generator, schedule, EMA, Lookahead), one
+    """A run's training as `engine.fit_steps` runs it (its loader and generator, schedule, EMA, Lookahead), one
     `yield` per optimizer step: alone through the engine's own step, or as a member of `group` through
     `FusedMember.run`, driven with `yield from` as the training loop will drive it. Returns the run's state
     (`TrainState.state_dict`, copied before the member leaves) and its per-epoch metrics. `until`: the epoch after
@@ -139,7 +139,7 @@ def runs_alone():
 
 
 @pytest.mark.parametrize("stepped", ["active", "all"])
-def test_fused_members_equal_their_runs_alone_in_float64(stepped, runs_alone, one_thread, monkeypatch):
+def test_fused_members_equal_their_runs_alone_in_float64(stepped, runs_alone, monkeypatch):
     """Three members in a group of four slots. With `all`, every optimizer of every slot steps, the unused ones (and
     the free slot's) at learning rate 0: the work list of the captured step on CUDA."""
     if stepped == "all":
@@ -153,7 +153,7 @@ def test_fused_members_equal_their_runs_alone_in_float64(stepped, runs_alone, on
 
 
 @pytest.mark.parametrize("fault", ["learning rates swapped", "channel groups mixed"])
-def test_the_check_fails_under_a_fault(fault, runs_alone, one_thread, monkeypatch):
+def test_the_check_fails_under_a_fault(fault, runs_alone, monkeypatch):
     """The exactness check is not blind: with a fault injected, the members it touches end far from their runs."""
     if fault == "learning rates swapped":  # slot 0's optimizer steps with slot 1's rates, and the other way
         train_step = FusedGroup.train_step
@@ -178,7 +178,7 @@ def test_the_check_fails_under_a_fault(fault, runs_alone, one_thread, monkeypatc
     assert worst_difference(got["adamw"][0], runs_alone["adamw"][0]) <= EXACT  # slot 2, untouched
 
 
-def test_members_leaving_and_joining_mid_run_leave_the_others_exact(runs_alone, one_thread):
+def test_members_leaving_and_joining_mid_run_leave_the_others_exact(runs_alone):
     """Slot 2's member is stopped mid-epoch (its generator closed) and slot 1's finishes after one epoch; a new run
     then joins slot 1, while slot 0's run is in its second epoch. Each finished run equals its run alone."""
     short = CELLS["sgd"].replace(epochs=1)
@@ -207,7 +207,7 @@ def test_members_leaving_and_joining_mid_run_leave_the_others_exact(runs_alone, 
         assert worst_difference(ended[name].result[0], state) <= EXACT, name
 
 
-def test_a_member_resumed_in_its_slot_continues_exactly_at_its_static_addresses(runs_alone, one_thread):
+def test_a_member_resumed_in_its_slot_continues_exactly_at_its_static_addresses(runs_alone):
     """A run resumed from its state after epoch 1 (`TrainState.resume`, which replaces the optimizer's state) ends
     as the uninterrupted run, and its slot's optimizer works on the slot's own tensors again (a captured step's)."""
     config = CELLS["adam"]
@@ -221,8 +221,8 @@ def test_a_member_resumed_in_its_slot_continues_exactly_at_its_static_addresses(
     assert {key: tensor.data_ptr() for state in slot_state.values() for key, tensor in state.items()} == addresses
 
 
-def test_fused_members_trained_by_the_engine_equal_their_runs_alone_in_float32(one_thread):
-    """The engine's own `training`, joined to a group (`join`), against its own `fit` alone. In float32 a grouped
+def test_fused_members_trained_by_the_engine_equal_their_runs_alone_in_float32():
+    """The engine's own `fit_steps`, joined to a group (`join`), against its own `fit` alone. In float32 a grouped
     convolution sums in another order than a convolution alone (~2e-7 apart per layer), so the metrics agree to
     float rounding, not bit for bit (at `calm` learning rates)."""
     cells = calm(CELLS)
@@ -230,7 +230,7 @@ def test_fused_members_trained_by_the_engine_equal_their_runs_alone_in_float32(o
     trainings = {}
     for name, config in cells.items():
         data = load_splits(config, CPU)
-        trainings[name] = training(config, build_model(config, len(data.classes), CPU), data, CPU, join=group.joined)
+        trainings[name] = fit_steps(config, build_model(config, len(data.classes), CPU), data, CPU, join=group.joined)
     ended = train_together(trainings, CPU)
     assert {name: end.error for name, end in ended.items()} == dict.fromkeys(cells)
     assert group.members() == [] and group.steps_done == 3 * 8

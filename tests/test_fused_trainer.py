@@ -26,9 +26,9 @@ from cifar_resnet.data.sources import load_splits
 from cifar_resnet.engine.loop import Interrupted
 from cifar_resnet.engine.streams import CudaStreams
 from cifar_resnet.packing.client import train_in_trainer
+from cifar_resnet.packing import pool
 from cifar_resnet.packing.groups import FusedGroups
 from cifar_resnet.packing.pack import Pack
-from cifar_resnet.packing import pool
 from cifar_resnet.packing.pool import FUSED
 from cifar_resnet.packing.trainer import Trainer
 from cifar_resnet.records import (
@@ -39,6 +39,7 @@ from cifar_resnet.records import (
     TRAIN_LOSS,
     VAL_ACC,
     VAL_LOSS,
+    RunFolder,
     RunRecord,
 )
 from cifar_resnet.run_contract import TRAINER_VARIABLE
@@ -69,8 +70,12 @@ def assert_close_to(record: RunRecord, expected: RunRecord) -> None:
     assert record.summary[TEST_ACC] == pytest.approx(expected.summary[TEST_ACC], abs=1 / 64)
 
 
+def folder(config: Config, run_id: str) -> RunFolder:
+    return RunFolder.of(config.output_dir, run_id)
+
+
 def runner_steps(config: Config, run_id: str, join=None, hooks: RunHooks | None = None):
-    return run_steps(config, run_id, load_splits(config, CPU), CPU, hooks, join=join)
+    return run_steps(config, folder(config, run_id), load_splits(config, CPU), CPU, hooks, join=join)
 
 
 def test_where_a_trainer_puts_each_run_and_why(tmp_path):
@@ -96,7 +101,7 @@ def test_where_a_trainer_puts_each_run_and_why(tmp_path):
 
 
 def test_a_member_preempted_in_a_fused_group_resumes_alone_on_streams_or_fused_to_the_uninterrupted_run(
-        tmp_path, one_thread):
+        tmp_path):
     """Run `a` is stopped in epoch 2 while fused with run `b` (its last.pt holds epoch 1), then resumed from copies
     of its folder three ways: alone (`run_training`), on streams beside another run, and fused in a new group beside
     another run. Each ends as `a` trained uninterrupted alone, within float32 rounding (its first epoch was fused).
@@ -124,7 +129,7 @@ def test_a_member_preempted_in_a_fused_group_resumes_alone_on_streams_or_fused_t
         config = a.replace(output_dir=str(tmp_path / way))
         shutil.copytree(stopped, tmp_path / way / "a")
         if way == "alone":
-            return run_training(config, "a").record
+            return run_training(config, folder(config, "a")).record
         beside = cell(tmp_path / way, seed=7, learning_rate=0.0005)
         places = FusedGroups(CPU, 2, CudaStreams(CPU)) if way == "fused" else None
         joins = {run_id: places.place(run_id, c, 10).join if places else None for run_id, c in (("a", config),
@@ -134,8 +139,8 @@ def test_a_member_preempted_in_a_fused_group_resumes_alone_on_streams_or_fused_t
         assert {name: end.error for name, end in ended.items()} == {"a": None, "c": None}
         return ended["a"].result.record
 
-    uninterrupted = {name: run_training(config.replace(output_dir=str(tmp_path / "whole")), name).record
-                     for name, config in (("a", a), ("b", b))}
+    wholes = {name: config.replace(output_dir=str(tmp_path / "whole")) for name, config in (("a", a), ("b", b))}
+    uninterrupted = {name: run_training(config, folder(config, name)).record for name, config in wholes.items()}
     for way in ("alone", "streams", "fused"):  # resumed
         assert_close_to(resumed(way), uninterrupted["a"])
     assert_close_to(ended["b"].result.record, uninterrupted["b"])
@@ -161,7 +166,7 @@ def serve_on_a_thread(socket_path: Path, runs: int) -> tuple[threading.Thread, l
     return trainer, received
 
 
-def test_a_fused_trainer_groups_runs_of_one_shape_and_says_how_each_trains(tmp_path, one_thread, caplog):
+def test_a_fused_trainer_groups_runs_of_one_shape_and_says_how_each_trains(tmp_path, caplog):
     """A trainer (`--pack fused --runs 2`, on a thread of this process) and three runs' sides, each on a thread:
     two of one shape share a group, the third (another width) trains on streams beside it. The trainer's log and
     each run's own lines say how each run trained; the fused runs' records equal the runs alone within float32
@@ -177,7 +182,7 @@ def test_a_fused_trainer_groups_runs_of_one_shape_and_says_how_each_trains(tmp_p
             runs = []
             for run_id, config in configs.items():  # one after the other, so that their slots are known
                 runs.append(threading.Thread(target=lambda r=run_id, c=config: records.__setitem__(
-                    r, train_in_trainer(socket_path, c, r, RunHooks(), [])), name=run_id))
+                    r, train_in_trainer(socket_path, c, folder(c, r), RunHooks(), [])), name=run_id))
                 runs[-1].start()
                 while not any(f"run {run_id} joins the pack" in item.getMessage() for item in caplog.records):
                     trainer.join(0.05)
@@ -196,7 +201,8 @@ def test_a_fused_trainer_groups_runs_of_one_shape_and_says_how_each_trains(tmp_p
     assert ("trains in the trainer on cpu (3 members), on streams, not fused: width: 8, this group's is 4"
             in lines["wide0001"])
     for run_id, config in configs.items():
-        alone = run_training(config.replace(output_dir=str(tmp_path / "alone")), run_id).record
+        alone_config = config.replace(output_dir=str(tmp_path / "alone"))
+        alone = run_training(alone_config, folder(alone_config, run_id)).record
         assert_close_to(records[run_id], alone)
 
 
@@ -233,7 +239,6 @@ def test_an_offline_sweep_with_pack_fused_trains_its_cells_as_one_fused_group(tm
     run one at a time within float32 rounding."""
     from helpers.wandb_records import offline_run_file, read_records
 
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     base = cell(tmp_path)
     grid = {"optimizer": {"values": ["adam", "sgd"]}, "learning_rate": {"values": [0.0002, 0.0005]}}
     path = write_sweep(tmp_path / "grid.yaml", grid | tiny_settings(base, epochs=2))
@@ -250,6 +255,7 @@ def test_an_offline_sweep_with_pack_fused_trains_its_cells_as_one_fused_group(tm
         run_log = (out_dir / run["run_id"] / "run.log").read_text()
         assert "trains in the trainer on cpu (" in run_log and "), fused: slot " in run_log
         config = Config.from_mapping(run["params"], base=base).replace(output_dir=str(tmp_path / "alone"))
-        assert_close_to(RunRecord.load(out_dir / run["run_id"]), run_training(config, run["run_id"]).record)
+        alone = run_training(config, folder(config, run["run_id"])).record
+        assert_close_to(RunRecord.load(out_dir / run["run_id"]), alone)
         records = read_records(offline_run_file(tmp_path, run["run_id"]))  # WANDB_DIR: the test's folder
         assert next(r.exit for r in records if r.HasField("exit")).exit_code == 0

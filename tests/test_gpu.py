@@ -14,7 +14,7 @@ from cifar_resnet import runner
 from cifar_resnet.config import Config
 from cifar_resnet.engine import step as training_step
 from cifar_resnet.engine.loop import Interrupted
-from cifar_resnet.records import RunRecord
+from cifar_resnet.records import RunFolder, RunRecord
 from cifar_resnet.runner import RunHooks, run_training
 
 pytestmark = pytest.mark.gpu
@@ -53,7 +53,7 @@ def test_two_epochs_on_the_gpu_with_bf16_channels_last_and_the_fused_optimizer(t
     monkeypatch.setattr(runner, "build_model", build_model)
     monkeypatch.setattr(training_step, "build_optimizer", build_optimizer)  # where build_step looks it up
 
-    outcome = run_training(config, "gpu00001")
+    outcome = run_training(config, RunFolder.of(config.output_dir, "gpu00001"))
 
     assert outcome.record.status == "finished" and outcome.record.summary["device"].startswith("cuda")
     assert [entry["epoch"] for entry in outcome.record.history] == [1, 2]
@@ -65,7 +65,7 @@ def test_two_epochs_on_the_gpu_with_bf16_channels_last_and_the_fused_optimizer(t
     assert all(weight.is_contiguous(memory_format=torch.channels_last) for weight in convs)
     assert torch.bfloat16 in logit_dtypes  # the forward passes ran under bf16 autocast
     assert optimizers and all(group["fused"] for opt in optimizers for group in opt.param_groups)
-    assert (outcome.run_dir / "best.pt").exists() and not (outcome.run_dir / "last.pt").exists()
+    assert outcome.folder.best.exists() and not outcome.folder.last.exists()
 
 
 def without_timing(history: list[dict]) -> list[dict]:
@@ -79,12 +79,12 @@ def test_a_run_interrupted_after_epoch_1_and_resumed_matches_an_uninterrupted_on
     GPU). Both optimizers a GPU run builds: capturable Adam under the captured step, fused Adam in the eager one,
     whose step counters live on the GPU, with a weight average in the eager case."""
     config = gpu_config(tmp_path, epochs=3, **changes)
-    whole = run_training(config, "whole001")
+    whole = run_training(config, RunFolder.of(config.output_dir, "whole001"))
 
     stop = []
-    hooks = RunHooks(on_epoch=lambda record: stop.append(len(record.history)), should_stop=lambda: bool(stop))
+    hooks = RunHooks(on_epoch_recorded=lambda record: stop.append(len(record.history)), should_stop=lambda: bool(stop))
     with pytest.raises(Interrupted):
-        run_training(config, "split001", hooks)
+        run_training(config, RunFolder.of(config.output_dir, "split001"), hooks)
     assert stop == [1] and (tmp_path / "runs" / "split001" / "last.pt").exists()
     (saved_epoch_1,) = RunRecord.load(tmp_path / "runs" / "split001").history
     placed = []
@@ -93,7 +93,7 @@ def test_a_run_interrupted_after_epoch_1_and_resumed_matches_an_uninterrupted_on
         placed.extend(t.device.type for s in state.optimizer.state.values() for t in s.values()
                       if isinstance(t, torch.Tensor))
 
-    resumed = run_training(config, "split001", RunHooks(on_epoch=where))
+    resumed = run_training(config, RunFolder.of(config.output_dir, "split001"), RunHooks(on_epoch=where))
     assert placed and set(placed) == {"cuda"}
 
     assert [entry["epoch"] for entry in resumed.record.history] == [1, 2, 3]

@@ -16,7 +16,7 @@ import torch
 from cifar_resnet.config import Config
 from cifar_resnet.data.sources import load_splits
 from cifar_resnet.engine.device import build_model
-from cifar_resnet.engine.loop import FitResult, fit, training
+from cifar_resnet.engine.loop import FitResult, fit, fit_steps
 from cifar_resnet.engine.streams import TORCH_POOL_STREAMS, CudaStreams, host_copies
 from cifar_resnet.packing.fused import FusedGroup
 from cifar_resnet.packing.pack import Pack
@@ -63,8 +63,8 @@ def test_packed_and_fused_runs_match_runs_alone_with_one_ending_first_and_one_jo
 
     def steps(config: Config):
         data = load_splits(config, cuda)
-        return training(config, build_model(config, len(data.classes), cuda), data, cuda,
-                        join=group.joined if group is not None else None, streams=pack.streams)
+        return fit_steps(config, build_model(config, len(data.classes), cuda), data, cuda,
+                         join=group.joined if group is not None else None, streams=pack.streams)
 
     for name in ("adam", "sgd", "short"):
         pack.add(name, steps(configs[name]))
@@ -108,8 +108,8 @@ def test_every_graph_is_captured_on_a_stream_of_its_own(tmp_path, monkeypatch):
         config = configs[name]
         data = load_splits(config, cuda)
         join = group.joined if name in ("adam", "sgd") else None
-        pack.add(name, training(config, build_model(config, len(data.classes), cuda), data, cuda, join=join,
-                                streams=pack.streams))
+        pack.add(name, fit_steps(config, build_model(config, len(data.classes), cuda), data, cuda, join=join,
+                                 streams=pack.streams))
     ended = pack.train({})
     assert all(end.error is None for end in ended.values())
     # The group's step, two runs' training steps, each run's validation batch (a test pass alone is not captured).

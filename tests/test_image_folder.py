@@ -1,6 +1,7 @@
 """The image-folder data source (`dataset=imagefolder`): listing (links, classes, extensions), decoding (exact
 pixels, on several threads, any PNG mode PIL reads), the decode cache (rebuilt when the folder changes or the cache
-is damaged, skipped on a full disk or a read-only folder), its errors in one line, and a short run on real images."""
+is damaged, an image rewritten in place decoded again alone, skipped on a full disk or a read-only folder), its
+errors in one line, and a short run on real images."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from cifar_resnet.config import Config
 from cifar_resnet.data.image_folder import CACHE_FOLDER, IMAGE_EXTENSIONS, decode_images, list_folder, load_image_folder
 from cifar_resnet.data.sources import load_splits
 from cifar_resnet.errors import DataError, StorageError
+from cifar_resnet.records import RunFolder
 from cifar_resnet.runner import run_training
 
 CHANCE = 0.1  # ten classes
@@ -200,7 +202,7 @@ def _decoded_afresh(root: Path, scratch: Path):
     return load_image_folder(scratch)
 
 
-def test_a_warm_cache_is_found_by_its_folders_stamps_without_listing_or_stat_ing_an_image(tmp_path, monkeypatch):
+def test_a_warm_cache_is_found_without_listing_or_decoding_and_stats_each_image_once(tmp_path, monkeypatch):
     root = _aged_folder(tmp_path / "imgs")
     first = load_image_folder(root)
     stat_paths = []
@@ -219,9 +221,11 @@ def test_a_warm_cache_is_found_by_its_folders_stamps_without_listing_or_stat_ing
     for loaded, expected in zip(again[:2], first[:2], strict=True):
         assert torch.equal(loaded.images, expected.images) and torch.equal(loaded.labels, expected.labels)
     assert again[2] == first[2] == ["cat", "dog"]
-    assert not [path for path in stat_paths if path.suffix == ".png"]
     stamped = {path for path in stat_paths if CACHE_FOLDER not in path.parts and path.is_relative_to(root)}
     assert stamped == {root / split / name for split in ("train", "test") for name in (".", "cat", "dog")}
+    # Each image once per split, by its name in the split's folder.
+    images = sorted(str(path) for path in stat_paths if path.suffix == ".png")
+    assert images == sorted(2 * [f"{name}/{i}.png" for name in ("cat", "dog") for i in range(3)])
 
 
 def _replace_by_a_move(root: Path) -> None:
@@ -253,14 +257,77 @@ def test_a_changed_folder_is_noticed_and_loads_as_a_first_load_would(tmp_path, c
     assert [len(list((root / CACHE_FOLDER).glob(f"{split}-*.pt"))) for split in ("train", "test")] == [1, 1]
 
 
-def test_an_image_rewritten_in_place_is_not_noticed_until_its_folder_is_touched(tmp_path):
-    """The documented limit of finding the cache by folder stamps (docs/settings.md, "Data"), and its remedy."""
+def _copy_onto(root: Path) -> None:
+    (root / "elsewhere.png").write_bytes(png(123))
+    subprocess.run(["cp", root / "elsewhere.png", root / "train" / "cat" / "0.png"], check=True)
+
+
+def _rewrite_keeping_the_modification_time(root: Path) -> None:
+    """As `rsync --inplace -t` or `touch -r` leave it: only the status-change time, which the kernel alone sets,
+    tells it from the old file."""
+    image = root / "train" / "cat" / "0.png"
+    before = image.stat()
+    image.write_bytes(png(123))
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def _folder_stamps(root: Path) -> list[tuple[int, int]]:
+    return [(stat.st_mtime_ns, stat.st_ctime_ns) for stat in map(os.stat, (root / "train", root / "train" / "cat"))]
+
+
+@pytest.mark.parametrize("rewrite", [
+    lambda root: (root / "train" / "cat" / "0.png").write_bytes(png(123)),
+    _copy_onto,
+    _rewrite_keeping_the_modification_time,
+], ids=["written in place", "cp onto it", "modification time kept"])
+def test_an_image_rewritten_in_place_is_decoded_again_alone(tmp_path, monkeypatch, caplog, rewrite):
+    """A rewrite under the same name changes no folder's stamp (the folder's entries are the same): each image's
+    own stamp tells, and that image alone is decoded again."""
     root = _aged_folder(tmp_path / "imgs")
     load_image_folder(root)
-    (root / "train" / "cat" / "0.png").write_bytes(png(123))  # same name, new content, its folder untouched
-    assert int(load_image_folder(root)[0].images[0, 0, 0, 0]) == 0  # the cached pixels
-    os.utime(root / "train" / "cat")  # touch the folder
-    assert int(load_image_folder(root)[0].images[0, 0, 0, 0]) == 123
+    image = root / "train" / "cat" / "0.png"
+    inode, folders = image.stat().st_ino, _folder_stamps(root)
+    rewrite(root)
+    assert image.stat().st_ino == inode and _folder_stamps(root) == folders  # in place; the folders untouched
+    decoded = []
+    real_decode = decode_images
+    monkeypatch.setattr("cifar_resnet.data.image_folder.decode_images",
+                        lambda paths: decoded.extend(paths) or real_decode(paths))
+
+    with caplog.at_level(logging.INFO, logger="cifar_resnet.data"):
+        train, test, _ = load_image_folder(root)
+
+    assert decoded == [str(image)] and int(train.images[0, 0, 0, 0]) == 123
+    (cache,) = (root / CACHE_FOLDER).glob("train-*.pt")
+    assert f"1 of 6 images in {root / 'train'} changed since they were cached: decoded again; cached in {cache}" \
+        in caplog.messages
+    decoded.clear()
+    assert torch.equal(load_image_folder(root)[0].images, train.images) and not decoded  # the cache holds it
+    fresh_train, fresh_test, fresh_classes = _decoded_afresh(root, tmp_path / "fresh")
+    for loaded, expected in ((train, fresh_train), (test, fresh_test)):
+        assert torch.equal(loaded.images, expected.images) and torch.equal(loaded.labels, expected.labels)
+
+
+def test_a_linked_images_target_rewritten_in_place_is_decoded_again(tmp_path):
+    root = _aged_folder(tmp_path / "imgs")
+    target = tmp_path / "store" / "shared.png"
+    target.parent.mkdir()
+    target.write_bytes(png(77))
+    (root / "test" / "dog" / "0.png").unlink()
+    (root / "test" / "dog" / "0.png").symlink_to(target)
+    assert int(load_image_folder(root)[1].images[3, 0, 0, 0]) == 77
+    target.write_bytes(png(88))  # nothing in the data folder changes
+    assert int(load_image_folder(root)[1].images[3, 0, 0, 0]) == 88
+
+
+def test_an_image_rewritten_into_one_that_does_not_fit_is_named(tmp_path):
+    root = _aged_folder(tmp_path / "imgs")
+    load_image_folder(root)
+    cache = tree(root / CACHE_FOLDER)
+    (root / "train" / "dog" / "2.png").write_bytes(png(5, size=16))
+    with pytest.raises(DataError, match=rf"^data_dir: image {root / 'train' / 'dog' / '2.png'} is 16x16; "):
+        load_image_folder(root)
+    assert tree(root / CACHE_FOLDER) == cache  # the cache is left as it was
 
 
 @pytest.mark.parametrize(
@@ -353,41 +420,77 @@ def test_a_damaged_decode_cache_is_rebuilt_not_trusted(tmp_path, caplog):
 
 
 DECODE_AND_DIGEST = """
-import hashlib, logging, sys
+import hashlib, logging, sys, time
 from pathlib import Path
 from cifar_resnet.data.image_folder import load_image_folder
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+if len(sys.argv) > 2:  # a ready file to make and a go file to wait for: loading together with other processes
+    Path(sys.argv[2]).touch()
+    while not Path(sys.argv[3]).exists():
+        time.sleep(0.005)
 train, test, _ = load_image_folder(Path(sys.argv[1]))
 tensors = (train.images, train.labels, test.images, test.labels)
 print(hashlib.sha256(b"".join(t.numpy().tobytes() for t in tensors)).hexdigest())
 """
 
 
-def test_a_read_only_data_folder_is_decoded_without_a_cache():
+@pytest.mark.parametrize("cached_before", [False, True], ids=["no cache", "cached, then an image rewritten"])
+def test_a_read_only_data_folder_is_decoded_without_a_cache(cached_before):
+    """A shared read-only copy: decoded whole, or, where its cache was built before it was made read-only, only
+    what changed since; nothing is written."""
     if WITHOUT_ROOTS_OVERRIDE and shutil.which("setpriv") is None:
         pytest.skip("running as root without setpriv (util-linux): root would write into a read-only folder")
     scratch = Path(tempfile.mkdtemp(prefix="read-only-data-"))
     try:
         scratch.chmod(READABLE)
         root = image_folder(scratch / "imgs")
-        for folder in [root, *root.rglob("*")]:
+        if cached_before:
+            load_image_folder(root)
+            (root / "train" / "cat" / "0.png").write_bytes(png(123))
+        cache = tree(root)
+        # A chmod changes a folder's stamp: where a cache was built, the split's folders stay as they were cached.
+        for folder in [root, root / CACHE_FOLDER] if cached_before else [root, *root.rglob("*")]:
             if folder.is_dir():
                 folder.chmod(READ_ONLY)
         done = subprocess.run([*WITHOUT_ROOTS_OVERRIDE, sys.executable, "-c", DECODE_AND_DIGEST, str(root)],
                               capture_output=True, text=True, timeout=WAIT_SECONDS, cwd=scratch)
         assert done.returncode == 0, done.stderr[-3000:]
         assert f"WARNING {root} is read-only: decoding {root / 'train'} without a cache" in done.stderr
-        assert not (root / CACHE_FOLDER).exists()
+        assert tree(root) == cache  # nothing written
+        assert (f"INFO 1 of 6 images in {root / 'train'} changed since they were cached: decoded again; not cached"
+                in done.stderr) == cached_before
         for folder in [root, *root.rglob("*")]:
             if folder.is_dir():
                 folder.chmod(READABLE)
-        train, test, _ = load_image_folder(root)  # what a writable folder decodes
+        train, test, _ = _decoded_afresh(root, scratch / "fresh")
         assert done.stdout.strip() == digest(train.images, train.labels, test.images, test.labels)
     finally:
         for folder in [scratch, *scratch.rglob("*")]:
             if folder.is_dir():
                 folder.chmod(READABLE)
         shutil.rmtree(scratch)
+
+
+def test_processes_that_find_an_image_rewritten_decode_it_once_and_agree(tmp_path):
+    root = _aged_folder(tmp_path / "imgs")
+    load_image_folder(root)
+    (root / "test" / "dog" / "1.png").write_bytes(png(123))
+    go = tmp_path / "go"
+    processes = [subprocess.Popen([sys.executable, "-c", DECODE_AND_DIGEST, str(root), str(tmp_path / f"ready{i}"),
+                                   str(go)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i in range(2)]
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not all((tmp_path / f"ready{i}").exists() for i in range(2)):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in processes), "a loader did not start"
+        time.sleep(0.01)
+    go.touch()
+    done = [process.communicate(timeout=WAIT_SECONDS) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], done
+
+    refreshed = [line for _, stderr in done for line in stderr.splitlines() if "changed since" in line]
+    assert len(refreshed) == 1 and f"1 of 6 images in {root / 'test'} changed" in refreshed[0]
+    train, test, _ = _decoded_afresh(root, tmp_path / "fresh")
+    assert [stdout.strip() for stdout, _ in done] == [digest(train.images, train.labels, test.images, test.labels)] * 2
 
 
 # --- images of any kind -----------------------------------------------------------------------------------------
@@ -478,5 +581,5 @@ def test_one_epoch_on_real_images_learns_with_the_tuned_recipe(cifar_jpeg_dir, t
     mostly at their initial values, and evaluation at chance whatever the schedule (measured: 22% train, 11% test)."""
     config = Config(dataset="imagefolder", data_dir=str(cifar_jpeg_dir), epochs=1, width=16, val_size=500,
                     batch_size=32, output_dir=str(tmp_path / "runs"), device="cpu")
-    outcome = run_training(config, "real0001")
+    outcome = run_training(config, RunFolder.of(config.output_dir, "real0001"))
     assert outcome.fit.test.acc > CHANCE + 0.1

@@ -7,14 +7,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, tiny_args
+from conftest import REPO
 from helpers.sweeps import sweep_state, tiny_settings, write_sweep
 from helpers.wandb_records import read_records
 
@@ -24,7 +22,8 @@ from cifar_resnet.engine.loop import Interrupted
 from cifar_resnet.records import (
     PROGRESS_FILE,
     RUN_SECONDS,
-    LiveProgress,
+    EpochProgress,
+    RunFolder,
     RunRecord,
     read_progress,
     result_from_record,
@@ -74,11 +73,12 @@ def test_the_writeup_sweep_is_the_writeups_experiment():
 # --- the data, named beside the results ---------------------------------------------------------------------------
 
 
-def test_a_run_records_its_data_and_the_table_and_plots_name_it(tiny_config, tmp_path, monkeypatch):
-    outcome = run_training(tiny_config, "data0001")
+def test_a_run_records_its_data_and_the_table_and_plots_name_it(finished_run, tmp_path, monkeypatch):
+    outcome = finished_run
     assert outcome.record.data == {"dataset": "synthetic", "train_images": 1000, "val_images": 200,
                                    "test_images": 200, "class_count": 10}
-    results = results_from_folder(Path(tiny_config.output_dir))
+    runs = outcome.folder.path.parent
+    results = results_from_folder(runs)
     table = markdown_table(results)
     assert table.splitlines()[0] == TINY_DATA_LINE
     assert "| tuned |" in table  # the Recipe column
@@ -93,15 +93,14 @@ def test_a_run_records_its_data_and_the_table_and_plots_name_it(tiny_config, tmp
         return original(figure, path, **kwargs)
 
     monkeypatch.setattr(Figure, "savefig", savefig)
-    assert main(["report", tiny_config.output_dir, "--out", str(tmp_path / "report")]) == 0
+    assert main(["report", str(runs), "--out", str(tmp_path / "report")]) == 0
     assert len(captions) >= 3 and all(texts == [TINY_DATA_LINE] for texts in captions.values())
 
 
-def test_the_synthetic_trial_is_not_solved_at_once(tiny_config):
+def test_the_synthetic_trial_is_not_solved_at_once(finished_run):
     """The synthetic set is a task, not a giveaway: a short run lands above chance and well below 100% (measured:
     28% for this width-8 model on 1,000 images in 2 epochs; 100% before the classes were brought closer)."""
-    outcome = run_training(tiny_config, "hard0001")
-    assert CHANCE + 0.05 < outcome.fit.test.acc < 0.9
+    assert CHANCE + 0.05 < finished_run.fit.test.acc < 0.9
 
 
 # --- progress inside an epoch -------------------------------------------------------------------------------------
@@ -113,14 +112,14 @@ def test_progress_file_is_written_inside_each_epoch_and_throttled(tiny_config, m
     from cifar_resnet import runner
 
     monkeypatch.setattr(runner, "PROGRESS_WRITE_SECONDS", write_every_s)
-    written: list[LiveProgress] = []
-    original = LiveProgress.save
-    monkeypatch.setattr(LiveProgress, "save", lambda self, run_dir: (written.append(self), original(self, run_dir)))
+    written: list[EpochProgress] = []
+    original = EpochProgress.save
+    monkeypatch.setattr(EpochProgress, "save", lambda self, run_dir: (written.append(self), original(self, run_dir)))
     seen = []
     run_dir = Path(tiny_config.output_dir) / "prog0001"
     hooks = RunHooks(on_batch=lambda: seen.append(read_progress(run_dir)))
 
-    run_training(tiny_config, "prog0001", hooks)
+    run_training(tiny_config, RunFolder.of(tiny_config.output_dir, "prog0001"), hooks)
 
     steps = tiny_config.train_size // tiny_config.batch_size
     expected = steps + 1 if writes_per_epoch == "every step" else 2
@@ -138,10 +137,10 @@ def test_progress_of_a_running_run_reads_its_progress_file(tmp_path, tiny_config
     run = LocalRun("live0001", {"epochs": 4}, "running")
     run_dir = tmp_path / run.run_id
     RunRecord(run.run_id, tiny_config.to_dict(), history=[{"epoch": 1, "val/acc": 0.3}], seconds=20.0).save(run_dir)
-    LiveProgress(epoch=2, epochs=4, step=25, steps=100, images_per_second=900.0, seconds=30.0,
-                 updated_at=time.time()).save(run_dir)
+    EpochProgress(epoch=2, epochs=4, step=25, steps=100, images_per_second=900.0, seconds=30.0,
+                  updated_at=time.time()).save(run_dir)
 
-    progress = progress_of(run, RunRecord.load(run_dir), Config(), run_dir)
+    progress = progress_of(run, RunRecord.load(run_dir), Config(), RunFolder(run_dir, run.run_id))
 
     assert (progress.epoch, progress.done_epochs, progress.images_per_second) == (1, 1.25, 900.0)
     assert 30.0 <= progress.seconds < 35.0
@@ -157,8 +156,8 @@ def test_the_progress_file_is_replaced_atomically_without_waiting_for_the_disk(t
     synced = []
     real_fsync = os.fsync
     monkeypatch.setattr(files.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
-    LiveProgress(epoch=1, epochs=2, step=3, steps=10, images_per_second=1.0, seconds=1.0,
-                 updated_at=time.time()).save(tmp_path)
+    EpochProgress(epoch=1, epochs=2, step=3, steps=10, images_per_second=1.0, seconds=1.0,
+                  updated_at=time.time()).save(tmp_path)
     assert synced == [] and read_progress(tmp_path).step == 3
     assert sorted(path.name for path in tmp_path.iterdir()) == [PROGRESS_FILE]  # no temporary file left
     RunRecord("sync0001", tiny_config.to_dict()).save(tmp_path)
@@ -249,16 +248,16 @@ def test_run_time_counts_every_attempt(tiny_config):
     def stop_after_first_epoch() -> bool:
         return len(epochs_seen) >= 1
 
-    hooks = RunHooks(on_epoch=lambda record: epochs_seen.append(len(record.history)),
+    hooks = RunHooks(on_epoch_recorded=lambda record: epochs_seen.append(len(record.history)),
                      should_stop=stop_after_first_epoch)
     with pytest.raises(Interrupted):
-        run_training(config, "time0001", hooks)
+        run_training(config, RunFolder.of(config.output_dir, "time0001"), hooks)
     run_dir = Path(config.output_dir) / "time0001"
     first_attempt = RunRecord.load(run_dir).seconds
     assert first_attempt > 0
 
     started = time.perf_counter()
-    outcome = run_training(config, "time0001")
+    outcome = run_training(config, RunFolder.of(config.output_dir, "time0001"))
     second_attempt = time.perf_counter() - started
 
     total = outcome.record.summary[RUN_SECONDS]
@@ -269,19 +268,14 @@ def test_run_time_counts_every_attempt(tiny_config):
 # --- a self-contained offline run ---------------------------------------------------------------------------------
 
 
-def test_an_offline_run_holds_its_artifact_files(tiny_config, tmp_path):
-    """Copy the offline run folder elsewhere and delete W&B's own staging area: every file the run's artifact
-    names is still there, inside the copy, for `wandb sync` on another machine."""
-    done = subprocess.run([sys.executable, "-m", "cifar_resnet.train", *tiny_args(tiny_config.replace(epochs=1))],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "WANDB_RUN_ID": "self0001"})
-    assert done.returncode == 0, done.stderr[-2000:]
-    (run_folder,) = (tmp_path / "wandb").glob("offline-run-*-self0001")
+def test_an_offline_run_holds_its_artifact_files(offline_run, tmp_path):
+    """Copy the offline run folder elsewhere: every file the run's artifact names is there, inside the copy, for
+    `wandb sync` on another machine (and W&B's own staging area is empty: test_train)."""
+    (run_folder,) = (offline_run.wandb_dir / "wandb").glob(f"offline-run-*-{offline_run.run_id}")
     copy = tmp_path / "elsewhere" / run_folder.name
     shutil.copytree(run_folder, copy)
-    shutil.rmtree(tmp_path / ".wandb-data", ignore_errors=True)  # W&B's data folder, where it would stage them
 
-    artifacts = [record.artifact for record in read_records(copy / "run-self0001.wandb")
+    artifacts = [record.artifact for record in read_records(copy / f"run-{offline_run.run_id}.wandb")
                  if record.HasField("artifact")]
     (model,) = [artifact for artifact in artifacts if artifact.type == "model"]
     named = [Path(entry.local_path) for entry in model.manifest.contents]

@@ -7,7 +7,7 @@ import torch
 
 from cifar_resnet.data.sources import load_splits
 from cifar_resnet.engine.device import build_model
-from cifar_resnet.engine.loop import Interrupted, TrainHooks, fit, training
+from cifar_resnet.engine.loop import Interrupted, TrainHooks, fit, fit_steps
 from cifar_resnet.packing.pack import Pack, train_together
 from cifar_resnet.records import EPOCH_SECONDS, TRAIN_IMAGES_PER_SECOND
 
@@ -26,7 +26,7 @@ def three_cells(tiny_config):
 
 def steps_of(config, hooks=None):
     data = load_splits(config, CPU)
-    return training(config, build_model(config, len(data.classes), CPU), data, CPU, hooks)
+    return fit_steps(config, build_model(config, len(data.classes), CPU), data, CPU, hooks)
 
 
 def without_timings(history):

@@ -15,8 +15,8 @@ import torch
 import wandb
 import yaml
 
-from cifar_resnet.checkpoint import RESUME_CHECKPOINT
 from cifar_resnet.cli import main as cli_main
+from cifar_resnet.records import RESUME_CHECKPOINT
 from cifar_resnet.tracking import download_resume_checkpoint, resume_artifact_name
 
 WAIT_SECONDS = 300

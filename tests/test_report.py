@@ -13,7 +13,7 @@ import pytest
 from cifar_resnet import report, wandb_sweep
 from cifar_resnet.cli import main
 from cifar_resnet.config import RECIPE_PRESETS, Config
-from cifar_resnet.records import RunRecord, RunResult, results_from_folder
+from cifar_resnet.records import RunFolder, RunRecord, RunResult, results_from_folder
 from cifar_resnet.runner import run_training
 from cifar_resnet.table import markdown_table
 from cifar_resnet.wandb_sweep import build_sweep_view
@@ -26,17 +26,12 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def sweep_folder(tmp_path_factory) -> Path:
     """Four finished runs trained by the real runner (no W&B needed for the records), and one still running."""
-    import torch
-
     folder = tmp_path_factory.mktemp("sweep")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny runs gain nothing from more, and lose much when the cores are busy
     base = Config(dataset="synthetic", width=8, epochs=2, eval_batch_size=256, val_size=200, train_size=512,
                   test_size=200, output_dir=str(folder), device="cpu")
     for index, (learning_rate, optimizer, batch_size) in enumerate(CELLS):
         config = base.replace(learning_rate=learning_rate, optimizer=optimizer, batch_size=batch_size)
-        run_training(config, f"run{index}")
-    torch.set_num_threads(threads)
+        run_training(config, RunFolder.of(config.output_dir, f"run{index}"))
     unfinished = base.replace(learning_rate=0.0001)
     RunRecord("running0", unfinished.to_dict(), history=[
         {"epoch": 1, "train/loss": 2.3, "train/acc": 0.1, "val/loss": 2.3, "val/acc": 0.05}]).save(folder / "running0")

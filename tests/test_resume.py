@@ -25,13 +25,12 @@ from torch.utils import _pytree as pytree
 from conftest import tiny_args
 from helpers.wandb_records import logged_epochs, offline_runs
 
-from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
 from cifar_resnet.config import Config
 from cifar_resnet.engine import loop
 from cifar_resnet.engine.loop import EpochResult, Interrupted
 from cifar_resnet.errors import StorageError
 from cifar_resnet.files import LOCK_FILE
-from cifar_resnet.records import RECORD_FILE, RunRecord
+from cifar_resnet.records import BEST_CHECKPOINT, RECORD_FILE, RESUME_CHECKPOINT, RunFolder, RunRecord
 from cifar_resnet.runner import RunHooks, run_training
 from cifar_resnet.tracking import RESUME_ARTIFACT_TYPE, Tracker
 from cifar_resnet.train import main as train_main
@@ -72,8 +71,7 @@ def resume_config(tiny_config: Config) -> Config:
 def start_training(config: Config, run_id: str, log: Path, **env: str) -> subprocess.Popen:
     """`python -m cifar_resnet.train` as the agent starts it; with DOUBLE_CALLS set, through DOWNLOAD_DOUBLE."""
     program = ["-c", DOWNLOAD_DOUBLE] if "DOUBLE_CALLS" in env else ["-m", "cifar_resnet.train"]
-    # One thread in every process: the same arithmetic in all of them, whatever else runs on the machine.
-    env = dict(os.environ, WANDB_RUN_ID=run_id, OMP_NUM_THREADS="1", **env)
+    env = dict(os.environ, WANDB_RUN_ID=run_id, **env)  # one thread (conftest): the same arithmetic in all
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, *program, *tiny_args(config)], env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
@@ -189,14 +187,13 @@ def assert_same_end(resumed, reference) -> None:
     """Two runs' outcomes (`run_training`'s) agree bit for bit: per-epoch metrics, test loss, best epoch and weights."""
     assert without_timing(resumed.record.history) == without_timing(reference.record.history)
     assert resumed.record.summary["test/loss"] == reference.record.summary["test/loss"]
-    best, reference_best = (torch.load(o.run_dir / BEST_CHECKPOINT, weights_only=True) for o in (resumed, reference))
+    best, reference_best = (torch.load(o.folder.best, weights_only=True) for o in (resumed, reference))
     assert best["epoch"] == reference_best["epoch"]
     assert all(torch.equal(best["model"][name], tensor) for name, tensor in reference_best["model"].items())
 
 
 @pytest.mark.slow
-def test_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_resumable(tiny_config, monkeypatch,
-                                                                                   one_thread):
+def test_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_resumable(tiny_config, monkeypatch):
     config = tiny_config.replace(epochs=3)
     run_dir = Path(config.output_dir) / "killed01"
 
@@ -211,7 +208,7 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_resumable
 
     monkeypatch.setattr(torch, "save", save_then_fail)
     with pytest.raises(StorageError, match="no space left on device"):  # one line, naming last.pt
-        run_training(config, "killed01")
+        run_training(config, RunFolder.of(config.output_dir, "killed01"))
     monkeypatch.setattr(torch, "save", real_save)
     assert RunRecord.load(run_dir).status == "failed"
     saved = (run_dir / RESUME_CHECKPOINT).read_bytes()
@@ -232,7 +229,8 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_resumable
 
     # The next attempt resumes from epoch 1, clears the leftovers, and ends as an uninterrupted run does (its
     # best.pt too, though the failed attempt may have written epoch 2's just before failing on last.pt).
-    resumed, reference = run_training(config, "killed01"), run_training(config, "straight02")
+    resumed = run_training(config, RunFolder.of(config.output_dir, "killed01"))
+    reference = run_training(config, RunFolder.of(config.output_dir, "straight02"))
     assert_same_end(resumed, reference)
     assert sorted(path.name for path in run_dir.iterdir()) == [LOCK_FILE, BEST_CHECKPOINT, RECORD_FILE]
 
@@ -300,7 +298,7 @@ def on_another_device(value):
 
 
 def test_a_checkpoint_that_torch_load_puts_on_another_device_resumes_as_an_uninterrupted_run(
-    tiny_config, monkeypatch, one_thread
+    tiny_config, monkeypatch
 ):
     """On a GPU the resume checkpoint's tensors came back from torch.load on the GPU (b142e91 loaded it with
     map_location=device), and the generator's state failed `set_state` with "RNG state must be a torch.ByteTensor":
@@ -308,11 +306,11 @@ def test_a_checkpoint_that_torch_load_puts_on_another_device_resumes_as_an_unint
     CPU run's (`OnAnotherDevice`): each part of the state must still land where it belongs, and the run end as an
     uninterrupted one, weights, average and optimizer state included."""
     config = tiny_config.replace(epochs=3, ema_decay=0.9)  # the weight average's state is restored too
-    reference = run_training(config, "straight03")
+    reference = run_training(config, RunFolder.of(config.output_dir, "straight03"))
     stop = []
-    hooks = RunHooks(on_epoch=lambda record: stop.append(len(record.history)), should_stop=lambda: bool(stop))
+    hooks = RunHooks(on_epoch_recorded=lambda record: stop.append(len(record.history)), should_stop=lambda: bool(stop))
     with pytest.raises(Interrupted):
-        run_training(config, "moved001", hooks)
+        run_training(config, RunFolder.of(config.output_dir, "moved001"), hooks)
 
     real_load, loaded = torch.load, []
 
@@ -336,7 +334,7 @@ def test_a_checkpoint_that_torch_load_puts_on_another_device_resumes_as_an_unint
 
     monkeypatch.setattr(torch, "load", load_onto_another_device)
     monkeypatch.setattr(loop.TrainState, "load_state_dict", restore_and_look)
-    resumed = run_training(config, "moved001")
+    resumed = run_training(config, RunFolder.of(config.output_dir, "moved001"))
     monkeypatch.setattr(torch, "load", real_load)
 
     assert loaded == [RESUME_CHECKPOINT]
@@ -345,7 +343,7 @@ def test_a_checkpoint_that_torch_load_puts_on_another_device_resumes_as_an_unint
     assert without_timing(resumed.record.history) == without_timing(reference.record.history)
     for key in ("best_epoch", "test/loss", "test/acc"):
         assert resumed.record.summary[key] == reference.record.summary[key], key
-    best, reference_best = (torch.load(o.run_dir / BEST_CHECKPOINT, weights_only=True) for o in (resumed, reference))
+    best, reference_best = (torch.load(o.folder.best, weights_only=True) for o in (resumed, reference))
     assert all(torch.equal(best["model"][name], tensor) for name, tensor in reference_best["model"].items())
 
 
@@ -363,7 +361,7 @@ def crash_in_epoch_2(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(loop, "train_one_epoch", crashing)
 
 
-def test_a_crash_ends_the_run_as_failed_not_preempting(tmp_path, tiny_config, monkeypatch, one_thread):
+def test_a_crash_ends_the_run_as_failed_not_preempting(tmp_path, tiny_config, monkeypatch):
     """A bug must fail the run, or the sweep would requeue it for ever."""
     crash_in_epoch_2(monkeypatch)
     monkeypatch.setenv("WANDB_RUN_ID", "crash001")
@@ -377,8 +375,7 @@ def test_a_crash_ends_the_run_as_failed_not_preempting(tmp_path, tiny_config, mo
 
 
 @pytest.mark.slow
-def test_lookahead_and_the_average_resume_from_last_pt_as_the_uninterrupted_run(tiny_config, monkeypatch,
-                                                                               one_thread):
+def test_lookahead_and_the_average_resume_from_last_pt_as_the_uninterrupted_run(tiny_config, monkeypatch):
     """Lookahead's slow weights and step count travel in last.pt beside the weight average: a run that fails in
     epoch 2, when its last.pt holds epoch 1 in the middle of a Lookahead cycle, runs again to the same end."""
     config = tiny_config.replace(epochs=3, optimizer="sgd", learning_rate=0.01, sgd_norm_lr_scale=16.0,
@@ -387,7 +384,7 @@ def test_lookahead_and_the_average_resume_from_last_pt_as_the_uninterrupted_run(
     real_epoch = loop.train_one_epoch
     crash_in_epoch_2(monkeypatch)
     with pytest.raises(RuntimeError, match="illegal memory access"):
-        run_training(config, "ahead01")
+        run_training(config, RunFolder.of(config.output_dir, "ahead01"))
     monkeypatch.setattr(loop, "train_one_epoch", real_epoch)
     saved = torch.load(run_dir / RESUME_CHECKPOINT, weights_only=True)["state"]
     assert saved["epoch"] == 1 and saved["lookahead"]["steps_taken"] == 15 and "average" in saved
@@ -395,7 +392,8 @@ def test_lookahead_and_the_average_resume_from_last_pt_as_the_uninterrupted_run(
     assert slow.keys() < fast.keys()  # the parameters, not the batch-norm statistics
     assert not all(torch.equal(slow[name], fast[name]) for name in slow)  # 3 steps after the last sync
 
-    resumed, reference = run_training(config, "ahead01"), run_training(config, "straight03")
+    resumed = run_training(config, RunFolder.of(config.output_dir, "ahead01"))
+    reference = run_training(config, RunFolder.of(config.output_dir, "straight03"))
     assert_same_end(resumed, reference)
 
 

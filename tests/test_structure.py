@@ -1,7 +1,7 @@
 """The package's architecture, read from its import graph (module-level and deferred imports alike): no cycle,
 no tool imports another (a tool's package, such as `sweep/`, is one tool), the sweep's modules import only those
-below them, and wandb stays out of the core and the runner; its files: none over 600 lines, and a subpackage's
-`__init__.py` only its docstring. Outside it, the benchmarks (benchmarks/, not installed) and the tests use only
+below them, and wandb stays out of the core and the runner; its files: none over 600 lines, a subpackage's
+`__init__.py` only its docstring, and a run folder's file names in records.py alone. Outside it, the benchmarks (benchmarks/, not installed) and the tests use only
 its public names, and the package imports nothing of theirs."""
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ pytestmark = pytest.mark.quick  # seconds in all: part of `pytest -m quick`
 PACKAGE = REPO / "cifar_resnet"
 TOOLS = {"sweep", "agent", "report"}
 # Modules, and packages standing for every module in them.
-WITHOUT_WANDB = {"config", "model", "data", "engine", "packing", "checkpoint", "records", "files", "errors", "process",
-                 "names", "credentials", "table", "runner", "run_contract"}
+WITHOUT_WANDB = {"config", "model", "data", "engine", "packing", "checkpoint", "records", "files", "errors", "logs",
+                 "signals", "threads", "children", "staggered", "names", "credentials", "table", "runner",
+                 "run_contract"}
 MAX_LEVELS = 10  # errors, config, engine.device, engine.step, engine.loop, runner, packing.client, train, cli, __main__
 MAX_FILE_LINES = 600
 # The sweep's modules, each above those it may import: command -> local -> view and plan -> state.
@@ -116,6 +117,15 @@ def test_wandb_stays_out_of_the_core_and_the_runner(graph):
             reachable.add(module)
             frontier += graph[module][0]
     assert {"tracking", "wandb_sweep"} & reachable == set()
+
+
+def test_a_run_folders_files_are_named_in_records_alone():
+    """`records.RunFolder` names a run folder's files; every other module reaches them through it."""
+    file_names = {"record.json", "progress.json", "best.pt", "last.pt", "run.log"}
+    named = {(str(path.relative_to(PACKAGE)), node.value) for path in PACKAGE.rglob("*.py")
+             for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Constant) and node.value in file_names}
+    assert {path for path, _ in named} == {"records.py"}
 
 
 def test_no_package_file_is_over_600_lines():

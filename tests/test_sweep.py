@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.runs import one_thread_per_run, processes_of, wait_for  # noqa: F401  (one_thread_per_run: autouse)
+from helpers.runs import processes_of, wait_for
 from helpers.sweeps import GRID, sweep_state, table_rows, tiny_settings, write_sweep
 
 from cifar_resnet.cli import main

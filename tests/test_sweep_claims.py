@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers.runs import one_thread_per_run  # noqa: F401  (autouse)
 from helpers.sweeps import sweep_state, tiny_settings, write_sweep
 
 from cifar_resnet.cli import main

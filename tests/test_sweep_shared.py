@@ -17,16 +17,15 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from conftest import REPO
-from helpers.runs import one_thread_per_run, processes_of, wait_for  # noqa: F401  (one_thread_per_run: autouse)
+from helpers.runs import processes_of, wait_for
 from helpers.sweeps import GRID, sweep_state, table_rows, tiny_settings, write_sweep
 
 from cifar_resnet import files
 from cifar_resnet.cli import main
 from cifar_resnet.config import Config
-from cifar_resnet.records import RECORD_FILE, RunRecord
+from cifar_resnet.records import RECORD_FILE, RunFolder, RunRecord
 from cifar_resnet.runner import run_training
 from cifar_resnet.sweep.local import NO_RECORD_REASON, LocalSweep
 from cifar_resnet.sweep.plan import load_sweep, starts_our_training, warn_unless_our_entry_point
@@ -148,13 +147,8 @@ def test_a_killed_host_s_run_is_taken_over_and_ends_as_an_uninterrupted_run(tmp_
     assert not (out_dir / run["run_id"] / "last.pt").exists()
 
     # The same cell uninterrupted, in this process on one thread as the runs had: the same numbers, bit for bit.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        reference = run_training(Config.from_mapping({**resumed.config, "output_dir": str(tmp_path / "ref")}),
-                                 "reference").record
-    finally:
-        torch.set_num_threads(threads)
+    reference = run_training(Config.from_mapping({**resumed.config, "output_dir": str(tmp_path / "ref")}),
+                             RunFolder.of(tmp_path / "ref", "reference")).record
 
     def without_timing(history: list[dict]) -> list[dict]:
         return [{key: value for key, value in entry.items() if key not in TIMING_KEYS} for entry in history]

@@ -19,14 +19,13 @@ from helpers.runs import error_lines, tree
 from wandb.sdk.lib import config_util
 from helpers.wandb_records import offline_run_file, read_records
 
-from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
 from cifar_resnet.cli import main as cli_main
 from cifar_resnet.config import Config
 from cifar_resnet.engine.device import build_optimizer
 from cifar_resnet.errors import ConfigError
 from cifar_resnet.files import LOCK_FILE, folder_lock
 from cifar_resnet.model import CIFAR10CNN
-from cifar_resnet.records import RunRecord
+from cifar_resnet.records import BEST_CHECKPOINT, RESUME_CHECKPOINT, RunFolder, RunRecord
 from cifar_resnet.runner import run_training
 from cifar_resnet.train import main as train_main
 from cifar_resnet.wandb_sweep import run_argv
@@ -112,7 +111,7 @@ def test_sweep_values_win_over_the_command_line(tmp_path, tiny_config):
 
 def test_narrow_model_learns_synthetic_classes(tiny_config):
     config = tiny_config.replace(epochs=3, train_size=2000)
-    outcome = run_training(config, "learn01")
+    outcome = run_training(config, RunFolder.of(config.output_dir, "learn01"))
     assert outcome.fit.test.acc > 0.3  # chance is 0.1; measured 0.41 (the synthetic classes are meant to be hard)
     assert outcome.record.history[-1]["train/loss"] < outcome.record.history[0]["train/loss"]
 
@@ -120,7 +119,7 @@ def test_narrow_model_learns_synthetic_classes(tiny_config):
 def test_narrow_model_learns_real_cifar_images(cifar_jpeg_dir, tmp_path):
     config = Config(dataset="imagefolder", data_dir=str(cifar_jpeg_dir), width=16, epochs=2, val_size=500,
                     batch_size=64, recipe="writeup", output_dir=str(tmp_path / "runs"), device="cpu")
-    outcome = run_training(config, "real01")
+    outcome = run_training(config, RunFolder.of(config.output_dir, "real01"))
     assert outcome.fit.test.acc > 0.25  # chance is 0.1; 2,500 images and 2 epochs
 
 
@@ -142,12 +141,11 @@ def python_train(*args: str, **env: str) -> subprocess.CompletedProcess:
                                     "got 1e+300"),
     ],
 )
-def test_bad_settings_fail_in_one_line_before_anything_starts(args, message):
-    done = python_train(*args)
-    assert done.returncode == 2
-    assert error_lines(done.stderr) == [message]
-    assert "Traceback" not in done.stderr
-    assert not Path("runs").exists()
+def test_bad_settings_fail_in_one_line_before_anything_starts(tmp_path, capsys, args, message):
+    """In this process: what `python -m cifar_resnet.train` says and returns (its process: the next test)."""
+    assert train_main(args) == 2
+    assert error_lines(capsys.readouterr().err) == [message]
+    assert sorted(path.name for path in tmp_path.iterdir()) == []  # no run folder, W&B not started
 
 
 # The proxies a download goes through, all at a port where nothing listens: no internet, on any machine.
@@ -192,17 +190,14 @@ def test_diverging_loss_stops_the_run(tiny_config):
     assert record.status == "failed" and not (Path(tiny_config.output_dir) / "nan00001" / BEST_CHECKPOINT).exists()
 
 
-def test_no_credentials_goes_offline_by_itself_and_says_how_to_sync(tiny_config, monkeypatch):
-    monkeypatch.delenv("WANDB_MODE")
-    done = python_train(*tiny_args(tiny_config.replace(epochs=1)), WANDB_RUN_ID="nocred01")
-    assert done.returncode == 0, done.stderr[-2000:]
-    warning = [line for line in done.stderr.splitlines() if "no W&B credentials" in line]
-    assert len(warning) == 1 and "wandb sync" in warning[0] and "nocred01" in warning[0]
+def test_no_credentials_goes_offline_by_itself_and_says_how_to_sync(offline_run):
+    warning = [line for line in offline_run.done.stderr.splitlines() if "no W&B credentials" in line]
+    assert len(warning) == 1 and "wandb sync" in warning[0] and offline_run.run_id in warning[0]
 
 
-def test_evaluate_command_tests_a_saved_checkpoint(tiny_config, capsys):
-    outcome = run_training(tiny_config, "eval0001")
-    assert cli_main(["evaluate", str(outcome.run_dir / BEST_CHECKPOINT), "--device=cpu"]) == 0
+def test_evaluate_command_tests_a_saved_checkpoint(finished_run, capsys):
+    outcome = finished_run
+    assert cli_main(["evaluate", str(outcome.folder.best), "--device=cpu"]) == 0
     printed = capsys.readouterr().out
     assert f"test acc {100 * outcome.fit.test.acc:.2f}%" in printed  # in %, as the report shows it
     assert cli_main(["evaluate", "missing.pt"]) == 2
@@ -283,12 +278,11 @@ def test_a_run_id_that_would_leave_its_folder_or_that_w_and_b_refuses_is_one_lin
     assert sorted(path.name for path in tmp_path.iterdir()) == []  # nothing written, W&B not started
 
 
-def test_an_offline_run_s_wandb_log_names_no_file_outside_its_folder(tmp_path, tiny_config):
+def test_an_offline_run_s_wandb_log_names_no_file_outside_its_folder(tmp_path, offline_run):
     """W&B's data folder is the offline run's folder for the whole run (issue 23: the confusion-matrix table was
     staged in WANDB_DATA_DIR, here the conftest's, and the run's .wandb file pointed there). Every path in the
     logs of a copy of the run lies inside the run's folder, and the copy holds each file."""
-    assert python_train(*tiny_args(tiny_config.replace(epochs=1)), WANDB_RUN_ID="self0001").returncode == 0
-    (run_folder,) = tmp_path.glob("wandb/offline-run-*-self0001")
+    (run_folder,) = offline_run.wandb_dir.glob(f"wandb/offline-run-*-{offline_run.run_id}")
     copy = shutil.copytree(run_folder, tmp_path / "copied" / run_folder.name)
     logs = list(copy.rglob("*.wandb"))
     assert logs
@@ -298,7 +292,7 @@ def test_an_offline_run_s_wandb_log_names_no_file_outside_its_folder(tmp_path, t
     for path in map(Path, named):
         assert path.is_relative_to(run_folder), path
         assert (copy / path.relative_to(run_folder)).is_file(), path
-    assert not any(Path(os.environ["WANDB_DATA_DIR"]).rglob("*"))  # nothing staged outside
+    assert not any(offline_run.wandb_data_dir.rglob("*"))  # nothing staged outside
 
 
 def strings_of(message) -> list[str]:

@@ -28,10 +28,17 @@ from helpers.sweeps import tiny_settings, write_sweep
 from helpers.wandb_agent import start_agent
 from helpers.wandb_records import offline_run_file, read_records
 
-from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
 from cifar_resnet.config import Config
 from cifar_resnet.run_contract import TRAINER_VARIABLE
-from cifar_resnet.records import EPOCH_SECONDS, TRAIN_IMAGES_PER_SECOND, RunRecord, read_record
+from cifar_resnet.records import (
+    BEST_CHECKPOINT,
+    EPOCH_SECONDS,
+    RESUME_CHECKPOINT,
+    TRAIN_IMAGES_PER_SECOND,
+    RunFolder,
+    RunRecord,
+    read_record,
+)
 from cifar_resnet.runner import RunHooks, run_training
 from cifar_resnet.packing.client import train_in_trainer
 from cifar_resnet.packing.trainer import Trainer
@@ -52,10 +59,9 @@ def socket_path():
 
 
 def start_trainer(socket_path: Path, log: Path) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "cifar_resnet", "trainer", f"--socket={socket_path}",
-                                 "--device=cpu"], env=env, stdout=out, stderr=subprocess.STDOUT)
+                                 "--device=cpu"], stdout=out, stderr=subprocess.STDOUT)
 
 
 @contextlib.contextmanager
@@ -81,7 +87,7 @@ def assert_own_wandb_run(wandb_dir: Path, run_id: str, epochs: int) -> None:
 
 
 def start_run(config, run_id: str, socket_path: Path, log: Path) -> subprocess.Popen:
-    env = dict(os.environ, WANDB_RUN_ID=run_id, OMP_NUM_THREADS="1", **{TRAINER_VARIABLE: str(socket_path)})
+    env = dict(os.environ, WANDB_RUN_ID=run_id, **{TRAINER_VARIABLE: str(socket_path)})
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "cifar_resnet.train", *tiny_args(config)], env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
@@ -109,7 +115,7 @@ def assert_like_alone(run_dir: Path, alone) -> None:
     assert record.status == "finished"
     assert without_timings(record.history) == without_timings(alone.record.history)
     assert record.summary["test/acc"] == alone.record.summary["test/acc"]
-    for name, tensor in best_weights(alone.run_dir).items():
+    for name, tensor in best_weights(alone.folder.path).items():
         assert torch.equal(best_weights(run_dir)[name], tensor), name
 
 
@@ -118,13 +124,14 @@ def wait_all(processes: dict, logs: Path) -> dict:
 
 
 def alone_runs(configs, tmp_path):
-    return {run_id: run_training(config.replace(output_dir=str(tmp_path / "alone")), run_id)
+    return {run_id: run_training(config.replace(output_dir=str(tmp_path / "alone")),
+                                 RunFolder.of(tmp_path / "alone", run_id))
             for run_id, config in configs.items()}
 
 
 @pytest.mark.slow
 def test_three_runs_in_one_trainer_end_as_three_runs_alone_with_their_own_wandb_runs(tmp_path, tiny_config,
-                                                                                    socket_path, one_thread):
+                                                                                    socket_path):
     configs = cells(tiny_config)
     with trainer_running(socket_path, tmp_path / "trainer.log") as trainer:
         runs = {run_id: start_run(config, run_id, socket_path, tmp_path / f"{run_id}.log")
@@ -144,7 +151,7 @@ def test_three_runs_in_one_trainer_end_as_three_runs_alone_with_their_own_wandb_
 
 @pytest.mark.slow
 def test_a_run_stopped_in_its_trainer_resumes_there_and_the_others_are_undisturbed(tmp_path, tiny_config,
-                                                                                  socket_path, one_thread):
+                                                                                  socket_path):
     configs = cells(tiny_config)
     with trainer_running(socket_path, tmp_path / "trainer.log"):
         runs = {run_id: start_run(config, run_id, socket_path, tmp_path / f"{run_id}.log")
@@ -168,8 +175,7 @@ def test_a_run_stopped_in_its_trainer_resumes_there_and_the_others_are_undisturb
 
 
 @pytest.mark.slow
-def test_runs_of_a_killed_trainer_are_preempted_and_resume_in_the_next_one(tmp_path, tiny_config, socket_path,
-                                                                           one_thread):
+def test_runs_of_a_killed_trainer_are_preempted_and_resume_in_the_next_one(tmp_path, tiny_config, socket_path):
     configs = cells(tiny_config)
     trainer = start_trainer(socket_path, tmp_path / "trainer.log")
     runs = {run_id: start_run(config, run_id, socket_path, tmp_path / f"{run_id}.log")
@@ -219,7 +225,6 @@ def test_an_offline_sweep_packs_its_workers_runs_into_one_trainer(tmp_path, tiny
     """`cifar-resnet sweep --workers 3 --pack` on a CPU: one trainer, every cell trained in it, as alone."""
     from cifar_resnet.cli import main
 
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     grid = {"learning_rate": {"values": [0.002, 0.001, 0.0005]}, "optimizer": {"value": "adam"}}
     path = write_sweep(tmp_path / "grid.yaml", grid | tiny_settings(tiny_config, epochs=2))
     out_dir = tmp_path / "packed"
@@ -228,14 +233,13 @@ def test_an_offline_sweep_packs_its_workers_runs_into_one_trainer(tmp_path, tiny
     assert [run["state"] for run in runs] == ["finished"] * 3
     (trainer_log,) = (out_dir / "trainers").glob("*/trainer-default.log")
     assert trainer_log.read_text().count("joins the pack") == 3
-    torch.set_num_threads(1)
     for run in runs:
         config = Config.from_mapping(run["params"], base=tiny_config).replace(output_dir=str(tmp_path / "alone"))
-        alone = run_training(config, run["run_id"])
+        alone = run_training(config, RunFolder.of(config.output_dir, run["run_id"]))
         assert_like_alone(out_dir / run["run_id"], alone)
 
 
-def test_a_packed_runs_log_holds_the_lines_of_a_run_alone(tiny_config, socket_path, one_thread, caplog):
+def test_a_packed_runs_log_holds_the_lines_of_a_run_alone(tiny_config, socket_path, caplog):
     """Issue 27: a packed run's log (its process's output, the sweep's run.log) lacked its `config:` and `test (best
     epoch ...)` lines, which only the trainer's log held; and the trainer said "(1 members)". A trainer on a thread
     of this process; the run's side (this thread) logs what its member's messages relay. Its lines are a run
@@ -246,14 +250,15 @@ def test_a_packed_runs_log_holds_the_lines_of_a_run_alone(tiny_config, socket_pa
     with caplog.at_level(logging.INFO, logger="cifar_resnet"):
         trainer.start()
         try:
-            record = train_in_trainer(socket_path, tiny_config, "packed01", RunHooks(), [])
+            record = train_in_trainer(socket_path, tiny_config, RunFolder.of(tiny_config.output_dir, "packed01"),
+                                      RunHooks(), [])
         finally:
             received.append(signal.SIGTERM)
             trainer.join(WAIT_SECONDS)
         packed = [item.getMessage() for item in caplog.records if item.threadName != "trainer"]
         trainer_lines = [item.getMessage() for item in caplog.records if item.threadName == "trainer"]
         caplog.clear()
-        run_training(tiny_config, "alone001")
+        run_training(tiny_config, RunFolder.of(tiny_config.output_dir, "alone001"))
         alone = [item.getMessage() for item in caplog.records]
 
     def untimed(lines: list[str]) -> list[str]:

@@ -23,8 +23,7 @@ import torch
 from helpers.wandb_agent import SWEEP_ID, start_agent
 from helpers.wandb_records import offline_run_file, read_records
 
-from cifar_resnet.checkpoint import BEST_CHECKPOINT, RESUME_CHECKPOINT
-from cifar_resnet.records import RECORD_FILE, RunRecord
+from cifar_resnet.records import BEST_CHECKPOINT, RECORD_FILE, RESUME_CHECKPOINT, RunRecord
 from cifar_resnet.wandb_sweep import run_argv
 
 WAIT_SECONDS = 300

@@ -1,13 +1,16 @@
 """An image folder as a data source (`dataset=imagefolder`): its listing in torchvision's `ImageFolder` order, the
-decoding of its images on several threads, and the decode cache beside it, found again by its folders' stamps."""
+decoding of its images on several threads, and the decode cache beside it, found again by its folders' stamps and
+checked against its images' stamps."""
 
 from __future__ import annotations
 
+import array
 import hashlib
 import logging
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,7 +23,9 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # matched in any case, as torchvision's ImageFolder does
 MIN_CLASSES = 2  # a classifier of one class is 100% right and learns nothing
 CACHE_FOLDER = ".cifar_resnet_cache"  # in data_dir: the decoded tensors of its image folder, or of CIFAR-10
-CACHE_FORMAT_VERSION = 2  # 2: an image folder's cache is found by its folders' stamps (1: by every file's stat)
+CACHE_FORMAT_VERSION = 3  # 3: it holds every image's stamp too; 2: found by its folders' stamps alone (1: by every
+# file's stat)
+SIGN_BIT = 1 << 63  # of a 64-bit number
 
 
 def load_image_folder(data_dir: Path) -> tuple[ImageSet, ImageSet, list[str]]:
@@ -138,70 +143,141 @@ def _stamps_unchanged(folder: Path, stamps: dict[str, list[int]]) -> bool:
         return False
 
 
-def _load_folder_split(folder: Path) -> tuple[ImageSet, list[str]]:
-    """One split's images and class names: from its decode cache while the folder is unchanged, else decoded from
-    the files (and cached, in `<data_dir>/.cifar_resnet_cache/`).
-
-    A cache holds the stamps (`_folder_stamp`) of every folder of the split as it was listed: the split folder, its
-    class folders and their subfolders. A warm cache is found by checking those few stamps, without listing or
-    stat-ing the image files (60,000 of them for CIFAR-10: BENCHMARKS.md has the times). What changes a stamp, and so
-    decodes the folder again: an image added, removed or renamed, an image replaced by another moved onto its name
-    (as rsync, `mv` and atomic writers replace files), a class or subfolder added or removed; also what only touches
-    a folder (`touch`, `chmod`), which decodes for nothing. What does not: an image rewritten in place under its name
-    (`cp` onto it, an editor saving it) and a change to the target of a linked image file. After such a change,
-    touch the image's folder or delete the cache folder. Stamps are as fine as the file system's timestamps.
-    """
-    cache_dir = folder.parent / CACHE_FOLDER
-
-    def read_cache() -> tuple[ImageSet, list[str]] | None:
-        for cache_file in sorted(cache_dir.glob(f"{folder.name}-*.pt")):
-            try:
-                # mmap: the pages are read as the tensors are first touched, with no second copy in memory
-                cached = torch.load(cache_file, weights_only=True, mmap=True)
-            except FileNotFoundError:  # removed as stale by a process that is rebuilding it
-                continue
-            except Exception as error:  # a damaged cache is rebuilt, never trusted
-                log.warning("ignoring unreadable decode cache %s: %s", cache_file, error)
-                continue
-            if (isinstance(cached, dict) and cached.get("format") == CACHE_FORMAT_VERSION
-                    and _stamps_unchanged(folder, cached["folders"])):
-                return ImageSet(cached["images"], cached["labels"]), list(cached["classes"])
+def _file_stamps(folder: Path, names: list[str]) -> torch.Tensor | None:
+    """(N, 4) int64: each image's inode, size, and modification and status-change times in nanoseconds, as `stat`
+    gives them through a link; None where an image is gone. A rewrite in place changes the times (the status-change
+    time even where a tool puts the modification time back), a replacement the inode. One `stat` per image
+    (BENCHMARKS.md has its cost for CIFAR-10's 60,000)."""
+    stamps = array.array("q")
+    split_folder = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)  # names resolved from it, not from the root
+    try:
+        for name in names:
+            stat = os.stat(name, dir_fd=split_folder)
+            # An inode number is unsigned and may use the top bit (overlayfs does): stored as its signed twin.
+            stamps.extend(((stat.st_ino ^ SIGN_BIT) - SIGN_BIT, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
+    except OSError:
         return None
+    finally:
+        os.close(split_folder)
+    return torch.frombuffer(stamps, dtype=torch.int64).view(-1, 4)
 
-    if (found := read_cache()) is not None:
-        return found
+
+def _read_cache(cache_dir: Path, folder: Path) -> dict[str, Any] | None:
+    """The contents of `folder`'s cache file whose folders' stamps still hold, or None."""
+    for cache_file in sorted(cache_dir.glob(f"{folder.name}-*.pt")):
+        try:
+            # mmap: the pages are read as the tensors are first touched, with no second copy in memory
+            cached = torch.load(cache_file, weights_only=True, mmap=True)
+        except FileNotFoundError:  # removed as stale by a process that is rebuilding it
+            continue
+        except Exception as error:  # a damaged cache is rebuilt, never trusted
+            log.warning("ignoring unreadable decode cache %s: %s", cache_file, error)
+            continue
+        if (isinstance(cached, dict) and cached.get("format") == CACHE_FORMAT_VERSION
+                and _stamps_unchanged(folder, cached["folders"])):
+            return cached
+    return None
+
+
+def _unchanged(folder: Path, cached: dict[str, Any]) -> bool:
+    file_stamps = _file_stamps(folder, cached["files"].split("\0"))
+    return file_stamps is not None and torch.equal(file_stamps, cached["file_stamps"])
+
+
+def _listed(folder: Path) -> dict[str, Any]:
+    """A cache's contents for `folder` but its images: the listing, the folders' stamps taken as they were listed
+    and the images' stamps taken after (each before its image is decoded: a change made meanwhile shows next time)."""
     stamps: dict[str, list[int]] = {}
     samples, classes = list_folder(folder, stamps)
-    # The name of this folder's cache: a new one for any change of its stamps or its listing.
+    names = [os.path.relpath(path, folder) for path, _ in samples]
+    file_stamps = _file_stamps(folder, names)
+    if file_stamps is None:
+        raise DataError(f"data_dir: {folder} changed while it was read (an image was removed); run again")
+    return {"format": CACHE_FORMAT_VERSION, "labels": torch.tensor([label for _, label in samples]),
+            "classes": classes, "folders": stamps, "files": "\0".join(names), "file_stamps": file_stamps}
+
+
+def _decoded(folder: Path, contents: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """`contents` (a cache's, whose folders' stamps hold, or `_listed`'s) with its images, and how many were
+    decoded for it: every image where it has none, else those whose stamps changed (where an image is gone, the
+    folder is listed again)."""
+    names = contents["files"].split("\0")
+    if "images" not in contents:
+        return {**contents, "images": decode_images([os.path.join(folder, name) for name in names])}, len(names)
+    file_stamps = _file_stamps(folder, names)
+    if file_stamps is None:
+        return _decoded(folder, _listed(folder))
+    changed = (file_stamps != contents["file_stamps"]).any(dim=1).nonzero().flatten()  # (C,) rows
+    images = contents["images"]
+    if len(changed):
+        images = images.clone()  # the cache's memory-mapped pages stay as they are
+        images[changed] = decode_images([os.path.join(folder, names[row]) for row in changed.tolist()])
+    return {**contents, "images": images, "file_stamps": file_stamps}, len(changed)
+
+
+def _cache_file(cache_dir: Path, folder: Path, contents: dict[str, Any]) -> Path:
+    """The name of this folder's cache: a new one for any change of its folders' stamps or its listing."""
     digest = hashlib.sha256(f"v{CACHE_FORMAT_VERSION}".encode())
-    for relative, (modified, changed) in sorted(stamps.items()):
+    for relative, (modified, changed) in sorted(contents["folders"].items()):
         digest.update(f"{relative}\0{modified}\0{changed}\n".encode())
-    for path, label in samples:
-        digest.update(f"{os.path.relpath(path, folder)}\0{label}\n".encode())
-    cache_file = cache_dir / f"{folder.name}-{digest.hexdigest()[:16]}.pt"
+    for name, label in zip(contents["files"].split("\0"), contents["labels"].tolist(), strict=True):
+        digest.update(f"{name}\0{label}\n".encode())
+    return cache_dir / f"{folder.name}-{digest.hexdigest()[:16]}.pt"
 
-    def decode() -> ImageSet:
-        labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
-        return ImageSet(decode_images([path for path, _ in samples]), labels)
 
+def _load_folder_split(folder: Path) -> tuple[ImageSet, list[str]]:
+    """One split's images and class names: from its decode cache while the folder and its images are unchanged,
+    else decoded from the files (and cached, in `<data_dir>/.cifar_resnet_cache/`).
+
+    A cache holds the stamps (`_folder_stamp`) of every folder of the split as it was listed (the split folder, its
+    class folders and their subfolders), and of every image (`_file_stamps`). It is found by its folders' stamps,
+    without listing the folders; then every image's stamp is checked. What changes a folder's stamp, and so lists
+    and decodes the split again: an image added, removed or renamed, an image replaced by another moved onto its
+    name (as rsync, `mv` and atomic writers replace files), a class or subfolder added or removed; also what only
+    touches a folder (`touch`, `chmod`), which decodes for nothing. What changes an image's stamp only, and so
+    decodes that image again: a rewrite in place under its name (`cp` onto it, an editor saving it), of the image
+    or of a linked image's target. Stamps are as fine as the file system's timestamps: a rewrite that keeps the
+    size, inode and both times (within one tick of the file system's clock) is not seen.
+    """
+    cache_dir = folder.parent / CACHE_FOLDER
+    cached = _read_cache(cache_dir, folder)
+    if cached is not None and _unchanged(folder, cached):
+        return ImageSet(cached["images"], cached["labels"]), list(cached["classes"])
+    # Without a cache, listed before the lock is taken: a folder that cannot be listed leaves nothing behind.
+    listing = _listed(folder) if cached is None else None
+    cache_file = None
     if not os.access(folder.parent, os.W_OK):
         log.warning("%s is read-only: decoding %s without a cache", folder.parent, folder)
-        return decode(), classes
-    with file_lock(cache_dir / f"{folder.name}.lock"):
-        if (found := read_cache()) is not None:  # another process built it while this one waited
-            return found
-        decoded = decode()
-        # Old caches of this split, and temporary files of writers killed mid-write (only the lock holder writes).
-        for stale in [*cache_dir.glob(f"{folder.name}-*.pt"), *cache_dir.glob(f".{folder.name}-*.tmp")]:
+        contents, decoded = _decoded(folder, cached or listing)
+    else:
+        with file_lock(cache_dir / f"{folder.name}.lock"):
+            # Another process may have built or refreshed the cache while this one waited: then none is decoded.
+            contents, decoded = _decoded(folder, _read_cache(cache_dir, folder) or listing or _listed(folder))
+            if decoded:
+                cache_file = _save_cache(cache_dir, folder, contents)
+    images = ImageSet(contents["images"], contents["labels"])
+    if decoded:
+        log.info("%s; %s", f"decoded {decoded} images in {folder}" if decoded == len(images) else
+                 f"{decoded} of {len(images)} images in {folder} changed since they were cached: decoded again",
+                 f"cached in {cache_file}" if cache_file else "not cached")
+    return images, list(contents["classes"])
+
+
+def _save_cache(cache_dir: Path, folder: Path, contents: dict[str, Any]) -> Path | None:
+    """Write `folder`'s cache (under its lock) in place of the old ones; its path, or None where it could not be
+    written (the cache only saves time: the run trains on, as for a read-only data folder)."""
+    cache_file = _cache_file(cache_dir, folder, contents)
+    # Old caches of this split, and temporary files of writers killed mid-write (only the lock holder writes). A
+    # cache refreshed under its own name is replaced by the atomic write, never missing for a reader.
+    for stale in [*cache_dir.glob(f"{folder.name}-*.pt"), *cache_dir.glob(f".{folder.name}-*.tmp")]:
+        if stale != cache_file:
             stale.unlink(missing_ok=True)
-        try:
-            atomic_torch_save(cache_file, {"format": CACHE_FORMAT_VERSION, "images": decoded.images,
-                                           "labels": decoded.labels, "classes": classes, "folders": stamps})
-        except StorageError as error:  # the cache only saves time: train on, as for a read-only data folder
-            log.warning("%s; training on without a decode cache", error)
-            return decoded, classes
-    log.info("decoded %d images in %s; cached in %s", len(decoded), folder, cache_file)
-    return decoded, classes
+    try:
+        atomic_torch_save(cache_file, contents)
+    except StorageError as error:
+        log.warning("%s; training on without a decode cache", error)
+        return None
+    return cache_file
 
 
 DECODE_CHUNK_IMAGES = 1000  # images per decoding task: enough to amortise a task's overhead, small enough to

@@ -9,6 +9,6 @@ happens once per epoch, never per step.
 - `step.py`: the training step (`train_step`), eager or captured as one CUDA graph, and its builder `build_step`;
 - `averaging.py`: the weight average (EMA) and Lookahead, updated after every step;
 - `evaluation.py`: evaluation with test-time views, eager or captured, `evaluate` and the test pass;
-- `loop.py`: the epoch (`train_one_epoch`), a run's state (`TrainState`) and the whole run (`training`, `fit`), with
+- `loop.py`: the epoch (`train_one_epoch`), a run's state (`TrainState`) and the whole run (`fit_steps`, `fit`), with
   a step of its own or as a member of a fused group (`packing/`).
 """

@@ -1,7 +1,7 @@
 """The training loop: one epoch of steps (`train_one_epoch`), everything a run needs to continue where it stopped
-(`TrainState`), and the whole run (`training`, a generator of steps that `drive` runs alone and a pack interleaves;
+(`TrainState`), and the whole run (`fit_steps`, a generator of steps that `drive` runs alone and a pack interleaves;
 `fit`), which reports through one `TrainHooks` object. A run trains with a step of its own, or as a member of a
-fused group (`training`'s `join`)."""
+fused group (`fit_steps`'s `join`)."""
 
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def train_one_epoch(
 
 
 def drive(steps: TrainingSteps[T]) -> T:
-    """Run a generator of training steps (`train_one_epoch`, `training`) to its end, alone; its return value."""
+    """Run a generator of training steps (`train_one_epoch`, `fit_steps`) to its end, alone; its return value."""
     while True:
         try:
             next(steps)
@@ -226,7 +226,8 @@ class TrainState:
 
 @dataclass
 class TrainHooks:
-    """What `fit` tells the outside world, and how it is asked to stop; every field is optional.
+    """What `fit` tells the outside world, and how it is asked to stop; every field is optional. The runner's
+    `RunHooks` are these, and what only a run with files has.
 
     Called on the host between steps: none of them may read a device tensor, or it would add a sync per step.
     """
@@ -235,6 +236,22 @@ class TrainHooks:
     on_batch: Callable[[], None] | None = None  # after each optimizer step
     on_epoch: Callable[[EpochResult, TrainState], None] | None = None  # after validation: the state to save
     should_stop: Callable[[], bool] = lambda: False  # polled every step; True raises Interrupted
+
+    def followed_by(self, later: TrainHooks) -> TrainHooks:
+        """These hooks, then `later`'s, at each event; stopping when either asks."""
+        return TrainHooks(_in_turn(self.on_epoch_start, later.on_epoch_start), _in_turn(self.on_batch, later.on_batch),
+                          _in_turn(self.on_epoch, later.on_epoch), lambda: self.should_stop() or later.should_stop())
+
+
+def _in_turn(first: Callable[..., None] | None, then: Callable[..., None] | None) -> Callable[..., None] | None:
+    if first is None or then is None:
+        return first or then
+
+    def both(*args: Any) -> None:
+        first(*args)
+        then(*args)
+
+    return both
 
 
 @dataclass
@@ -254,11 +271,11 @@ def fit(
     hooks: TrainHooks | None = None,
     resume: dict[str, Any] | None = None,
 ) -> FitResult:
-    """`training` run alone, to its end."""
-    return drive(training(config, model, data, device, hooks, resume))
+    """`fit_steps` run alone, to its end."""
+    return drive(fit_steps(config, model, data, device, hooks, resume))
 
 
-def training(
+def fit_steps(
     config: Config,
     model: nn.Module,
     data: DataSplits,

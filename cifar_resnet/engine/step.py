@@ -123,7 +123,7 @@ class CapturedStep(GraphCapture[EagerStep], StepOnce):
         super().__init__(EagerStep(*args, **kwargs), warmup_steps, streams)
         self.capture_seconds = 0.0  # the warm-up steps and the capture, with the syncs they need
 
-    # What `train_one_epoch`, `training` and the benchmark read of a step, as the eager step holds it. Once captured,
+    # What `train_one_epoch`, `fit_steps` and the benchmark read of a step, as the eager step holds it. Once captured,
     # `loss` and `totals` are tensors the graph writes on every replay.
     @property
     def model(self) -> nn.Module:
@@ -171,7 +171,7 @@ def build_step(config: Config, model: nn.Module, device: torch.device, fused: bo
     autocast and memory format; a `CapturedStep` on CUDA with cuda_graph (captured in the first epoch trained), else
     an `EagerStep`.
 
-    The one builder of the step, for a run (`training`) and the benchmark, whose variants each change one option from
+    The one builder of the step, for a run (`fit_steps`) and the benchmark, whose variants each change one option from
     a run's: `fused` (the optimizer's; default fused on CUDA) and `mode` (torch.compile's; default `compile_mode`'s).
     `streams`: where a captured step takes its capture stream (the process's owner of streams).
     """

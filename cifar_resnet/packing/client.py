@@ -13,13 +13,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import RESUME_CHECKPOINT
 from ..config import Config
 from ..engine.loop import Interrupted
 from ..errors import RunFailed, UserError
-from ..records import BEST_EPOCH, TEST_ACC, TEST_LOSS, RunRecord, describe_epoch, describe_test, read_record
-from ..run_contract import run_folder
-from ..runner import AlreadyFinished, RunHooks
+from ..records import (
+    BEST_EPOCH,
+    TEST_ACC,
+    TEST_LOSS,
+    AlreadyFinished,
+    RunFolder,
+    RunRecord,
+    describe_epoch,
+    describe_test,
+    read_record,
+)
+from ..runner import RunHooks
 from .wire import DONE_BEFORE, FINISHED, STOPPED, USER, LineReader, send
 
 log = logging.getLogger(__name__)
@@ -44,7 +52,7 @@ def connect(socket_path: Path, wait_seconds: float = CONNECT_WAIT_SECONDS) -> so
             time.sleep(CONNECT_RETRY_SECONDS)
 
 
-def train_in_trainer(socket_path: Path, config: Config, run_id: str, hooks: RunHooks,
+def train_in_trainer(socket_path: Path, config: Config, folder: RunFolder, hooks: RunHooks,
                      received: Sequence[int]) -> RunRecord | None:
     """Hand this run's training to the trainer at `socket_path` and relay its member's life to `hooks`; the run's
     record once it has finished. None when the trainer cannot take it: the caller trains it in this process.
@@ -54,11 +62,11 @@ def train_in_trainer(socket_path: Path, config: Config, run_id: str, hooks: RunH
     if sock is None:
         log.warning("no trainer answers on %s: training in this process", socket_path)
         return None
-    run_dir = run_folder(config.output_dir, run_id)
     with sock:
-        if hooks.fetch_resume is not None and not (run_dir / RESUME_CHECKPOINT).exists():
-            hooks.fetch_resume(run_dir / RESUME_CHECKPOINT)
-        send(sock, {"train": {"run_id": run_id, "config": config.to_dict(), "cwd": os.getcwd()}})
+        if hooks.fetch_resume is not None and not folder.last.exists():
+            hooks.fetch_resume(folder.last)
+        send(sock, {"train": {"folder": str(folder.path.absolute()), "run_id": folder.run_id,
+                              "config": config.to_dict(), "cwd": os.getcwd()}})
         sock.settimeout(POLL_SECONDS)
         reader, stop_sent = LineReader(sock), False
         while True:
@@ -67,7 +75,7 @@ def train_in_trainer(socket_path: Path, config: Config, run_id: str, hooks: RunH
                 stop_sent = True
             messages = reader.read()
             if messages is None:  # the trainer died: what the run's files say is what happened
-                record = read_record(run_dir)
+                record = read_record(folder.path)
                 if record is not None and record.status == FINISHED:
                     return logged_test(record)
                 raise Interrupted("its trainer ended")
@@ -84,10 +92,10 @@ def train_in_trainer(socket_path: Path, config: Config, run_id: str, hooks: RunH
                 elif "epoch" in message:
                     record = RunRecord(**message["epoch"])
                     log.info("%s", describe_epoch(record.history, config.epochs))
-                    if hooks.on_epoch is not None:
-                        hooks.on_epoch(record)
+                    if hooks.on_epoch_recorded is not None:
+                        hooks.on_epoch_recorded(record)
                 elif "ended" in message:
-                    return logged_test(ended(message["ended"], run_dir))
+                    return logged_test(ended(message["ended"], folder))
 
 
 def logged_test(record: RunRecord) -> RunRecord:
@@ -97,9 +105,9 @@ def logged_test(record: RunRecord) -> RunRecord:
     return record
 
 
-def ended(end: dict[str, Any], run_dir: Path) -> RunRecord:
+def ended(end: dict[str, Any], folder: RunFolder) -> RunRecord:
     if end["status"] == FINISHED:
-        return RunRecord.load(run_dir)
+        return RunRecord.load(folder.path)
     if end["status"] == STOPPED:
         raise Interrupted("stopped in its trainer")
     if end["kind"] == DONE_BEFORE:

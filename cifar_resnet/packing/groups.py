@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Placement:
-    """How a run trains in its trainer: `join` (its fused group's, for `training`) or None (on streams), and what
+    """How a run trains in its trainer: `join` (its fused group's, for `fit_steps`) or None (on streams), and what
     its logs say of it."""
 
     join: Join | None

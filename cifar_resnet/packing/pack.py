@@ -1,6 +1,6 @@
 """Several runs trained together on one device, in lockstep: the unit of GPU work when one run cannot fill a GPU.
 
-A member is a whole run's training as a generator that yields after every optimizer step (`engine.loop.training`,
+A member is a whole run's training as a generator that yields after every optimizer step (`engine.loop.fit_steps`,
 or the runner's `run_steps`, which adds the run's files). A round steps every member once, in turn. On CUDA each
 member works on a CUDA stream of its own (its captured step replays there), so the small kernels of different
 members run side by side on the GPU's many SMs, where separate processes only time-slice it. On a CPU members

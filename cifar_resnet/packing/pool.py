@@ -19,8 +19,8 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..children import child_environment, exit_status, start_process, stop_processes
 from ..errors import UserError
-from ..process import child_environment, exit_status, start_process, stop_processes
 from ..run_contract import TRAINER_VARIABLE
 
 log = logging.getLogger(__name__)

@@ -41,10 +41,10 @@ from ..data.images import DataSource
 from ..data.sources import load_source, source_key, split
 from ..engine.device import select_device
 from ..engine.loop import Interrupted
-from ..errors import StorageError, TrainingDiverged, UserError
-from ..process import SUPERVISOR_STOP_SIGNALS, reject_unknown_arguments, stop_on_signals
-from ..run_contract import run_folder
-from ..runner import AlreadyFinished, RunHooks, run_steps
+from ..errors import StorageError, TrainingDiverged, UserError, reject_unknown_arguments
+from ..records import AlreadyFinished, RunFolder
+from ..runner import RunHooks, run_steps
+from ..signals import SUPERVISOR_STOP_SIGNALS, stop_on_signals
 from .groups import ON_STREAMS, FusedGroups, Placement
 from .pack import Pack
 from .pool import FUSED, STREAMS
@@ -162,12 +162,12 @@ class Trainer:
         """Add the run to the pack (in a fused group, or on streams), or tell it why not."""
         try:
             config = Config.from_mapping(request["config"])
-            client.run_id = request["run_id"]
+            folder = RunFolder(Path(request["folder"]), request["run_id"])  # built by the run's process, absolute
+            client.run_id = folder.run_id
             if canonical(select_device(config.device)) != canonical(self.device):
                 client.tell({"refused": f"it asks for device {config.device}, this trainer trains on {self.device}"})
                 return self.drop(client)
-            cwd = Path(request["cwd"])
-            data = split(self.source(config, cwd), config)
+            data = split(self.source(config, Path(request["cwd"])), config)
         except UserError as error:
             client.tell({"ended": ending(error)})
             return self.drop(client)
@@ -175,14 +175,13 @@ class Trainer:
         members = len(self.pack) + 1
         how = f"in the trainer on {self.device} ({members} member{'' if members == 1 else 's'}), {placement.how}"
         hooks = RunHooks(on_start=lambda facts: client.tell({"started": facts, "trains": how}),
-                         on_epoch=lambda record: client.tell({"epoch": asdict(record)}),
+                         on_epoch_recorded=lambda record: client.tell({"epoch": asdict(record)}),
                          should_stop=lambda: client.stop)
-        run_dir = cwd / run_folder(config.output_dir, client.run_id)
         log.info("run %s joins the pack (%d member%s): %s", client.run_id, members, "" if members == 1 else "s",
                  placement.how)
         self.run_ids[client.name] = client.run_id
-        self.pack.add(client.name, run_steps(config, client.run_id, data, self.device, hooks, run_dir=run_dir,
-                                             join=placement.join, streams=self.pack.streams))
+        self.pack.add(client.name, run_steps(config, folder, data, self.device, hooks, join=placement.join,
+                                             streams=self.pack.streams))
 
     def place(self, run_id: str, config: Config, num_classes: int) -> Placement:
         return ON_STREAMS if self.groups is None else self.groups.place(run_id, config, num_classes)

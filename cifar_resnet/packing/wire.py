@@ -1,11 +1,13 @@
 """What a trainer and a run's process say to each other: JSON lines over a Unix stream socket.
 
-    run -> trainer   {"train": {"run_id", "config", "cwd"}}, then at most one {"stop": signal number}
+    run -> trainer   {"train": {"folder", "run_id", "config", "cwd"}}, then at most one {"stop": signal number}
     trainer -> run   {"started": facts, "trains": how}, {"epoch": record} per epoch, and last
                      {"ended": {"status", "kind", "error"}} or, before it starts, {"refused": reason}
 
-`how` says how the run trains in the trainer (on streams, or fused: its slot and the runs beside it), for the run's
-own log. An end's status and kind decide the run's exit status (see train.py).
+`folder` is the run's folder as its process built it (absolute: the trainer writes the run's files there), `cwd` the
+run's working directory (where a relative `data_dir` is found). `how` says how the run trains in the trainer (on
+streams, or fused: its slot and the runs beside it), for the run's own log.
+An end's status and kind decide the run's exit status (see train.py).
 """
 
 from __future__ import annotations

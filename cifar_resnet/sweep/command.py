@@ -21,15 +21,15 @@ from pathlib import Path
 
 from ..config import Config
 from ..credentials import DEFAULT_PROJECT, choose_mode
-from ..errors import UserError
+from ..errors import UserError, reject_unknown_arguments
 from ..gpus import AUTO, check_gpus_exist, parse_runs_per_gpu, resolve_runs_per_gpu
 from ..packing.pool import OFF, STREAMS, add_pack_arguments, pack_mode
-from ..process import Launch, reject_unknown_arguments, run_staggered
-from ..records import RunResult, result_from_record
-from ..run_contract import SIGNAL_EXIT_BASE, run_folder
+from ..records import RunFolder, RunResult, result_from_record
+from ..run_contract import SIGNAL_EXIT_BASE
+from ..staggered import Launch, run_staggered
 from ..table import markdown_table
 from ..wandb_sweep import DEFAULT_STAGGER_SECONDS, agent_argv, create_sweep
-from .local import RUN_LOG, LocalSweep, LocalSweepResult, record_if_readable, run_params
+from .local import LocalSweep, LocalSweepResult, record_if_readable, run_params
 from .plan import (
     DEFAULT_OUTPUT_ROOT,
     SweepPlan,
@@ -170,7 +170,7 @@ def print_results(result: LocalSweepResult) -> None:
         return
     rows = []
     for run in result.state.runs:
-        record = record_if_readable(run_folder(result.out_dir, run.run_id))
+        record = record_if_readable(RunFolder.of(result.out_dir, run.run_id))
         # A run that failed before writing its record (or with one it cannot read) still gets a row, with the
         # settings it was given.
         row = result_from_record(record) if record else RunResult(
@@ -181,7 +181,7 @@ def print_results(result: LocalSweepResult) -> None:
         print(markdown_table(rows))
     for run in result.state.runs:
         if run.state == "failed":
-            path = run_folder(result.out_dir, run.run_id) / RUN_LOG
+            path = RunFolder.of(result.out_dir, run.run_id).log
             print(f"run {run.run_id} failed ({exit_text(run)}); last lines of {path}:\n{log_tail(path)}\n")
     print(f"sweep folder: {result.out_dir}  (report: cifar-resnet report {result.out_dir})")
     if result.exit_code > SIGNAL_EXIT_BASE:

@@ -16,19 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from ..children import child_environment, exit_status, start_process, stop_processes
 from ..config import Config
 from ..errors import UserError
 from ..packing.pool import OFF, Trainers
-from ..process import (
-    SUPERVISOR_STOP_SIGNALS,
-    child_environment,
-    exit_status,
-    start_process,
-    stop_on_signals,
-    stop_processes,
-)
-from ..records import RunRecord, read_record
-from ..run_contract import ERROR_LINE_PREFIX, EXIT_CRASH, EXIT_OK, EXIT_USAGE, SIGNAL_EXIT_BASE, run_folder
+from ..records import RunFolder, RunRecord, read_record
+from ..run_contract import ERROR_LINE_PREFIX, EXIT_CRASH, EXIT_OK, EXIT_USAGE, SIGNAL_EXIT_BASE
+from ..signals import SUPERVISOR_STOP_SIGNALS, stop_on_signals
 from ..wandb_sweep import new_id, run_argv, write_param_file
 from .plan import SweepPlan, proposer_run, runs_to_stop, sweep_name, sweep_proposer
 from .state import (
@@ -38,15 +32,15 @@ from .state import (
     LocalRun,
     SweepFolder,
     SweepState,
+    owner_name,
     renew_interval,
-    worker_name,
 )
 from .view import LogView, RunTiming, exit_text, progress_of, sweep_seconds_left
 
 log = logging.getLogger(__name__)
 
-RUN_LOG = "run.log"  # a run's stdout and stderr, in its run folder
 TRAINER_LOGS = "trainers"  # in the sweep's folder, a folder per host: each trainer's log (`--pack`)
+# In a run's folder, beside the run's own files (RunFolder), the files `wandb agent` would give its command:
 PARAM_FILE = "sweep-params.yaml"  # what WANDB_SWEEP_PARAM_PATH names
 ARGS_JSON_FILE = "sweep-args.json"  # for a command that uses ${args_json_file}
 POLL_SECONDS = 0.5
@@ -70,13 +64,12 @@ def error_line(path: Path) -> str | None:
     return next((line.strip() for line in reversed(lines) if line.strip()), None)
 
 
-def record_if_readable(run_dir: Path) -> RunRecord | None:
+def record_if_readable(folder: RunFolder) -> RunRecord | None:
     """The run's record, or None when it has none or one that cannot be read."""
     try:
-        return read_record(run_dir)
+        return read_record(folder.path)
     except UserError:
         return None
-
 
 
 @dataclass
@@ -88,8 +81,9 @@ class LocalSweepResult:
 
 
 @dataclass
-class Worker:
-    """A run in progress: its process, the GPU it holds and its log file."""
+class Attempt:
+    """A run in progress in this process: one attempt of it (LocalRun.attempts counts them), its process, the GPU it
+    holds and its log file."""
 
     process: subprocess.Popen
     gpu: str | None
@@ -98,8 +92,8 @@ class Worker:
 
 
 @dataclass(frozen=True)
-class RunEnd:
-    """How a run's process (one attempt of the run) ended, to be recorded in the sweep's state."""
+class AttemptEnd:
+    """How an attempt of a run (its process) ended, to be recorded in the sweep's state."""
 
     run_id: str
     state: str
@@ -121,7 +115,7 @@ class LocalSweep:
                  project: str | None, view: LogView, lease_seconds: float = LEASE_SECONDS, pack: str = OFF) -> None:
         self.plan, self.out_dir, self.count, self.project, self.view = plan, out_dir, count, project, view
         self.lease_seconds = lease_seconds
-        self.owner = worker_name()
+        self.owner = owner_name()
         self.folder = SweepFolder(out_dir, plan.config, new_id)
         self.joined_at = time.time()
         with self.folder.transaction() as state:  # creates the sweep, or joins it (another sweep's folder: refused)
@@ -134,7 +128,7 @@ class LocalSweep:
         # Unless `pack` is off, the runs of each GPU train together in one trainer (their processes hand it their
         # training), on streams or fused.
         self.trainers = Trainers(gpus, out_dir / TRAINER_LOGS / socket.gethostname(), pack) if pack != OFF else None
-        self.active: dict[str, Worker] = {}
+        self.active: dict[str, Attempt] = {}
         self.stopping: set[str] = set()  # runs that early_terminate stopped
         self.whole_runs: list[float] = []  # seconds from process start to exit of each run that finished here
         self.done_records: dict[str, RunRecord | None] = {}  # records of done runs do not change: read them once
@@ -146,16 +140,16 @@ class LocalSweep:
         for run in self.state.runs:  # a done run's record that cannot be read is refused before any run starts
             self.record_of(run)
 
-    def run_dir(self, run_id: str) -> Path:
-        return run_folder(self.out_dir, run_id)
+    def run_folder(self, run_id: str) -> RunFolder:
+        return RunFolder.of(self.out_dir, run_id)
 
     def record_of(self, run: LocalRun) -> RunRecord | None:
         """A done run's record, read once (one that cannot be read is a UserError); another run's, when readable
         (its own process rewrites it, or fails on it, in one line in its log)."""
         if run.state not in DONE:
-            return record_if_readable(self.run_dir(run.run_id))
+            return record_if_readable(self.run_folder(run.run_id))
         if run.run_id not in self.done_records:
-            self.done_records[run.run_id] = read_record(self.run_dir(run.run_id))
+            self.done_records[run.run_id] = read_record(self.run_folder(run.run_id).path)
         return self.done_records[run.run_id]
 
     # --- transactions on the shared state (called with its lock held) ---
@@ -207,16 +201,16 @@ class LocalSweep:
                                        default=lambda number: number.item()))
         return LocalRun(new_id(), params)
 
-    def record_outcomes(self, state: SweepState, outcomes: Sequence[RunEnd], now: float) -> list[LocalRun]:
+    def record_ends(self, state: SweepState, ends: Sequence[AttemptEnd], now: float) -> list[LocalRun]:
         """Mark this process's ended runs; a run another process has taken over keeps that one's state."""
         ended = []
-        for outcome in outcomes:
-            run = state.find(outcome.run_id)
+        for end in ends:
+            run = state.find(end.run_id)
             if run is None or run.owner != self.owner or run.state != "running":
                 log.warning("run %s: taken over by %s meanwhile; this attempt's end (%s) is not recorded",
-                            outcome.run_id, run.owner if run else "nobody", outcome.state)
+                            end.run_id, run.owner if run else "nobody", end.state)
                 continue
-            run.state, run.exit_code, run.reason, run.ended_at = outcome.state, outcome.exit_code, outcome.reason, now
+            run.state, run.exit_code, run.reason, run.ended_at = end.state, end.exit_code, end.reason, now
             ended.append(run)
         return ended
 
@@ -237,12 +231,12 @@ class LocalSweep:
         """Reap ended runs; in one transaction record them and renew leases when due; then claim and start runs for
         the free workers, one transaction each (a run that cannot start is recorded before the next proposal).
         Whether it claimed any."""
-        outcomes = self.reap()
+        ends = self.reap()
         renew = time.monotonic() - self.renewed_at >= renew_interval(self.lease_seconds)
-        if outcomes or renew:
+        if ends or renew:
             with self.folder.transaction() as state:
                 now = time.time()
-                ended = self.record_outcomes(state, outcomes, now)
+                ended = self.record_ends(state, ends, now)
                 lost = self.renew_leases(state, now) if renew else []
                 self.state = state
             if renew:
@@ -265,7 +259,7 @@ class LocalSweep:
 
     def report_ended(self, runs: Sequence[LocalRun]) -> None:
         for run in runs:
-            self.view.ended(progress_of(run, self.record_of(run), self.base), self.run_dir(run.run_id) / RUN_LOG)
+            self.view.ended(progress_of(run, self.record_of(run), self.base), self.run_folder(run.run_id).log)
             self.watch_for_user_mistake(run)
 
     def watch_for_user_mistake(self, run: LocalRun) -> None:
@@ -276,11 +270,11 @@ class LocalSweep:
             self.user_mistake = None
         elif (run.exit_code == EXIT_USAGE and self.user_mistake is None
               and not any(other.state in DONE for other in self.state.runs)):
-            self.user_mistake = error_line(self.run_dir(run.run_id) / RUN_LOG) or f"run {run.run_id}: {exit_text(run)}"
+            self.user_mistake = error_line(self.run_folder(run.run_id).log) or f"run {run.run_id}: {exit_text(run)}"
 
-    def record_now(self, outcomes: Sequence[RunEnd]) -> None:
+    def record_now(self, ends: Sequence[AttemptEnd]) -> None:
         with self.folder.transaction() as state:
-            ended = self.record_outcomes(state, outcomes, time.time())
+            ended = self.record_ends(state, ends, time.time())
             self.state = state
         self.report_ended(ended)
 
@@ -290,23 +284,23 @@ class LocalSweep:
     # --- the runs' processes ---
 
     def start(self, run: LocalRun, gpu: str | None) -> None:
-        run_dir = self.run_dir(run.run_id)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        folder = self.run_folder(run.run_id)
+        folder.path.mkdir(parents=True, exist_ok=True)
         params = run_params(run, self.out_dir)
-        write_param_file(run_dir / PARAM_FILE, params)
+        write_param_file(folder.path / PARAM_FILE, params)
         command = run_argv(self.plan.config.get("command"), self.plan.config.get("program"), params,
-                           run_dir / ARGS_JSON_FILE)
+                           folder.path / ARGS_JSON_FILE)
         env = self.environment(run, gpu)
-        log_file = open(run_dir / RUN_LOG, "ab")  # appended: a resumed run keeps its earlier attempts' lines
+        log_file = open(folder.log, "ab")  # appended: a resumed run keeps its earlier attempts' lines
         try:
             process = start_process(command, env, log_file)
         except OSError as error:  # the sweep's command cannot start: this run fails, the sweep goes on
             log_file.write(f"cannot start {' '.join(command)}: {error}\n".encode())
             log_file.close()
             self.free_gpus.append(gpu)
-            self.record_now([RunEnd(run.run_id, "failed", None)])
+            self.record_now([AttemptEnd(run.run_id, "failed", None)])
             return
-        self.active[run.run_id] = Worker(process, gpu, log_file)
+        self.active[run.run_id] = Attempt(process, gpu, log_file)
         self.started_any = True
         self.view.started(run, gpu)
 
@@ -323,7 +317,7 @@ class LocalSweep:
             self.workers,
             WANDB_MODE="offline",
             WANDB_RUN_ID=run.run_id,
-            WANDB_SWEEP_PARAM_PATH=str((self.run_dir(run.run_id) / PARAM_FILE).resolve()),
+            WANDB_SWEEP_PARAM_PATH=str((self.run_folder(run.run_id).path / PARAM_FILE).resolve()),
             WANDB_RUN_GROUP=f"sweep-{name}-{self.state.sweep_id}",
         )
         env.pop("WANDB_SWEEP_ID", None)  # one left in this shell by an agent
@@ -336,46 +330,46 @@ class LocalSweep:
             env.update(self.trainers.environment(gpu))
         return env
 
-    def release(self, run_id: str) -> Worker:
-        worker = self.active.pop(run_id)
-        worker.log_file.close()
-        self.free_gpus.append(worker.gpu)
-        return worker
+    def release(self, run_id: str) -> Attempt:
+        attempt = self.active.pop(run_id)
+        attempt.log_file.close()
+        self.free_gpus.append(attempt.gpu)
+        return attempt
 
     def drop(self, run_id: str) -> None:
         """Stop a run this process no longer owns, without recording anything."""
         stop_processes([self.active[run_id].process], STOP_GRACE_SECONDS)
         self.release(run_id)
 
-    def outcome(self, run_id: str, process: subprocess.Popen, stopped_by_signal: bool = False) -> RunEnd:
+    def attempt_end(self, run_id: str, process: subprocess.Popen, stopped_by_signal: bool = False) -> AttemptEnd:
         """What a run's ended process, and its record, say about how it ended. A record that says finished wins: the
         run's process may be stopped or killed after writing it (while W&B shuts down), and it is never run again.
         A process killed by signal N (before it could handle it: in its start-up, or SIGKILL) is recorded with exit
         status 128 + N, as a shell reports it and as a run that handled the signal exits."""
         exit_code = exit_status(process)
-        record = record_if_readable(self.run_dir(run_id))
+        record = record_if_readable(self.run_folder(run_id))
         if record is not None and record.status == "finished":
-            return RunEnd(run_id, "finished", exit_code)
+            return AttemptEnd(run_id, "finished", exit_code)
         if run_id in self.stopping:
-            return RunEnd(run_id, "stopped", exit_code)
+            return AttemptEnd(run_id, "stopped", exit_code)
         if exit_code == 0:
             if record is None:
-                return RunEnd(run_id, "failed", exit_code, NO_RECORD_REASON)
-            return RunEnd(run_id, "failed", exit_code, f"exited 0, but its run record says {record.status}")
+                return AttemptEnd(run_id, "failed", exit_code, NO_RECORD_REASON)
+            return AttemptEnd(run_id, "failed", exit_code, f"exited 0, but its run record says {record.status}")
         # Stopped by a signal after saving its state (a process killed by one is a failure, unless this one sent it)
         if process.returncode > SIGNAL_EXIT_BASE or stopped_by_signal:
-            return RunEnd(run_id, "preempted", exit_code)
-        return RunEnd(run_id, "failed", exit_code)
+            return AttemptEnd(run_id, "preempted", exit_code)
+        return AttemptEnd(run_id, "failed", exit_code)
 
-    def reap(self) -> list[RunEnd]:
+    def reap(self) -> list[AttemptEnd]:
         """The runs whose process has ended (their GPUs freed)."""
-        outcomes = []
-        for run_id in [run_id for run_id, worker in self.active.items() if worker.process.poll() is not None]:
-            worker = self.release(run_id)
-            outcomes.append(self.outcome(run_id, worker.process))
-            if outcomes[-1].state == "finished":
-                self.whole_runs.append(time.monotonic() - worker.timing.started_at)
-        return outcomes
+        ends = []
+        for run_id in [run_id for run_id, attempt in self.active.items() if attempt.process.poll() is not None]:
+            attempt = self.release(run_id)
+            ends.append(self.attempt_end(run_id, attempt.process))
+            if ends[-1].state == "finished":
+                self.whole_runs.append(time.monotonic() - attempt.timing.started_at)
+        return ends
 
     def early_terminate(self) -> None:
         if "early_terminate" not in self.plan.config:
@@ -389,8 +383,8 @@ class LocalSweep:
 
     def interrupt(self, signum: int) -> None:
         """Stop this process's runs (each saves its state) and release them: they resume in any process."""
-        stop_processes([worker.process for worker in self.active.values()], STOP_GRACE_SECONDS)
-        self.record_now([self.outcome(run_id, self.release(run_id).process, stopped_by_signal=True)
+        stop_processes([attempt.process for attempt in self.active.values()], STOP_GRACE_SECONDS)
+        self.record_now([self.attempt_end(run_id, self.release(run_id).process, stopped_by_signal=True)
                          for run_id in list(self.active)])
         log.info("stopped by signal %d", signum)
 
@@ -404,10 +398,10 @@ class LocalSweep:
                     self.trainers.revive()
                 claimed = self.step()
                 self.early_terminate()
-                progress = [progress_of(run, self.record_of(run), self.base, self.run_dir(run.run_id))
+                progress = [progress_of(run, self.record_of(run), self.base, self.run_folder(run.run_id))
                             for run in self.state.runs]
                 now = time.monotonic()
-                timings = {run_id: worker.timing for run_id, worker in self.active.items()}
+                timings = {run_id: attempt.timing for run_id, attempt in self.active.items()}
                 for item in progress:
                     if item.run.run_id in timings:
                         timings[item.run.run_id].saw(item.done_epochs, now)

@@ -5,8 +5,8 @@ sweep through its folder. Every change is a transaction: take the sweep's lock (
 read `sweep.json`, change it, write it atomically, release. So two processes never claim the same run, and no
 process overwrites what another recorded.
 
-A running run carries its owner (host, pid and a random worker id) and a lease: `heartbeat_at`, renewed by its
-owner while the run's process lives, and `lease_seconds`, the owner's promise. A run whose lease has run out
+A running run carries its owner (`owner_name`: host, pid and a random id) and a lease: `heartbeat_at`, renewed by
+its owner while the run's process lives, and `lease_seconds`, the owner's promise. A run whose lease has run out
 (its owner's host died, or the owner was killed) may be taken over by any other process: it restarts under the
 same run id and resumes from its folder's `last.pt`. Wall-clock time (Unix seconds), so the hosts' clocks must
 agree to within a small fraction of the lease (NTP).
@@ -46,7 +46,7 @@ CLAIMABLE = ("pending", "preempted")
 NO_FLOCK_ERRNOS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
-def worker_name() -> str:
+def owner_name() -> str:
     """This process's name as an owner of runs: host, pid, and a random id (pids repeat across hosts)."""
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import Config
-from ..process import logs_to_current_stderr
-from ..records import SELECTION_METRIC, RunRecord, read_progress
+from ..logs import logs_to_current_stderr
+from ..records import SELECTION_METRIC, RunFolder, RunRecord, read_progress
 from ..table import duration_text
 from .state import DONE, LocalRun
 
@@ -80,7 +80,8 @@ class RunTiming:
         return seen_at - self.started_at + (epochs - done_then) / rate
 
 
-def progress_of(run: LocalRun, record: RunRecord | None, base: Config, run_dir: Path | None = None) -> RunProgress:
+def progress_of(run: LocalRun, record: RunRecord | None, base: Config, folder: RunFolder | None = None
+                ) -> RunProgress:
     """A run's progress from its record and, while it runs, its progress file (rewritten inside each epoch)."""
     epochs = int(run.params.get("epochs", base.epochs))
     if record is None:
@@ -88,7 +89,7 @@ def progress_of(run: LocalRun, record: RunRecord | None, base: Config, run_dir: 
     scores = [entry[SELECTION_METRIC] for entry in record.history]
     progress = RunProgress(run, len(record.history), epochs, max(scores) if scores else None,
                            record.seconds or record.updated_at - record.started_at)
-    live = read_progress(run_dir) if run_dir is not None and run.state == "running" else None
+    live = read_progress(folder.path) if folder is not None and run.state == "running" else None
     if live is not None and live.epoch == progress.epoch + 1 and live.steps:
         progress.epoch_fraction = live.step / live.steps
         progress.images_per_second = live.images_per_second

@@ -4,7 +4,8 @@ modules import from here (`from helpers.images import image_folder`), never from
 
 - `images.py`: image folders (PNG, JPEG) and a digest of tensors;
 - `cifar10.py`: a stand-in CIFAR-10 archive served over HTTP, and torchvision pointed at it;
-- `runs.py`: one thread per run, a run's error lines, the files of a folder, waiting on processes;
+- `runs.py`: a command in a process or in this one, a run's error lines, the files of a folder, waiting on
+  processes;
 - `sweeps.py`: sweep files of the tiny run, and the sweep's state and table as a test reads them;
 - `wandb_records.py`: the records of an offline W&B run;
 - `wandb_agent.py`: W&B's own agent in a child process (`tests/wandb_agent_driver.py`).

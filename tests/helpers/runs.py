@@ -1,5 +1,5 @@
-"""What tests of whole runs share: one thread per run, a run's error lines, the files of a folder, and waiting on
-processes."""
+"""What tests of whole runs share: a command in a process or in this one, a run's error lines, the files of a folder,
+and waiting on processes."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
+from cifar_resnet.cli import main as cli_main
+
 WAIT_SECONDS = 120  # for a signal to take effect, or a process to get somewhere
 
 
@@ -22,11 +24,14 @@ def cli(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedPro
                           timeout=timeout, env=env)
 
 
-@pytest.fixture(autouse=True)
-def one_thread_per_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tiny runs gain nothing from a second thread, and lose much when other work keeps the cores busy. Autouse in
-    each module that imports it."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+def cli_in_process(capsys: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:
+    """`cifar-resnet ARGS` run in this process, its exit status and output given as `cli` gives a process's: for what
+    a command says and returns, without the seconds a new Python takes to start. `cli` where the process is at stake
+    (a signal, its exit status as the shell sees it)."""
+    capsys.readouterr()  # what was printed before
+    status = cli_main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["cifar-resnet", *args], status, out, err)
 
 
 def error_lines(stderr: str) -> list[str]:

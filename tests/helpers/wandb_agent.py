@@ -19,8 +19,7 @@ def start_agent(tmp_path: Path, run_id: str, params: dict, forward_signals: bool
     result = tmp_path / f"agent-{run_id}.json"
     spec = {"sweep_file": str(SWEEP_YAML), "sweep_id": SWEEP_ID, "run_id": run_id, "program": "cifar_resnet.train",
             "params": params, "forward_signals": forward_signals, "result": str(result)}
-    # One thread: the same pace whatever else keeps the shared cores busy.
-    env = dict(os.environ, WANDB_SWEEP_ID=SWEEP_ID, OMP_NUM_THREADS="1")
+    env = dict(os.environ, WANDB_SWEEP_ID=SWEEP_ID)
     agent = subprocess.Popen([sys.executable, str(DRIVER), json.dumps(spec)], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     return agent, result
