@@ -28,7 +28,7 @@ from .children import start_process
 from .credentials import NO_CREDENTIALS, has_credentials
 from .errors import UserError, reject_unknown_arguments
 from .gpus import AUTO, check_gpus_exist, parse_runs_per_gpu, resolve_runs_per_gpu
-from .packing.pool import OFF, STREAMS, Trainers, add_pack_arguments, pack_mode
+from .packing.pool import OFF, STREAMS, TrainerPool, add_pack_arguments, pack_mode
 from .staggered import Launch, first_failure, run_staggered_statuses
 from .wandb_sweep import DEFAULT_STAGGER_SECONDS, agent_argv
 
@@ -56,7 +56,7 @@ def visible_gpus() -> list[str]:
 
 
 def plan_agents(argv: Sequence[str], gpus: Sequence[str], agents_per_gpu: int,
-                trainers: Trainers | None = None) -> list[Launch]:
+                trainers: TrainerPool | None = None) -> list[Launch]:
     """`agents_per_gpu` copies of `argv` pinned to each GPU (their runs handing their training to the GPU's trainer,
     when there are `trainers`); one unpinned when there is no GPU."""
     if not gpus:
@@ -149,7 +149,7 @@ def agent_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
     outputs = AgentOutputs()
     # The trainers stop once every agent has ended (by then their runs have ended too).
     runs = [gpu for gpu in gpus for _ in range(agents_per_gpu)]
-    with Trainers(runs, mode=mode) if mode != OFF else contextlib.nullcontext() as trainers:
+    with TrainerPool(runs, mode=mode) if mode != OFF else contextlib.nullcontext() as trainers:
         launches = plan_agents(agent_argv(sweep_id, args.project, args.entity, args.count), gpus, agents_per_gpu,
                                trainers)
         statuses = run_staggered_statuses(launches, args.stagger, "agent", outputs.start)

@@ -207,14 +207,14 @@ def test_a_fused_trainer_groups_runs_of_one_shape_and_says_how_each_trains(tmp_p
 
 
 def test_a_supervisors_trainers_get_their_mode_slots_and_hardware_queues(monkeypatch):
-    """What `Trainers` starts for `--pack fused` with two runs on GPU 0 and one on GPU 1 (the process start is a
-    stand-in: no GPU here): each GPU's trainer, with the runs planned for it as its group's slots, and
+    """What `TrainerPool` starts for `--pack fused` with two runs on GPU 0 and one on GPU 1 (the process start is
+    a stand-in: no GPU here): each GPU's trainer, with the runs planned for it as its group's slots, and
     CUDA_DEVICE_MAX_CONNECTIONS=32 set before CUDA starts."""
     started = []
     monkeypatch.setattr(pool, "start_process", lambda argv, env, *rest: started.append((argv, env)) or
                         subprocess.Popen(["true"]))
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "8")
-    with pool.Trainers(["0", "0", "1"], mode=FUSED) as trainers:
+    with pool.TrainerPool(["0", "0", "1"], mode=FUSED) as trainers:
         assert trainers.environment("1")[TRAINER_VARIABLE].endswith("trainer-1.sock")
     assert [(argv[-2:], env["CUDA_VISIBLE_DEVICES"], env["CUDA_DEVICE_MAX_CONNECTIONS"]) for argv, env in started] \
         == [(["--pack=fused", "--runs=2"], "0", "32"), (["--pack=fused", "--runs=1"], "1", "32")]

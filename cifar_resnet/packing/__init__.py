@@ -7,5 +7,5 @@
 - `wire.py`: the messages between a trainer and a run's process;
 - `trainer.py`: the trainer (`cifar-resnet trainer`), serving the runs of one GPU;
 - `client.py`: a run's side, handing its training to its trainer and relaying its life;
-- `pool.py`: the trainers of a supervisor, one per GPU, and the `--pack` modes.
+- `pool.py`: the trainers of a supervisor (`TrainerPool`), one per GPU, and the `--pack` modes.
 """

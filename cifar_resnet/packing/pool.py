@@ -53,7 +53,7 @@ def pack_mode(value: str | None) -> str | None:
     return value
 
 
-class Trainers:
+class TrainerPool:
     """One `cifar-resnet trainer` per GPU (a CUDA_VISIBLE_DEVICES value, or None for the machine's default device),
     started on entering and stopped on leaving (SIGTERM: each run it holds ends as preempted, resumable from its
     last.pt). `gpus` lists one entry per run slot of the supervisor (a GPU as often as runs share it): a GPU's
@@ -69,7 +69,7 @@ class Trainers:
         self.sockets: Path | None = None  # a short folder: a socket's path holds at most 107 bytes
 
     def socket(self, gpu: str | None) -> Path:
-        assert self.sockets is not None, "Trainers used outside its `with` block"
+        assert self.sockets is not None, "TrainerPool used outside its `with` block"
         return self.sockets / f"trainer-{gpu if gpu is not None else 'default'}.sock"
 
     def environment(self, gpu: str | None) -> dict[str, str]:
@@ -97,7 +97,7 @@ class Trainers:
                         f"GPU {gpu}" if gpu is not None else "this machine", exit_status(self.processes[gpu]))
             self.start(gpu)
 
-    def __enter__(self) -> Trainers:
+    def __enter__(self) -> TrainerPool:
         self.sockets = Path(tempfile.mkdtemp(prefix="cifar-resnet-"))
         for gpu in self.gpus:
             self.start(gpu)

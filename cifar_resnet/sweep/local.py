@@ -19,7 +19,7 @@ from typing import IO, Any
 from ..children import child_environment, exit_status, start_process, stop_processes
 from ..config import Config
 from ..errors import UserError
-from ..packing.pool import OFF, Trainers
+from ..packing.pool import OFF, TrainerPool
 from ..records import RunFolder, RunRecord, read_record
 from ..run_contract import ERROR_LINE_PREFIX, EXIT_CRASH, EXIT_OK, EXIT_USAGE, SIGNAL_EXIT_BASE
 from ..signals import SUPERVISOR_STOP_SIGNALS, stop_on_signals
@@ -127,7 +127,7 @@ class LocalSweep:
         self.workers = len(gpus)
         # Unless `pack` is off, the runs of each GPU train together in one trainer (their processes hand it their
         # training), on streams or fused.
-        self.trainers = Trainers(gpus, out_dir / TRAINER_LOGS / socket.gethostname(), pack) if pack != OFF else None
+        self.trainers = None if pack == OFF else TrainerPool(gpus, out_dir / TRAINER_LOGS / socket.gethostname(), pack)
         self.active: dict[str, Attempt] = {}
         self.stopping: set[str] = set()  # runs that early_terminate stopped
         self.whole_runs: list[float] = []  # seconds from process start to exit of each run that finished here
