@@ -190,7 +190,7 @@ def test_members_leaving_and_joining_mid_run_leave_the_others_exact(runs_alone):
     pack.add("stopped", training_steps(CELLS["adamw"], torch.float64, group))
     ended, rounds, joined_in = {}, 0, None
     while pack:
-        ended |= {end.name: end for end in pack.step()}
+        ended |= pack.step()
         rounds += 1
         assert rounds < 100, "the group stopped stepping"
         if rounds == 5:

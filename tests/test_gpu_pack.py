@@ -70,9 +70,9 @@ def test_packed_and_fused_runs_match_runs_alone_with_one_ending_first_and_one_jo
         pack.add(name, steps(configs[name]))
     ended, graph = {}, None
     while pack:
-        for end in pack.step():
-            ended[end.name] = end
-            if end.name == "short":
+        for name, end in pack.step().items():
+            ended[name] = end
+            if name == "short":
                 graph = group.graph if group is not None else None
                 pack.add("joiner", steps(configs["joiner"]))
     assert {name: end.error for name, end in ended.items()} == dict.fromkeys(configs)

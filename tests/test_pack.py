@@ -76,7 +76,7 @@ def test_a_member_that_fails_leaves_and_the_pack_goes_on(tiny_config):
     for name, config in {**configs, "sgd": bad}.items():
         pack.add(name, steps_of(config))
     first_round = pack.step()
-    assert [(end.name, type(end.error).__name__) for end in first_round] == [("sgd", "ConfigError")]
+    assert {name: type(end.error).__name__ for name, end in first_round.items()} == {"sgd": "ConfigError"}
     assert pack.names() == ["adam", "adam-ema"]
     while pack:
         pack.step()

@@ -11,24 +11,13 @@ import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from ..config import Config
 from ..engine.loop import Interrupted
-from ..errors import RunFailed, UserError
-from ..records import (
-    BEST_EPOCH,
-    TEST_ACC,
-    TEST_LOSS,
-    AlreadyFinished,
-    RunFolder,
-    RunRecord,
-    describe_epoch,
-    describe_test,
-    read_record,
-)
+from ..records import BEST_EPOCH, TEST_ACC, TEST_LOSS, RunFolder, RunRecord, describe_epoch, describe_test, read_record
 from ..runner import RunHooks
-from .wire import DONE_BEFORE, FINISHED, STOPPED, USER, LineReader, send
+from .ends import MemberEnd
+from .wire import LineReader, send
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +65,7 @@ def train_in_trainer(socket_path: Path, config: Config, folder: RunFolder, hooks
             messages = reader.read()
             if messages is None:  # the trainer died: what the run's files say is what happened
                 record = read_record(folder.path)
-                if record is not None and record.status == FINISHED:
+                if record is not None and record.status == "finished":
                     return logged_test(record)
                 raise Interrupted("its trainer ended")
             for message in messages:
@@ -95,7 +84,7 @@ def train_in_trainer(socket_path: Path, config: Config, folder: RunFolder, hooks
                     if hooks.on_epoch_recorded is not None:
                         hooks.on_epoch_recorded(record)
                 elif "ended" in message:
-                    return logged_test(ended(message["ended"], folder))
+                    return logged_test(MemberEnd.from_wire(message["ended"]).record_or_raise(folder))
 
 
 def logged_test(record: RunRecord) -> RunRecord:
@@ -104,14 +93,3 @@ def logged_test(record: RunRecord) -> RunRecord:
     log.info("%s", describe_test(summary[BEST_EPOCH], summary[TEST_LOSS], summary[TEST_ACC]))
     return record
 
-
-def ended(end: dict[str, Any], folder: RunFolder) -> RunRecord:
-    if end["status"] == FINISHED:
-        return RunRecord.load(folder.path)
-    if end["status"] == STOPPED:
-        raise Interrupted("stopped in its trainer")
-    if end["kind"] == DONE_BEFORE:
-        raise AlreadyFinished(end["error"])
-    if end["kind"] == USER:
-        raise UserError(end["error"])
-    raise RunFailed(end["error"])

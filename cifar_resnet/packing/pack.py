@@ -24,17 +24,9 @@ import torch
 
 from ..engine.step import TrainingSteps
 from ..engine.streams import CudaStreams
+from .ends import MemberEnd
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Ended:
-    """A member that left the pack: its training's return value, or the exception that ended it."""
-
-    name: str
-    result: Any = None
-    error: Exception | None = None
 
 
 @dataclass
@@ -45,7 +37,8 @@ class Member:
 
 
 class Pack:
-    """Members stepped in turn on `device`; `step()` runs one round and returns the members that ended in it.
+    """Members stepped in turn on `device`; `step()` runs one round and returns how each member that ended in it
+    ended, by name.
 
     `separate_streams`: on CUDA, each member works on a stream of its own from `streams`, the pack's owner of streams
     (made here unless given); else all on the caller's stream, taking turns. A member's stream goes back to `streams`
@@ -72,17 +65,17 @@ class Pack:
             stream.wait_stream(torch.cuda.current_stream(self.device))
         self.members.append(Member(name, steps, stream))
 
-    def step(self) -> list[Ended]:
+    def step(self) -> dict[str, MemberEnd]:
         """One optimizer step of every member, in turn; the members that ended in this round leave the pack."""
-        ended = []
+        ended = {}
         for member in list(self.members):
             try:
                 with self.on_stream(member):
                     next(member.steps)
             except StopIteration as end:
-                ended.append(Ended(member.name, result=end.value))
+                ended[member.name] = MemberEnd(result=end.value)
             except Exception as error:  # this member's end (diverged, stopped, a bad setting): not the pack's
-                ended.append(Ended(member.name, error=error))
+                ended[member.name] = MemberEnd(error=error)
             else:
                 continue
             self.leave(member)
@@ -110,20 +103,20 @@ class Pack:
     def on_stream(self, member: Member) -> contextlib.AbstractContextManager:
         return torch.cuda.stream(member.stream) if member.stream is not None else contextlib.nullcontext()
 
-    def train(self, members: dict[str, TrainingSteps[Any]]) -> dict[str, Ended]:
+    def train(self, members: dict[str, TrainingSteps[Any]]) -> dict[str, MemberEnd]:
         """Train `members` in this pack until every one has ended; how each ended, by name."""
         for name, steps in members.items():
             self.add(name, steps)
-        ended: dict[str, Ended] = {}
+        ended: dict[str, MemberEnd] = {}
         try:
             while self:
-                ended.update((end.name, end) for end in self.step())
+                ended |= self.step()
         finally:
             self.close()
         return ended
 
 
 def train_together(members: dict[str, TrainingSteps[Any]], device: torch.device,
-                   separate_streams: bool = True) -> dict[str, Ended]:
+                   separate_streams: bool = True) -> dict[str, MemberEnd]:
     """Train `members` as one pack until every one has ended; how each ended, by name."""
     return Pack(device, separate_streams).train(members)

@@ -41,14 +41,15 @@ from ..data.images import DataSource
 from ..data.sources import load_source, source_key, split
 from ..engine.device import select_device
 from ..engine.loop import Interrupted
-from ..errors import StorageError, TrainingDiverged, UserError, reject_unknown_arguments
-from ..records import AlreadyFinished, RunFolder
+from ..errors import UserError, reject_unknown_arguments
+from ..records import RunFolder
 from ..runner import RunHooks, run_steps
 from ..signals import SUPERVISOR_STOP_SIGNALS, stop_on_signals
+from .ends import CRASH, MemberEnd
 from .groups import ON_STREAMS, FusedGroups, Placement
 from .pack import Pack
 from .pool import FUSED, STREAMS
-from .wire import CRASH, DONE_BEFORE, FAILED, FINISHED, MACHINE, STOPPED, USER, LineReader, send
+from .wire import LineReader, send
 
 log = logging.getLogger(__name__)
 
@@ -74,20 +75,6 @@ class Client:
             send(self.sock, message)
         except OSError:
             self.stop = True
-
-
-def ending(error: BaseException | None) -> dict[str, Any]:
-    """How a member ended, as its run is told."""
-    if error is None:
-        return {"status": FINISHED}
-    if isinstance(error, (Interrupted, GeneratorExit)):
-        return {"status": STOPPED}
-    if isinstance(error, AlreadyFinished):  # finished in an earlier attempt: nothing trained now
-        return {"status": FAILED, "kind": DONE_BEFORE, "error": str(error)}
-    kind = USER if isinstance(error, UserError) else MACHINE if isinstance(error, (TrainingDiverged, StorageError)) \
-        else CRASH
-    message = f"{type(error).__name__}: {error}" if kind == CRASH else str(error)
-    return {"status": FAILED, "kind": kind, "error": message}
 
 
 class Trainer:
@@ -121,12 +108,12 @@ class Trainer:
             # Ends on a stop signal, or once its supervisor has gone and no run is left to train.
             while not received and (self.pack or os.getppid() == parent):
                 self.poll(0.0 if self.pack else IDLE_SECONDS)  # sync-free: a syscall per round, no device read
-                for end in self.pack.step():
-                    self.end(end.name, end.error)
+                for name, end in self.pack.step().items():
+                    self.end(name, end)
         finally:
             for name in self.pack.names():
                 self.pack.stop(name)  # its run records it preempted: last.pt holds its last epoch
-                self.end(name, Interrupted())
+                self.end(name, MemberEnd(error=Interrupted()))
             if self.groups is not None:
                 self.groups.close()
             self.selector.close()
@@ -169,7 +156,7 @@ class Trainer:
                 return self.drop(client)
             data = split(self.source(config, Path(request["cwd"])), config)
         except UserError as error:
-            client.tell({"ended": ending(error)})
+            client.tell({"ended": MemberEnd(error=error).to_wire()})
             return self.drop(client)
         placement = self.place(client.run_id, config, len(data.classes))
         members = len(self.pack) + 1
@@ -195,15 +182,16 @@ class Trainer:
             self.sources[key] = load_source(config).to(self.device)
         return self.sources[key]
 
-    def end(self, name: str, error: BaseException | None) -> None:
+    def end(self, name: str, end: MemberEnd) -> None:
+        """The member `name` has left the pack: free its slot, tell its run how it ended."""
         client = self.clients.get(name)
         run_id = self.run_ids.pop(name, name)
         if self.groups is not None:
             self.groups.release(run_id)
-        if isinstance(error, Exception) and ending(error).get("kind") == CRASH:
-            log.error("run %s crashed:\n%s", run_id, "".join(traceback.format_exception(error)))
+        if end.kind == CRASH:
+            log.error("run %s crashed:\n%s", run_id, "".join(traceback.format_exception(end.error)))
         if client is not None:
-            client.tell({"ended": ending(error)})
+            client.tell({"ended": end.to_wire()})
             self.drop(client)
 
     def drop(self, client: Client) -> None:

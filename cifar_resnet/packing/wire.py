@@ -7,7 +7,7 @@
 `folder` is the run's folder as its process built it (absolute: the trainer writes the run's files there), `cwd` the
 run's working directory (where a relative `data_dir` is found). `how` says how the run trains in the trainer (on
 streams, or fused: its slot and the runs beside it), for the run's own log.
-An end's status and kind decide the run's exit status (see train.py).
+An end is a `MemberEnd`'s wire form (`ends.py`): its status and kind decide the run's exit status.
 """
 
 from __future__ import annotations
@@ -15,9 +15,6 @@ from __future__ import annotations
 import json
 import socket
 from typing import Any
-
-FINISHED, STOPPED, FAILED = "finished", "stopped", "failed"  # an end's status
-USER, MACHINE, CRASH, DONE_BEFORE = "user", "machine", "crash", "done-before"  # a failure's kind
 
 
 def send(sock: socket.socket, message: dict[str, Any]) -> None:
