@@ -83,7 +83,7 @@ def measure_pack(base: Config, count: int, sharing: str) -> dict[str, Any]:
         images += train_images(config, len(data.train))
         trainings[name] = fit_steps(config, build_model(config, len(data.classes), device), data, device,
                                     join=group.joined if group is not None else None, streams=pack.streams)
-    ended = pack.train(trainings)
+    ended = pack.drive(trainings)
     if group is not None:
         group.close()
     if failed := [end for end in ended.values() if end.error is not None]:

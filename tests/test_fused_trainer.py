@@ -119,7 +119,7 @@ def test_a_member_preempted_in_a_fused_group_resumes_alone_on_streams_or_fused_t
     group = FusedGroups(CPU, 2, CudaStreams(CPU))
     pack = Pack(CPU)
     stopping = RunHooks(should_stop=stop_in_epoch_two)
-    ended = pack.train({"a": runner_steps(a, "a", group.place("a", a, 10).join, stopping),
+    ended = pack.drive({"a": runner_steps(a, "a", group.place("a", a, 10).join, stopping),
                         "b": runner_steps(b, "b", group.place("b", b, 10).join)})
     assert isinstance(ended["a"].error, Interrupted) and ended["b"].error is None
     stopped = Path(a.output_dir) / "a"
@@ -134,7 +134,7 @@ def test_a_member_preempted_in_a_fused_group_resumes_alone_on_streams_or_fused_t
         places = FusedGroups(CPU, 2, CudaStreams(CPU)) if way == "fused" else None
         joins = {run_id: places.place(run_id, c, 10).join if places else None for run_id, c in (("a", config),
                                                                                                  ("c", beside))}
-        ended = Pack(CPU).train({"a": runner_steps(config, "a", joins["a"]),
+        ended = Pack(CPU).drive({"a": runner_steps(config, "a", joins["a"]),
                                  "c": runner_steps(beside, "c", joins["c"])})
         assert {name: end.error for name, end in ended.items()} == {"a": None, "c": None}
         return ended["a"].result.record
@@ -147,7 +147,7 @@ def test_a_member_preempted_in_a_fused_group_resumes_alone_on_streams_or_fused_t
     # Fused all along, with no stop: the reference of what is exact.
     group = FusedGroups(CPU, 2, CudaStreams(CPU))
     fused = {name: config.replace(output_dir=str(tmp_path / "fused-whole")) for name, config in (("a", a), ("b", b))}
-    whole = Pack(CPU).train({name: runner_steps(config, name, group.place(name, config, 10).join)
+    whole = Pack(CPU).drive({name: runner_steps(config, name, group.place(name, config, 10).join)
                              for name, config in fused.items()})
     assert untimed(RunRecord.load(tmp_path / "fused" / "a")) == untimed(whole["a"].result.record)
     assert untimed(ended["b"].result.record) == untimed(whole["b"].result.record)

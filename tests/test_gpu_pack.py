@@ -110,7 +110,7 @@ def test_every_graph_is_captured_on_a_stream_of_its_own(tmp_path, monkeypatch):
         join = group.joined if name in ("adam", "sgd") else None
         pack.add(name, fit_steps(config, build_model(config, len(data.classes), cuda), data, cuda, join=join,
                                  streams=pack.streams))
-    ended = pack.train({})
+    ended = pack.drive({})
     assert all(end.error is None for end in ended.values())
     # The group's step, two runs' training steps, each run's validation batch (a test pass alone is not captured).
     assert len(capture_streams) == 1 + 2 + 4

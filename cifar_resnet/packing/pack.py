@@ -38,7 +38,7 @@ class Member:
 
 class Pack:
     """Members stepped in turn on `device`; `step()` runs one round and returns how each member that ended in it
-    ended, by name.
+    ended, by name; `drive(members)` steps them all to their end.
 
     `separate_streams`: on CUDA, each member works on a stream of its own from `streams`, the pack's owner of streams
     (made here unless given); else all on the caller's stream, taking turns. A member's stream goes back to `streams`
@@ -103,8 +103,9 @@ class Pack:
     def on_stream(self, member: Member) -> contextlib.AbstractContextManager:
         return torch.cuda.stream(member.stream) if member.stream is not None else contextlib.nullcontext()
 
-    def train(self, members: dict[str, TrainingSteps[Any]]) -> dict[str, MemberEnd]:
-        """Train `members` in this pack until every one has ended; how each ended, by name."""
+    def drive(self, members: dict[str, TrainingSteps[Any]]) -> dict[str, MemberEnd]:
+        """Add `members`, then step the pack until every member (these and any already in it) has ended; how each
+        ended, by name."""
         for name, steps in members.items():
             self.add(name, steps)
         ended: dict[str, MemberEnd] = {}
@@ -116,7 +117,8 @@ class Pack:
         return ended
 
 
-def train_together(members: dict[str, TrainingSteps[Any]], device: torch.device,
+def drive_together(members: dict[str, TrainingSteps[Any]], device: torch.device,
                    separate_streams: bool = True) -> dict[str, MemberEnd]:
-    """Train `members` as one pack until every one has ended; how each ended, by name."""
-    return Pack(device, separate_streams).train(members)
+    """Drive `members` as one pack, each to its end (as `engine.loop.drive` drives one run alone); how each ended,
+    by name."""
+    return Pack(device, separate_streams).drive(members)
