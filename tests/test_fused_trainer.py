@@ -25,7 +25,7 @@ from cifar_resnet.config import Config
 from cifar_resnet.data.sources import load_splits
 from cifar_resnet.engine.loop import Interrupted
 from cifar_resnet.engine.streams import CudaStreams
-from cifar_resnet.packing.client import train_in_trainer
+from cifar_resnet.packing.client import run_in_trainer
 from cifar_resnet.packing import pool
 from cifar_resnet.packing.groups import FusedGroups
 from cifar_resnet.packing.pack import Pack
@@ -182,7 +182,7 @@ def test_a_fused_trainer_groups_runs_of_one_shape_and_says_how_each_trains(tmp_p
             runs = []
             for run_id, config in configs.items():  # one after the other, so that their slots are known
                 runs.append(threading.Thread(target=lambda r=run_id, c=config: records.__setitem__(
-                    r, train_in_trainer(socket_path, c, folder(c, r), RunHooks(), [])), name=run_id))
+                    r, run_in_trainer(socket_path, c, folder(c, r), RunHooks(), [])), name=run_id))
                 runs[-1].start()
                 while not any(f"run {run_id} joins the pack" in item.getMessage() for item in caplog.records):
                     trainer.join(0.05)

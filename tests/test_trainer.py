@@ -31,7 +31,7 @@ from helpers.wandb_records import offline_run_file, read_records
 from cifar_resnet.config import Config
 from cifar_resnet.engine.loop import Interrupted
 from cifar_resnet.errors import RunFailed, StorageError, TrainingDiverged, UserError
-from cifar_resnet.packing.client import train_in_trainer
+from cifar_resnet.packing.client import run_in_trainer
 from cifar_resnet.packing.ends import MemberEnd
 from cifar_resnet.packing.trainer import Trainer
 from cifar_resnet.records import (
@@ -284,8 +284,8 @@ def test_a_packed_runs_log_holds_the_lines_of_a_run_alone(tiny_config, socket_pa
     with caplog.at_level(logging.INFO, logger="cifar_resnet"):
         trainer.start()
         try:
-            record = train_in_trainer(socket_path, tiny_config, RunFolder.of(tiny_config.output_dir, "packed01"),
-                                      RunHooks(), [])
+            record = run_in_trainer(socket_path, tiny_config, RunFolder.of(tiny_config.output_dir, "packed01"),
+                                    RunHooks(), [])
         finally:
             received.append(signal.SIGTERM)
             trainer.join(WAIT_SECONDS)

@@ -41,8 +41,8 @@ def connect(socket_path: Path, wait_seconds: float = CONNECT_WAIT_SECONDS) -> so
             time.sleep(CONNECT_RETRY_SECONDS)
 
 
-def train_in_trainer(socket_path: Path, config: Config, folder: RunFolder, hooks: RunHooks,
-                     received: Sequence[int]) -> RunRecord | None:
+def run_in_trainer(socket_path: Path, config: Config, folder: RunFolder, hooks: RunHooks,
+                   received: Sequence[int]) -> RunRecord | None:
     """Hand this run's training to the trainer at `socket_path` and relay its member's life to `hooks`; the run's
     record once it has finished. None when the trainer cannot take it: the caller trains it in this process.
     Raises as `run_training` would: UserError, Interrupted (stopped: by a signal in `received`, which is passed on,
