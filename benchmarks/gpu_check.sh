@@ -154,18 +154,18 @@ if [[ ",$STEPS," == *",pack,"* ]]; then
     export CUDA_DEVICE_MAX_CONNECTIONS=32
 fi
 step pack "$PYTHON" -m pytest -m gpu -p no:cacheprovider -q -rs tests/test_gpu_pack.py tests/test_fused.py
-step pack "$PYTHON" -m benchmarks.pack --sharing=streams "$PACK_STREAMS" "${DATA[@]}" "${RUN[@]}" \
-    "${PACK[@]}" "--out=$OUT_DIR/pack-streams.json" "--runs_dir=$WORK/pack-runs"
-step pack "$PYTHON" -m benchmarks.pack --sharing=fused "$PACK_FUSED" "${DATA[@]}" "${RUN[@]}" "${PACK[@]}" \
-    "--out=$OUT_DIR/pack-fused.json" "--runs_dir=$WORK/pack-runs"
-step pack "$PYTHON" -m benchmarks.pack --sharing=processes "$PACK_PROCESSES" "${DATA[@]}" "${RUN[@]}" \
-    "${PACK[@]}" "--out=$OUT_DIR/pack-processes.json" "--runs_dir=$WORK/pack-runs"
+step pack "$PYTHON" -m benchmarks.sharing --sharing=streams "$PACK_STREAMS" "${DATA[@]}" "${RUN[@]}" \
+    "${PACK[@]}" "--out=$OUT_DIR/pack-streams.json" "--runs_dir=$WORK/sharing-runs"
+step pack "$PYTHON" -m benchmarks.sharing --sharing=fused "$PACK_FUSED" "${DATA[@]}" "${RUN[@]}" "${PACK[@]}" \
+    "--out=$OUT_DIR/pack-fused.json" "--runs_dir=$WORK/sharing-runs"
+step pack "$PYTHON" -m benchmarks.sharing --sharing=processes "$PACK_PROCESSES" "${DATA[@]}" "${RUN[@]}" \
+    "${PACK[@]}" "--out=$OUT_DIR/pack-processes.json" "--runs_dir=$WORK/sharing-runs"
 if [[ ",$STEPS," == *",pack,"* ]] && command -v nvidia-cuda-mps-control >/dev/null; then
     export CUDA_MPS_PIPE_DIRECTORY="$WORK/mps-pipe" CUDA_MPS_LOG_DIRECTORY="$WORK/mps-log"
     mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
     if nvidia-cuda-mps-control -d; then
-        step pack "$PYTHON" -m benchmarks.pack --sharing=processes "$PACK_MPS" "${DATA[@]}" "${RUN[@]}" \
-            "${PACK[@]}" "--out=$OUT_DIR/pack-mps.json" "--runs_dir=$WORK/pack-runs"
+        step pack "$PYTHON" -m benchmarks.sharing --sharing=processes "$PACK_MPS" "${DATA[@]}" "${RUN[@]}" \
+            "${PACK[@]}" "--out=$OUT_DIR/pack-mps.json" "--runs_dir=$WORK/sharing-runs"
         echo quit | nvidia-cuda-mps-control
     else
         echo "=== pack: the MPS daemon did not start; no MPS figures" | tee -a "$LOG"

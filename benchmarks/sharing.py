@@ -1,4 +1,4 @@
-"""`python -m benchmarks.pack`: K runs sharing one device, for each way of sharing it, side by side in one call.
+"""`python -m benchmarks.sharing`: K runs sharing one device, for each way of sharing it, side by side in one call.
 
 - `streams`: one process, the runs as one pack (`packing.pack.Pack`), each on a CUDA stream of its own (the
   trainer's `--pack streams`);
@@ -108,7 +108,7 @@ def measure_processes(base: Config, count: int, work_dir: Path) -> dict[str, Any
             "test_acc": [r["test_acc"] for r in results]}
 
 
-def run_pack_benchmark(base: Config, members: Sequence[int], sharings: Sequence[str], work_dir: Path,
+def run_sharing_benchmark(base: Config, members: Sequence[int], sharings: Sequence[str], work_dir: Path,
                        save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     device = select_device(base.device)
     start_device(device)()
@@ -129,7 +129,7 @@ def run_pack_benchmark(base: Config, members: Sequence[int], sharings: Sequence[
     return result
 
 
-def pack_markdown(result: dict[str, Any]) -> str:
+def sharing_markdown(result: dict[str, Any]) -> str:
     return markdown(["sharing", "runs", "wall s", "together img/s", "epoch img/s", "each img/s", "runs/GPU-h",
                      "test acc"],
                     [[case["sharing"], str(case["members"]), f"{case['wall_s']:.1f}",
@@ -140,7 +140,7 @@ def pack_markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = settings_parser("python -m benchmarks.pack", "--out=FILE [--members=1,2,6] [--sharing=WAYS]",
+    parser = settings_parser("python -m benchmarks.sharing", "--out=FILE [--members=1,2,6] [--sharing=WAYS]",
                              __doc__.split("\n\n")[0])
     parser.add_argument("--members", default=",".join(map(str, DEFAULT_MEMBERS)),
                         help="comma-separated counts of runs sharing the device (default: %(default)s)")
@@ -161,9 +161,9 @@ def main(argv: Sequence[str]) -> int:
     set_cpu_threads()
     base = settings_from(args)
     out = Path(args.out)
-    work_dir = Path(args.runs_dir) if args.runs_dir else out.parent / "pack-runs"
-    result = run_pack_benchmark(base, members, sharings, work_dir, lambda partial: atomic_write_json(out, partial))
-    print(pack_markdown(result))
+    work_dir = Path(args.runs_dir) if args.runs_dir else out.parent / "sharing-runs"
+    result = run_sharing_benchmark(base, members, sharings, work_dir, lambda partial: atomic_write_json(out, partial))
+    print(sharing_markdown(result))
     return 0
 
 
