@@ -299,7 +299,7 @@ def fit_steps(
     ends. `streams`: the process's owner of CUDA streams, where captured steps take their capture streams (by
     default the run's own).
 
-    A generator that yields after every optimizer step (`fit` drives it alone; a `pack.Pack` interleaves several);
+    A generator that yields after every optimizer step (`fit` drives it alone; a `packing.pack.Pack` interleaves several);
     its return value is the `FitResult`.
     """
     hooks = hooks or TrainHooks()

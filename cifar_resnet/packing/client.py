@@ -92,4 +92,3 @@ def logged_test(record: RunRecord) -> RunRecord:
     summary = record.summary
     log.info("%s", describe_test(summary[BEST_EPOCH], summary[TEST_LOSS], summary[TEST_ACC]))
     return record
-
