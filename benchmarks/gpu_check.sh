@@ -22,11 +22,17 @@
 #   8. (recipe-grid, not by default; an estimated 5 minutes on an H200) the six cells x 2 seeds under the recipe in
 #      RECIPE_SETTINGS (e.g. "--norm_lr_scale=8 --label_smoothing=0.2 --ema_decay=0.99") and under recipe=writeup;
 #   9. (recipe, not by default) steps 7 and 8 in one: the grid with the candidates that won in 7;
-#  10. (pack, not by default; an estimated 4 minutes) many runs on one GPU (docs/packing.md), each part's JSON as
-#      soon as it ends: K = 1, 2, 4, 6 and 12 runs as one pack on CUDA streams, 1 and 6 taking turns on one stream
-#      (pack.json); 1, 2 and 6 runs as as many processes (pack-processes.json) and, where the MPS daemon can start,
-#      6 processes under MPS (pack-mps.json); then the six cells through `cifar-resnet sweep sweep.yaml --gpus 0
-#      --runs-per-gpu 6`, packed, timed from outside (sweep6.json; needs wandb[sweeps] installed, else skipped).
+#  10. (pack, not by default; an estimated 7 minutes on an H100 or H200, unmeasured) many runs on one GPU
+#      (docs/packing.md), under CUDA_DEVICE_MAX_CONNECTIONS=32, 3-epoch runs (so that the median epoch excludes the
+#      capture), each figure's JSON as soon as it exists: the pack's GPU tests first (packed and fused against alone,
+#      a member ending first and another joining after it, every graph on a capture stream of its own); one run alone
+#      and K = 2, 6 and 12 on streams (pack-streams.json), K = 2, 6 and 12 fused (pack-fused.json), 6 as processes
+#      (pack-processes.json) and, where the MPS daemon starts, 6 processes under MPS (pack-mps.json); then the six
+#      cells of sweep.yaml through `cifar-resnet sweep --gpus 0 --runs-per-gpu 6`, with --pack off, streams and
+#      fused, each timed from outside (sweep6-<mode>.json). The sweeps need wandb and W&B's `sweeps` package: where
+#      they are missing and .whl/ holds their wheels (and those of their dependencies this Python lacks:
+#      `pip download 'wandb[sweeps]' -d .whl --python-version X.Y --only-binary=:all:` on a machine with internet),
+#      they are installed from there into $WORK/extra; else the sweep figures are skipped, in one line.
 # STEPS (comma-separated) picks the steps: default gpu-tests,full10-cold,bench,full10,image. Each of steps 7 and 8
 # fills a call alone (estimated): STEPS=recipe-candidates, then STEPS=recipe-grid RECIPE_SETTINGS="...".
 # Every step writes its JSON into $OUT (or ./gpu-check) as soon as it has it (the benchmark and the recipe steps after
@@ -73,17 +79,17 @@ if [ -n "${SMALL:-}" ]; then  # every step, on a CPU, in a few minutes; its accu
     RUN=(--device=cpu --width=8 --epochs=1 --train_size=1000 --val_size=500 --test_size=1000)
     BENCH=(--concurrency=1,2 "--variants=ours,eager (no CUDA graph),sgd")
     RECIPE_RUNS=(--workers=2 --seeds=1)
-    PACK=(--epochs=1)
-    PACK_STREAMS=--members=1,2; PACK_TURNS=--members=2; PACK_PROCESSES=--members=1,2; PACK_MPS=--members=2
-    SWEEP6=(--workers=2 --pack --set device=cpu --set width=8 --set epochs=1 --set train_size=1000 --set val_size=500
+    PACK=(--epochs=2)
+    PACK_STREAMS=--members=1,2; PACK_FUSED=--members=2; PACK_PROCESSES=--members=2; PACK_MPS=--members=2
+    SWEEP6=(--workers=2 --set device=cpu --set width=8 --set epochs=1 --set train_size=1000 --set val_size=500
             --set test_size=1000)
 else
     MODE=gpu
     RUN=(--device=cuda)
     BENCH=(${VARIANTS:+"--variants=$VARIANTS"})
     RECIPE_RUNS=("--workers=${WORKERS:-6}" "--seeds=${SEEDS:-2}")
-    PACK=(--epochs=2)
-    PACK_STREAMS=--members=1,2,4,6,12; PACK_TURNS=--members=1,6; PACK_PROCESSES=--members=1,2,6; PACK_MPS=--members=6
+    PACK=(--epochs=3)
+    PACK_STREAMS=--members=1,2,6,12; PACK_FUSED=--members=2,6,12; PACK_PROCESSES=--members=6; PACK_MPS=--members=6
     SWEEP6=(--gpus=0 --runs-per-gpu=6)
 fi
 
@@ -142,29 +148,49 @@ RECIPE=("$PYTHON" -m benchmarks.recipe_experiments "${RECIPE_RUNS[@]}" "--runs_d
 sweep_step recipe-candidates "${RECIPE[@]}" candidates "--out=$OUT_DIR/recipe-candidates.json"
 sweep_step recipe-grid "${RECIPE[@]}" grid "--out=$OUT_DIR/recipe-grid.json"
 sweep_step recipe "${RECIPE[@]}" both "--out=$OUT_DIR/recipe.json"
-step pack "$PYTHON" -m benchmarks.pack --sharing=streams "$PACK_STREAMS" "${DATA[@]}" "${RUN[@]}" \
-    "${PACK[@]}" "--out=$OUT_DIR/pack.json" "--runs_dir=$WORK/pack-runs"
-step pack "$PYTHON" -m benchmarks.pack --sharing=turns "$PACK_TURNS" "${DATA[@]}" "${RUN[@]}" "${PACK[@]}" \
-    "--out=$OUT_DIR/pack-turns.json" "--runs_dir=$WORK/pack-runs"
-step pack "$PYTHON" -m benchmarks.pack --sharing=processes "$PACK_PROCESSES" "${DATA[@]}" "${RUN[@]}" \
-    "${PACK[@]}" "--out=$OUT_DIR/pack-processes.json" "--runs_dir=$WORK/pack-runs"
+if [[ ",$STEPS," == *",pack,"* ]]; then
+    # A trainer's streams map to CUDA's hardware queues (8 by default); its supervisor sets this for it, and the
+    # benchmark's packs need it too. Before CUDA starts: the whole step runs under it.
+    export CUDA_DEVICE_MAX_CONNECTIONS=32
+fi
+step pack "$PYTHON" -m pytest -m gpu -p no:cacheprovider -q -rs tests/test_gpu_pack.py tests/test_fused.py
+step pack "$PYTHON" -m benchmarks.sharing --sharing=streams "$PACK_STREAMS" "${DATA[@]}" "${RUN[@]}" \
+    "${PACK[@]}" "--out=$OUT_DIR/pack-streams.json" "--runs_dir=$WORK/sharing-runs"
+step pack "$PYTHON" -m benchmarks.sharing --sharing=fused "$PACK_FUSED" "${DATA[@]}" "${RUN[@]}" "${PACK[@]}" \
+    "--out=$OUT_DIR/pack-fused.json" "--runs_dir=$WORK/sharing-runs"
+step pack "$PYTHON" -m benchmarks.sharing --sharing=processes "$PACK_PROCESSES" "${DATA[@]}" "${RUN[@]}" \
+    "${PACK[@]}" "--out=$OUT_DIR/pack-processes.json" "--runs_dir=$WORK/sharing-runs"
 if [[ ",$STEPS," == *",pack,"* ]] && command -v nvidia-cuda-mps-control >/dev/null; then
     export CUDA_MPS_PIPE_DIRECTORY="$WORK/mps-pipe" CUDA_MPS_LOG_DIRECTORY="$WORK/mps-log"
     mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
     if nvidia-cuda-mps-control -d; then
-        step pack "$PYTHON" -m benchmarks.pack --sharing=processes "$PACK_MPS" "${DATA[@]}" "${RUN[@]}" \
-            "${PACK[@]}" "--out=$OUT_DIR/pack-mps.json" "--runs_dir=$WORK/pack-runs"
+        step pack "$PYTHON" -m benchmarks.sharing --sharing=processes "$PACK_MPS" "${DATA[@]}" "${RUN[@]}" \
+            "${PACK[@]}" "--out=$OUT_DIR/pack-mps.json" "--runs_dir=$WORK/sharing-runs"
         echo quit | nvidia-cuda-mps-control
     else
         echo "=== pack: the MPS daemon did not start; no MPS figures" | tee -a "$LOG"
     fi
     unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
 fi
+if [[ ",$STEPS," == *",pack,"* ]] && ! "$PYTHON" -c "import wandb, sweeps" 2>/dev/null && [ -d .whl ]; then
+    # Only what this Python lacks lands in $WORK/extra: the packages it has (torch, numpy...) stay its own.
+    EXTRA="$WORK/extra"
+    if "$PYTHON" -m pip install -q --no-index --find-links .whl --prefix "$EXTRA" 'wandb[sweeps]' 2>&1 | tee -a "$LOG"
+    then
+        # lib/pythonX.Y/site-packages, or Debian's local/lib/pythonX.Y/dist-packages
+        SITE=$(find "$EXTRA" -type d \( -name site-packages -o -name dist-packages \) | head -n 1)
+        export PYTHONPATH="$PYTHONPATH:$SITE"
+    fi
+fi
 if "$PYTHON" -c "import wandb, sweeps" 2>/dev/null; then
-    step pack env WANDB_MODE=offline "$PYTHON" -m benchmarks.sweep_wall "--out=$OUT_DIR/sweep6.json" \
-        "--output-dir=$WORK/sweep6" -- sweep.yaml "${SWEEP6[@]}" --set dataset=imagefolder "--set=data_dir=$DATA_DIR"
+    for mode in off streams fused; do
+        step pack env WANDB_MODE=offline "$PYTHON" -m benchmarks.sweep_wall "--out=$OUT_DIR/sweep6-$mode.json" \
+            "--output-dir=$WORK/sweep6-$mode" -- sweep.yaml "${SWEEP6[@]}" "--pack=$mode" --set dataset=imagefolder \
+            "--set=data_dir=$DATA_DIR"
+    done
 else
-    [[ ",$STEPS," != *",pack,"* ]] || echo "=== pack: wandb[sweeps] is not installed: no sweep6 figure" | tee -a "$LOG"
+    [[ ",$STEPS," != *",pack,"* ]] || echo "=== pack: wandb[sweeps] is not installed (nor in .whl/): no sweep6 figures" \
+        | tee -a "$LOG"
 fi
 IMAGE_CHECK="import torch; assert torch.cuda.is_available(), 'CUDA is not available to torch in the image'
 print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(0))

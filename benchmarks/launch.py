@@ -2,7 +2,7 @@
 each TTA view), through the package's own launchers:
 
 - `runs_at_once`: every run started at once and waited for (the launcher of `cifar-resnet agent`'s agents), for the
-  benchmark's concurrent runs and the pack benchmark's processes;
+  benchmark's concurrent runs and the sharing benchmark's processes;
 - `sweep_runs`: the runs as an offline sweep (`LocalSweep`, what `cifar-resnet sweep` runs), `workers` at a time,
   for the grids. Their settings are given, not proposed: they enter the sweep's state as pending runs, which the
   sweep claims in order before it would ask W&B's proposer for more (it never does: the sweep's count is theirs).

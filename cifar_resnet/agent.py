@@ -28,8 +28,8 @@ from .children import start_process
 from .credentials import NO_CREDENTIALS, has_credentials
 from .errors import UserError, reject_unknown_arguments
 from .gpus import AUTO, check_gpus_exist, parse_runs_per_gpu, resolve_runs_per_gpu
+from .packing.pool import OFF, STREAMS, TrainerPool, add_pack_arguments, pack_mode
 from .staggered import Launch, first_failure, run_staggered_statuses
-from .trainer_pool import Trainers
 from .wandb_sweep import DEFAULT_STAGGER_SECONDS, agent_argv
 
 SWEEP_ID_VARIABLE = "SWEEP_ID"  # the sweep id when none is given on the command line (the Docker image's way)
@@ -56,7 +56,7 @@ def visible_gpus() -> list[str]:
 
 
 def plan_agents(argv: Sequence[str], gpus: Sequence[str], agents_per_gpu: int,
-                trainers: Trainers | None = None) -> list[Launch]:
+                trainers: TrainerPool | None = None) -> list[Launch]:
     """`agents_per_gpu` copies of `argv` pinned to each GPU (their runs handing their training to the GPU's trainer,
     when there are `trainers`); one unpinned when there is no GPU."""
     if not gpus:
@@ -123,10 +123,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--entity", default=None, help="W&B entity, when SWEEP_ID does not name it")
     parser.add_argument("--stagger", type=float, default=DEFAULT_STAGGER_SECONDS, metavar="SECONDS",
                         help=f"seconds between agent starts (default: {DEFAULT_STAGGER_SECONDS:g})")
-    parser.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
-                        help="the runs of each GPU hand their training to one trainer process per GPU, which trains "
-                        "them together, each on a CUDA stream of its own (separate processes time-slice a GPU); "
-                        "each run stays a W&B run of its own (default: on when a GPU has more than one agent)")
+    add_pack_arguments(parser, "streams when a GPU has more than one agent, else off")
 
 
 def agent_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
@@ -136,6 +133,7 @@ def agent_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
         raise UserError(f"SWEEP_ID: no sweep given; pass it (cifar-resnet agent ENTITY/PROJECT/ID) or set "
                         f"${SWEEP_ID_VARIABLE}")
     agents_per_gpu = parse_runs_per_gpu(args.agents_per_gpu, "--agents-per-gpu")
+    asked_mode = pack_mode(args.pack)
     if args.count is not None and args.count < 1:
         raise UserError(f"--count: must be >= 1, got {args.count}")
     if args.stagger < 0:
@@ -147,10 +145,11 @@ def agent_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
         raise UserError("wandb: the `wandb` command is not on PATH; run inside the environment the package is in")
     gpus = visible_gpus()
     agents_per_gpu = resolve_runs_per_gpu(agents_per_gpu, gpus) if gpus else 1
-    pack = args.pack if args.pack is not None else bool(gpus) and agents_per_gpu > 1
+    mode = asked_mode or (STREAMS if gpus and agents_per_gpu > 1 else OFF)
     outputs = AgentOutputs()
     # The trainers stop once every agent has ended (by then their runs have ended too).
-    with Trainers(gpus) if pack else contextlib.nullcontext() as trainers:
+    runs = [gpu for gpu in gpus for _ in range(agents_per_gpu)]
+    with TrainerPool(runs, mode=mode) if mode != OFF else contextlib.nullcontext() as trainers:
         launches = plan_agents(agent_argv(sweep_id, args.project, args.entity, args.count), gpus, agents_per_gpu,
                                trainers)
         statuses = run_staggered_statuses(launches, args.stagger, "agent", outputs.start)

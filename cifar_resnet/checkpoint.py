@@ -19,8 +19,10 @@ from types import TracebackType
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from .config import Config
+from .engine.streams import host_copies
 from .errors import UserError
 from .files import atomic_torch_save
 
@@ -50,15 +52,14 @@ def save_resume(path: Path, train_state: dict[str, Any], config: Config) -> None
 def host_copy(value: Any) -> Any:
     """`value` (dicts, lists and tuples of tensors and plain values) with every tensor copied into host memory: a
     snapshot that the training's in-place updates cannot touch (a CPU tensor is copied too). Call it at a sync point,
-    the end of an epoch, where the GPU has nothing queued. Plain copies into pageable memory, not pinned: the
-    writer's thread then never calls CUDA, which must not happen while the run's thread captures a graph."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {key: host_copy(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(host_copy(item) for item in value)
-    return value
+    the end of an epoch. The copies of CUDA tensors go into pinned memory without blocking, and the host waits once
+    for all of them (`host_copies`), not once per tensor: a pack's other members are not kept waiting. Drop the
+    snapshot on the thread that took it (the writer's thread must not call CUDA, as freeing pinned memory does, while
+    the run's thread may be capturing a graph)."""
+    leaves, spec = pytree.tree_flatten(value)
+    tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+    copies = iter(host_copies(tensors))
+    return pytree.tree_unflatten([next(copies) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves], spec)
 
 
 class CheckpointWriter:

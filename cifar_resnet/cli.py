@@ -37,15 +37,16 @@ def _evaluate(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _trainer(args: argparse.Namespace, rest: list[str]) -> int:
-    from .trainer import trainer_command
+    from .packing.trainer import trainer_command
 
     return trainer_command(args, rest)
 
 
 def _trainer_doc() -> str:
     return ("One trainer per GPU: runs whose process finds its socket in CIFAR_RESNET_TRAINER hand it their "
-            "training, and it trains them together, in lockstep, each on a CUDA stream of its own, writing each "
-            "run's files as the run would. `cifar-resnet sweep` and `cifar-resnet agent` start one per GPU.")
+            "training, and it trains them together, in lockstep, each on a CUDA stream of its own (--pack streams) "
+            "or, runs of one shape, as one fused model of --runs slots (--pack fused), writing each run's files as "
+            "the run would. `cifar-resnet sweep` and `cifar-resnet agent` start one per GPU.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     trainer_parser.add_argument("--socket", required=True, help="the Unix socket to serve runs on")
     trainer_parser.add_argument("--device", default="auto", help="the device to train on (default: auto)")
+    trainer_parser.add_argument("--pack", default="streams", metavar="MODE",
+                                help="streams or fused: how its runs share the device (default: streams)")
+    trainer_parser.add_argument("--runs", type=int, default=1, metavar="K",
+                                help="the runs its supervisor plans for the device: the slots of a fused group "
+                                "(default: 1)")
     trainer_parser.set_defaults(handler=_trainer)
     return parser
 

@@ -33,7 +33,18 @@ from .data.images import DataSplits
 from .data.sources import check_source_present, load_source, load_splits, split
 from .engine.device import build_model, select_device, start_device
 from .engine.evaluation import EvalResult, evaluate_test
-from .engine.loop import EpochResult, FitResult, Interrupted, TrainHooks, TrainingSteps, TrainState, drive, fit_steps
+from .engine.loop import (
+    EpochResult,
+    FitResult,
+    Interrupted,
+    Join,
+    TrainHooks,
+    TrainingSteps,
+    TrainState,
+    drive,
+    fit_steps,
+)
+from .engine.streams import CudaStreams
 from .errors import ConfigError, StorageError, UserError
 from .files import check_folder_path
 from .model import count_parameters
@@ -133,6 +144,7 @@ def run_training(config: Config, folder: RunFolder, hooks: RunHooks | None = Non
     check_folder_path(folder.path, "output_dir")  # a file in the way, found before anything is loaded
     log.info("config: %s", config.to_dict())
     device = select_device(config.device)
+    log.info("trains alone, in its own process, on %s", device)
     device_ready = start_device(device)  # CUDA starts on a thread while the data loads
     # The data loads on a thread too: its stat of every image (an image folder's cache checked) and its decoding
     # release the GIL, and overlap the import below where a core is free.
@@ -147,7 +159,8 @@ def run_training(config: Config, folder: RunFolder, hooks: RunHooks | None = Non
 
 
 def run_steps(config: Config, folder: RunFolder, data: DataSplits, device: torch.device, hooks: RunHooks | None = None,
-              started: float | None = None) -> TrainingSteps[TrainedRun]:
+              started: float | None = None, join: Join | None = None,
+              streams: CudaStreams | None = None) -> TrainingSteps[TrainedRun]:
     """One run with its files: write `best.pt`, `last.pt` (removed when the run finishes) and `record.json` in
     `folder`, training on `data` (views on `device`, perhaps shared with other runs). A generator of steps, as
     `engine.fit_steps` is: `run_training` drives it alone, a trainer in a pack.
@@ -156,16 +169,20 @@ def run_steps(config: Config, folder: RunFolder, data: DataSplits, device: torch
     `hooks.fetch_resume` provides, is resumed: training continues after its last completed epoch. The run claims its
     folder (`RunFolder.claim`: its lock, and the refusal of a run that finished already) once its data and model are
     ready, and holds it to its end.
+
+    `join` and `streams` go to `engine.loop.fit_steps`: a trainer's run joins a fused group with them, and takes its
+    CUDA streams from the trainer's one owner of streams.
     """
     hooks = hooks or RunHooks()
     started = time.perf_counter() if started is None else started
     model = build_model(config, len(data.classes), device)
     with folder.claim(config):
-        return (yield from _run_claimed(config, folder, hooks, started, device, data, model))
+        return (yield from _run_claimed(config, folder, hooks, started, device, data, model, join, streams))
 
 
 def _run_claimed(config: Config, folder: RunFolder, hooks: RunHooks, started: float, device: torch.device,
-                 data: DataSplits, model: nn.Module) -> TrainingSteps[TrainedRun]:
+                 data: DataSplits, model: nn.Module, join: Join | None,
+                 streams: CudaStreams | None) -> TrainingSteps[TrainedRun]:
     data_facts = {DATA_SOURCE: config.dataset, TRAIN_IMAGES: len(data.train), VAL_IMAGES: len(data.val),
                   TEST_IMAGES: len(data.test), CLASS_COUNT: len(data.classes)}
     if hooks.on_start is not None:
@@ -211,6 +228,7 @@ def _run_claimed(config: Config, folder: RunFolder, hooks: RunHooks, started: fl
     save_record()
 
     writer = CheckpointWriter()
+    snapshots = []  # the last epoch's, held here so that it is freed on this thread (see `host_copy`)
 
     def on_epoch(result: EpochResult, state: TrainState) -> None:
         # The epoch's files are copied here, at its sync point, and written on the writer's thread while the next
@@ -227,6 +245,7 @@ def _run_claimed(config: Config, folder: RunFolder, hooks: RunHooks, started: fl
             saves.insert(0, functools.partial(save_best, folder.best, snapshot["best_model_state"], config,
                                               result.epoch, result.metrics(), data.classes))
         writer.submit(*saves)  # first waits for the previous epoch's files, raising their error
+        snapshots[:] = [snapshot]  # the previous one's files are written: it is freed here, now
         if hooks.on_epoch_recorded is not None:
             hooks.on_epoch_recorded(record)
 
@@ -234,7 +253,8 @@ def _run_claimed(config: Config, folder: RunFolder, hooks: RunHooks, started: fl
     own = TrainHooks(on_epoch_start=progress.on_epoch_start, on_batch=progress.on_batch, on_epoch=on_epoch)
     try:
         with writer:  # waits for the last checkpoints; their write error (a full disk) fails the run
-            result = yield from fit_steps(config, model, data, device, own.followed_by(hooks), resume=resume)
+            result = yield from fit_steps(config, model, data, device, own.followed_by(hooks), resume=resume,
+                                          join=join, streams=streams)
     except BaseException as error:
         # Interrupted: asked to stop; GeneratorExit: its pack was closed. Either way last.pt holds the last epoch.
         record.status = "preempted" if isinstance(error, (Interrupted, GeneratorExit)) else "failed"

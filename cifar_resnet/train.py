@@ -25,12 +25,12 @@ from .errors import RunFailed, StorageError, TrainingDiverged, UserError
 from .files import check_folder_path
 from .logs import logs_to_current_stderr, setup_logging
 from .names import requested_run_id
+from .packing.client import run_in_trainer
 from .records import AlreadyFinished, RunFolder, RunRecord
 from .run_contract import EXIT_CRASH, EXIT_OK, EXIT_USAGE, SIGNAL_EXIT_BASE, TRAINER_VARIABLE
 from .runner import RunHooks, check_inputs, run_training
 from .signals import exit_ignoring_stop_signals, stop_on_signals
 from .threads import set_cpu_threads
-from .trainer import train_in_trainer
 
 log = logging.getLogger("cifar_resnet")
 
@@ -66,7 +66,7 @@ def train(config: Config, folder: RunFolder, hooks: RunHooks, received: Sequence
     else in this process, with a progress bar on a terminal."""
     trainer_socket = os.environ.get(TRAINER_VARIABLE)
     if trainer_socket:
-        record = train_in_trainer(Path(trainer_socket), config, folder, hooks, received)
+        record = run_in_trainer(Path(trainer_socket), config, folder, hooks, received)
         if record is not None:
             return record
     with progress_hooks(hooks) as shown:

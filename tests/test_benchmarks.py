@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks import bench, grid, pack, run, writeup
+from benchmarks import bench, grid, run, sharing, writeup
 from benchmarks.cli import run_script
 from cifar_resnet.model import CIFAR10CNN
 from cifar_resnet.records import BEST_EPOCH, TRAIN_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS, RunRecord
@@ -182,23 +182,24 @@ def test_the_grids_comparison_names_the_data_of_each_column(dataset, warned):
 
 
 @pytest.mark.slow
-def test_pack_measures_each_way_of_sharing_with_its_runs_under_the_runs_folder(tiny_config, tmp_path,
-                                                                                monkeypatch):
-    """The pack step of the GPU check, tiny: runs taking turns in one process and runs as processes, K = 1 then 2
-    (the processes of K = 2 reuse K = 1's run names: each K keeps its runs apart, and none lands in the working
-    directory)."""
+def test_sharing_measures_each_way_of_sharing_with_its_runs_under_the_runs_folder(tiny_config, tmp_path,
+                                                                                   monkeypatch):
+    """The pack step of the GPU check, tiny: runs taking turns in one process, fused in one group, and runs as
+    processes, K = 1 then 2 (the processes of K = 2 reuse K = 1's run names: each K keeps its runs apart, and none
+    lands in the working directory)."""
     monkeypatch.chdir(tmp_path)
-    out = tmp_path / "pack.json"
+    out = tmp_path / "sharing.json"
     settings = [f"--{k}={v}" for k, v in tiny_config.replace(epochs=1, train_size=256, val_size=64, test_size=64,
                                                                batch_size=64).to_dict().items() if k != "output_dir"]
-    assert pack.main(["--members=1,2", "--sharing=turns,processes", f"--out={out}", *settings]) == 0
+    assert sharing.main(["--members=1,2", "--sharing=turns,fused,processes", f"--out={out}", *settings]) == 0
     cases = json.loads(out.read_text())["cases"]
     assert [(case["sharing"], case["members"]) for case in cases] == \
-        [("turns", 1), ("turns", 2), ("processes", 1), ("processes", 2)]
+        [("turns", 1), ("turns", 2), ("fused", 1), ("fused", 2), ("processes", 1), ("processes", 2)]
     for case in cases:
         assert len(case["run_img_s"]) == len(case["test_acc"]) == case["members"]
-        assert positive(case["together_img_s"]) and positive(case["training_runs_per_hour"])
-    assert sorted(path.name for path in (tmp_path / "pack-runs" / "processes2").iterdir()) == \
+        assert positive(case["together_img_s"]) and positive(case["epoch_img_s"])
+        assert positive(case["training_runs_per_hour"])
+    assert sorted(path.name for path in (tmp_path / "sharing-runs" / "processes2").iterdir()) == \
         ["m0-adam-lr0.001", "m1-sgd-lr0.001"]
     assert not (tmp_path / "runs").exists()
 
@@ -231,7 +232,7 @@ def test_bad_input_is_one_line_and_exit_status_2(script, argv, message, tmp_path
 
 
 @pytest.mark.quick
-@pytest.mark.parametrize("script", [bench, run, grid, pack], ids=lambda script: script.__name__)
+@pytest.mark.parametrize("script", [bench, run, grid, sharing], ids=lambda script: script.__name__)
 def test_help_is_one_usage_block_listing_the_scripts_options_and_every_setting(script, capsys):
     with pytest.raises(SystemExit) as done:
         script.main(["--help"])

@@ -1,14 +1,14 @@
-"""A pack: several runs stepped in turn in one process give each run exactly what it gets alone."""
+"""A pack: several runs stepped in turn in one process give each run exactly what it gets alone (on a CPU; on a GPU,
+within a tolerance: tests/test_gpu_pack.py)."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from cifar_resnet.data.sources import load_splits
 from cifar_resnet.engine.device import build_model
 from cifar_resnet.engine.loop import Interrupted, TrainHooks, fit, fit_steps
-from cifar_resnet.pack import Pack, train_together
+from cifar_resnet.packing.pack import Pack, drive_together
 from cifar_resnet.records import EPOCH_SECONDS, TRAIN_IMAGES_PER_SECOND
 
 CPU = torch.device("cpu")
@@ -44,7 +44,7 @@ def assert_same_run(packed, alone):
 
 def test_three_runs_packed_give_each_run_its_own_results_bit_for_bit(tiny_config):
     configs = three_cells(tiny_config)
-    ended = train_together({name: steps_of(config) for name, config in configs.items()}, CPU)
+    ended = drive_together({name: steps_of(config) for name, config in configs.items()}, CPU)
     assert {name: end.error for name, end in ended.items()} == dict.fromkeys(configs)
     for name, config in configs.items():
         data = load_splits(config, CPU)
@@ -54,7 +54,7 @@ def test_three_runs_packed_give_each_run_its_own_results_bit_for_bit(tiny_config
 
 def test_a_member_stopped_mid_run_leaves_the_others_bit_identical(tiny_config):
     configs = three_cells(tiny_config)
-    undisturbed = train_together({name: steps_of(config) for name, config in configs.items()}, CPU)
+    undisturbed = drive_together({name: steps_of(config) for name, config in configs.items()}, CPU)
     steps_taken = {"sgd": 0}
 
     def count_and_stop() -> bool:
@@ -63,7 +63,7 @@ def test_a_member_stopped_mid_run_leaves_the_others_bit_identical(tiny_config):
 
     members = {name: steps_of(config, TrainHooks(should_stop=count_and_stop) if name == "sgd" else None)
                for name, config in configs.items()}
-    ended = train_together(members, CPU)
+    ended = drive_together(members, CPU)
     assert isinstance(ended["sgd"].error, Interrupted)
     for name in ("adam", "adam-ema"):
         assert_same_run(ended[name].result, undisturbed[name].result)
@@ -76,27 +76,7 @@ def test_a_member_that_fails_leaves_and_the_pack_goes_on(tiny_config):
     for name, config in {**configs, "sgd": bad}.items():
         pack.add(name, steps_of(config))
     first_round = pack.step()
-    assert [(end.name, type(end.error).__name__) for end in first_round] == [("sgd", "ConfigError")]
+    assert {name: type(end.error).__name__ for name, end in first_round.items()} == {"sgd": "ConfigError"}
     assert pack.names() == ["adam", "adam-ema"]
     while pack:
         pack.step()
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_members_on_their_own_cuda_streams_match_runs_alone(tiny_config):
-    cuda = torch.device("cuda")
-    configs = {name: config.replace(device="cuda", bf16=False) for name, config in three_cells(tiny_config).items()}
-
-    def cuda_steps(config):
-        data = load_splits(config, cuda)
-        return fit_steps(config, build_model(config, len(data.classes), cuda), data, cuda)
-
-    ended = train_together({name: cuda_steps(config) for name, config in configs.items()}, cuda)
-    for name, config in configs.items():
-        data = load_splits(config, cuda)
-        alone = fit(config, build_model(config, len(data.classes), cuda), data, cuda)
-        packed = ended[name].result
-        # The same kernels on another stream: the same numbers, up to cuDNN picking other algorithms.
-        for got, expected in zip(without_timings(packed.history), without_timings(alone.history), strict=True):
-            assert got == pytest.approx(expected, rel=1e-3, abs=1e-3)

@@ -19,10 +19,10 @@ pytestmark = pytest.mark.quick  # seconds in all: part of `pytest -m quick`
 PACKAGE = REPO / "cifar_resnet"
 TOOLS = {"sweep", "agent", "report"}
 # Modules, and packages standing for every module in them.
-WITHOUT_WANDB = {"config", "model", "data", "engine", "pack", "checkpoint", "records", "files", "errors", "logs",
-                 "signals", "threads", "children", "staggered", "trainer_pool", "names", "credentials", "table",
-                 "runner", "trainer", "run_contract"}
-MAX_LEVELS = 10  # errors, config, engine.device, engine.step, engine.loop, runner, trainer, train, cli, __main__
+WITHOUT_WANDB = {"config", "model", "data", "engine", "packing", "checkpoint", "records", "files", "errors", "logs",
+                 "signals", "threads", "children", "staggered", "names", "credentials", "table", "runner",
+                 "run_contract"}
+MAX_LEVELS = 10  # errors, config, engine.device, engine.step, engine.loop, runner, packing.client, train, cli, __main__
 MAX_FILE_LINES = 600
 # The sweep's modules, each above those it may import: command -> local -> view and plan -> state.
 SWEEP_LAYERS = {"sweep.state": 0, "sweep.plan": 1, "sweep.view": 1, "sweep.local": 2, "sweep.command": 3}

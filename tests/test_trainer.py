@@ -29,18 +29,23 @@ from helpers.wandb_agent import start_agent
 from helpers.wandb_records import offline_run_file, read_records
 
 from cifar_resnet.config import Config
-from cifar_resnet.run_contract import TRAINER_VARIABLE
+from cifar_resnet.engine.loop import Interrupted
+from cifar_resnet.errors import RunFailed, StorageError, TrainingDiverged, UserError
+from cifar_resnet.packing.client import run_in_trainer
+from cifar_resnet.packing.ends import MemberEnd
+from cifar_resnet.packing.trainer import Trainer
 from cifar_resnet.records import (
     BEST_CHECKPOINT,
     EPOCH_SECONDS,
     RESUME_CHECKPOINT,
     TRAIN_IMAGES_PER_SECOND,
+    AlreadyFinished,
     RunFolder,
     RunRecord,
     read_record,
 )
+from cifar_resnet.run_contract import TRAINER_VARIABLE
 from cifar_resnet.runner import RunHooks, run_training
-from cifar_resnet.trainer import Trainer, train_in_trainer
 
 WAIT_SECONDS = 300
 POLL_SECONDS = 0.05
@@ -126,6 +131,36 @@ def alone_runs(configs, tmp_path):
     return {run_id: run_training(config.replace(output_dir=str(tmp_path / "alone")),
                                  RunFolder.of(tmp_path / "alone", run_id))
             for run_id, config in configs.items()}
+
+
+@pytest.mark.parametrize(("error", "wire", "raised"), [
+    (Interrupted(), {"status": "stopped"}, Interrupted("stopped in its trainer")),
+    (GeneratorExit(), {"status": "stopped"}, Interrupted("stopped in its trainer")),
+    (AlreadyFinished("run r: finished already"), {"status": "failed", "kind": "done-before",
+                                                  "error": "run r: finished already"},
+     AlreadyFinished("run r: finished already")),
+    (UserError("width: must be > 0"), {"status": "failed", "kind": "user", "error": "width: must be > 0"},
+     UserError("width: must be > 0")),
+    (TrainingDiverged("loss is nan"), {"status": "failed", "kind": "machine", "error": "loss is nan"},
+     RunFailed("loss is nan")),
+    (StorageError("disk full"), {"status": "failed", "kind": "machine", "error": "disk full"},
+     RunFailed("disk full")),
+    (KeyError("x"), {"status": "failed", "kind": "crash", "error": "KeyError: 'x'"}, RunFailed("KeyError: 'x'")),
+], ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else None)
+def test_a_members_end_reaches_its_run_as_the_exception_a_run_alone_would_raise(error, wire, raised, tmp_path):
+    """A member's end in the trainer, its wire form, and what the run's process raises: the exit status train.py
+    gives it is a run alone's (a failure not of the user's making arrives as RunFailed, one line)."""
+    sent = MemberEnd(error=error).to_wire()
+    assert sent == wire
+    with pytest.raises(type(raised)) as heard:
+        MemberEnd.from_wire(json.loads(json.dumps(sent))).record_or_raise(RunFolder.of(tmp_path, "r"))
+    assert type(heard.value) is type(raised) and str(heard.value) == str(raised)
+
+
+def test_a_finished_members_run_reads_its_record_from_its_folder(finished_run):
+    assert MemberEnd(result=finished_run).to_wire() == {"status": "finished"}
+    record = MemberEnd.from_wire({"status": "finished"}).record_or_raise(finished_run.folder)
+    assert record == RunRecord.load(finished_run.folder.path) and record.status == "finished"
 
 
 @pytest.mark.slow
@@ -242,15 +277,15 @@ def test_a_packed_runs_log_holds_the_lines_of_a_run_alone(tiny_config, socket_pa
     """Issue 27: a packed run's log (its process's output, the sweep's run.log) lacked its `config:` and `test (best
     epoch ...)` lines, which only the trainer's log held; and the trainer said "(1 members)". A trainer on a thread
     of this process; the run's side (this thread) logs what its member's messages relay. Its lines are a run
-    alone's, but for the timings."""
+    alone's, but for the timings and the line that says how it trains (issue 26)."""
     received: list[int] = []
     trainer = threading.Thread(target=Trainer(socket_path, torch.device("cpu")).serve, args=(received,),
                                name="trainer")
     with caplog.at_level(logging.INFO, logger="cifar_resnet"):
         trainer.start()
         try:
-            record = train_in_trainer(socket_path, tiny_config, RunFolder.of(tiny_config.output_dir, "packed01"),
-                                      RunHooks(), [])
+            record = run_in_trainer(socket_path, tiny_config, RunFolder.of(tiny_config.output_dir, "packed01"),
+                                    RunHooks(), [])
         finally:
             received.append(signal.SIGTERM)
             trainer.join(WAIT_SECONDS)
@@ -264,6 +299,8 @@ def test_a_packed_runs_log_holds_the_lines_of_a_run_alone(tiny_config, socket_pa
         return [re.sub(r"\d+\.\ds  \d+ img/s", "(timing)", line) for line in lines]
 
     assert record.status == "finished"
-    assert "run packed01 joins the pack (1 member)" in trainer_lines
+    assert "run packed01 joins the pack (1 member): on streams" in trainer_lines
     assert packed[0].startswith("config: ") and packed[-1].startswith("test (best epoch ")
+    assert packed.pop(1) == "trains in the trainer on cpu (1 member), on streams"
+    assert alone.pop(1) == "trains alone, in its own process, on cpu"
     assert untimed(packed) == untimed(alone)

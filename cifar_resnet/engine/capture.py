@@ -1,5 +1,7 @@
 """CUDA graph capture by hand, what the captured training step (`step.CapturedStep`) and the captured evaluation
-batch (`evaluation.CapturedEval`) share: each holds the eager step whose work on one batch it captures."""
+batch (`evaluation.CapturedEval`) share: each holds the eager step whose work on one batch it captures, and captures
+it on a stream of its own (`streams.CudaStreams`), never on the capture stream torch shares between every capture of
+a process."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ import logging
 from typing import Any, Generic, Protocol, TypeVar
 
 import torch
+
+from .streams import CudaStreams
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +35,21 @@ class GraphCapture(Generic[Work]):
     which does every batch no graph does), the checks that a capture is possible here, the eager warm-up calls on a
     side stream (PyTorch's CUDA Graphs notes), the capture of the eager step's work on static buffers, its replays,
     and the fall back to the eager step for good, after one warning with the reason. A subclass decides, per batch,
-    whether to replay, warm up or capture, or run it eagerly."""
+    whether to replay, warm up or capture, or run it eagerly.
+
+    The warm-up steps and the capture run on a stream taken from `streams` (the process's owner of streams; by default
+    one of its own), which the graph holds until `close`: cuBLAS keeps a workspace per stream, made by the warm-up,
+    baked into the graph and freed when a graph captured on that stream is destroyed, so no two live graphs may share
+    a capture stream (pytorch/pytorch#193402). Replays run on the caller's stream.
+    """
 
     DOING = "running"  # the warning's first word: "training eagerly, ..."
 
-    def __init__(self, eager_step: Work, warmup_steps: int = CAPTURE_WARMUP_STEPS) -> None:
+    def __init__(self, eager_step: Work, warmup_steps: int = CAPTURE_WARMUP_STEPS,
+                 streams: CudaStreams | None = None) -> None:
         self.eager_step = eager_step
         self.warmup_steps = warmup_steps
+        self.streams = streams
         self.warmed_up = 0
         self.graph: Any = None  # torch.cuda.CUDAGraph once captured
         self.eager = False  # fell back for good
@@ -57,7 +69,10 @@ class GraphCapture(Generic[Work]):
             capability = torch.cuda.get_device_capability(images.device)
             if capability < MIN_GRAPH_CAPABILITY:
                 raise RuntimeError(f"GPU compute capability {capability} is below {MIN_GRAPH_CAPABILITY}")
-            self.side_stream = torch.cuda.Stream(images.device)
+            self.streams = self.streams or CudaStreams(images.device)
+            self.side_stream = self.streams.take(f"the capture of the {self.DOING} step")
+            if self.side_stream is None:
+                raise RuntimeError("no CUDA stream is free for the capture")
         except Exception as error:  # any reason at all: the work goes on eagerly
             self.fall_back(f"{type(error).__name__}: {error}")
             return False
@@ -89,7 +104,9 @@ class GraphCapture(Generic[Work]):
         try:
             graph = torch.cuda.CUDAGraph()
             self.clear_for_capture()
-            with torch.cuda.graph(graph):
+            # On the stream of the warm-up, which made the workspaces the graph bakes in: its own, never torch's
+            # default capture stream, which every capture in the process shares.
+            with torch.cuda.graph(graph, stream=self.side_stream):
                 self.eager_step(self.static_images, self.static_labels)  # in its memory format already: no copy
         except Exception as error:  # nothing ran: a capture records kernels without running them
             self.clear_for_capture()  # what the failed capture left behind
@@ -106,6 +123,19 @@ class GraphCapture(Generic[Work]):
     def captured(self) -> str:
         """The line logged once the capture is done."""
         raise NotImplementedError
+
+    def close(self) -> None:
+        """The graph is done with: once the caller's stream (where it replays) has finished its work, destroy it and
+        give its capture stream back. The run's end calls it, however the run ends."""
+        if self.side_stream is None:
+            return
+        torch.cuda.current_stream(self.side_stream.device).synchronize()
+        if self.graph is not None:
+            self.graph.reset()
+            self.graph = None
+            self.eager = True  # no capture again: the stream is given back
+        self.streams.give_back(self.side_stream)
+        self.side_stream = None
 
     def replay(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         self.static_images.copy_(images)  # also converts to the captured memory format

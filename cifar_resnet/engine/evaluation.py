@@ -17,6 +17,7 @@ from ..data.images import DataSplits
 from ..data.loader import DeviceLoader
 from .capture import CAPTURE_WARMUP_STEPS, GraphCapture
 from .device import autocast_context, memory_format_for, uses_cuda_graph
+from .streams import CudaStreams, host_copies
 
 
 @dataclass
@@ -78,6 +79,9 @@ class EvalStep:
         self.loss_sum.zero_()
         self.confusion.zero_()
 
+    def close(self) -> None:
+        """Nothing to give back (a `CapturedEval` gives back its graph and stream)."""
+
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """The batch's work, all on the device: what a graph captures."""
         images = images.contiguous(memory_format=self.memory_format)
@@ -88,9 +92,10 @@ class EvalStep:
         self.confusion.scatter_add_(0, labels * self.num_classes + logits.argmax(1), torch.ones_like(labels))
 
     def result(self) -> EvalResult:
-        confusion = self.confusion.view(self.num_classes, self.num_classes).cpu()  # sync point
+        loss_sum, confusion = host_copies([self.loss_sum, self.confusion])  # sync point: one read of both
+        confusion = confusion.view(self.num_classes, self.num_classes)
         total = int(confusion.sum())
-        return EvalResult(loss=self.loss_sum.item() / max(total, 1), acc=int(confusion.diag().sum()) / max(total, 1),
+        return EvalResult(loss=loss_sum.item() / max(total, 1), acc=int(confusion.diag().sum()) / max(total, 1),
                           confusion=confusion)
 
 
@@ -110,9 +115,10 @@ class CapturedEval(GraphCapture[EvalStep]):
 
     DOING = "evaluating"
 
-    def __init__(self, *args: Any, batch_size: int, warmup_steps: int = CAPTURE_WARMUP_STEPS, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, batch_size: int, warmup_steps: int = CAPTURE_WARMUP_STEPS,
+                 streams: CudaStreams | None = None, **kwargs: Any) -> None:
         """`args` and `kwargs`: those of the `EvalStep` it builds and holds."""
-        super().__init__(EvalStep(*args, **kwargs), warmup_steps)
+        super().__init__(EvalStep(*args, **kwargs), warmup_steps, streams)
         self.batch_size = batch_size
 
     @property
@@ -164,15 +170,18 @@ def evaluate(
 
 
 def build_eval_step(config: Config, model: nn.Module, num_classes: int, device: torch.device,
-                    capture: bool | None = None) -> EvalStep | CapturedEval:
+                    capture: bool | None = None, streams: CudaStreams | None = None) -> EvalStep | CapturedEval:
     """How a run of `config` evaluates `model`: its test-time views (`tta`, `tta_translate_px`), autocast and memory
     format; a `CapturedEval` for batches of `eval_batch_size` where the training step is captured too
     (`uses_cuda_graph`), unless `capture` says otherwise, else an `EvalStep`. A graph pays off over a run's
-    validations; a single pass (`evaluate_test` alone) is not worth its warm-up and capture."""
+    validations; a single pass (`evaluate_test` alone) is not worth its warm-up and capture. `streams`: where a
+    captured one takes its capture stream."""
     capture = uses_cuda_graph(config, device) if capture is None else capture
     autocast = autocast_context(config, device, cache_enabled=not capture)
     settings = (model, num_classes, autocast, memory_format_for(config, device), config.tta, config.tta_translate_px)
-    return CapturedEval(*settings, batch_size=config.eval_batch_size) if capture else EvalStep(*settings)
+    if capture:
+        return CapturedEval(*settings, batch_size=config.eval_batch_size, streams=streams)
+    return EvalStep(*settings)
 
 
 def evaluate_test(config: Config, model: nn.Module, data: DataSplits, device: torch.device,

@@ -1,15 +1,17 @@
 """The training loop: one epoch of steps (`train_one_epoch`), everything a run needs to continue where it stopped
 (`TrainState`), and the whole run (`fit_steps`, a generator of steps that `drive` runs alone and a pack interleaves;
-`fit`), which reports through one `TrainHooks` object."""
+`fit`), which reports through one `TrainHooks` object. A run trains with a step of its own, or as a member of a
+fused group (`fit_steps`'s `join`)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -35,14 +37,27 @@ from ..records import (
 from .averaging import Lookahead, WeightAverage
 from .device import build_scheduler, keep_graph_settings
 from .evaluation import EvalResult, build_eval_step, evaluate, evaluate_test
-from .step import CapturedStep, EagerStep, build_step
+from .step import StepTotals, TrainingSteps, build_step
+from .streams import CudaStreams, host_copies
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-# A run's training, or one epoch of it, as a generator that yields after every optimizer step and returns its
-# result: `drive` runs one alone; `pack.Pack` steps several in turn on one device.
-TrainingSteps = Generator[None, None, T]
+
+
+class Step(Protocol):
+    """What the loop uses of a training step: `EagerStep`, `CapturedStep`, or a fused group's member."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    totals: StepTotals
+
+    def run(self, images: torch.Tensor, labels: torch.Tensor) -> TrainingSteps[None]: ...
+
+
+# How a run joins a fused group (`packing.fused.FusedGroup.joined`): given its config and its model (built, its
+# stem whitened), the member it trains as while the context lasts (its weights copied into its slot).
+Join = Callable[[Config, nn.Module], contextlib.AbstractContextManager[Step]]
 
 
 class Interrupted(Exception):
@@ -50,7 +65,7 @@ class Interrupted(Exception):
 
 
 def train_one_epoch(
-    step: EagerStep | CapturedStep,
+    step: Step,
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     after_step: Sequence[Callable[[], None]] = (),
     hooks: TrainHooks | None = None,
@@ -61,8 +76,8 @@ def train_one_epoch(
     `after_step` runs after every step, outside it (and outside a captured graph), in order: in a run, the Lookahead,
     the weight average and the schedule (the average sees the weights after a Lookahead sync; the schedule fills the
     next step's learning rate in place, as a captured step reads it).
-    A generator: it yields after every optimizer step, so that a pack (`pack.Pack`) can interleave several runs'
-    steps; `drive` runs it alone.
+    A generator: it yields after every optimizer step (`step.run`'s yield: a fused member's yields until its group
+    has stepped), so that a pack (`packing.pack.Pack`) can interleave several runs' steps; `drive` runs it alone.
     """
     hooks = hooks or TrainHooks()
     step.model.train()
@@ -71,15 +86,14 @@ def train_one_epoch(
     for images, labels in loader:  # images (B, 3, 32, 32) float, labels (B,)
         if hooks.should_stop():
             raise Interrupted
-        step(images, labels)
+        yield from step.run(images, labels)
         for update in after_step:
             update()
         seen += len(labels)
         if hooks.on_batch is not None:
             hooks.on_batch()
-        yield
-    loss_value, correct_value = step.totals.loss_sum.item(), step.totals.correct.item()  # sync: once per epoch
-    return loss_value / max(seen, 1), correct_value / max(seen, 1)
+    loss_sum, correct = host_copies([step.totals.loss_sum, step.totals.correct])  # sync: once per epoch
+    return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1)
 
 
 def drive(steps: TrainingSteps[T]) -> T:
@@ -268,6 +282,8 @@ def fit_steps(
     device: torch.device,
     hooks: TrainHooks | None = None,
     resume: dict[str, Any] | None = None,
+    join: Join | None = None,
+    streams: CudaStreams | None = None,
 ) -> TrainingSteps[FitResult]:
     """Train `model` (from `build_model`, on `device`) for `config.epochs`, keep the weights of the best
     validation epoch, and test them once at the end. With `whiten_stem` the stem's filters are first set from the
@@ -278,7 +294,12 @@ def fit_steps(
     `hooks.should_stop` returns True, `Interrupted` is raised and the state of the last completed epoch stays as
     `hooks.on_epoch` last saw it.
 
-    A generator that yields after every optimizer step (`fit` drives it alone; a `pack.Pack` interleaves several);
+    With `join` the run trains as a member of a fused group: its model's weights go into its slot, and from then on
+    it trains, validates and tests the slot's model (`FitResult.model`), leaving the group when it ends, however it
+    ends. `streams`: the process's owner of CUDA streams, where captured steps take their capture streams (by
+    default the run's own).
+
+    A generator that yields after every optimizer step (`fit` drives it alone; a `packing.pack.Pack` interleaves several);
     its return value is the `FitResult`.
     """
     hooks = hooks or TrainHooks()
@@ -293,46 +314,59 @@ def fit_steps(
         )
     if config.whiten_stem and resume is None:
         init_stem_whitening(model, train_loader.normalize(train_loader.first(WHITENING_IMAGES)))
-    step = build_step(config, model, device)
-    state = TrainState.start(config, model, step.optimizer, generator, len(train_loader))
-    if resume is not None:
-        state.resume(resume)
-        log.info("resuming after epoch %d of %d", state.epoch, config.epochs)
-    after_step = state.after_step()
-    # With ema_decay the averaged copy is what is validated, tested and kept; else the model trained.
-    evaluated, kept = (state.average.model,) * 2 if state.average is not None else (step.model, model)
-    val_step = build_eval_step(config, evaluated, num_classes, device)  # captured at the first validation
+    streams = streams or CudaStreams(device)  # every stream this run draws, through one owner
+    with contextlib.ExitStack() as held:  # the steps, given back however the run ends
+        if join is None:
+            step: Step = build_step(config, model, device, streams=streams)
+            held.callback(step.close)
+        else:
+            step = held.enter_context(join(config, model))
+            model = step.model  # the slot's views: what is trained, kept and tested from here on
+        state = TrainState.start(config, model, step.optimizer, generator, len(train_loader))
+        if resume is not None:
+            state.resume(resume)
+            log.info("resuming after epoch %d of %d", state.epoch, config.epochs)
+        after_step = state.after_step()
+        # With ema_decay the averaged copy is what is validated, tested and kept; else the model trained.
+        evaluated, kept = (state.average.model,) * 2 if state.average is not None else (step.model, model)
+        val_step = build_eval_step(config, evaluated, num_classes, device, streams=streams)  # captured in epoch 1
+        held.callback(val_step.close)
 
-    for epoch in range(state.epoch + 1, config.epochs + 1):
-        if hooks.on_epoch_start is not None:
-            hooks.on_epoch_start(epoch, len(train_loader))
-        start = time.perf_counter()
-        train_loader.set_epoch(epoch)
-        train_loss, train_acc = yield from train_one_epoch(step, train_loader, after_step, hooks)
-        train_seconds = time.perf_counter() - start  # train_one_epoch ended on a sync, so this is honest
-        if not math.isfinite(train_loss):
-            raise TrainingDiverged(
-                f"training loss became {train_loss} in epoch {epoch}; lower learning_rate "
-                f"(now {config.learning_rate})"
+        for epoch in range(state.epoch + 1, config.epochs + 1):
+            if hooks.on_epoch_start is not None:
+                hooks.on_epoch_start(epoch, len(train_loader))
+            start = time.perf_counter()
+            train_loader.set_epoch(epoch)
+            train_loss, train_acc = yield from train_one_epoch(step, train_loader, after_step, hooks)
+            train_seconds = time.perf_counter() - start  # train_one_epoch ended on a sync, so this is honest
+            if not math.isfinite(train_loss):
+                raise TrainingDiverged(
+                    f"training loss became {train_loss} in epoch {epoch}; lower learning_rate "
+                    f"(now {config.learning_rate})"
+                )
+            val = evaluate(evaluated, val_loader, num_classes, step=val_step)
+            # A device tensor under a captured step, read once an epoch, while nothing is queued after it.
+            lr = float(state.scheduler.get_last_lr()[0])
+            is_best = state.keep_if_best(epoch, val.acc, kept)
+            result = EpochResult(
+                epoch, train_loss, train_acc, val.loss, val.acc, lr,
+                epoch_seconds=time.perf_counter() - start,
+                train_images_per_second=len(train_loader) * config.batch_size / train_seconds,
+                is_best=is_best,
             )
-        val = evaluate(evaluated, val_loader, num_classes, step=val_step)
-        is_best = state.keep_if_best(epoch, val.acc, kept)
-        result = EpochResult(
-            epoch, train_loss, train_acc, val.loss, val.acc,
-            lr=float(state.scheduler.get_last_lr()[0]),  # a device tensor under a captured step: read once an epoch
-            epoch_seconds=time.perf_counter() - start,
-            train_images_per_second=len(train_loader) * config.batch_size / train_seconds,
-            is_best=is_best,
-        )
-        state.epoch = epoch
-        state.history.append(result.metrics())
-        log.info("%s", describe_epoch(state.history, config.epochs))
-        if hooks.on_epoch is not None:
-            hooks.on_epoch(result, state)
+            state.epoch = epoch
+            state.history.append(result.metrics())
+            log.info("%s", describe_epoch(state.history, config.epochs))
+            if hooks.on_epoch is not None:
+                hooks.on_epoch(result, state)
 
-    model.load_state_dict(state.best_model_state)
-    # The validation step (and its graph) where it evaluates the model tested; else one of the model tested.
-    test_step = val_step if evaluated is step.model else build_eval_step(config, step.model, num_classes, device)
-    test = evaluate_test(config, step.model, data, device, test_step)
-    log.info("%s", describe_test(state.best_epoch, test.loss, test.acc))
-    return FitResult(state.history, state.best_epoch, state.best_val_acc, test, model)
+        model.load_state_dict(state.best_model_state)
+        # The validation step (and its graph) where it evaluates the model tested; else one of the model tested.
+        if evaluated is not step.model:
+            test_step = build_eval_step(config, step.model, num_classes, device, streams=streams)
+            held.callback(test_step.close)
+        else:
+            test_step = val_step
+        test = evaluate_test(config, step.model, data, device, test_step)
+        log.info("%s", describe_test(state.best_epoch, test.loss, test.acc))
+        return FitResult(state.history, state.best_epoch, state.best_val_acc, test, model)

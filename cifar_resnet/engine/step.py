@@ -1,12 +1,14 @@
 """One training step: forward, backward and optimizer step on a batch (`train_step`), run eagerly (`EagerStep`) or
-captured once as a CUDA graph and replayed (`CapturedStep`), and its builder for a run (`build_step`)."""
+captured once as a CUDA graph and replayed (`CapturedStep`), and its builder for a run (`build_step`). The training
+loop drives a step through its `run` (`yield from step.run(images, labels)`), which a fused group's member
+(`packing.fused.FusedMember`) has too."""
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Generator
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -14,6 +16,12 @@ from torch import nn
 from ..config import Config
 from .capture import CAPTURE_WARMUP_STEPS, GraphCapture
 from .device import autocast_context, build_optimizer, compile_mode, memory_format_for, uses_cuda_graph
+from .streams import CudaStreams
+
+T = TypeVar("T")
+# A run's training, one epoch of it or one step, as a generator that yields after every optimizer step and returns
+# its result: `loop.drive` runs one alone; `packing.pack.Pack` steps several in turn on one device.
+TrainingSteps = Generator[None, None, T]
 
 
 def train_step(
@@ -57,7 +65,23 @@ class StepTotals:
         self.correct.add_(correct)
 
 
-class EagerStep:
+class StepOnce:
+    """What the training loop calls: `run`, one optimizer step on a batch, then one yield."""
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def run(self, images: torch.Tensor, labels: torch.Tensor) -> TrainingSteps[None]:
+        """This batch's optimizer step, then one yield: the loop drives it with `yield from`, as it drives a fused
+        member's, which yields until its group has stepped."""
+        self(images, labels)
+        yield
+
+    def close(self) -> None:
+        """The run is done with the step (a captured one gives its graph and stream back)."""
+
+
+class EagerStep(StepOnce):
     """`train_step` run as it is, each call, adding into `totals`; `loss` is the last batch's mean loss."""
 
     def __init__(
@@ -79,7 +103,7 @@ class EagerStep:
         self.totals.add_(self.loss, correct, len(labels))
 
 
-class CapturedStep(GraphCapture[EagerStep]):
+class CapturedStep(GraphCapture[EagerStep], StepOnce):
     """The same step as one CUDA graph: an `EagerStep` of its own, whose work on static image and label buffers is
     captured once and replayed every call.
 
@@ -93,9 +117,10 @@ class CapturedStep(GraphCapture[EagerStep]):
 
     DOING = "training"
 
-    def __init__(self, *args: Any, warmup_steps: int = CAPTURE_WARMUP_STEPS, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, warmup_steps: int = CAPTURE_WARMUP_STEPS, streams: CudaStreams | None = None,
+                 **kwargs: Any) -> None:
         """`args` and `kwargs`: those of the `EagerStep` it builds and holds."""
-        super().__init__(EagerStep(*args, **kwargs), warmup_steps)
+        super().__init__(EagerStep(*args, **kwargs), warmup_steps, streams)
         self.capture_seconds = 0.0  # the warm-up steps and the capture, with the syncs they need
 
     # What `train_one_epoch`, `fit_steps` and the benchmark read of a step, as the eager step holds it. Once captured,
@@ -140,7 +165,7 @@ class CapturedStep(GraphCapture[EagerStep]):
 
 
 def build_step(config: Config, model: nn.Module, device: torch.device, fused: bool | None = None,
-               mode: str | None = None) -> EagerStep | CapturedStep:
+               mode: str | None = None, streams: CudaStreams | None = None) -> EagerStep | CapturedStep:
     """The training step of a run of `config` on `model` (from `build_model`): the model under torch.compile when
     `compile` says so (`step.model`; state dicts stay those of `model`), its optimizer (`step.optimizer`), the loss,
     autocast and memory format; a `CapturedStep` on CUDA with cuda_graph (captured in the first epoch trained), else
@@ -148,6 +173,7 @@ def build_step(config: Config, model: nn.Module, device: torch.device, fused: bo
 
     The one builder of the step, for a run (`fit_steps`) and the benchmark, whose variants each change one option from
     a run's: `fused` (the optimizer's; default fused on CUDA) and `mode` (torch.compile's; default `compile_mode`'s).
+    `streams`: where a captured step takes its capture stream (the process's owner of streams).
     """
     graph = uses_cuda_graph(config, device)
     optimizer = build_optimizer(config, model, device, fused=fused, graph=graph)
@@ -155,5 +181,5 @@ def build_step(config: Config, model: nn.Module, device: torch.device, fused: bo
     step_model = torch.compile(model, mode=mode) if mode else model
     autocast = autocast_context(config, device, cache_enabled=not graph)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    step_class = CapturedStep if graph else EagerStep
-    return step_class(step_model, optimizer, loss_fn, autocast, memory_format_for(config, device))
+    settings = (step_model, optimizer, loss_fn, autocast, memory_format_for(config, device))
+    return CapturedStep(*settings, streams=streams) if graph else EagerStep(*settings)

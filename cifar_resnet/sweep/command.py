@@ -23,6 +23,7 @@ from ..config import Config
 from ..credentials import DEFAULT_PROJECT, choose_mode
 from ..errors import UserError, reject_unknown_arguments
 from ..gpus import AUTO, check_gpus_exist, parse_runs_per_gpu, resolve_runs_per_gpu
+from ..packing.pool import OFF, STREAMS, add_pack_arguments, pack_mode
 from ..records import RunFolder, RunResult, result_from_record
 from ..run_contract import SIGNAL_EXIT_BASE
 from ..staggered import Launch, run_staggered
@@ -85,11 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"{DEFAULT_OUTPUT_ROOT}/<sweep name>-<digest of its settings>); offline only. Other sweep "
                         "processes, on this host or others (shared filesystem), join the sweep by giving the same "
                         "folder")
-    parser.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
-                        help="offline: the runs of each GPU train together in one trainer process, each on a CUDA "
-                        "stream of its own, where separate processes would time-slice the GPU (default: on when a "
-                        "GPU has more than one run; --pack on a CPU makes the workers' runs take turns in one "
-                        "process)")
+    add_pack_arguments(parser, "offline, streams when a GPU has more than one run, else off; on a CPU a trainer's "
+                       "runs take turns in one process")
     parser.add_argument("--lease-seconds", type=float, default=LEASE_SECONDS,
                         help=f"offline: a run of this process that goes this long without a heartbeat (its host "
                         f"died) may be taken over by another process (default {LEASE_SECONDS:.0f})")
@@ -115,7 +113,7 @@ def parse_gpus(gpus: str | None, workers: int | None, runs_per_gpu: str | None =
 
 
 def shares_a_gpu(gpus: Sequence[str | None]) -> bool:
-    """Whether some GPU has more than one worker: then its runs are packed by default."""
+    """Whether some GPU has more than one worker: then its runs are packed (on streams) by default."""
     pinned = [gpu for gpu in gpus if gpu is not None]
     return len(pinned) > len(set(pinned))
 
@@ -127,6 +125,7 @@ def sweep_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
         raise UserError(f"--count: must be >= 1, got {args.count}")
     if not args.lease_seconds > 0:
         raise UserError(f"--lease-seconds: must be > 0, got {args.lease_seconds}")
+    asked_mode = pack_mode(args.pack)
     gpus = parse_gpus(args.gpus, args.workers, args.runs_per_gpu)
     plan = load_sweep(args.sweep_file, args.overrides)
     warn_unless_our_entry_point(plan)
@@ -140,8 +139,8 @@ def sweep_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
     out_dir = args.output_dir or default_output_dir(plan)
     shown = [name for name, spec in plan.config["parameters"].items() if "value" not in spec]
     view = LiveView(shown) if sys.stderr.isatty() else LogView(shown)
-    pack = args.pack if args.pack is not None else shares_a_gpu(gpus)
-    local_sweep = LocalSweep(plan, out_dir, gpus, args.count, project, view, args.lease_seconds, pack)  # may refuse
+    mode = asked_mode or (STREAMS if shares_a_gpu(gpus) else OFF)
+    local_sweep = LocalSweep(plan, out_dir, gpus, args.count, project, view, args.lease_seconds, mode)  # may refuse
     log.info("%s: running the sweep offline in %s (W&B's sweep proposer on this machine); upload the runs later "
              "with `wandb sync %s`", offline_reason(args.offline, mode), out_dir, offline_runs_glob(out_dir))
     result = local_sweep.run()

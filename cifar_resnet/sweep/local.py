@@ -19,10 +19,10 @@ from typing import IO, Any
 from ..children import child_environment, exit_status, start_process, stop_processes
 from ..config import Config
 from ..errors import UserError
+from ..packing.pool import OFF, TrainerPool
 from ..records import RunFolder, RunRecord, read_record
 from ..run_contract import ERROR_LINE_PREFIX, EXIT_CRASH, EXIT_OK, EXIT_USAGE, SIGNAL_EXIT_BASE
 from ..signals import SUPERVISOR_STOP_SIGNALS, stop_on_signals
-from ..trainer_pool import Trainers
 from ..wandb_sweep import new_id, run_argv, write_param_file
 from .plan import SweepPlan, proposer_run, runs_to_stop, sweep_name, sweep_proposer
 from .state import (
@@ -112,7 +112,7 @@ class LocalSweep:
     """
 
     def __init__(self, plan: SweepPlan, out_dir: Path, gpus: Sequence[str | None], count: int | None,
-                 project: str | None, view: LogView, lease_seconds: float = LEASE_SECONDS, pack: bool = False) -> None:
+                 project: str | None, view: LogView, lease_seconds: float = LEASE_SECONDS, pack: str = OFF) -> None:
         self.plan, self.out_dir, self.count, self.project, self.view = plan, out_dir, count, project, view
         self.lease_seconds = lease_seconds
         self.owner = owner_name()
@@ -125,8 +125,9 @@ class LocalSweep:
         self.total = min(filter(None, (plan.grid_size, count)), default=None)
         self.free_gpus = list(gpus)
         self.workers = len(gpus)
-        # With `pack`, the runs of each GPU train together in one trainer (their processes hand it their training).
-        self.trainers = Trainers(gpus, out_dir / TRAINER_LOGS / socket.gethostname()) if pack else None
+        # Unless `pack` is off, the runs of each GPU train together in one trainer (their processes hand it their
+        # training), on streams or fused.
+        self.trainers = None if pack == OFF else TrainerPool(gpus, out_dir / TRAINER_LOGS / socket.gethostname(), pack)
         self.active: dict[str, Attempt] = {}
         self.stopping: set[str] = set()  # runs that early_terminate stopped
         self.whole_runs: list[float] = []  # seconds from process start to exit of each run that finished here
