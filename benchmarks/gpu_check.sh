@@ -153,7 +153,7 @@ if [[ ",$STEPS," == *",pack,"* ]]; then
     # benchmark's packs need it too. Before CUDA starts: the whole step runs under it.
     export CUDA_DEVICE_MAX_CONNECTIONS=32
 fi
-step pack "$PYTHON" -m pytest -m gpu -p no:cacheprovider -q -rs tests/test_gpu_pack.py tests/test_fused.py
+step pack "$PYTHON" -m pytest -m gpu -p no:cacheprovider -q -rs tests/test_gpu_pack.py tests/test_packing_fused.py
 step pack "$PYTHON" -m benchmarks.sharing --sharing=streams "$PACK_STREAMS" "${DATA[@]}" "${RUN[@]}" \
     "${PACK[@]}" "--out=$OUT_DIR/pack-streams.json" "--runs_dir=$WORK/sharing-runs"
 step pack "$PYTHON" -m benchmarks.sharing --sharing=fused "$PACK_FUSED" "${DATA[@]}" "${RUN[@]}" "${PACK[@]}" \

@@ -51,7 +51,7 @@ WAIT_SECONDS = 300
 
 def cell(output_dir: Path, **changes) -> Config:
     """A width-4 model on 128 synthetic images, batches of 16 (8 steps an epoch), 3 epochs, at calm learning rates
-    (see test_fused.py's `calm`)."""
+    (see test_packing_fused.py's `calm`)."""
     return Config(dataset="synthetic", width=4, epochs=3, batch_size=16, eval_batch_size=64, val_size=64,
                   train_size=128, test_size=64, device="cpu", output_dir=str(output_dir), learning_rate=0.0002,
                   optimizer="adam").replace(**changes)
