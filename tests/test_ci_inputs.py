@@ -115,7 +115,7 @@ def test_ci_runs_the_readmes_line_the_lowest_versions_the_deploy_tests_and_every
     for program, *args in readme_install_and_test_commands():
         step = index_of(calls, program, args, after=step)
     default_suite = step
-    assert calls[default_suite]["program"] == ".venv/bin/pytest" and calls[default_suite]["args"] == []
+    assert calls[default_suite]["program"] == ".venv/bin/pytest" and calls[default_suite]["args"] == ["-n", "auto"]
 
     # The slow tests after it, every one but the image build; both with the shared archive required.
     slow = index_of(calls, ".venv/bin/pytest", ["-m", "slow and not gpu", "--deselect", IMAGE_BUILD], after=step)
