@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # Every GPU measurement of BENCHMARKS.md in one call, on the JPEG copy of CIFAR-10, with nothing but python, torch
 # and torchvision by default (no W&B; the package needs no installing; the grid and recipe steps run their cells
-# through an offline sweep, which needs wandb installed, and say so in one line where it is not). The default steps are sized for 6 minutes on one H100
-# or H200: an estimate, about 5 minutes, from the H200 figures of commit b142e91 (BENCHMARKS.md, "The GPU check"):
+# through an offline sweep, which needs wandb installed, and say so in one line where it is not; the GPU tests need
+# pytest). The default steps are sized for 6 minutes on one H100 or H200: an estimate, about 5 minutes, from the
+# H200 figures of commit b142e91 (BENCHMARKS.md, "The GPU check"):
 #   0. gpu-tests: the GPU tests (resume, bf16, channels_last, fused optimizer, the captured training and
 #      evaluation steps against eager ones);
 #   1. full10-cold: one full 10-epoch run of the real model with a cold decode cache (deleted first), timed from
 #      process start: the first decode of the 60,000 JPEGs included;
 #   2. bench: the benchmark in GPU mode, its JSON rewritten after each section: our step and its variants (the
 #      graph against the eager step, bf16 and channels_last under the graph, torch.compile's own graphs),
-#      evaluation (graph and eager), runs per hour with 1, 2 and 6 concurrent full runs (what the runs-per-GPU table
-#      of cifar_resnet/gpus.py rests on), then the write-up's pipeline against ours;
+#      evaluation (graph and eager), runs per hour with 1, 2 and 6 concurrent full runs (what would check the
+#      runs-per-GPU table of cifar_resnet/gpus.py), then the write-up's pipeline against ours;
 #   3. full10: one full 10-epoch run, timed from process start, the decode cache warm;
-#   4. (grid, not by default; 80 s at b142e91) the write-up's six cells with our default recipe through an offline
+#   4. (grid, not by default; 72 s at b142e91, six at once) the write-up's six cells with our default recipe through an offline
 #      sweep, as many at a time as step 2 found best;
 #   5. (grid-writeup, not by default; measured at b555040) the same six cells with recipe=writeup;
 #   6. image, with IMAGE=<the worker image> and docker or podman (and the NVIDIA container toolkit): torch inside the
@@ -34,7 +35,7 @@
 #      `pip download 'wandb[sweeps]' -d .whl --python-version X.Y --only-binary=:all:` on a machine with internet),
 #      they are installed from there into $WORK/extra; else the sweep figures are skipped, in one line.
 # STEPS (comma-separated) picks the steps: default gpu-tests,full10-cold,bench,full10,image. Each of steps 7 and 8
-# fills a call alone (estimated): STEPS=recipe-candidates, then STEPS=recipe-grid RECIPE_SETTINGS="...".
+# fills a call alone (estimated): STEPS=recipe-grid RECIPE_SETTINGS="...", then STEPS=recipe-candidates.
 # Every step writes its JSON into $OUT (or ./gpu-check) as soon as it has it (the benchmark and the recipe steps after
 # each section), so a call cut short keeps what was measured; one log, gpu_check.log, goes there too, each step's
 # wall time in it. Run folders and checkpoints stay in $WORK.
@@ -42,7 +43,7 @@
 #   GIT_COMMIT=$(git rev-parse --short HEAD) benchmarks/gpu_check.sh   # on a GPU machine
 #   SMALL=1 PYTHON=.venv/bin/python benchmarks/gpu_check.sh             # the same steps, tiny, on a CPU (a dry run)
 #
-# Settings (environment): ARCHIVE (default data/cifar10-jpeg.tar.gz, else ../shared/data/cifar10-jpeg.tar.gz),
+# Settings (environment): ARCHIVE (default data/cifar10-jpeg.tar.gz, the copy carried into the checkout),
 # PYTHON (default python3), WORK (default $TMPDIR/cifar_resnet_gpu_check), WORKERS (steps 4 and 5; default: the best
 # of step 2; 6 for steps 7 and 8), SEEDS (steps 7 and 8; default 2), VARIANTS (step 2's tuning variants,
 # comma-separated; default the five above), RECIPE_ONLY (the candidates of steps 7 and 9, comma-separated labels;

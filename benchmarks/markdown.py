@@ -7,6 +7,7 @@ that wrote each prints them: `benchmarks.bench` (a benchmark cut short included)
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -51,12 +52,21 @@ def render(result: dict[str, Any]) -> str:
         return benchmark_markdown(result)
     if "cells" in result:
         return grid_markdown(stored_grid(result))
-    return run_markdown(result)
+    if "process_s" in result:
+        return run_markdown(result)
+    raise ValueError("not a JSON of benchmarks.bench, .grid or .run (the other scripts print their own tables)")
 
 
-def main(paths: Sequence[str]) -> int:
-    for path in paths:
-        print(f"<!-- {path} -->\n{render(json.loads(Path(path).read_text()))}\n")
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.markdown",
+                                     description="The Markdown tables of stored results, for BENCHMARKS.md.")
+    parser.add_argument("paths", nargs="+", metavar="FILE", help="a JSON of benchmarks.bench, .grid or .run")
+    for path in parser.parse_args(argv).paths:
+        try:
+            table = render(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as error:  # json's errors are ValueErrors
+            parser.exit(2, f"error: {path}: {error}\n")
+        print(f"<!-- {path} -->\n{table}\n")
     return 0
 
 

@@ -262,7 +262,8 @@ def measure_short_run(old: Path, old_data: Path, data: Path, work: Path, repeats
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.startup_parts", description=__doc__.split("\n\n")[0])
     parser.add_argument("--old", required=True, help="the older tree (holding cifar_resnet/)")
     parser.add_argument("--old_data", required=True, help="its copy of the image folder")
     parser.add_argument("--data", required=True, help="this tree's copy of the image folder")

@@ -21,7 +21,9 @@ from cifar_resnet.records import TEST_ACC, results_from_folder
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.sweep_wall", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--output-dir", required=True, type=Path, help="the sweep's folder (emptied first)")
     parser.add_argument("sweep", nargs=argparse.REMAINDER, help="the sweep file and `cifar-resnet sweep` options")

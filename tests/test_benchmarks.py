@@ -5,16 +5,19 @@ input. Timings are checked for sanity, never for speed."""
 import json
 import logging
 import math
+import runpy
+import sys
 
 import pytest
 import torch
 from torch import nn
 
-from benchmarks import bench, grid, run, sharing, writeup
+from benchmarks import bench, grid, markdown, run, sharing, writeup
 from benchmarks.cli import run_script
 from cifar_resnet.model import CIFAR10CNN
 from cifar_resnet.records import BEST_EPOCH, TRAIN_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS, RunRecord
 from cifar_resnet.sweep.state import STATE_FILE
+from conftest import REPO
 
 TINY = ["--mode=cpu", "--width=8", "--train_size=384", "--val_size=128", "--test_size=128", "--steps=2",
         "--warmup_steps=1", "--repeats=2", "--data_batches=3", "--peak_size=64"]
@@ -255,3 +258,30 @@ def test_writeup_table_has_the_sweeps_six_cells():
     parameters = yaml.safe_load((REPO / "sweep.yaml").read_text())["parameters"]
     cells = set(itertools.product(parameters["learning_rate"]["values"], parameters["optimizer"]["values"]))
     assert {(c["learning_rate"], c["optimizer"]) for c in writeup.WRITEUP_TABLE} == cells and len(cells) == 6
+
+
+SCRIPTS = sorted(path.stem for path in (REPO / "benchmarks").glob("*.py")
+                 if 'if __name__ == "__main__":' in path.read_text())
+
+
+@pytest.mark.quick
+@pytest.mark.filterwarnings("ignore:'benchmarks.:RuntimeWarning")  # runpy: the module was imported already
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_answers_help_with_its_own_usage(script, monkeypatch, capsys):
+    """BENCHMARKS.md: every script runs as `python -m benchmarks.NAME`, and `--help` lists its options (the
+    training scripts' settings: the test above)."""
+    monkeypatch.setattr(sys, "argv", [f"benchmarks/{script}.py", "--help"])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_module(f"benchmarks.{script}", run_name="__main__")
+    assert exited.value.code in (0, None)
+    assert capsys.readouterr().out.startswith(f"usage: python -m benchmarks.{script}")
+
+
+def test_markdown_refuses_a_json_it_does_not_render_in_one_line(tmp_path, capsys):
+    other = tmp_path / "pack-streams.json"
+    other.write_text(json.dumps({"members": [1, 2]}))
+    with pytest.raises(SystemExit) as exited:
+        markdown.main([str(other)])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == f"error: {other}: not a JSON of benchmarks.bench, .grid or .run (the other " \
+                                      "scripts print their own tables)\n"

@@ -32,7 +32,7 @@ from cifar_resnet.engine.step import CapturedStep, EagerStep
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
 ]
 
 COMPARED_STEPS = 50

@@ -1,8 +1,10 @@
 """The package's architecture, read from its import graph (module-level and deferred imports alike): no cycle,
-no tool imports another (a tool's package, such as `sweep/`, is one tool), the sweep's modules import only those
-below them, and wandb stays out of the core and the runner; its files: none over 600 lines, a subpackage's
-`__init__.py` only its docstring, and a run folder's file names in records.py alone. Outside it, the benchmarks (benchmarks/, not installed) and the tests use only
-its public names, and the package imports nothing of theirs."""
+its three floors (core, one run, tools: docs/development.md, "The code") each importing only from itself and the
+floors below, no tool imports another (a tool's package, such as `sweep/`, is one tool), the sweep's modules
+import only those below them, and wandb stays out of the core and the runner; its files: none over 600 lines, a
+subpackage's `__init__.py` only its docstring, and a run folder's file names in records.py alone. Outside it, the
+benchmarks (benchmarks/, not installed) and the tests use only its public names, and the package imports nothing of
+theirs."""
 
 from __future__ import annotations
 
@@ -22,6 +24,9 @@ TOOLS = {"sweep", "agent", "report"}
 WITHOUT_WANDB = {"config", "model", "data", "engine", "packing", "checkpoint", "records", "files", "errors", "logs",
                  "signals", "threads", "children", "staggered", "names", "credentials", "table", "runner",
                  "run_contract"}
+# The floors, top-level names (a package stands for every module in it); each imports only its own and those below.
+RUN_FLOOR = {"runner", "packing", "tracking", "train", "wandb_sweep"}
+TOOL_FLOOR = TOOLS | {"cli", "__main__"}
 MAX_LEVELS = 10  # errors, config, engine.device, engine.step, engine.loop, runner, packing.client, train, cli, __main__
 MAX_FILE_LINES = 600
 # The sweep's modules, each above those it may import: command -> local -> view and plan -> state.
@@ -69,6 +74,17 @@ def test_no_tool_imports_another(graph):
     crossings = [(module, target) for module, (internal, _) in graph.items() for target in internal
                  if tool_of(target) and tool_of(module) != tool_of(target) and module not in ("cli", "__main__")]
     assert crossings == []
+
+
+def floor_of(module: str) -> int:
+    top = module.split(".")[0]
+    return 2 if top in TOOL_FLOOR else 1 if top in RUN_FLOOR else 0
+
+
+def test_each_floor_imports_only_from_itself_and_the_floors_below(graph):
+    upward = sorted(f"{module} -> {target}" for module, (internal, _) in graph.items() for target in internal
+                    if floor_of(target) > floor_of(module))
+    assert not upward, f"imports from a higher floor: {upward}"
 
 
 def test_the_sweeps_modules_import_only_those_below_them(graph):

@@ -66,7 +66,8 @@ def run_online_sweep(plan: SweepPlan, gpus: Sequence[str | None], count: int | N
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sweep_file", type=Path, metavar="SWEEP_YAML", help="a W&B sweep file, e.g. sweep.yaml")
-    parser.add_argument("--workers", type=int, default=None, help="runs at a time (default: 1, or one per --gpus)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="runs at a time (default: 1; with --gpus, --runs-per-gpu x the GPUs)")
     parser.add_argument("--gpus", default=None,
                         help="comma-separated GPU indices, e.g. 0,1: workers pinned to each (CUDA_VISIBLE_DEVICES)")
     parser.add_argument("--runs-per-gpu", default=AUTO, metavar="N|auto",
