@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.filesystems import WITHOUT_ROOTS_OVERRIDE
 from helpers.images import digest, image_folder, png, write_jpeg_folder
 from helpers.runs import cli, one_error_line, tree
 from PIL import Image
@@ -35,8 +36,6 @@ from cifar_resnet.runner import run_training
 CHANCE = 0.1  # ten classes
 WAIT_SECONDS = 300
 # Root writes anywhere, whatever the mode: as root, the decoding process runs without the capability to.
-WITHOUT_ROOTS_OVERRIDE = ["setpriv", "--inh-caps=-dac_override", "--bounding-set=-dac_override"] \
-    if os.geteuid() == 0 else []
 READ_ONLY = 0o555
 READABLE = 0o755
 # A listing that loops on links never ends: the test fails after this, instead of blocking the suite. Minutes, as

@@ -162,17 +162,41 @@ def _file_stamps(folder: Path, names: list[str]) -> torch.Tensor | None:
     return torch.frombuffer(stamps, dtype=torch.int64).view(-1, 4)
 
 
+def read_cache_file(cache_file: Path) -> Any:
+    """A decode cache's contents (of an image folder's split, or of CIFAR-10), or None where it is missing or
+    damaged (a damaged cache is rebuilt, never trusted)."""
+    try:
+        # mmap: the pages are read as the tensors are first touched, with no second copy in memory
+        return torch.load(cache_file, weights_only=True, mmap=True)
+    except FileNotFoundError:  # none yet, or removed as stale by a process that is rebuilding it
+        return None
+    except Exception as error:
+        log.warning("ignoring unreadable decode cache %s: %s", cache_file, error)
+        return None
+
+
+def save_cache_file(cache_file: Path, contents: dict[str, Any]) -> Path | None:
+    """Write a decode cache (`<name>-<key>.pt`, under its lock) in place of the old ones of that name; its path, or
+    None where it could not be written (the cache only saves time: the run trains on, as for a read-only data
+    folder)."""
+    name = cache_file.name.rsplit("-", 1)[0]
+    try:
+        # Old caches of that name, and temporary files of writers killed mid-write (only the lock holder writes).
+        # A cache refreshed under its own name is replaced by the atomic write, never missing for a reader.
+        for stale in [*cache_file.parent.glob(f"{name}-*.pt"), *cache_file.parent.glob(f".{name}-*.tmp")]:
+            if stale != cache_file:
+                stale.unlink(missing_ok=True)
+        atomic_torch_save(cache_file, contents)
+    except (StorageError, OSError) as error:  # a full disk, a read-only cache folder
+        log.warning("%s; training on without a decode cache", error)
+        return None
+    return cache_file
+
+
 def _read_cache(cache_dir: Path, folder: Path) -> dict[str, Any] | None:
     """The contents of `folder`'s cache file whose folders' stamps still hold, or None."""
     for cache_file in sorted(cache_dir.glob(f"{folder.name}-*.pt")):
-        try:
-            # mmap: the pages are read as the tensors are first touched, with no second copy in memory
-            cached = torch.load(cache_file, weights_only=True, mmap=True)
-        except FileNotFoundError:  # removed as stale by a process that is rebuilding it
-            continue
-        except Exception as error:  # a damaged cache is rebuilt, never trusted
-            log.warning("ignoring unreadable decode cache %s: %s", cache_file, error)
-            continue
+        cached = read_cache_file(cache_file)
         if (isinstance(cached, dict) and cached.get("format") == CACHE_FORMAT_VERSION
                 and _stamps_unchanged(folder, cached["folders"])):
             return cached
@@ -254,30 +278,13 @@ def _load_folder_split(folder: Path) -> tuple[ImageSet, list[str]]:
             # Another process may have built or refreshed the cache while this one waited: then none is decoded.
             contents, decoded = _decoded(folder, _read_cache(cache_dir, folder) or listing or _listed(folder))
             if decoded:
-                cache_file = _save_cache(cache_dir, folder, contents)
+                cache_file = save_cache_file(_cache_file(cache_dir, folder, contents), contents)
     images = ImageSet(contents["images"], contents["labels"])
     if decoded:
         log.info("%s; %s", f"decoded {decoded} images in {folder}" if decoded == len(images) else
                  f"{decoded} of {len(images)} images in {folder} changed since they were cached: decoded again",
                  f"cached in {cache_file}" if cache_file else "not cached")
     return images, list(contents["classes"])
-
-
-def _save_cache(cache_dir: Path, folder: Path, contents: dict[str, Any]) -> Path | None:
-    """Write `folder`'s cache (under its lock) in place of the old ones; its path, or None where it could not be
-    written (the cache only saves time: the run trains on, as for a read-only data folder)."""
-    cache_file = _cache_file(cache_dir, folder, contents)
-    # Old caches of this split, and temporary files of writers killed mid-write (only the lock holder writes). A
-    # cache refreshed under its own name is replaced by the atomic write, never missing for a reader.
-    for stale in [*cache_dir.glob(f"{folder.name}-*.pt"), *cache_dir.glob(f".{folder.name}-*.tmp")]:
-        if stale != cache_file:
-            stale.unlink(missing_ok=True)
-    try:
-        atomic_torch_save(cache_file, contents)
-    except StorageError as error:
-        log.warning("%s; training on without a decode cache", error)
-        return None
-    return cache_file
 
 
 DECODE_CHUNK_IMAGES = 1000  # images per decoding task: enough to amortise a task's overhead, small enough to
