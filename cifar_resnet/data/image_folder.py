@@ -149,16 +149,17 @@ def _file_stamps(folder: Path, names: list[str]) -> torch.Tensor | None:
     time even where a tool puts the modification time back), a replacement the inode. One `stat` per image
     (BENCHMARKS.md has its cost for CIFAR-10's 60,000)."""
     stamps = array.array("q")
-    split_folder = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)  # names resolved from it, not from the root
     try:
-        for name in names:
-            stat = os.stat(name, dir_fd=split_folder)
-            # An inode number is unsigned and may use the top bit (overlayfs does): stored as its signed twin.
-            stamps.extend(((stat.st_ino ^ SIGN_BIT) - SIGN_BIT, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
-    except OSError:
+        split_folder = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)  # names resolved from it, not from the root
+        try:
+            for name in names:
+                stat = os.stat(name, dir_fd=split_folder)
+                # An inode number is unsigned and may use the top bit (overlayfs does): stored as its signed twin.
+                stamps.extend(((stat.st_ino ^ SIGN_BIT) - SIGN_BIT, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
+        finally:
+            os.close(split_folder)
+    except OSError:  # an image, or the folder itself, gone
         return None
-    finally:
-        os.close(split_folder)
     return torch.frombuffer(stamps, dtype=torch.int64).view(-1, 4)
 
 
@@ -287,6 +288,7 @@ def _load_folder_split(folder: Path) -> tuple[ImageSet, list[str]]:
     return images, list(contents["classes"])
 
 
+TORCHVISION_DECODER_DEPRECATION = "The image decoding and encoding capabilities of TorchVision are deprecated"
 DECODE_CHUNK_IMAGES = 1000  # images per decoding task: enough to amortise a task's overhead, small enough to
 # keep every core busy to the end
 
@@ -327,7 +329,14 @@ def decode_images(paths: list[str], threads: int | None = None) -> torch.Tensor:
     from concurrent.futures import ThreadPoolExecutor
 
     from torchvision.io import ImageReadMode, decode_image, read_file
+    from torchvision.transforms.v2.functional import to_dtype
 
+    # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec; they are 2.5x faster than PIL here,
+    # give identical pixels, and run once per folder thanks to the cache. Only that warning is silenced, by one
+    # filter (process-wide, as every filter is; adding it again replaces it): not with catch_warnings, which
+    # restores the whole filter list on exit and so drops what other threads (the run's, starting CUDA) added.
+    warnings.filterwarnings("ignore", message=TORCHVISION_DECODER_DEPRECATION, category=DeprecationWarning,
+                            module="torchvision.io.image")
     images = torch.empty(len(paths), 3, IMAGE_SIZE_PX, IMAGE_SIZE_PX, dtype=torch.uint8)
 
     def decode_chunk(start: int) -> None:
@@ -338,8 +347,6 @@ def decode_images(paths: list[str], threads: int | None = None) -> torch.Tensor:
             except RuntimeError as error:
                 image = _decode_with_pil(path, str(error).splitlines()[0])
             if image.dtype != torch.uint8:
-                from torchvision.transforms.v2.functional import to_dtype
-
                 image = to_dtype(image, torch.uint8, scale=True)  # 16 -> 8 bits: the high byte, not the value mod 256
             if image.shape[1:] != (IMAGE_SIZE_PX, IMAGE_SIZE_PX):
                 raise DataError(
@@ -348,11 +355,7 @@ def decode_images(paths: list[str], threads: int | None = None) -> torch.Tensor:
                 )
             images[i] = image
 
-    # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec; they are 2.5x faster than PIL here,
-    # give identical pixels, and run once per folder thanks to the cache. The filter is set here, once, for the
-    # threads too: warning filters are process-wide, and catch_warnings is not thread-safe.
-    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=threads or decode_threads()) as pool:
-        warnings.simplefilter("ignore", DeprecationWarning)
+    with ThreadPoolExecutor(max_workers=threads or decode_threads()) as pool:
         # list(): waits for every chunk and raises the first chunk's error (a DataError naming the file)
         list(pool.map(decode_chunk, range(0, len(paths), DECODE_CHUNK_IMAGES)))
     return images
