@@ -361,12 +361,9 @@ def fit_steps(
                 hooks.on_epoch(result, state)
 
         model.load_state_dict(state.best_model_state)
-        # The validation step (and its graph) where it evaluates the model tested; else one of the model tested.
-        if evaluated is not step.model:
-            test_step = build_eval_step(config, step.model, num_classes, device, streams=streams)
-            held.callback(test_step.close)
-        else:
-            test_step = val_step
-        test = evaluate_test(config, step.model, data, device, test_step)
+        if evaluated is not step.model:  # the average, validated and kept: the best weights are its own
+            evaluated.load_state_dict(state.best_model_state)
+        # Through the validation step, and its graph: one pass is not worth a capture of its own.
+        test = evaluate_test(config, evaluated, data, device, val_step)
         log.info("%s", describe_test(state.best_epoch, test.loss, test.acc))
         return FitResult(state.history, state.best_epoch, state.best_val_acc, test, model)
