@@ -291,8 +291,10 @@ def evaluate_checkpoint(path: Path, overrides: dict[str, Any]) -> tuple[Config, 
     config = Config.from_mapping(overrides, base=base)
     device = select_device(config.device)
     device_ready = start_device(device)  # CUDA starts on a thread while the data loads
-    data = load_splits(config)
-    device_ready()
+    try:
+        data = load_splits(config)
+    finally:
+        device_ready()  # joined however the load ends, so that an error of CUDA's start is not lost
     if saved.classes is None:  # a last.pt stores no class names: the data's are taken as the run's
         log.info("%s: the best weights so far (epoch %d); classes from the data: %s", path, saved.epoch,
                  ", ".join(data.classes))
