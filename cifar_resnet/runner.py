@@ -163,7 +163,7 @@ def run_steps(config: Config, folder: RunFolder, data: DataSplits, device: torch
               streams: CudaStreams | None = None) -> TrainingSteps[TrainedRun]:
     """One run with its files: write `best.pt`, `last.pt` (removed when the run finishes) and `record.json` in
     `folder`, training on `data` (views on `device`, perhaps shared with other runs). A generator of steps, as
-    `engine.fit_steps` is: `run_training` drives it alone, a trainer in a pack.
+    `engine.loop.fit_steps` is: `run_training` drives it alone, a trainer in a pack.
 
     A `last.pt` already in the run folder (a preempted earlier attempt with the same run id), or else the one
     `hooks.fetch_resume` provides, is resumed: training continues after its last completed epoch. The run claims its

@@ -38,9 +38,9 @@ class GraphCapture(Generic[Work]):
     whether to replay, warm up or capture, or run it eagerly.
 
     The warm-up steps and the capture run on a stream taken from `streams` (the process's owner of streams; by default
-    one of its own), which the graph holds until `close` (or a fall back): cuBLAS keeps a workspace per stream, made by the warm-up,
-    baked into the graph and freed when a graph captured on that stream is destroyed, so no two live graphs may share
-    a capture stream (pytorch/pytorch#193402). Replays run on the caller's stream.
+    one of its own), which the graph holds until `close` or a fall back: cuBLAS keeps a workspace per stream, made by
+    the warm-up, baked into the graph and freed when a graph captured on that stream is destroyed, so no two live
+    graphs may share a capture stream (pytorch/pytorch#193402). Replays run on the caller's stream.
     """
 
     DOING = "running"  # the warning's first word: "training eagerly, ..."
