@@ -11,6 +11,7 @@ import pytest
 from conftest import tiny_args
 
 from cifar_resnet import threads
+from cifar_resnet.children import PACKAGE_ROOT
 from cifar_resnet.staggered import Launch, run_staggered_statuses
 from cifar_resnet.threads import cpu_threads_per_run, usable_cpu_cores
 
@@ -56,3 +57,20 @@ def test_agents_runs_share_the_cores_as_a_sweeps_do(monkeypatch):
     given.clear()
     run_staggered_statuses(launches[:1], 0.0, "agent", start)
     assert given[0]["OMP_NUM_THREADS"] == "3"
+    assert given[0]["PYTHONPATH"].split(os.pathsep)[0] == str(PACKAGE_ROOT)  # importable where not installed
+
+
+@pytest.mark.quick
+def test_a_child_that_cannot_start_stops_those_started_before_it():
+    started = []
+
+    def start(argv, env):
+        if started:
+            raise OSError(f"cannot start {argv[0]}")
+        started.append(subprocess.Popen(["sleep", "600"]))
+        return started[-1]
+
+    launches = [Launch(["sleep"], None), Launch(["no-such-agent"], None)]
+    with pytest.raises(OSError, match="cannot start no-such-agent"):
+        run_staggered_statuses(launches, 0.0, "agent", start)
+    assert started[0].poll() is not None  # stopped, not orphaned
