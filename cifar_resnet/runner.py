@@ -1,6 +1,7 @@
 """One training run with its files and no W&B: data, engine, checkpoints and run record in `output_dir/<run id>/`.
 
-`train.py` puts the W&B layer on top; benchmarks, tests and the sweep runner can call `run_training` directly.
+`train.py` puts the W&B layer on top of `run_training` (a run alone in its process), and a pack's trainer
+(`packing.trainer`) on top of `run_steps`; the benchmarks and the tests call `run_training` directly.
 """
 
 from __future__ import annotations
