@@ -7,13 +7,15 @@ Staggered so that they do not all call W&B and load their data at once (wandb_sw
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .children import child_environment, exit_status, start_process, stop_processes
+from .children import exit_status, start_process, stop_processes
 from .signals import FORWARDED_AS, SUPERVISOR_STOP_SIGNALS, stop_on_signals
+from .threads import cpu_threads_per_run
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,8 @@ def run_staggered_statuses(
     the children started already are stopped, and the error raised."""
     children: list[subprocess.Popen] = []
     forwarded = 0
+    # Each child (an agent) runs one run at a time: their runs share the cores as a sweep's do, unless set already.
+    threads = {"OMP_NUM_THREADS": str(cpu_threads_per_run(len(launches)))}
     # The handlers only record signals; they are forwarded here, between steps, so that none is lost or sent twice
     # to a child started meanwhile.
     with stop_on_signals(SUPERVISOR_STOP_SIGNALS) as received:
@@ -77,10 +81,8 @@ def run_staggered_statuses(
             if received:  # asked to stop before every child started: start no more
                 break
             pinned = {} if launch.gpu is None else {"CUDA_VISIBLE_DEVICES": launch.gpu}
-            # Each child (an agent) runs one run at a time: their runs share the cores as a sweep's do.
-            env = child_environment(len(launches), **pinned, **launch.env)
             try:
-                children.append(start(launch.argv, env))
+                children.append(start(launch.argv, {**threads, **os.environ, **pinned, **launch.env}))
             except BaseException:
                 stop_processes(children, STOP_SECONDS)  # none left running without its supervisor
                 raise

@@ -34,7 +34,7 @@ from cifar_resnet.config import Config
 from cifar_resnet.data.image_folder import (
     CACHE_FOLDER,
     IMAGE_EXTENSIONS,
-    _file_stamps,
+    image_stamps,
     decode_images,
     list_folder,
     load_image_folder,
@@ -335,9 +335,9 @@ def test_a_split_folder_gone_since_its_cache_was_found_has_no_stamps(tmp_path):
     listed again, as a removed image is: its stamps are None, not an OSError."""
     root = image_folder(tmp_path / "imgs")
     names = [os.path.relpath(path, root / "train") for path, _ in list_folder(root / "train")[0]]
-    assert _file_stamps(root / "train", names) is not None
+    assert image_stamps(root / "train", names) is not None
     shutil.rmtree(root / "train")
-    assert _file_stamps(root / "train", names) is None
+    assert image_stamps(root / "train", names) is None
 
 
 def test_an_image_rewritten_into_one_that_does_not_fit_is_named(tmp_path):

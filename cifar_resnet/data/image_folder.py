@@ -143,7 +143,7 @@ def _stamps_unchanged(folder: Path, stamps: dict[str, list[int]]) -> bool:
         return False
 
 
-def _file_stamps(folder: Path, names: list[str]) -> torch.Tensor | None:
+def image_stamps(folder: Path, names: list[str]) -> torch.Tensor | None:
     """(N, 4) int64: each image's inode, size, and modification and status-change times in nanoseconds, as `stat`
     gives them through a link; None where an image is gone. A rewrite in place changes the times (the status-change
     time even where a tool puts the modification time back), a replacement the inode. One `stat` per image
@@ -205,7 +205,7 @@ def _read_cache(cache_dir: Path, folder: Path) -> dict[str, Any] | None:
 
 
 def _unchanged(folder: Path, cached: dict[str, Any]) -> bool:
-    file_stamps = _file_stamps(folder, cached["files"].split("\0"))
+    file_stamps = image_stamps(folder, cached["files"].split("\0"))
     return file_stamps is not None and torch.equal(file_stamps, cached["file_stamps"])
 
 
@@ -215,7 +215,7 @@ def _listed(folder: Path) -> dict[str, Any]:
     stamps: dict[str, list[int]] = {}
     samples, classes = list_folder(folder, stamps)
     names = [os.path.relpath(path, folder) for path, _ in samples]
-    file_stamps = _file_stamps(folder, names)
+    file_stamps = image_stamps(folder, names)
     if file_stamps is None:
         raise DataError(f"data_dir: {folder} changed while it was read (an image was removed); run again")
     return {"format": CACHE_FORMAT_VERSION, "labels": torch.tensor([label for _, label in samples]),
@@ -229,7 +229,7 @@ def _decoded(folder: Path, contents: dict[str, Any]) -> tuple[dict[str, Any], in
     names = contents["files"].split("\0")
     if "images" not in contents:
         return {**contents, "images": decode_images([os.path.join(folder, name) for name in names])}, len(names)
-    file_stamps = _file_stamps(folder, names)
+    file_stamps = image_stamps(folder, names)
     if file_stamps is None:
         return _decoded(folder, _listed(folder))
     changed = (file_stamps != contents["file_stamps"]).any(dim=1).nonzero().flatten()  # (C,) rows
@@ -255,7 +255,7 @@ def _load_folder_split(folder: Path) -> tuple[ImageSet, list[str]]:
     else decoded from the files (and cached, in `<data_dir>/.cifar_resnet_cache/`).
 
     A cache holds the stamps (`_folder_stamp`) of every folder of the split as it was listed (the split folder, its
-    class folders and their subfolders), and of every image (`_file_stamps`). It is found by its folders' stamps,
+    class folders and their subfolders), and of every image (`image_stamps`). It is found by its folders' stamps,
     without listing the folders; then every image's stamp is checked. What changes a folder's stamp, and so lists
     and decodes the split again: an image added, removed or renamed, an image replaced by another moved onto its
     name (as rsync, `mv` and atomic writers replace files), a class or subfolder added or removed; also what only
