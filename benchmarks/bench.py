@@ -209,10 +209,13 @@ def train_loader(config: Config, train: ImageSet, device: torch.device) -> Devic
     return DeviceLoader(train, config.batch_size, device, generator=generator, augment=True)
 
 
+@contextlib.contextmanager
 def ours_step_runner(config: Config, train: ImageSet, num_classes: int, device: torch.device,
-                     variant: Variant) -> Callable[[int], None]:
+                     variant: Variant) -> Iterator[Callable[[int], None]]:
     """The engine's `train_one_epoch` over `steps` batches of `DeviceLoader`, with the step a run builds
-    (`build_step`: captured as a CUDA graph on CUDA, during the warm-up steps) and the variant's one option changed."""
+    (`build_step`: captured as a CUDA graph on CUDA, during the warm-up steps) and the variant's one option changed.
+    The step is closed when the block ends, as a run's is: its graph and capture stream are given back, so that no
+    two variants' graphs live at once (two live graphs must never share a capture stream)."""
     changes = {"bf16": variant.bf16, "channels_last": variant.channels_last, "cuda_graph": variant.cuda_graph,
                "optimizer": variant.optimizer, "compile": True if variant.compile_mode else None}
     config = config.replace(**{name: value for name, value in changes.items() if value is not None})
@@ -227,7 +230,10 @@ def ours_step_runner(config: Config, train: ImageSet, num_classes: int, device: 
         drive(train_one_epoch(step, itertools.islice(stream, steps), [scheduler.step],
                               hooks=TrainHooks(on_batch=on_batch)))
 
-    return run
+    try:
+        yield run
+    finally:
+        step.close()
 
 
 # --- measurements --------------------------------------------------------------------------------------------
@@ -282,8 +288,11 @@ def measure_eval(config: Config, val: ImageSet, num_classes: int, plan: Plan,
         def work(loader: DeviceLoader = loader, step: EvalStep = step) -> None:
             evaluate(model, loader, num_classes, step=step)
 
-        work()  # warm-up, and the capture
-        results[label] = len(val) / statistics.median(time_repeats(work, plan.repeats, device))
+        try:
+            work()  # warm-up, and the capture
+            results[label] = len(val) / statistics.median(time_repeats(work, plan.repeats, device))
+        finally:
+            step.close()  # its graph and capture stream given back before the next case captures
     return results
 
 
@@ -386,8 +395,8 @@ def run_benchmark(config: Config, plan: Plan, work_dir: Path,
         log.info("timing ours: %s", name)
         variant = VARIANTS[name]
         try:
-            with cudnn_benchmark(variant.cudnn_benchmark):
-                runner = ours_step_runner(config, splits.train, num_classes, device, variant)
+            with cudnn_benchmark(variant.cudnn_benchmark), \
+                    ours_step_runner(config, splits.train, num_classes, device, variant) as runner:
                 tuning[name] = rates(measure_training(runner, plan, config.batch_size, device))
         except Exception as error:  # a variant that fails here (torch.compile, say) must not lose the others
             if name == "ours":

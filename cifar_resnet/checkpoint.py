@@ -39,9 +39,9 @@ def save_best(
     metrics: dict[str, float],
     classes: list[str],
 ) -> None:
-    cpu_state = {name: tensor.detach().cpu() for name, tensor in model_state.items()}
+    """`model_state`: on the host already (a run's snapshot, or the state of a last.pt), as saved."""
     atomic_torch_save(
-        path, {"model": cpu_state, "config": config.to_dict(), "epoch": epoch, "metrics": metrics, "classes": classes}
+        path, {"model": model_state, "config": config.to_dict(), "epoch": epoch, "metrics": metrics, "classes": classes}
     )
 
 
@@ -157,7 +157,7 @@ def check_resume(path: Path, saved: Any) -> None:
 
 
 RESUME_STATE_KEYS = ("model", "optimizer", "scheduler", "generator", "epoch", "best_epoch", "best_val_acc",
-                     "best_model_state", "history")  # engine.TrainState.state_dict's
+                     "best_model_state", "history")  # engine.loop.TrainState.state_dict's
 
 
 def _is_resume(saved: Any) -> bool:

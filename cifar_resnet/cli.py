@@ -10,10 +10,10 @@ from pathlib import Path
 
 from . import __version__
 from .errors import StorageError, UserError
-from .logs import setup_logging
+from .logs import PACKAGE_LOGGER, setup_logging
 from .run_contract import EXIT_CRASH, EXIT_OK, EXIT_USAGE
 
-log = logging.getLogger("cifar_resnet")
+log = logging.getLogger(PACKAGE_LOGGER)
 
 PROG = "cifar-resnet"
 

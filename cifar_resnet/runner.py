@@ -1,6 +1,7 @@
 """One training run with its files and no W&B: data, engine, checkpoints and run record in `output_dir/<run id>/`.
 
-`train.py` puts the W&B layer on top; benchmarks, tests and the sweep runner can call `run_training` directly.
+`train.py` puts the W&B layer on top of `run_training` (a run alone in its process), and a pack's trainer
+(`packing.trainer`) on top of `run_steps`; the benchmarks and the tests call `run_training` directly.
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ def run_steps(config: Config, folder: RunFolder, data: DataSplits, device: torch
               streams: CudaStreams | None = None) -> TrainingSteps[TrainedRun]:
     """One run with its files: write `best.pt`, `last.pt` (removed when the run finishes) and `record.json` in
     `folder`, training on `data` (views on `device`, perhaps shared with other runs). A generator of steps, as
-    `engine.fit_steps` is: `run_training` drives it alone, a trainer in a pack.
+    `engine.loop.fit_steps` is: `run_training` drives it alone, a trainer in a pack.
 
     A `last.pt` already in the run folder (a preempted earlier attempt with the same run id), or else the one
     `hooks.fetch_resume` provides, is resumed: training continues after its last completed epoch. The run claims its
@@ -291,8 +292,10 @@ def evaluate_checkpoint(path: Path, overrides: dict[str, Any]) -> tuple[Config, 
     config = Config.from_mapping(overrides, base=base)
     device = select_device(config.device)
     device_ready = start_device(device)  # CUDA starts on a thread while the data loads
-    data = load_splits(config)
-    device_ready()
+    try:
+        data = load_splits(config)
+    finally:
+        device_ready()  # joined however the load ends, so that an error of CUDA's start is not lost
     if saved.classes is None:  # a last.pt stores no class names: the data's are taken as the run's
         log.info("%s: the best weights so far (epoch %d); classes from the data: %s", path, saved.epoch,
                  ", ".join(data.classes))

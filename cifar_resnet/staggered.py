@@ -13,13 +13,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .children import exit_status, start_process
+from .children import exit_status, start_process, stop_processes
 from .signals import FORWARDED_AS, SUPERVISOR_STOP_SIGNALS, stop_on_signals
 from .threads import cpu_threads_per_run
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2  # how often a supervisor forwards signals and checks its children
+STOP_SECONDS = 30.0  # a child stopped on SIGTERM lets its run save its resume checkpoint; after this it is killed
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ def run_staggered_statuses(
     launches: Sequence[Launch], stagger_seconds: float, what: str,
     start: Callable[[Sequence[str], Mapping[str, str]], subprocess.Popen] = start_process,
 ) -> list[int]:
-    """`run_staggered`'s work: every child's exit status, in order. `start(argv, env)` starts one."""
+    """`run_staggered`'s work: every child's exit status, in order. `start(argv, env)` starts one; where it raises,
+    the children started already are stopped, and the error raised."""
     children: list[subprocess.Popen] = []
     forwarded = 0
     # Each child (an agent) runs one run at a time: their runs share the cores as a sweep's do, unless set already.
@@ -79,7 +81,11 @@ def run_staggered_statuses(
             if received:  # asked to stop before every child started: start no more
                 break
             pinned = {} if launch.gpu is None else {"CUDA_VISIBLE_DEVICES": launch.gpu}
-            children.append(start(launch.argv, {**threads, **os.environ, **pinned, **launch.env}))
+            try:
+                children.append(start(launch.argv, {**threads, **os.environ, **pinned, **launch.env}))
+            except BaseException:
+                stop_processes(children, STOP_SECONDS)  # none left running without its supervisor
+                raise
             log.info("%s %d of %d started (pid %d) on %s", what, index + 1, len(launches), children[-1].pid,
                      f"GPU {launch.gpu}" if launch.gpu is not None else "no GPU")
         while any(child.poll() is None for child in children):

@@ -1,6 +1,7 @@
 """The training entry point that `wandb agent` starts: `python -m cifar_resnet.train --name=value ...`.
 
-argv -> Config -> W&B run (the sweep's values win) -> run_training -> summary and artifact -> exit status.
+argv -> Config -> W&B run (the sweep's values win) -> run_in_trainer (packing.client) or run_training -> summary
+and artifact -> exit status.
 Exit status: 0 finished (or finished earlier with the same settings: a finished run is never trained again);
 2 a user mistake (one line names it); 1 diverged, a file not written (a full disk; one line) or crashed;
 128 + signal number when stopped by SIGTERM or SIGUSR1, after marking the run preempting so that the sweep requeues
@@ -23,7 +24,7 @@ from .config import Config, argument_parser
 from .engine.loop import Interrupted
 from .errors import RunFailed, StorageError, TrainingDiverged, UserError
 from .files import check_folder_path
-from .logs import logs_to_current_stderr, setup_logging
+from .logs import PACKAGE_LOGGER, logs_to_current_stderr, setup_logging
 from .names import requested_run_id
 from .packing.client import run_in_trainer
 from .records import AlreadyFinished, RunFolder, RunRecord
@@ -32,7 +33,7 @@ from .runner import RunHooks, check_inputs, run_training
 from .signals import exit_ignoring_stop_signals, stop_on_signals
 from .threads import set_cpu_threads
 
-log = logging.getLogger("cifar_resnet")
+log = logging.getLogger(PACKAGE_LOGGER)
 
 MODULE_COMMAND = "python -m cifar_resnet.train"  # how `wandb agent` starts a run; `cifar-resnet train` is the other
 

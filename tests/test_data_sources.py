@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -26,11 +27,12 @@ from helpers.cifar10 import (  # noqa: F401  (stand_in_cifar10: a fixture)
     point_torchvision_at,
     stand_in_cifar10,
 )
+from helpers.filesystems import WITHOUT_ROOTS_OVERRIDE
 from helpers.images import digest, write_jpeg_folder
 
 from cifar_resnet.data.image_folder import CACHE_FOLDER
 from cifar_resnet.data.sources import CIFAR10_FOLDER, load_cifar10, load_splits
-from cifar_resnet.errors import DataError
+from cifar_resnet.errors import DataError, StorageError
 from cifar_resnet.records import RunRecord
 
 PROCESSES = 3
@@ -223,6 +225,54 @@ def test_cifar10_is_read_back_from_its_cache_until_a_batch_changes(tmp_path, sta
     assert opened == [True, False]
     assert digest(again[0].images, again[0].labels, again[1].images, again[1].labels) == stand_in_cifar10["expected"]
     assert len(list((data_dir / CACHE_FOLDER).glob("cifar10-*.pt"))) == 1  # the old cache is gone
+
+
+def test_a_cifar10_cache_that_cannot_be_written_only_warns(tmp_path, stand_in_cifar10, monkeypatch, caplog):
+    point_torchvision_at(stand_in_cifar10, monkeypatch)
+
+    def no_space(path, value):
+        raise StorageError(f"could not write {path}: no space left on device (0.0 MB free there)")
+
+    monkeypatch.setattr("cifar_resnet.data.image_folder.atomic_torch_save", no_space)
+    train, test, _ = load_cifar10(tmp_path / "data")
+    assert digest(train.images, train.labels, test.images, test.labels) == stand_in_cifar10["expected"]
+    assert any("no space left on device" in message and "training on without a decode cache" in message
+               for message in caplog.messages)
+
+
+LOAD_CIFAR10_AND_DIGEST = POINT_AT_STAND_IN + """
+import hashlib, logging
+from pathlib import Path
+from cifar_resnet.data.sources import load_cifar10
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+train, test, _ = load_cifar10(Path(sys.argv[2]))
+tensors = (train.images, train.labels, test.images, test.labels)
+print(hashlib.sha256(b"".join(t.numpy().tobytes() for t in tensors)).hexdigest())
+"""
+
+
+def test_a_read_only_cifar10_folder_without_a_cache_is_read_without_one(tmp_path, stand_in_cifar10):
+    """A shared read-only copy, extracted: no lock file can be made there, and none is needed."""
+    if WITHOUT_ROOTS_OVERRIDE and shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv (util-linux): root would write into a read-only folder")
+    data_dir = tmp_path / "data"
+    with tarfile.open(stand_in_cifar10["archive"]) as tar:
+        tar.extractall(data_dir, filter="data")
+    stand_in = {key: value for key, value in stand_in_cifar10.items() if key not in ("archive", "expected")}
+    folders = [data_dir, data_dir / CIFAR10_FOLDER]
+    try:
+        for folder in folders:
+            folder.chmod(0o555)
+        done = subprocess.run([*WITHOUT_ROOTS_OVERRIDE, sys.executable, "-c", LOAD_CIFAR10_AND_DIGEST,
+                               json.dumps({"cifar10": stand_in}), str(data_dir)],
+                              capture_output=True, text=True, timeout=WAIT_SECONDS)
+    finally:
+        for folder in folders:
+            folder.chmod(0o755)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"WARNING {data_dir} is read-only: reading CIFAR-10 there without a cache" in done.stderr
+    assert done.stdout.strip() == stand_in_cifar10["expected"]
+    assert sorted(path.name for path in data_dir.iterdir()) == [CIFAR10_FOLDER]  # nothing written
 
 
 def test_validation_split_is_held_out_and_chosen_by_seed(tiny_config):

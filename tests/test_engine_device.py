@@ -45,6 +45,13 @@ def test_an_unknown_optimizer_name_is_refused_not_replaced(tiny_config):
         build_optimizer(config, CIFAR10CNN(width=8), torch.device("cpu"))
 
 
+def test_an_unknown_schedule_name_is_refused_not_replaced(tiny_config):
+    config = tiny_config.replace(lr_schedule="cosine", warmup_epochs=0, warmup_fraction=0.0)
+    object.__setattr__(config, "lr_schedule", "step")  # past the config's own check, as a caller's typo would be
+    with pytest.raises(ConfigError, match="lr_schedule: 'step' is not one of constant, cosine, onecycle"):
+        build_scheduler(config, build_optimizer(config, CIFAR10CNN(width=8), torch.device("cpu")), 10)
+
+
 @pytest.mark.quick
 def test_weight_decay_skips_batch_norm_and_biases():
     model = CIFAR10CNN(width=8)

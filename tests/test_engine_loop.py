@@ -12,6 +12,7 @@ import torch
 from cifar_resnet.data.loader import DeviceLoader
 from cifar_resnet.data.sources import load_splits
 from cifar_resnet.engine.device import build_model
+from cifar_resnet.engine.evaluation import build_eval_step, evaluate_test
 from cifar_resnet.engine.loop import WHITENING_IMAGES, Interrupted, TrainHooks, fit
 from cifar_resnet.model import init_stem_whitening
 from cifar_resnet.records import EPOCH_SECONDS, TRAIN_IMAGES_PER_SECOND
@@ -75,3 +76,22 @@ def test_a_run_with_every_candidate_trains_keeps_averaged_weights_and_resumes_ex
     for name, tensor in straight.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[name], tensor), name
     assert resumed.test.acc == straight.test.acc
+
+
+def test_an_averaged_run_is_tested_through_its_validation_step_on_its_best_weights(tiny_config, monkeypatch):
+    """With ema_decay the average is validated and kept: the test pass reuses the validation step (and so, on a GPU,
+    its graph) instead of building, and capturing, one more for a single pass; its numbers are the best weights'."""
+    config = tiny_config.replace(epochs=2, ema_decay=0.9)
+    data = load_splits(config)
+    built = []
+
+    def counted(*args, **kwargs):
+        built.append(build_eval_step(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr("cifar_resnet.engine.loop.build_eval_step", counted)
+    result = fit(config, build_model(config, len(data.classes), CPU), data, CPU)
+    assert len(built) == 1
+    alone = evaluate_test(config, result.model, data, CPU)
+    assert (result.test.loss, result.test.acc) == (alone.loss, alone.acc)
+    assert torch.equal(result.test.confusion, alone.confusion)

@@ -83,6 +83,7 @@ def test_a_capture_that_raises_falls_back_once_and_loses_no_step(tiny_config, ca
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "the capture failed" in warnings[0]
     assert step.eager and step.warmed_up == 2
+    assert step.side_stream is None and len(step.streams.given_back) == 1  # given back at the fall back, not at close
     assert result == eager_result  # same steps, same order: nothing skipped, nothing done twice
     for a, b in zip(eager_model.state_dict().values(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b)

@@ -13,20 +13,32 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torchvision
+from helpers.filesystems import WITHOUT_ROOTS_OVERRIDE
 from helpers.images import digest, image_folder, png, write_jpeg_folder
 from helpers.runs import cli, one_error_line, tree
 from PIL import Image
 from torchvision.io import encode_png
 
 from cifar_resnet.config import Config
-from cifar_resnet.data.image_folder import CACHE_FOLDER, IMAGE_EXTENSIONS, decode_images, list_folder, load_image_folder
+from cifar_resnet.data.image_folder import (
+    CACHE_FOLDER,
+    IMAGE_EXTENSIONS,
+    image_stamps,
+    decode_images,
+    list_folder,
+    load_image_folder,
+)
 from cifar_resnet.data.sources import load_splits
 from cifar_resnet.errors import DataError, StorageError
 from cifar_resnet.records import RunFolder
@@ -35,8 +47,6 @@ from cifar_resnet.runner import run_training
 CHANCE = 0.1  # ten classes
 WAIT_SECONDS = 300
 # Root writes anywhere, whatever the mode: as root, the decoding process runs without the capability to.
-WITHOUT_ROOTS_OVERRIDE = ["setpriv", "--inh-caps=-dac_override", "--bounding-set=-dac_override"] \
-    if os.geteuid() == 0 else []
 READ_ONLY = 0o555
 READABLE = 0o755
 # A listing that loops on links never ends: the test fails after this, instead of blocking the suite. Minutes, as
@@ -320,6 +330,16 @@ def test_a_linked_images_target_rewritten_in_place_is_decoded_again(tmp_path):
     assert int(load_image_folder(root)[1].images[3, 0, 0, 0]) == 88
 
 
+def test_a_split_folder_gone_since_its_cache_was_found_has_no_stamps(tmp_path):
+    """A folder removed between finding its cache and checking its images (another process's rsync, say) is
+    listed again, as a removed image is: its stamps are None, not an OSError."""
+    root = image_folder(tmp_path / "imgs")
+    names = [os.path.relpath(path, root / "train") for path, _ in list_folder(root / "train")[0]]
+    assert image_stamps(root / "train", names) is not None
+    shutil.rmtree(root / "train")
+    assert image_stamps(root / "train", names) is None
+
+
 def test_an_image_rewritten_into_one_that_does_not_fit_is_named(tmp_path):
     root = _aged_folder(tmp_path / "imgs")
     load_image_folder(root)
@@ -389,6 +409,32 @@ def test_threads_decode_the_same_pixels_in_the_same_order(tmp_path, monkeypatch)
     one = decode_images(paths, threads=1)
     assert torch.equal(decode_images(paths, threads=3), one)
     assert len(paths) > 3 * 3 and one.float().std() > 0
+
+
+def test_decoding_silences_torchvisions_deprecation_alone_and_keeps_other_threads_filters(tmp_path, monkeypatch):
+    """The decode runs on the data-load thread while other threads start: a filter they add meanwhile stays, and
+    their DeprecationWarnings still show; torchvision's own about its decoders does not."""
+    root = write_jpeg_folder(tmp_path / "images", {"train": 2, "test": 1})
+    paths = [path for path, _ in list_folder(root / "train")[0]]
+    decoding, added = threading.Event(), threading.Event()
+    original = torchvision.io.decode_image
+
+    def decode_once_another_thread_added_a_filter(*args, **kwargs):
+        decoding.set()
+        assert added.wait(WAIT_SECONDS)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torchvision.io, "decode_image", decode_once_another_thread_added_a_filter)
+    warnings.simplefilter("error", DeprecationWarning)  # pytest restores the filters after the test
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        decoded = pool.submit(decode_images, paths, threads=1)
+        assert decoding.wait(WAIT_SECONDS)
+        warnings.filterwarnings("error", message="another thread's filter")
+        added.set()
+        decoded.result()  # torchvision's deprecation warning, had it shown, would have raised here
+    assert any(f[1] is not None and f[1].pattern == "another thread's filter" for f in warnings.filters)
+    with pytest.raises(DeprecationWarning, match="another thread's"):
+        warnings.warn("another thread's DeprecationWarning", DeprecationWarning)
 
 
 def test_a_bad_file_among_threads_is_named(tmp_path, monkeypatch):

@@ -55,7 +55,7 @@ def calm(cells: dict[str, Config]) -> dict[str, Config]:
 
 def training_steps(config: Config, dtype: torch.dtype, group: FusedGroup | None = None,
                    resume: dict | None = None, evaluate_epochs: bool = False, until: int | None = None):
-    """A run's training as `engine.fit_steps` runs it (its loader and generator, schedule, EMA, Lookahead), one
+    """A run's training as `engine.loop.fit_steps` runs it (its loader and generator, schedule, EMA, Lookahead), one
     `yield` per optimizer step: alone through the engine's own step, or as a member of `group` through
     `FusedMember.run`, driven with `yield from` as the training loop will drive it. Returns the run's state
     (`TrainState.state_dict`, copied before the member leaves) and its per-epoch metrics. `until`: the epoch after

@@ -29,10 +29,10 @@ def test_sweep_help_lists_the_options(capsys):
 @pytest.mark.quick
 def test_the_offline_line_says_why(monkeypatch):
     monkeypatch.delenv("WANDB_MODE")
-    assert offline_reason(False, "offline").startswith("no W&B credentials")
+    assert offline_reason(False).startswith("no W&B credentials")
     monkeypatch.setenv("WANDB_MODE", "offline")
-    assert offline_reason(False, "offline") == "WANDB_MODE=offline"
-    assert offline_reason(True, "online") == "--offline"
+    assert offline_reason(False) == "WANDB_MODE=offline"
+    assert offline_reason(True) == "--offline"
 
 
 @pytest.mark.parametrize("count", [None, 2])

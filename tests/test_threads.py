@@ -56,3 +56,19 @@ def test_agents_runs_share_the_cores_as_a_sweeps_do(monkeypatch):
     given.clear()
     run_staggered_statuses(launches[:1], 0.0, "agent", start)
     assert given[0]["OMP_NUM_THREADS"] == "3"
+
+
+@pytest.mark.quick
+def test_a_child_that_cannot_start_stops_those_started_before_it():
+    started = []
+
+    def start(argv, env):
+        if started:
+            raise OSError(f"cannot start {argv[0]}")
+        started.append(subprocess.Popen(["sleep", "600"]))
+        return started[-1]
+
+    launches = [Launch(["sleep"], None), Launch(["no-such-agent"], None)]
+    with pytest.raises(OSError, match="cannot start no-such-agent"):
+        run_staggered_statuses(launches, 0.0, "agent", start)
+    assert started[0].poll() is not None  # stopped, not orphaned

@@ -143,36 +143,61 @@ def _stamps_unchanged(folder: Path, stamps: dict[str, list[int]]) -> bool:
         return False
 
 
-def _file_stamps(folder: Path, names: list[str]) -> torch.Tensor | None:
+def image_stamps(folder: Path, names: list[str]) -> torch.Tensor | None:
     """(N, 4) int64: each image's inode, size, and modification and status-change times in nanoseconds, as `stat`
     gives them through a link; None where an image is gone. A rewrite in place changes the times (the status-change
     time even where a tool puts the modification time back), a replacement the inode. One `stat` per image
     (BENCHMARKS.md has its cost for CIFAR-10's 60,000)."""
     stamps = array.array("q")
-    split_folder = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)  # names resolved from it, not from the root
     try:
-        for name in names:
-            stat = os.stat(name, dir_fd=split_folder)
-            # An inode number is unsigned and may use the top bit (overlayfs does): stored as its signed twin.
-            stamps.extend(((stat.st_ino ^ SIGN_BIT) - SIGN_BIT, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
-    except OSError:
+        split_folder = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)  # names resolved from it, not from the root
+        try:
+            for name in names:
+                stat = os.stat(name, dir_fd=split_folder)
+                # An inode number is unsigned and may use the top bit (overlayfs does): stored as its signed twin.
+                stamps.extend(((stat.st_ino ^ SIGN_BIT) - SIGN_BIT, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
+        finally:
+            os.close(split_folder)
+    except OSError:  # an image, or the folder itself, gone
         return None
-    finally:
-        os.close(split_folder)
     return torch.frombuffer(stamps, dtype=torch.int64).view(-1, 4)
+
+
+def read_cache_file(cache_file: Path) -> Any:
+    """A decode cache's contents (of an image folder's split, or of CIFAR-10), or None where it is missing or
+    damaged (a damaged cache is rebuilt, never trusted)."""
+    try:
+        # mmap: the pages are read as the tensors are first touched, with no second copy in memory
+        return torch.load(cache_file, weights_only=True, mmap=True)
+    except FileNotFoundError:  # none yet, or removed as stale by a process that is rebuilding it
+        return None
+    except Exception as error:
+        log.warning("ignoring unreadable decode cache %s: %s", cache_file, error)
+        return None
+
+
+def save_cache_file(cache_file: Path, contents: dict[str, Any]) -> Path | None:
+    """Write a decode cache (`<name>-<key>.pt`, under its lock) in place of the old ones of that name; its path, or
+    None where it could not be written (the cache only saves time: the run trains on, as for a read-only data
+    folder)."""
+    name = cache_file.name.rsplit("-", 1)[0]
+    try:
+        # Old caches of that name, and temporary files of writers killed mid-write (only the lock holder writes).
+        # A cache refreshed under its own name is replaced by the atomic write, never missing for a reader.
+        for stale in [*cache_file.parent.glob(f"{name}-*.pt"), *cache_file.parent.glob(f".{name}-*.tmp")]:
+            if stale != cache_file:
+                stale.unlink(missing_ok=True)
+        atomic_torch_save(cache_file, contents)
+    except (StorageError, OSError) as error:  # a full disk, a read-only cache folder
+        log.warning("%s; training on without a decode cache", error)
+        return None
+    return cache_file
 
 
 def _read_cache(cache_dir: Path, folder: Path) -> dict[str, Any] | None:
     """The contents of `folder`'s cache file whose folders' stamps still hold, or None."""
     for cache_file in sorted(cache_dir.glob(f"{folder.name}-*.pt")):
-        try:
-            # mmap: the pages are read as the tensors are first touched, with no second copy in memory
-            cached = torch.load(cache_file, weights_only=True, mmap=True)
-        except FileNotFoundError:  # removed as stale by a process that is rebuilding it
-            continue
-        except Exception as error:  # a damaged cache is rebuilt, never trusted
-            log.warning("ignoring unreadable decode cache %s: %s", cache_file, error)
-            continue
+        cached = read_cache_file(cache_file)
         if (isinstance(cached, dict) and cached.get("format") == CACHE_FORMAT_VERSION
                 and _stamps_unchanged(folder, cached["folders"])):
             return cached
@@ -180,7 +205,7 @@ def _read_cache(cache_dir: Path, folder: Path) -> dict[str, Any] | None:
 
 
 def _unchanged(folder: Path, cached: dict[str, Any]) -> bool:
-    file_stamps = _file_stamps(folder, cached["files"].split("\0"))
+    file_stamps = image_stamps(folder, cached["files"].split("\0"))
     return file_stamps is not None and torch.equal(file_stamps, cached["file_stamps"])
 
 
@@ -190,7 +215,7 @@ def _listed(folder: Path) -> dict[str, Any]:
     stamps: dict[str, list[int]] = {}
     samples, classes = list_folder(folder, stamps)
     names = [os.path.relpath(path, folder) for path, _ in samples]
-    file_stamps = _file_stamps(folder, names)
+    file_stamps = image_stamps(folder, names)
     if file_stamps is None:
         raise DataError(f"data_dir: {folder} changed while it was read (an image was removed); run again")
     return {"format": CACHE_FORMAT_VERSION, "labels": torch.tensor([label for _, label in samples]),
@@ -204,7 +229,7 @@ def _decoded(folder: Path, contents: dict[str, Any]) -> tuple[dict[str, Any], in
     names = contents["files"].split("\0")
     if "images" not in contents:
         return {**contents, "images": decode_images([os.path.join(folder, name) for name in names])}, len(names)
-    file_stamps = _file_stamps(folder, names)
+    file_stamps = image_stamps(folder, names)
     if file_stamps is None:
         return _decoded(folder, _listed(folder))
     changed = (file_stamps != contents["file_stamps"]).any(dim=1).nonzero().flatten()  # (C,) rows
@@ -230,7 +255,7 @@ def _load_folder_split(folder: Path) -> tuple[ImageSet, list[str]]:
     else decoded from the files (and cached, in `<data_dir>/.cifar_resnet_cache/`).
 
     A cache holds the stamps (`_folder_stamp`) of every folder of the split as it was listed (the split folder, its
-    class folders and their subfolders), and of every image (`_file_stamps`). It is found by its folders' stamps,
+    class folders and their subfolders), and of every image (`image_stamps`). It is found by its folders' stamps,
     without listing the folders; then every image's stamp is checked. What changes a folder's stamp, and so lists
     and decodes the split again: an image added, removed or renamed, an image replaced by another moved onto its
     name (as rsync, `mv` and atomic writers replace files), a class or subfolder added or removed; also what only
@@ -254,7 +279,7 @@ def _load_folder_split(folder: Path) -> tuple[ImageSet, list[str]]:
             # Another process may have built or refreshed the cache while this one waited: then none is decoded.
             contents, decoded = _decoded(folder, _read_cache(cache_dir, folder) or listing or _listed(folder))
             if decoded:
-                cache_file = _save_cache(cache_dir, folder, contents)
+                cache_file = save_cache_file(_cache_file(cache_dir, folder, contents), contents)
     images = ImageSet(contents["images"], contents["labels"])
     if decoded:
         log.info("%s; %s", f"decoded {decoded} images in {folder}" if decoded == len(images) else
@@ -263,23 +288,7 @@ def _load_folder_split(folder: Path) -> tuple[ImageSet, list[str]]:
     return images, list(contents["classes"])
 
 
-def _save_cache(cache_dir: Path, folder: Path, contents: dict[str, Any]) -> Path | None:
-    """Write `folder`'s cache (under its lock) in place of the old ones; its path, or None where it could not be
-    written (the cache only saves time: the run trains on, as for a read-only data folder)."""
-    cache_file = _cache_file(cache_dir, folder, contents)
-    # Old caches of this split, and temporary files of writers killed mid-write (only the lock holder writes). A
-    # cache refreshed under its own name is replaced by the atomic write, never missing for a reader.
-    for stale in [*cache_dir.glob(f"{folder.name}-*.pt"), *cache_dir.glob(f".{folder.name}-*.tmp")]:
-        if stale != cache_file:
-            stale.unlink(missing_ok=True)
-    try:
-        atomic_torch_save(cache_file, contents)
-    except StorageError as error:
-        log.warning("%s; training on without a decode cache", error)
-        return None
-    return cache_file
-
-
+TORCHVISION_DECODER_DEPRECATION = "The image decoding and encoding capabilities of TorchVision are deprecated"
 DECODE_CHUNK_IMAGES = 1000  # images per decoding task: enough to amortise a task's overhead, small enough to
 # keep every core busy to the end
 
@@ -320,7 +329,14 @@ def decode_images(paths: list[str], threads: int | None = None) -> torch.Tensor:
     from concurrent.futures import ThreadPoolExecutor
 
     from torchvision.io import ImageReadMode, decode_image, read_file
+    from torchvision.transforms.v2.functional import to_dtype
 
+    # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec; they are 2.5x faster than PIL here,
+    # give identical pixels, and run once per folder thanks to the cache. Only that warning is silenced, by one
+    # filter (process-wide, as every filter is; adding it again replaces it): not with catch_warnings, which
+    # restores the whole filter list on exit and so drops what other threads (the run's, starting CUDA) added.
+    warnings.filterwarnings("ignore", message=TORCHVISION_DECODER_DEPRECATION, category=DeprecationWarning,
+                            module="torchvision.io.image")
     images = torch.empty(len(paths), 3, IMAGE_SIZE_PX, IMAGE_SIZE_PX, dtype=torch.uint8)
 
     def decode_chunk(start: int) -> None:
@@ -331,8 +347,6 @@ def decode_images(paths: list[str], threads: int | None = None) -> torch.Tensor:
             except RuntimeError as error:
                 image = _decode_with_pil(path, str(error).splitlines()[0])
             if image.dtype != torch.uint8:
-                from torchvision.transforms.v2.functional import to_dtype
-
                 image = to_dtype(image, torch.uint8, scale=True)  # 16 -> 8 bits: the high byte, not the value mod 256
             if image.shape[1:] != (IMAGE_SIZE_PX, IMAGE_SIZE_PX):
                 raise DataError(
@@ -341,11 +355,7 @@ def decode_images(paths: list[str], threads: int | None = None) -> torch.Tensor:
                 )
             images[i] = image
 
-    # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec; they are 2.5x faster than PIL here,
-    # give identical pixels, and run once per folder thanks to the cache. The filter is set here, once, for the
-    # threads too: warning filters are process-wide, and catch_warnings is not thread-safe.
-    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=threads or decode_threads()) as pool:
-        warnings.simplefilter("ignore", DeprecationWarning)
+    with ThreadPoolExecutor(max_workers=threads or decode_threads()) as pool:
         # list(): waits for every chunk and raises the first chunk's error (a DataError naming the file)
         list(pool.map(decode_chunk, range(0, len(paths), DECODE_CHUNK_IMAGES)))
     return images

@@ -13,8 +13,9 @@ IMAGE_SIZE_PX = 32
 class ImageSet:
     """Images (N, 3, 32, 32) uint8 and their labels (N,) int64, as a view: the rows `rows` of stored tensors that
     other views share (a run's training and validation images are views of one stored training set, and the runs of
-    a pack share one stored copy on the device). `images` and `labels` are the view's own, copied out on access;
-    `DeviceLoader` reads the stored tensors through `rows` instead.
+    a pack share one stored copy on the device). `images` and `labels` are the view's own: the stored tensors where
+    the view is all of them (`rows` None), else copied out on each access; `DeviceLoader` reads the stored tensors
+    through `rows` instead.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor | None = None) -> None:

@@ -58,7 +58,9 @@ class DeviceLoader:
         augment: bool = False,
         alternating_flip: bool = False,
     ) -> None:
-        self.data = data.to(device)  # the stored tensors are moved once, and shared with every view of them
+        # Nothing is copied where the split is on `device` already: a run moves its source there once, before it is
+        # split, and every view shares that copy. A split elsewhere (on the CPU) is copied whole, for this loader.
+        self.data = data.to(device)
         self.batch_size = batch_size
         self.generator = generator
         self.augment = augment
@@ -79,8 +81,8 @@ class DeviceLoader:
             return len(self.data) // self.batch_size
         return -(-len(self.data) // self.batch_size)
 
-    def stored_rows(self, index: torch.Tensor) -> torch.Tensor:
-        """The stored tensors' rows of the split's images at `index`."""
+    def stored_rows(self, index: torch.Tensor | slice) -> torch.Tensor | slice:
+        """The stored tensors' rows of the split's images at `index` (positions, or a slice of them)."""
         return index if self.data.rows is None else self.data.rows[index]
 
     def first(self, count: int) -> torch.Tensor:
@@ -94,14 +96,11 @@ class DeviceLoader:
         return images.to(torch.float32, copy=True).sub_(self.mean).div_(self.std)  # (B, 3, 32, 32) float32
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        stored_images, stored_labels, rows = self.data.stored_images, self.data.stored_labels, self.data.rows
+        stored_images, stored_labels = self.data.stored_images, self.data.stored_labels
         if not self.augment:  # in order: slices of the split (of its rows, for a view of shared tensors)
             for start in range(0, len(self.data), self.batch_size):
-                part = slice(start, start + self.batch_size)
-                if rows is None:
-                    yield self.normalize(stored_images[part]), stored_labels[part]
-                else:
-                    yield self.normalize(stored_images[rows[part]]), stored_labels[rows[part]]
+                batch_rows = self.stored_rows(slice(start, start + self.batch_size))  # (B,) rows, or a slice
+                yield self.normalize(stored_images[batch_rows]), stored_labels[batch_rows]
             return
         order = torch.randperm(len(self.data), device=stored_labels.device, generator=self.generator)
         for start in range(0, len(self) * self.batch_size, self.batch_size):

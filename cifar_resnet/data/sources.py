@@ -3,6 +3,7 @@ structure, for tests and demos) and the split of a source into training, validat
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -14,8 +15,8 @@ import torch.nn.functional as F
 
 from ..config import Config
 from ..errors import DataError
-from ..files import atomic_torch_save, file_lock
-from .image_folder import CACHE_FOLDER, CACHE_FORMAT_VERSION, check_is_folder, load_image_folder
+from ..files import file_lock
+from .image_folder import CACHE_FOLDER, check_is_folder, load_image_folder, read_cache_file, save_cache_file
 from .images import IMAGE_SIZE_PX, DataSource, DataSplits, ImageSet
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,10 @@ SYNTHETIC_PROTOTYPE_PX = 4  # class prototypes are 4x4 colour layouts, upsampled
 # random layout. With the noise below, the trial's cells (width 16, 2 epochs) land apart and below 100%.
 SYNTHETIC_CLASS_CONTRAST = 0.2
 SYNTHETIC_NOISE_STD = 0.3  # per-pixel Gaussian noise on the 0..1 scale
+CIFAR10_FOLDER = "cifar-10-batches-py"  # where torchvision extracts its archive, in data_dir
+CIFAR10_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
+                 "batches.meta")
+CIFAR10_CACHE_VERSION = 1  # of its decode cache's contents (an image folder's cache has a version of its own)
 
 
 def load_splits(config: Config, device: torch.device | None = None) -> DataSplits:
@@ -96,15 +101,10 @@ def split(source: DataSource, config: Config) -> DataSplits:
                       classes=source.classes)
 
 
-CIFAR10_FOLDER = "cifar-10-batches-py"  # where torchvision extracts its archive, in data_dir
-CIFAR10_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
-                 "batches.meta")
-
-
 def _cifar10_cache_file(data_dir: Path) -> Path | None:
     """The decoded-tensor cache of the extracted batches, named by their names, sizes and modification times (any
     change means a new name); None while any batch file is missing."""
-    digest = hashlib.sha256(f"v{CACHE_FORMAT_VERSION}".encode())
+    digest = hashlib.sha256(f"v{CIFAR10_CACHE_VERSION}".encode())
     for name in CIFAR10_FILES:
         try:
             stat = os.stat(data_dir / CIFAR10_FOLDER / name)
@@ -122,20 +122,22 @@ def load_cifar10(data_dir: Path) -> tuple[ImageSet, ImageSet, list[str]]:
     is named by the files' sizes and modification times, so a changed file is checked again.
     """
     cache_file = _cifar10_cache_file(data_dir)
-    if cache_file is not None and cache_file.exists():
-        try:
-            cached = torch.load(cache_file, weights_only=True, mmap=True)
-            return (ImageSet(cached["train_images"], cached["train_labels"]),
-                    ImageSet(cached["test_images"], cached["test_labels"]), list(cached["classes"]))
-        except Exception as error:  # a damaged cache is rebuilt, never trusted
-            log.warning("ignoring unreadable CIFAR-10 cache %s: %s", cache_file, error)
+    cached = read_cache_file(cache_file) if cache_file is not None else None
+    if isinstance(cached, dict):
+        return (ImageSet(cached["train_images"], cached["train_labels"]),
+                ImageSet(cached["test_images"], cached["test_labels"]), list(cached["classes"]))
     import torchvision  # deferred: torchvision's import is slow and only this source and the folder use it
 
     def open_sets() -> list[torchvision.datasets.CIFAR10]:
         return [torchvision.datasets.CIFAR10(root=data_dir, train=train, download=True) for train in (True, False)]
 
+    # A folder that exists but cannot be written (a shared read-only copy) can hold no lock, and needs none: nothing
+    # is written there (no download, no cache).
+    writable = not data_dir.exists() or os.access(data_dir, os.W_OK)
+    if not writable:
+        log.warning("%s is read-only: reading CIFAR-10 there without a cache", data_dir)
     try:
-        with file_lock(data_dir / ".cifar10.lock"):
+        with file_lock(data_dir / ".cifar10.lock") if writable else contextlib.nullcontext():
             # torchvision verifies the archive's and the extracted files' MD5 sums, and downloads or extracts
             # again when they are wrong, so a download cut short is never mistaken for good data.
             try:
@@ -155,15 +157,13 @@ def load_cifar10(data_dir: Path) -> tuple[ImageSet, ImageSet, list[str]]:
     )
     classes = list(sets[0].classes)
     cache_file = _cifar10_cache_file(data_dir)
-    if cache_file is not None and os.access(data_dir, os.W_OK):
+    if cache_file is not None and writable:
         with file_lock(data_dir / ".cifar10.lock"):
-            for stale in cache_file.parent.glob("cifar10-*.pt"):
-                if stale != cache_file:
-                    stale.unlink(missing_ok=True)
-            if not cache_file.exists():  # another process may have written it while this one waited
-                atomic_torch_save(cache_file, {"train_images": train.images, "train_labels": train.labels,
-                                               "test_images": test.images, "test_labels": test.labels,
-                                               "classes": classes})
+            # Another process may have written it while this one waited; a damaged one is replaced.
+            if read_cache_file(cache_file) is None:
+                save_cache_file(cache_file, {"train_images": train.images, "train_labels": train.labels,
+                                             "test_images": test.images, "test_labels": test.labels,
+                                             "classes": classes})
     return train, test, classes
 
 

@@ -38,9 +38,9 @@ class GraphCapture(Generic[Work]):
     whether to replay, warm up or capture, or run it eagerly.
 
     The warm-up steps and the capture run on a stream taken from `streams` (the process's owner of streams; by default
-    one of its own), which the graph holds until `close`: cuBLAS keeps a workspace per stream, made by the warm-up,
-    baked into the graph and freed when a graph captured on that stream is destroyed, so no two live graphs may share
-    a capture stream (pytorch/pytorch#193402). Replays run on the caller's stream.
+    one of its own), which the graph holds until `close` or a fall back: cuBLAS keeps a workspace per stream, made by
+    the warm-up, baked into the graph and freed when a graph captured on that stream is destroyed, so no two live
+    graphs may share a capture stream (pytorch/pytorch#193402). Replays run on the caller's stream.
     """
 
     DOING = "running"  # the warning's first word: "training eagerly, ..."
@@ -58,8 +58,10 @@ class GraphCapture(Generic[Work]):
         self.side_stream: Any = None
 
     def fall_back(self, reason: str) -> None:
+        """Work eagerly from now on: the graph (and its memory pool) and the capture stream are given back at once,
+        not held until `close`."""
         log.warning("%s eagerly, without a CUDA graph: %s", self.DOING, reason)
-        self.eager = True
+        self.close()
 
     def prepare(self, images: torch.Tensor) -> bool:
         """Check that a capture is possible here and make the side stream; False (after the warning) if not."""
@@ -126,15 +128,15 @@ class GraphCapture(Generic[Work]):
 
     def close(self) -> None:
         """The graph is done with: once the caller's stream (where it replays) has finished its work, destroy it and
-        give its capture stream back. The run's end calls it, however the run ends."""
+        give its capture stream back; eager from then on. The run's end calls it, however the run ends."""
+        self.eager = True  # no capture again: the stream is given back
         if self.side_stream is None:
             return
-        torch.cuda.current_stream(self.side_stream.device).synchronize()
         if self.graph is not None:
+            torch.cuda.current_stream(self.side_stream.device).synchronize()
             self.graph.reset()
             self.graph = None
-            self.eager = True  # no capture again: the stream is given back
-        self.streams.give_back(self.side_stream)
+        self.streams.give_back(self.side_stream)  # synchronises the capture stream (its warm-up work)
         self.side_stream = None
 
     def replay(self, images: torch.Tensor, labels: torch.Tensor) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import OPTIMIZERS, Config
+from ..config import LR_SCHEDULES, OPTIMIZERS, Config
 from ..errors import ConfigError
 from ..model import CIFAR10CNN, zero_init_residual
 
@@ -152,7 +152,9 @@ def lr_multiplier(config: Config, step: int, steps_per_epoch: int) -> float:
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)  # 0 -> 1 over the decay
     if config.lr_schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return 1.0 - progress  # onecycle: linear decay to zero after the warm-up
+    if config.lr_schedule == "onecycle":
+        return 1.0 - progress  # linear decay to zero after the warm-up
+    raise ConfigError(f"lr_schedule: {config.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
 
 
 def build_scheduler(

@@ -73,9 +73,8 @@ def train_one_epoch(
     """Train over `loader` once with `step` (which holds the model, optimizer, loss and autocast; a `CapturedStep`
     replays a CUDA graph); return (mean loss, accuracy). One host sync, at the end.
 
-    `after_step` runs after every step, outside it (and outside a captured graph), in order: in a run, the Lookahead,
-    the weight average and the schedule (the average sees the weights after a Lookahead sync; the schedule fills the
-    next step's learning rate in place, as a captured step reads it).
+    `after_step` runs after every step, outside it (and outside a captured graph), in order: in a run,
+    `TrainState.after_step`'s.
     A generator: it yields after every optimizer step (`step.run`'s yield: a fused member's yields until its group
     has stepped), so that a pack (`packing.pack.Pack`) can interleave several runs' steps; `drive` runs it alone.
     """
@@ -239,8 +238,10 @@ class TrainHooks:
 
     def followed_by(self, later: TrainHooks) -> TrainHooks:
         """These hooks, then `later`'s, at each event; stopping when either asks."""
-        return TrainHooks(_in_turn(self.on_epoch_start, later.on_epoch_start), _in_turn(self.on_batch, later.on_batch),
-                          _in_turn(self.on_epoch, later.on_epoch), lambda: self.should_stop() or later.should_stop())
+        return TrainHooks(on_epoch_start=_in_turn(self.on_epoch_start, later.on_epoch_start),
+                          on_batch=_in_turn(self.on_batch, later.on_batch),
+                          on_epoch=_in_turn(self.on_epoch, later.on_epoch),
+                          should_stop=lambda: self.should_stop() or later.should_stop())
 
 
 def _in_turn(first: Callable[..., None] | None, then: Callable[..., None] | None) -> Callable[..., None] | None:
@@ -299,8 +300,8 @@ def fit_steps(
     ends. `streams`: the process's owner of CUDA streams, where captured steps take their capture streams (by
     default the run's own).
 
-    A generator that yields after every optimizer step (`fit` drives it alone; a `packing.pack.Pack` interleaves several);
-    its return value is the `FitResult`.
+    A generator that yields after every optimizer step (`fit` drives it alone; a `packing.pack.Pack` interleaves
+    several); its return value is the `FitResult`.
     """
     hooks = hooks or TrainHooks()
     num_classes = len(data.classes)
@@ -338,7 +339,9 @@ def fit_steps(
             start = time.perf_counter()
             train_loader.set_epoch(epoch)
             train_loss, train_acc = yield from train_one_epoch(step, train_loader, after_step, hooks)
-            train_seconds = time.perf_counter() - start  # train_one_epoch ended on a sync, so this is honest
+            # train_one_epoch ended on a sync, so this is honest. In a pack it includes the other members' steps,
+            # interleaved with this run's: train_images_per_second is then this run's share of the device.
+            train_seconds = time.perf_counter() - start
             if not math.isfinite(train_loss):
                 raise TrainingDiverged(
                     f"training loss became {train_loss} in epoch {epoch}; lower learning_rate "
@@ -361,12 +364,9 @@ def fit_steps(
                 hooks.on_epoch(result, state)
 
         model.load_state_dict(state.best_model_state)
-        # The validation step (and its graph) where it evaluates the model tested; else one of the model tested.
-        if evaluated is not step.model:
-            test_step = build_eval_step(config, step.model, num_classes, device, streams=streams)
-            held.callback(test_step.close)
-        else:
-            test_step = val_step
-        test = evaluate_test(config, step.model, data, device, test_step)
+        if evaluated is not step.model:  # the average, validated and kept: the best weights are its own
+            evaluated.load_state_dict(state.best_model_state)
+        # Through the validation step, and its graph: one pass is not worth a capture of its own.
+        test = evaluate_test(config, evaluated, data, device, val_step)
         log.info("%s", describe_test(state.best_epoch, test.loss, test.acc))
         return FitResult(state.history, state.best_epoch, state.best_val_acc, test, model)

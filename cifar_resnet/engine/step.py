@@ -123,8 +123,8 @@ class CapturedStep(GraphCapture[EagerStep], StepOnce):
         super().__init__(EagerStep(*args, **kwargs), warmup_steps, streams)
         self.capture_seconds = 0.0  # the warm-up steps and the capture, with the syncs they need
 
-    # What `train_one_epoch`, `fit_steps` and the benchmark read of a step, as the eager step holds it. Once captured,
-    # `loss` and `totals` are tensors the graph writes on every replay.
+    # What `train_one_epoch` and `fit_steps` read of a step (and the GPU tests its `loss`), as the eager step holds
+    # it. Once captured, `loss` and `totals` are tensors the graph writes on every replay.
     @property
     def model(self) -> nn.Module:
         return self.eager_step.model

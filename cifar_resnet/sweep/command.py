@@ -126,7 +126,7 @@ def sweep_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
         raise UserError(f"--count: must be >= 1, got {args.count}")
     if not args.lease_seconds > 0:
         raise UserError(f"--lease-seconds: must be > 0, got {args.lease_seconds}")
-    asked_mode = pack_mode(args.pack)
+    asked_pack = pack_mode(args.pack)
     gpus = parse_gpus(args.gpus, args.workers, args.runs_per_gpu)
     plan = load_sweep(args.sweep_file, args.overrides)
     warn_unless_our_entry_point(plan)
@@ -140,16 +140,16 @@ def sweep_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
     out_dir = args.output_dir or default_output_dir(plan)
     shown = [name for name, spec in plan.config["parameters"].items() if "value" not in spec]
     view = LiveView(shown) if sys.stderr.isatty() else LogView(shown)
-    mode = asked_mode or (STREAMS if shares_a_gpu(gpus) else OFF)
-    local_sweep = LocalSweep(plan, out_dir, gpus, args.count, project, view, args.lease_seconds, mode)  # may refuse
+    pack = asked_pack or (STREAMS if shares_a_gpu(gpus) else OFF)
+    local_sweep = LocalSweep(plan, out_dir, gpus, args.count, project, view, args.lease_seconds, pack)  # may refuse
     log.info("%s: running the sweep offline in %s (W&B's sweep proposer on this machine); upload the runs later "
-             "with `wandb sync %s`", offline_reason(args.offline, mode), out_dir, offline_runs_glob(out_dir))
+             "with `wandb sync %s`", offline_reason(args.offline), out_dir, offline_runs_glob(out_dir))
     result = local_sweep.run()
     print_results(result)
     return result.exit_code
 
 
-def offline_reason(asked: bool, mode: str) -> str:
+def offline_reason(asked: bool) -> str:
     if asked:
         return "--offline"
     if os.environ.get("WANDB_MODE") in ("offline", "dryrun", "disabled"):

@@ -17,7 +17,7 @@ from ..config import Config
 from ..logs import logs_to_current_stderr
 from ..records import SELECTION_METRIC, RunFolder, RunRecord, read_progress
 from ..table import duration_text
-from .state import DONE, LocalRun
+from .state import ENDED, LocalRun
 
 if TYPE_CHECKING:  # rich is imported where a live table is drawn
     from rich.console import Console
@@ -141,7 +141,7 @@ def sweep_seconds_left(progress: Sequence[RunProgress], total_runs: int | None, 
     free_at = [max(0.0, ends[run_id] - seconds) for run_id, seconds in elapsed.items()]
     free_at += [0.0] * max(0, workers - len(free_at))
     heapq.heapify(free_at)
-    ended = sum(item.run.state in (*DONE, "failed") for item in progress)
+    ended = sum(item.run.state in ENDED for item in progress)
     for _ in range(max(0, total_runs - ended - len(running))):
         heapq.heappush(free_at, heapq.heappop(free_at) + whole)
     return max(free_at)
@@ -222,7 +222,7 @@ class LiveView(LogView):
                 seconds_left: float | None = None) -> None:
         from rich.console import Group
 
-        done = sum(item.run.state in (*DONE, "failed") for item in progress)
+        done = sum(item.run.state in ENDED for item in progress)
         expected = max(total_runs or 0, len(progress))
         epochs_each = max((item.epochs for item in progress), default=0)
         # Fractional epochs, moving every progress write; the time left is the sweep's estimate (sweep_seconds_left).

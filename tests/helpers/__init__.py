@@ -9,7 +9,8 @@ modules import from here (`from helpers.images import image_folder`), never from
 - `sweeps.py`: sweep files of the tiny run, the folder a sweep file's runs go to, the sweep's state and table as a
   test reads them, and how long a sweep's processes are waited for;
 - `engine.py`: the engine's training parts on the CPU, an epoch driven alone, a GPU pretended until the capture;
-- `filesystems.py`: a small or a read-only file system (tmpfs) mounted for a test;
+- `filesystems.py`: a small or a read-only file system (tmpfs) mounted for a test; root without its override of
+  folder permissions;
 - `wandb_records.py`: the records of an offline W&B run;
 - `wandb_agent.py`: W&B's own agent in a child process (`tests/wandb_agent_driver.py`).
 """

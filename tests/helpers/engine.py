@@ -33,10 +33,22 @@ def one_epoch(model, loader, optimizer, scheduler, loss_fn, step=None):
     return drive(train_one_epoch(step, loader, [scheduler.step]))
 
 
+class PretendStreams:
+    """The owner of a pretended capture stream (a stand-in for `CudaStreams`, which has no streams without CUDA):
+    the streams given back to it."""
+
+    def __init__(self) -> None:
+        self.given_back: list[object] = []
+
+    def give_back(self, stream: object) -> None:
+        self.given_back.append(stream)
+
+
 def pretend_a_gpu_until_the_capture(monkeypatch, captured) -> None:
-    """As if on a GPU: the side stream exists and the warm-up steps run (eagerly, here); then the capture raises,
-    because there is no CUDA."""
+    """As if on a GPU: the side stream exists (taken from a `PretendStreams`) and the warm-up steps run (eagerly,
+    here); then the capture raises, because there is no CUDA."""
     def pretend_prepare(self, images):
+        self.streams = PretendStreams()
         self.side_stream = object()
         return True
 

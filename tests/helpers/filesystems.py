@@ -1,14 +1,20 @@
 """Real file systems a test mounts for itself: a small or a read-only tmpfs (mounting needs root: the test is
-skipped, saying so, without it)."""
+skipped, saying so, without it); read-only folders as root sees them."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+# Root ignores folder permissions unless it drops that power: run under this prefix, a read-only folder is to root
+# what it is to anyone else (needs util-linux's setpriv).
+WITHOUT_ROOTS_OVERRIDE = ["setpriv", "--inh-caps=-dac_override", "--bounding-set=-dac_override"] \
+    if os.geteuid() == 0 else []
 
 
 @contextlib.contextmanager
