@@ -13,8 +13,8 @@
 #      evaluation (graph and eager), runs per hour with 1, 2 and 6 concurrent full runs (what would check the
 #      runs-per-GPU table of cifar_resnet/gpus.py), then the write-up's pipeline against ours;
 #   3. full10: one full 10-epoch run, timed from process start, the decode cache warm;
-#   4. (grid, not by default; 72 s at b142e91, six at once) the write-up's six cells with our default recipe through an offline
-#      sweep, as many at a time as step 2 found best;
+#   4. (grid, not by default; 72 s at b142e91, six at once) the write-up's six cells with our default recipe
+#      through an offline sweep, as many at a time as step 2 found best;
 #   5. (grid-writeup, not by default; measured at b555040) the same six cells with recipe=writeup;
 #   6. image, with IMAGE=<the worker image> and docker or podman (and the NVIDIA container toolkit): torch inside the
 #      image's own Python sees the GPU and computes on it (skipped, with a message, without a GPU or an engine);

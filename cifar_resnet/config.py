@@ -92,8 +92,8 @@ class Config:
         "scales and shifts, the head's bias)")
     sgd_norm_lr_scale: float = _recipe_setting(
         "[recipe] SGD only: the learning-rate factor, >= 0 and at most 1000, for the parameters without weight decay, "
-        "in place of norm_lr_scale (which Adam and AdamW keep), so that one sweep over both optimizers gives each its own; "
-        "0: norm_lr_scale")
+        "in place of norm_lr_scale (which Adam and AdamW keep), so that one sweep over both optimizers gives each its "
+        "own; 0: norm_lr_scale")
     adam_beta1: float = _recipe_setting("[recipe] Adam and AdamW: decay of the gradient average, in [0, 1)")
     adam_beta2: float = _recipe_setting("[recipe] Adam and AdamW: decay of the squared-gradient average, in [0, 1)")
     adam_eps: float = _recipe_setting("[recipe] Adam and AdamW: term added to the update's denominator, > 0")

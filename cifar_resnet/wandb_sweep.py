@@ -146,7 +146,8 @@ def build_sweep_view(entity: str, project: str, sweep_id: str, params: Sequence[
     from wandb_workspaces import expr
 
     columns = [wr.ParallelCoordinatesPlotColumn(metric=wr.Config(name)) for name in params]
-    columns += [wr.ParallelCoordinatesPlotColumn(metric=wr.SummaryMetric(name)) for name in (SELECTION_METRIC, TEST_ACC)]
+    columns += [wr.ParallelCoordinatesPlotColumn(metric=wr.SummaryMetric(name))
+                for name in (SELECTION_METRIC, TEST_ACC)]
     panels = [
         wr.ParallelCoordinatesPlot(title="Settings and accuracy", columns=columns),
         wr.ParameterImportancePlot(with_respect_to=SELECTION_METRIC),
