@@ -24,7 +24,7 @@ from cifar_resnet.engine.evaluation import evaluate
 from cifar_resnet.engine.loop import TrainState, drive, fit, fit_steps
 from cifar_resnet.engine.step import build_step
 from cifar_resnet.packing.fused import FusedGroup
-from cifar_resnet.packing.pack import Pack, drive_together
+from cifar_resnet.packing.pack import Pack
 from cifar_resnet.records import TRAIN_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS
 
 CPU = torch.device("cpu")
@@ -123,8 +123,8 @@ def worst_difference(got, expected) -> float:
 
 def fused_runs(configs: dict[str, Config], dtype=torch.float64, slots=None, **kwargs):
     group = FusedGroup(next(iter(configs.values())), 10, CPU, slots or len(configs), dtype=dtype)
-    ended = drive_together({name: training_steps(config, dtype, group, **kwargs)
-                            for name, config in configs.items()}, CPU)
+    ended = Pack(CPU).drive({name: training_steps(config, dtype, group, **kwargs)
+                         for name, config in configs.items()})
     assert {name: end.error for name, end in ended.items()} == dict.fromkeys(configs)
     return {name: end.result for name, end in ended.items()}
 
@@ -231,7 +231,7 @@ def test_fused_members_trained_by_the_engine_equal_their_runs_alone_in_float32()
     for name, config in cells.items():
         data = load_splits(config, CPU)
         trainings[name] = fit_steps(config, build_model(config, len(data.classes), CPU), data, CPU, join=group.joined)
-    ended = drive_together(trainings, CPU)
+    ended = Pack(CPU).drive(trainings)
     assert {name: end.error for name, end in ended.items()} == dict.fromkeys(cells)
     assert group.members() == [] and group.steps_done == 3 * 8
     for name, config in cells.items():

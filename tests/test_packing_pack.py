@@ -8,7 +8,7 @@ import torch
 from cifar_resnet.data.sources import load_splits
 from cifar_resnet.engine.device import build_model
 from cifar_resnet.engine.loop import Interrupted, TrainHooks, fit, fit_steps
-from cifar_resnet.packing.pack import Pack, drive_together
+from cifar_resnet.packing.pack import Pack
 from cifar_resnet.records import EPOCH_SECONDS, TRAIN_IMAGES_PER_SECOND
 
 CPU = torch.device("cpu")
@@ -44,7 +44,7 @@ def assert_same_run(packed, alone):
 
 def test_three_runs_packed_give_each_run_its_own_results_bit_for_bit(tiny_config):
     configs = three_cells(tiny_config)
-    ended = drive_together({name: steps_of(config) for name, config in configs.items()}, CPU)
+    ended = Pack(CPU).drive({name: steps_of(config) for name, config in configs.items()})
     assert {name: end.error for name, end in ended.items()} == dict.fromkeys(configs)
     for name, config in configs.items():
         data = load_splits(config, CPU)
@@ -54,7 +54,7 @@ def test_three_runs_packed_give_each_run_its_own_results_bit_for_bit(tiny_config
 
 def test_a_member_stopped_mid_run_leaves_the_others_bit_identical(tiny_config):
     configs = three_cells(tiny_config)
-    undisturbed = drive_together({name: steps_of(config) for name, config in configs.items()}, CPU)
+    undisturbed = Pack(CPU).drive({name: steps_of(config) for name, config in configs.items()})
     steps_taken = {"sgd": 0}
 
     def count_and_stop() -> bool:
@@ -63,7 +63,7 @@ def test_a_member_stopped_mid_run_leaves_the_others_bit_identical(tiny_config):
 
     members = {name: steps_of(config, TrainHooks(should_stop=count_and_stop) if name == "sgd" else None)
                for name, config in configs.items()}
-    ended = drive_together(members, CPU)
+    ended = Pack(CPU).drive(members)
     assert isinstance(ended["sgd"].error, Interrupted)
     for name in ("adam", "adam-ema"):
         assert_same_run(ended[name].result, undisturbed[name].result)

@@ -116,9 +116,3 @@ class Pack:
             self.close()
         return ended
 
-
-def drive_together(members: dict[str, TrainingSteps[Any]], device: torch.device,
-                   separate_streams: bool = True) -> dict[str, MemberEnd]:
-    """Drive `members` as one pack, each to its end (as `engine.loop.drive` drives one run alone); how each ended,
-    by name."""
-    return Pack(device, separate_streams).drive(members)
