@@ -331,3 +331,14 @@ def test_the_captured_fused_step_on_its_own_stream_matches_the_eager_one(monkeyp
     for name in configs:
         for key, tensor in eager[name].items():
             assert torch.allclose(captured[name][key].double(), tensor.double(), rtol=1e-3, atol=1e-4), (name, key)
+
+
+def test_a_member_joined_without_a_reservation_holds_its_slot():
+    """A group with a member in it is never idle: `holders` (what a trainer's placement reads before it closes an
+    idle group) named only reserved slots, so a run joined without one (`join(slot=None)`) left it looking idle."""
+    group = FusedGroup(small(), 10, CPU, slots=2)
+    config = small(seed=7)
+    member = group.join(config, build_model(config, 10, CPU))
+    assert group.holders() == {member.slot: f"in slot {member.slot + 1}"}
+    group.leave(member)
+    assert group.holders() == {}
