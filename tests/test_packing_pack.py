@@ -3,6 +3,7 @@ within a tolerance: tests/test_gpu_pack.py)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from cifar_resnet.data.sources import load_splits
@@ -80,3 +81,26 @@ def test_a_member_that_fails_leaves_and_the_pack_goes_on(tiny_config):
     assert pack.names() == ["adam", "adam-ema"]
     while pack:
         pack.step()
+
+
+@pytest.mark.skipif(not hasattr(torch, "AcceleratorError"), reason="torch.AcceleratorError: not in this torch")
+def test_a_cuda_error_ends_the_pack_not_one_member_after_another():
+    """A CUDA error breaks the device for every member: it must end the pack (its trainer dies, its runs are
+    preempted), not fail the member that met it, then the next, each recorded as failed. Injected as the error a
+    broken device raises."""
+
+    def broken_device():
+        yield
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    def steady():
+        while True:
+            yield
+
+    pack = Pack(CPU)
+    pack.add("broken", broken_device())
+    pack.add("steady", steady())
+    assert pack.step() == {}
+    with pytest.raises(torch.AcceleratorError):
+        pack.step()
+    assert pack.names() == ["broken", "steady"]  # each is stopped by its trainer's way out, as preempted
