@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -20,7 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifar_resnet.errors import RunFailed, StorageError
+from cifar_resnet.engine.loop import Interrupted
+from cifar_resnet.errors import RunFailed, StorageError, UserError
+from cifar_resnet.files import folder_lock
 from cifar_resnet.packing import pool
 from cifar_resnet.packing import trainer as trainer_module
 from cifar_resnet.packing.client import connect, run_in_trainer
@@ -207,3 +210,53 @@ def test_an_old_style_mig_id_names_its_trainers_files_without_a_slash(tmp_path, 
         assert trainers.socket(gpu).parent == trainers.sockets
     assert [path.name for path in tmp_path.iterdir()] == [
         "trainer-MIG-GPU-5c89852c-d268-c3f3-1b07-005d5ae1dc3f_1_0.log"]
+
+
+@contextlib.contextmanager
+def hanging_up_trainer(socket_path: Path) -> Iterator[threading.Thread]:
+    """A stand-in for a trainer that dies as a run connects: it accepts one connection and closes it. (The run's
+    side is what is tested; a real trainer cannot be made to die at that moment.)"""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(socket_path))
+    listener.listen()
+
+    def hang_up() -> None:
+        connection, _ = listener.accept()
+        connection.close()
+
+    thread = threading.Thread(target=hang_up, daemon=True)
+    thread.start()
+    with listener:
+        yield thread
+
+
+def test_a_run_whose_trainer_dies_as_it_hands_over_is_preempted_not_failed(tiny_config, socket_path):
+    """A send to a trainer that had died (a BrokenPipeError) reached train.main as a crash: exit 1, the run
+    failed, where a trainer's death preempts its runs (exit 143: they resume)."""
+    folder = RunFolder.of(tiny_config.output_dir, "handover")
+    with hanging_up_trainer(socket_path) as trainer:
+        hooks = RunHooks(fetch_resume=lambda path: trainer.join(WAIT_SECONDS) or False)  # it has hung up by then
+        with pytest.raises(Interrupted, match="its trainer ended"):
+            run_in_trainer(socket_path, tiny_config, folder, hooks, [])
+
+
+def test_a_resume_checkpoint_is_fetched_only_under_the_run_folders_lock(tiny_config, socket_path):
+    """The run's process fetched W&B's resume checkpoint without the folder's lock: over the last.pt of an attempt
+    that another process trains. It fetches under the lock, as a run alone does, and another process's lock is
+    the runner's UserError."""
+    folder = RunFolder.of(tiny_config.output_dir, "locked01")
+    fetched = []
+    with hanging_up_trainer(socket_path), folder_lock(folder.path):  # another process trains the run
+        with pytest.raises(UserError, match="another process is training it"):
+            run_in_trainer(socket_path, tiny_config, folder, RunHooks(fetch_resume=fetched.append), [])
+    assert fetched == []
+
+
+def test_a_signal_while_a_run_waits_for_its_trainer_stops_it_at_once(tiny_config, socket_path):
+    """A run waited for a trainer that does not answer for CONNECT_WAIT_SECONDS (60 s), its SIGTERM unheeded
+    meanwhile, past its supervisor's grace (30 s). It stops at once, as preempted."""
+    started = time.monotonic()
+    with pytest.raises(Interrupted):
+        run_in_trainer(socket_path, tiny_config, RunFolder.of(tiny_config.output_dir, "waiting1"), RunHooks(),
+                       [signal.SIGTERM])
+    assert time.monotonic() - started < 10
