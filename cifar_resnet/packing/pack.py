@@ -123,4 +123,3 @@ class Pack:
         finally:
             self.close()
         return ended
-
