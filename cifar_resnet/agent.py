@@ -58,9 +58,9 @@ def visible_gpus() -> list[str]:
 def plan_agents(argv: Sequence[str], gpus: Sequence[str], agents_per_gpu: int,
                 trainers: TrainerPool | None = None) -> list[Launch]:
     """`agents_per_gpu` copies of `argv` pinned to each GPU (their runs handing their training to the GPU's trainer,
-    when there are `trainers`); one unpinned when there is no GPU."""
+    when there are `trainers`); one unpinned when there is no GPU (its runs in the machine's one trainer)."""
     if not gpus:
-        return [Launch(list(argv), None)]
+        return [Launch(list(argv), None, trainers.environment(None) if trainers is not None else {})]
     return [Launch(list(argv), gpu, trainers.environment(gpu) if trainers is not None else {})
             for gpu in gpus for _ in range(agents_per_gpu)]
 
@@ -147,12 +147,14 @@ def agent_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
     agents_per_gpu = resolve_runs_per_gpu(agents_per_gpu, gpus) if gpus else 1
     mode = asked_mode or (STREAMS if gpus and agents_per_gpu > 1 else OFF)
     outputs = AgentOutputs()
-    # The trainers stop once every agent has ended (by then their runs have ended too).
-    runs = [gpu for gpu in gpus for _ in range(agents_per_gpu)]
+    # The trainers stop once every agent has ended (by then their runs have ended too); one that ends before is
+    # started again. Without a GPU, the agent's runs take turns in the machine's one trainer, as a sweep's do.
+    runs = [gpu for gpu in gpus for _ in range(agents_per_gpu)] or [None]
     with TrainerPool(runs, mode=mode) if mode != OFF else contextlib.nullcontext() as trainers:
         launches = plan_agents(agent_argv(sweep_id, args.project, args.entity, args.count), gpus, agents_per_gpu,
                                trainers)
-        statuses = run_staggered_statuses(launches, args.stagger, "agent", outputs.start)
+        statuses = run_staggered_statuses(launches, args.stagger, "agent", outputs.start,
+                                          trainers.revive if trainers is not None else None)
     outputs.wait()
     if outputs.missing_sweep:
         raise UserError(f"SWEEP_ID: W&B has no sweep {sweep_id} ({outputs.missing_sweep[0]}); check the id that "

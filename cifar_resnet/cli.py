@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     trainer_parser.add_argument("--runs", type=int, default=1, metavar="K",
                                 help="the runs its supervisor plans for the device: the slots of a fused group "
                                 "(default: 1)")
+    trainer_parser.add_argument("--parent-pid", type=int, default=None, metavar="PID",
+                                help="its supervisor: once that process has gone and no run is left, the trainer "
+                                "ends (default: the process that started it)")
     trainer_parser.set_defaults(handler=_trainer)
     return parser
 

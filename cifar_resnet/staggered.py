@@ -48,9 +48,11 @@ def first_failure(statuses: Sequence[int], what: str) -> int:
 def run_staggered_statuses(
     launches: Sequence[Launch], stagger_seconds: float, what: str,
     start: Callable[[Sequence[str], Mapping[str, str]], subprocess.Popen] = start_process,
+    tend: Callable[[], None] | None = None,
 ) -> list[int]:
     """`run_staggered`'s work: every child's exit status, in order. `start(argv, env)` starts one; where it raises,
-    the children started already are stopped, and the error raised."""
+    the children started already are stopped, and the error raised. `tend()`, when given, runs at every check of
+    the children (the agents' trainers started again)."""
     children: list[subprocess.Popen] = []
     forwarded = 0
     # Each child (an agent) runs one run at a time: their runs share the cores as a sweep's do, unless set already.
@@ -70,6 +72,8 @@ def run_staggered_statuses(
                         if child.poll() is None:
                             child.send_signal(FORWARDED_AS.get(signum, signum))
                 forwarded = len(received)
+                if tend is not None:
+                    tend()
                 left = deadline - time.monotonic()
                 if left <= 0 or len(received) > signals_before:
                     return

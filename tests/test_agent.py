@@ -262,3 +262,36 @@ def test_the_real_wandb_agent_writes_what_the_pool_looks_for():
     assert 'raise ValueError(f"Sweep {entity}/{project}/{sweep} not found")' in sweeps_source
     assert SWEEP_NOT_FOUND.search("Sweep ent/proj/x not found")
     assert "Sweep was deleted or agent was not found" in agent_source
+
+
+def trainer_pids(pool: subprocess.Popen) -> set[int]:
+    """The pool's `cifar-resnet trainer` children."""
+    children = set()
+    for task in Path(f"/proc/{pool.pid}/task").iterdir():
+        children |= {int(pid) for pid in (task / "children").read_text().split()}
+    return {pid for pid in children
+            if b"trainer" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[3:4]}
+
+
+def test_a_trainer_that_dies_is_started_again(stand_in, monkeypatch):
+    """The agent never started a dead trainer again: each later run waited 60 s on its socket, then trained alone."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setenv("STAND_IN_WAIT", "1")
+    pool = agent_process("ent/proj/abc123", "--agents-per-gpu=2")
+    try:
+        wait_for(lambda: len(trainer_pids(pool)) == 1, "the trainer")
+        (first,) = trainer_pids(pool)
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: trainer_pids(pool) - {first}, "another trainer")
+    finally:
+        pool.send_signal(signal.SIGTERM)
+        pool.communicate(timeout=WAIT_SECONDS)
+    assert pool.returncode == 0
+
+
+def test_pack_on_a_cpu_puts_the_agents_runs_in_one_trainer_as_a_sweeps(stand_in, monkeypatch):
+    """On a CPU `--pack streams` started no trainer and said nothing, where the sweep's runs take turns in one."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert cli_main(["agent", "ent/proj/abc123", "--pack", "streams", "--stagger=0"]) == 0
+    (started,) = records(stand_in)
+    assert started["trainer"].endswith("trainer-default.sock")  # the machine's one trainer

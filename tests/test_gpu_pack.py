@@ -19,6 +19,7 @@ from cifar_resnet.engine.device import build_model
 from cifar_resnet.engine.loop import FitResult, fit, fit_steps
 from cifar_resnet.engine.streams import TORCH_POOL_STREAMS, CudaStreams, host_copies
 from cifar_resnet.packing.fused import FusedGroup
+from cifar_resnet.packing.groups import FusedGroups
 from cifar_resnet.packing.pack import Pack
 from cifar_resnet.records import TRAIN_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS
 
@@ -138,3 +139,16 @@ def test_host_copies_are_pinned_and_read_after_one_wait():
     on_gpu[0].add_(1)  # training goes on in place: the copy is a snapshot
     torch.cuda.synchronize()
     assert copies[0][0].item() == 0.0
+
+
+def test_with_every_stream_held_a_run_trains_on_streams_not_in_a_group_without_one(tmp_path):
+    """A fused group made with no stream of its own stepped on whichever member's stream came first, and the others
+    read its results unsynchronised. It is not made: its run trains on streams, and the placement says why."""
+    cuda = torch.device("cuda")
+    streams = CudaStreams(cuda)
+    held = [streams.take("a test") for _ in range(TORCH_POOL_STREAMS)]
+    assert None not in held
+    placement = FusedGroups(cuda, 2, streams).place("a", cells(tmp_path)["adam"], 10)
+    assert placement.join is None
+    assert placement.how == ("on streams, not fused: all 32 CUDA streams of torch's pool are in use, and a fused "
+                             "group needs one of its own")

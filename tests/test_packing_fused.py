@@ -24,7 +24,7 @@ from cifar_resnet.engine.evaluation import evaluate
 from cifar_resnet.engine.loop import TrainState, drive, fit, fit_steps
 from cifar_resnet.engine.step import build_step
 from cifar_resnet.packing.fused import FusedGroup
-from cifar_resnet.packing.pack import Pack, drive_together
+from cifar_resnet.packing.pack import Pack
 from cifar_resnet.records import TRAIN_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS
 
 CPU = torch.device("cpu")
@@ -123,8 +123,8 @@ def worst_difference(got, expected) -> float:
 
 def fused_runs(configs: dict[str, Config], dtype=torch.float64, slots=None, **kwargs):
     group = FusedGroup(next(iter(configs.values())), 10, CPU, slots or len(configs), dtype=dtype)
-    ended = drive_together({name: training_steps(config, dtype, group, **kwargs)
-                            for name, config in configs.items()}, CPU)
+    ended = Pack(CPU).drive({name: training_steps(config, dtype, group, **kwargs)
+                         for name, config in configs.items()})
     assert {name: end.error for name, end in ended.items()} == dict.fromkeys(configs)
     return {name: end.result for name, end in ended.items()}
 
@@ -231,7 +231,7 @@ def test_fused_members_trained_by_the_engine_equal_their_runs_alone_in_float32()
     for name, config in cells.items():
         data = load_splits(config, CPU)
         trainings[name] = fit_steps(config, build_model(config, len(data.classes), CPU), data, CPU, join=group.joined)
-    ended = drive_together(trainings, CPU)
+    ended = Pack(CPU).drive(trainings)
     assert {name: end.error for name, end in ended.items()} == dict.fromkeys(cells)
     assert group.members() == [] and group.steps_done == 3 * 8
     for name, config in cells.items():
@@ -331,3 +331,14 @@ def test_the_captured_fused_step_on_its_own_stream_matches_the_eager_one(monkeyp
     for name in configs:
         for key, tensor in eager[name].items():
             assert torch.allclose(captured[name][key].double(), tensor.double(), rtol=1e-3, atol=1e-4), (name, key)
+
+
+def test_a_member_joined_without_a_reservation_holds_its_slot():
+    """A group with a member in it is never idle: `holders` (what a trainer's placement reads before it closes an
+    idle group) named only reserved slots, so a run joined without one (`join(slot=None)`) left it looking idle."""
+    group = FusedGroup(small(), 10, CPU, slots=2)
+    config = small(seed=7)
+    member = group.join(config, build_model(config, 10, CPU))
+    assert group.holders() == {member.slot: f"in slot {member.slot + 1}"}
+    group.leave(member)
+    assert group.holders() == {}

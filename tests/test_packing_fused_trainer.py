@@ -91,12 +91,12 @@ def test_where_a_trainer_puts_each_run_and_why(tmp_path):
         "on streams, not fused: compile: a fused group runs without torch.compile"
     groups.release("b")  # ended before it joined: its slot is free again
     assert groups.place("f", base, 10).how == "fused: slot 2 of 2, with runs a"
-    group = groups.groups[0]
+    group = groups.group
     groups.release("a")
     groups.release("f")
     # Idle: a run of other settings opens a new group in its place; one of the same settings would reuse it.
     assert groups.place("g", base.replace(width=8), 10).how == "fused: slot 1 of 2, the group's first run"
-    assert groups.groups[0] is not group and groups.groups[0].config.width == 8
+    assert groups.group is not group and groups.group.config.width == 8
     assert first.join is not None and groups.place("h", base.replace(compile=True), 10).join is None
 
 

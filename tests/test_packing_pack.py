@@ -3,12 +3,13 @@ within a tolerance: tests/test_gpu_pack.py)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from cifar_resnet.data.sources import load_splits
 from cifar_resnet.engine.device import build_model
 from cifar_resnet.engine.loop import Interrupted, TrainHooks, fit, fit_steps
-from cifar_resnet.packing.pack import Pack, drive_together
+from cifar_resnet.packing.pack import Pack
 from cifar_resnet.records import EPOCH_SECONDS, TRAIN_IMAGES_PER_SECOND
 
 CPU = torch.device("cpu")
@@ -44,7 +45,7 @@ def assert_same_run(packed, alone):
 
 def test_three_runs_packed_give_each_run_its_own_results_bit_for_bit(tiny_config):
     configs = three_cells(tiny_config)
-    ended = drive_together({name: steps_of(config) for name, config in configs.items()}, CPU)
+    ended = Pack(CPU).drive({name: steps_of(config) for name, config in configs.items()})
     assert {name: end.error for name, end in ended.items()} == dict.fromkeys(configs)
     for name, config in configs.items():
         data = load_splits(config, CPU)
@@ -54,7 +55,7 @@ def test_three_runs_packed_give_each_run_its_own_results_bit_for_bit(tiny_config
 
 def test_a_member_stopped_mid_run_leaves_the_others_bit_identical(tiny_config):
     configs = three_cells(tiny_config)
-    undisturbed = drive_together({name: steps_of(config) for name, config in configs.items()}, CPU)
+    undisturbed = Pack(CPU).drive({name: steps_of(config) for name, config in configs.items()})
     steps_taken = {"sgd": 0}
 
     def count_and_stop() -> bool:
@@ -63,7 +64,7 @@ def test_a_member_stopped_mid_run_leaves_the_others_bit_identical(tiny_config):
 
     members = {name: steps_of(config, TrainHooks(should_stop=count_and_stop) if name == "sgd" else None)
                for name, config in configs.items()}
-    ended = drive_together(members, CPU)
+    ended = Pack(CPU).drive(members)
     assert isinstance(ended["sgd"].error, Interrupted)
     for name in ("adam", "adam-ema"):
         assert_same_run(ended[name].result, undisturbed[name].result)
@@ -80,3 +81,26 @@ def test_a_member_that_fails_leaves_and_the_pack_goes_on(tiny_config):
     assert pack.names() == ["adam", "adam-ema"]
     while pack:
         pack.step()
+
+
+@pytest.mark.skipif(not hasattr(torch, "AcceleratorError"), reason="torch.AcceleratorError: not in this torch")
+def test_a_cuda_error_ends_the_pack_not_one_member_after_another():
+    """A CUDA error breaks the device for every member: it must end the pack (its trainer dies, its runs are
+    preempted), not fail the member that met it, then the next, each recorded as failed. Injected as the error a
+    broken device raises."""
+
+    def broken_device():
+        yield
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    def steady():
+        while True:
+            yield
+
+    pack = Pack(CPU)
+    pack.add("broken", broken_device())
+    pack.add("steady", steady())
+    assert pack.step() == {}
+    with pytest.raises(torch.AcceleratorError):
+        pack.step()
+    assert pack.names() == ["broken", "steady"]  # each is stopped by its trainer's way out, as preempted

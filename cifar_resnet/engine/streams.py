@@ -17,7 +17,7 @@ cuda-python): the pool is there in every torch from 2.4 to 2.14 with no other de
 GPU's runs (a run alone holds 2 or 3; a pack member 1 to 4; `CUDA_DEVICE_MAX_CONNECTIONS`, the hardware queues
 they map to, is at most 32 as well). When all 32 are held, `take` returns None and the caller goes on without a
 stream of its own (a graph is not captured; a member works on the default stream), after a warning: slower, still
-correct.
+correct. A fused group is not made then (`packing.fused.NoGroupStream`): its runs train on streams.
 """
 
 from __future__ import annotations

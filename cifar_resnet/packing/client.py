@@ -26,8 +26,10 @@ CONNECT_RETRY_SECONDS = 0.2
 POLL_SECONDS = 0.2  # how often a run's process checks for signals while its member trains
 
 
-def connect(socket_path: Path, wait_seconds: float = CONNECT_WAIT_SECONDS) -> socket.socket | None:
-    """A connection to the trainer at `socket_path`, waiting for it to start; None if none answers in time."""
+def connect(socket_path: Path, received: Sequence[int] = (),
+            wait_seconds: float = CONNECT_WAIT_SECONDS) -> socket.socket | None:
+    """A connection to the trainer at `socket_path`, waiting for it to start; None if none answers in time, or once
+    a signal has arrived in `received` (the run must stop within its supervisor's grace)."""
     deadline = time.monotonic() + wait_seconds
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -36,7 +38,7 @@ def connect(socket_path: Path, wait_seconds: float = CONNECT_WAIT_SECONDS) -> so
             return sock
         except OSError:
             sock.close()
-            if time.monotonic() >= deadline:
+            if received or time.monotonic() >= deadline:
                 return None
             time.sleep(CONNECT_RETRY_SECONDS)
 
@@ -47,27 +49,32 @@ def run_in_trainer(socket_path: Path, config: Config, folder: RunFolder, hooks: 
     record once it has finished. None when the trainer cannot take it: the caller trains it in this process.
     Raises as `run_training` would: UserError, Interrupted (stopped: by a signal in `received`, which is passed on,
     or with its trainer), RunFailed (the trainer's one line for a failure not of the user's making)."""
-    sock = connect(socket_path)
+    sock = connect(socket_path, received)
     if sock is None:
+        if received:
+            raise Interrupted("stopped while it waited for its trainer")
         log.warning("no trainer answers on %s: training in this process", socket_path)
         return None
     with sock:
-        if hooks.fetch_resume is not None and not folder.last.exists():
-            hooks.fetch_resume(folder.last)
-        send(sock, {"train": {"folder": str(folder.path.absolute()), "run_id": folder.run_id,
-                              "config": config.to_dict(), "cwd": os.getcwd()}})
+        if hooks.fetch_resume is not None:
+            # Under the folder's lock, as the runner fetches: never over the last.pt of an attempt that another
+            # process is training (its refusals are the runner's: another process's run, a finished one).
+            with folder.claim(config):
+                if not folder.last.exists() and hooks.fetch_resume(folder.last):
+                    log.info("fetched the resume checkpoint of run %s into %s", folder.run_id, folder.last)
+        if not sent(sock, {"train": {"folder": str(folder.path.absolute()), "run_id": folder.run_id,
+                                     "config": config.to_dict(), "cwd": os.getcwd()}}):
+            return ended_with_trainer(folder)
         sock.settimeout(POLL_SECONDS)
         reader, stop_sent = LineReader(sock), False
         while True:
             if received and not stop_sent:
-                send(sock, {"stop": received[0]})
                 stop_sent = True
+                if not sent(sock, {"stop": received[0]}):
+                    return ended_with_trainer(folder)
             messages = reader.read()
-            if messages is None:  # the trainer died: what the run's files say is what happened
-                record = read_record(folder.path)
-                if record is not None and record.status == "finished":
-                    return logged_test(record)
-                raise Interrupted("its trainer ended")
+            if messages is None:
+                return ended_with_trainer(folder)
             for message in messages:
                 if "refused" in message:
                     log.warning("the trainer on %s cannot take this run (%s): training in this process",
@@ -85,6 +92,23 @@ def run_in_trainer(socket_path: Path, config: Config, folder: RunFolder, hooks: 
                         hooks.on_epoch_recorded(record)
                 elif "ended" in message:
                     return logged_test(MemberEnd.from_wire(message["ended"]).record_or_raise(folder))
+
+
+def sent(sock: socket.socket, message: dict) -> bool:
+    """Send; False when the trainer has gone (a broken pipe: it died as this run was stopped, say)."""
+    try:
+        send(sock, message)
+    except OSError:
+        return False
+    return True
+
+
+def ended_with_trainer(folder: RunFolder) -> RunRecord:
+    """The trainer died: what the run's files say is what happened (finished, or else stopped: it resumes)."""
+    record = read_record(folder.path)
+    if record is not None and record.status == "finished":
+        return logged_test(record)
+    raise Interrupted("its trainer ended")
 
 
 def logged_test(record: RunRecord) -> RunRecord:

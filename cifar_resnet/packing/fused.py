@@ -50,7 +50,7 @@ from ..config import OPTIMIZERS, Config
 from ..engine.capture import CAPTURE_WARMUP_STEPS, MIN_GRAPH_CAPABILITY
 from ..engine.device import autocast_context, build_optimizer, memory_format_for, uses_cuda_graph
 from ..engine.step import StepTotals, TrainingSteps
-from ..engine.streams import CudaStreams
+from ..engine.streams import TORCH_POOL_STREAMS, CudaStreams
 from ..model import CIFAR10CNN
 from .layout import FusedBatchNorm2d, fuse, member_losses, slot_view
 
@@ -149,14 +149,18 @@ class Slot:
                 group["lr"] = rate
 
 
+class NoGroupStream(RuntimeError):
+    """A fused group cannot be made on CUDA: no stream of its own is left (its runs train on streams instead)."""
+
+
 class FusedGroup:
     """Up to `slots` runs of `config`'s shape (`FUSION_SETTINGS`) on `device`, trained as one fused model.
 
     `optimizer_types`: the optimizer types its members may use (each slot keeps one optimizer of each). `dtype`: the
     weights' (float32 for runs; the exactness tests use float64). On CUDA with `cuda_graph` the step is captured as
     one CUDA graph after `CAPTURE_WARMUP_STEPS` eager steps, on the group's own stream, taken from `streams` (the
-    process's owner of streams) and held until `close` (never torch's shared default capture stream); a capture that
-    fails leaves the group training eagerly, after one warning.
+    process's owner of streams) and held until `close` (never torch's shared default capture stream; with none
+    left, NoGroupStream); a capture that fails leaves the group training eagerly, after one warning.
     """
 
     def __init__(self, config: Config, num_classes: int, device: torch.device, slots: int,
@@ -170,6 +174,11 @@ class FusedGroup:
         self.optimizer_types = tuple(optimizer_types)
         self.streams = streams or CudaStreams(device)
         self.stream = self.streams.take("a fused group")  # None on a CPU
+        if self.stream is None and device.type == "cuda":
+            # Its step must run on a stream of its own, which members wait for: on a member's stream, the others'
+            # reads of the step's results would race it.
+            raise NoGroupStream(f"all {TORCH_POOL_STREAMS} CUDA streams of torch's pool are in use, and a fused "
+                                "group needs one of its own")
         self.capture = uses_cuda_graph(config, device) and self.stream is not None and self.can_capture()
         self.autocast = autocast_context(config, device, cache_enabled=not self.capture)
         self.memory_format = memory_format_for(config, device)
@@ -229,8 +238,8 @@ class FusedGroup:
     def refusal(self, config: Config, num_classes: int, slot: int | None = None) -> str | None:
         """Why a run of `config` on data of `num_classes` classes cannot join this group now, in slot `slot` (one
         reserved for it) or any free one; None if it can."""
-        if unfusable(config) is not None:
-            return unfusable(config)
+        if (reason := unfusable(config)) is not None:
+            return reason
         if config.optimizer not in self.optimizer_types:
             return f"optimizer: {config.optimizer}, this group holds {', '.join(self.optimizer_types)}"
         if num_classes != self.num_classes:
@@ -263,8 +272,10 @@ class FusedGroup:
                 slot.holder = None
 
     def holders(self) -> dict[int, str]:
-        """The runs holding slots, by slot."""
-        return {slot.index: slot.holder for slot in self.slot_list if slot.holder is not None}
+        """The runs holding slots, by slot: reserved for a run (named), or joined without a reservation (named by
+        its slot), so that a group with a member is never taken for idle."""
+        return {slot.index: slot.holder or f"in slot {slot.index + 1}" for slot in self.slot_list
+                if slot.holder is not None or slot.member is not None}
 
     def join(self, config: Config, model: nn.Module, slot: int | None = None) -> FusedMember:
         """A run of `config` whose model `model` (from `build_model`, as the run built it) takes slot `slot`
@@ -332,12 +343,10 @@ class FusedGroup:
     def close(self) -> None:
         """The group is done with (no member holds a slot): its graph destroyed and its stream given back, once
         its work is done."""
-        if self.stream is not None:
-            self.stream.synchronize()
+        self.streams.give_back(self.stream)  # synchronised first: its last replay is done before the graph goes
         if self.graph is not None:
             self.graph.reset()
             self.graph = None
-        self.streams.give_back(self.stream)
         self.stream, self.capture = None, False
 
     # --- the step ---------------------------------------------------------------------------------------------

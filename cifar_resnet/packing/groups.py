@@ -19,7 +19,7 @@ import torch
 from ..config import Config
 from ..engine.loop import Join
 from ..engine.streams import CudaStreams
-from .fused import FusedGroup, unfusable
+from .fused import FusedGroup, NoGroupStream, unfusable
 
 log = logging.getLogger(__name__)
 
@@ -37,26 +37,30 @@ ON_STREAMS = Placement(None, "on streams")
 
 
 class FusedGroups:
-    """A trainer's fused groups on `device`, of `slots` slots each, their streams from `streams`."""
+    """A trainer's fused group on `device` (one at a time, see above), of `slots` slots, its stream from `streams`."""
 
     def __init__(self, device: torch.device, slots: int, streams: CudaStreams) -> None:
         self.device, self.slots, self.streams = device, slots, streams
-        self.groups: list[FusedGroup] = []
+        self.group: FusedGroup | None = None
 
     def place(self, run_id: str, config: Config, num_classes: int) -> Placement:
         """Where the run `run_id` of `config` trains (its slot, when fused, is held for it until it joins or
         `release`)."""
-        for group in self.groups:
-            if group.refusal(config, num_classes) is None:
-                return self.reserve(group, run_id)
-        busy = [group for group in self.groups if group.holders()]
-        reason = unfusable(config) or (busy[0].refusal(config, num_classes) if busy else None)
-        if reason is not None:
+        if (reason := unfusable(config)) is not None:
             return Placement(None, f"on streams, not fused: {reason}")
-        for group in self.groups:  # idle, and of other settings
-            group.close()
-        self.groups = [FusedGroup(config, num_classes, self.device, self.slots, streams=self.streams)]
-        return self.reserve(self.groups[0], run_id)
+        if self.group is not None:
+            reason = self.group.refusal(config, num_classes)
+            if reason is None:
+                return self.reserve(self.group, run_id)
+            if self.group.holders():
+                return Placement(None, f"on streams, not fused: {reason}")
+            self.group.close()  # idle, and of other settings
+            self.group = None
+        try:
+            self.group = FusedGroup(config, num_classes, self.device, self.slots, streams=self.streams)
+        except NoGroupStream as error:
+            return Placement(None, f"on streams, not fused: {error}")
+        return self.reserve(self.group, run_id)
 
     def reserve(self, group: FusedGroup, run_id: str) -> Placement:
         others = [name for _, name in sorted(group.holders().items())]
@@ -67,10 +71,10 @@ class FusedGroups:
 
     def release(self, run_id: str) -> None:
         """The run has ended: a slot held for it that it never joined is free again (one it joined, it left)."""
-        for group in self.groups:
-            group.release(run_id)
+        if self.group is not None:
+            self.group.release(run_id)
 
     def close(self) -> None:
-        for group in self.groups:
-            group.close()
-        self.groups = []
+        if self.group is not None:
+            self.group.close()
+            self.group = None

@@ -28,6 +28,11 @@ from .ends import MemberEnd
 
 log = logging.getLogger(__name__)
 
+# A CUDA error (an illegal memory access...) is sticky: the process's device is broken for every member, so it ends
+# the pack, not one member (its trainer dies, and its runs resume in the next one): torch.AcceleratorError. Older
+# torch (2.4) raises a plain RuntimeError there, which ends only the member that met it.
+DEVICE_ERRORS: tuple[type[BaseException], ...] = tuple(filter(None, [getattr(torch, "AcceleratorError", None)]))
+
 
 @dataclass
 class Member:
@@ -38,7 +43,8 @@ class Member:
 
 class Pack:
     """Members stepped in turn on `device`; `step()` runs one round and returns how each member that ended in it
-    ended, by name; `drive(members)` steps them all to their end.
+    ended, by name (a CUDA error, `DEVICE_ERRORS`, is raised: it ends the pack); `drive(members)` steps them all to
+    their end.
 
     `separate_streams`: on CUDA, each member works on a stream of its own from `streams`, the pack's owner of streams
     (made here unless given); else all on the caller's stream, taking turns. A member's stream goes back to `streams`
@@ -74,6 +80,8 @@ class Pack:
                     next(member.steps)
             except StopIteration as end:
                 ended[member.name] = MemberEnd(result=end.value)
+            except DEVICE_ERRORS:
+                raise
             except Exception as error:  # this member's end (diverged, stopped, a bad setting): not the pack's
                 ended[member.name] = MemberEnd(error=error)
             else:
@@ -115,10 +123,3 @@ class Pack:
         finally:
             self.close()
         return ended
-
-
-def drive_together(members: dict[str, TrainingSteps[Any]], device: torch.device,
-                   separate_streams: bool = True) -> dict[str, MemberEnd]:
-    """Drive `members` as one pack, each to its end (as `engine.loop.drive` drives one run alone); how each ended,
-    by name."""
-    return Pack(device, separate_streams).drive(members)

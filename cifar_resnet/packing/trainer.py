@@ -47,13 +47,16 @@ from ..runner import RunHooks, run_steps
 from ..signals import SUPERVISOR_STOP_SIGNALS, stop_on_signals
 from .ends import CRASH, MemberEnd
 from .groups import ON_STREAMS, FusedGroups, Placement
-from .pack import Pack
-from .pool import FUSED, STREAMS
+from .pack import DEVICE_ERRORS, Pack
+from .pool import FUSED, OFF, STREAMS, pack_mode
 from .wire import LineReader, send
 
 log = logging.getLogger(__name__)
 
 IDLE_SECONDS = 0.5  # how long an idle trainer waits for a run before it checks its own signals
+# A run's process that takes nothing from its socket for this long (once the socket's buffer is full) is taken for
+# gone: every member's step waits on a send to it.
+SEND_TIMEOUT_SECONDS = 10.0
 
 
 @dataclass
@@ -65,29 +68,37 @@ class Client:
     reader: LineReader = field(init=False)
     run_id: str | None = None
     stop: bool = False  # asked to stop (a signal to the run), or gone
+    gone: bool = False  # a send to it failed: nothing more is sent
 
     def __post_init__(self) -> None:
         self.reader = LineReader(self.sock)
 
     def tell(self, message: dict[str, Any]) -> None:
-        """Send, unless the run's process has gone (then its member stops at its next step)."""
+        """Send, unless the run's process has gone, or takes nothing (SEND_TIMEOUT_SECONDS): then its member stops
+        at its next step."""
+        if self.gone:
+            return
         try:
             send(self.sock, message)
-        except OSError:
-            self.stop = True
+        except OSError:  # TimeoutError included
+            self.gone = self.stop = True
 
 
 class Trainer:
     """Serves runs on `socket_path`, training them as one pack on `device`, until a stop signal; then every member
     still training ends as preempted, as a run does when stopped. `mode`: how the members share the device
     (`pool.STREAMS` or `pool.FUSED`); `runs`: the runs its supervisor plans for the device, the slots of a fused
-    group."""
+    group; `parent`: its supervisor's pid (once that process has gone and no run is left, it ends), by default the
+    process that started it."""
 
-    def __init__(self, socket_path: Path, device: torch.device, mode: str = STREAMS, runs: int = 1) -> None:
+    def __init__(self, socket_path: Path, device: torch.device, mode: str = STREAMS, runs: int = 1,
+                 parent: int | None = None) -> None:
         self.device = device
+        self.parent = parent if parent is not None else os.getppid()
         self.pack = Pack(device)  # its `streams` are every stream of this process: members', graphs', groups'
         self.groups = FusedGroups(device, runs, self.pack.streams) if mode == FUSED else None
         self.sources: dict[tuple, DataSource] = {}  # loaded data, on the device, by `source_key`
+        self.source_keys: dict[str, tuple] = {}  # the pack's members' sources, by member name
         self.clients: dict[str, Client] = {}
         self.run_ids: dict[str, str] = {}  # the pack's members' run ids, by member name
         self.selector = selectors.DefaultSelector()
@@ -101,30 +112,37 @@ class Trainer:
         self.mode, self.runs = mode, runs
 
     def serve(self, received: Sequence[int]) -> None:
-        parent = os.getppid()
         log.info("trainer on %s, serving %s (members %s%s)", self.device, self.socket_path, self.mode,
                  f", {self.runs} slots to a fused group" if self.groups is not None else "")
-        try:
+        with contextlib.ExitStack() as leaving:  # each step of the way out runs, whichever fails
+            leaving.callback(self.socket_path.unlink, missing_ok=True)
+            leaving.callback(self.listener.close)
+            leaving.callback(self.selector.close)
+            if self.groups is not None:
+                leaving.callback(self.groups.close)
+            leaving.callback(self.stop_members)
             # Ends on a stop signal, or once its supervisor has gone and no run is left to train.
-            while not received and (self.pack or os.getppid() == parent):
+            while not received and (self.pack or os.getppid() == self.parent):
                 self.poll(0.0 if self.pack else IDLE_SECONDS)  # sync-free: a syscall per round, no device read
                 for name, end in self.pack.step().items():
                     self.end(name, end)
-        finally:
-            for name in self.pack.names():
-                self.pack.stop(name)  # its run records it preempted: last.pt holds its last epoch
-                self.end(name, MemberEnd(error=Interrupted()))
-            if self.groups is not None:
-                self.groups.close()
-            self.selector.close()
-            self.listener.close()
-            self.socket_path.unlink(missing_ok=True)
+
+    def stop_members(self) -> None:
+        """Stop every member; each one's run records it preempted: last.pt holds its last epoch. One that cannot
+        be stopped cleanly (its checkpoint cannot be written) is logged, and its run told all the same."""
+        for name in self.pack.names():
+            try:
+                self.pack.stop(name)
+            except Exception:
+                log.exception("run %s: its training did not stop cleanly", self.run_ids.get(name, name))
+            self.end(name, MemberEnd(error=Interrupted()))
 
     def poll(self, timeout: float) -> None:
         """Accept runs' connections and read their messages."""
         for key, _ in self.selector.select(timeout):
             if key.fileobj is self.listener:
                 sock, _ = self.listener.accept()
+                sock.settimeout(SEND_TIMEOUT_SECONDS)  # a send to a run that reads nothing must not hold the pack
                 self.connections += 1
                 client = Client(sock, f"connection-{self.connections}")
                 self.clients[client.name] = client
@@ -132,7 +150,7 @@ class Trainer:
                 continue
             client = key.data
             messages = client.reader.read()
-            if messages is None:  # its process has gone: its member stops at its next step
+            if messages is None:  # its process has gone (or said what no run says): its member stops at its next step
                 self.selector.unregister(client.sock)
                 client.stop = True
                 if client.name not in self.pack.names():
@@ -146,18 +164,30 @@ class Trainer:
                     client.stop = True
 
     def admit(self, client: Client, request: dict[str, Any]) -> None:
-        """Add the run to the pack (in a fused group, or on streams), or tell it why not."""
+        """Add the run to the pack, or tell it why not: refused (it asks for another device), or ended at once (a
+        user error; any other error, a crash, which leaves the trainer and its other runs as they were)."""
         try:
-            config = Config.from_mapping(request["config"])
-            folder = RunFolder(Path(request["folder"]), request["run_id"])  # built by the run's process, absolute
-            client.run_id = folder.run_id
-            if canonical(select_device(config.device)) != canonical(self.device):
-                client.tell({"refused": f"it asks for device {config.device}, this trainer trains on {self.device}"})
-                return self.drop(client)
-            data = split(self.source(config, Path(request["cwd"])), config)
-        except UserError as error:
+            self.add(client, request)
+        except DEVICE_ERRORS:
+            raise
+        except Exception as error:
+            if not isinstance(error, UserError):
+                log.exception("run %s crashed as it joined the pack", client.run_id)
+            if self.groups is not None and client.run_id is not None:
+                self.groups.release(client.run_id)
             client.tell({"ended": MemberEnd(error=error).to_wire()})
+            self.drop(client)
+
+    def add(self, client: Client, request: dict[str, Any]) -> None:
+        """`admit`'s work: the run's data, its place (in a fused group, or on streams), its member."""
+        config = Config.from_mapping(request["config"])
+        folder = RunFolder(Path(request["folder"]), request["run_id"])  # built by the run's process, absolute
+        client.run_id = folder.run_id
+        if canonical(select_device(config.device)) != canonical(self.device):
+            client.tell({"refused": f"it asks for device {config.device}, this trainer trains on {self.device}"})
             return self.drop(client)
+        key, source = self.source(config, Path(request["cwd"]))
+        data = split(source, config)
         placement = self.place(client.run_id, config, len(data.classes))
         members = len(self.pack) + 1
         how = f"in the trainer on {self.device} ({members} member{'' if members == 1 else 's'}), {placement.how}"
@@ -166,26 +196,31 @@ class Trainer:
                          should_stop=lambda: client.stop)
         log.info("run %s joins the pack (%d member%s): %s", client.run_id, members, "" if members == 1 else "s",
                  placement.how)
-        self.run_ids[client.name] = client.run_id
         self.pack.add(client.name, run_steps(config, folder, data, self.device, hooks, join=placement.join,
                                              streams=self.pack.streams))
+        self.run_ids[client.name], self.source_keys[client.name] = client.run_id, key
 
     def place(self, run_id: str, config: Config, num_classes: int) -> Placement:
         return ON_STREAMS if self.groups is None else self.groups.place(run_id, config, num_classes)
 
-    def source(self, config: Config, cwd: Path) -> DataSource:
-        """The run's data source on the device, loaded once for every run of the same source."""
+    def source(self, config: Config, cwd: Path) -> tuple[tuple, DataSource]:
+        """The run's data source on the device (and its `source_key`), loaded once for every run of the same
+        source. Loading another, it first frees those no member trains on (a sweep's runs, one after another on
+        one source, keep it)."""
         if not Path(config.data_dir).is_absolute():
             config = config.replace(data_dir=str(cwd / config.data_dir))
         key = source_key(config)
         if key not in self.sources:
+            for unused in self.sources.keys() - set(self.source_keys.values()):
+                del self.sources[unused]
             self.sources[key] = load_source(config).to(self.device)
-        return self.sources[key]
+        return key, self.sources[key]
 
     def end(self, name: str, end: MemberEnd) -> None:
         """The member `name` has left the pack: free its slot, tell its run how it ended."""
         client = self.clients.get(name)
         run_id = self.run_ids.pop(name, name)
+        self.source_keys.pop(name, None)
         if self.groups is not None:
             self.groups.release(run_id)
         if end.kind == CRASH:
@@ -208,20 +243,20 @@ def canonical(device: torch.device) -> torch.device:
     return device
 
 
-def serve(socket_path: Path, device_name: str, mode: str = STREAMS, runs: int = 1) -> int:
+def serve(socket_path: Path, device_name: str, mode: str = STREAMS, runs: int = 1, parent: int | None = None) -> int:
     """Run a trainer until it is stopped; its exit status."""
     device = select_device(device_name)
     if device.type == "cuda":
         torch.cuda.init()  # CUDA starts now, while the runs' processes start
     with stop_on_signals(SUPERVISOR_STOP_SIGNALS) as received:
-        Trainer(socket_path, device, mode, runs).serve(received)
+        Trainer(socket_path, device, mode, runs, parent).serve(received)
     return 0
 
 
 def trainer_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
     reject_unknown_arguments("trainer", rest)
-    if args.pack not in (STREAMS, FUSED):
+    if pack_mode(args.pack) == OFF:
         raise UserError(f"--pack: {args.pack!r} is not one of {STREAMS}, {FUSED}")
     if args.runs < 1:
         raise UserError(f"--runs: must be >= 1, got {args.runs}")
-    return serve(Path(args.socket), args.device, args.pack, args.runs)
+    return serve(Path(args.socket), args.device, args.pack, args.runs, args.parent_pid)

@@ -13,8 +13,11 @@ An end is a `MemberEnd`'s wire form (`ends.py`): its status and kind decide the 
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def send(sock: socket.socket, message: dict[str, Any]) -> None:
@@ -28,7 +31,8 @@ class LineReader:
         self.sock, self.buffer = sock, b""
 
     def read(self) -> list[dict[str, Any]] | None:
-        """The messages that have arrived (waiting at most the socket's timeout); None once the peer has gone."""
+        """The messages that have arrived (waiting at most the socket's timeout); None once the peer has gone, or
+        has sent what is not a message."""
         try:
             chunk = self.sock.recv(1 << 16)
         except (TimeoutError, BlockingIOError):
@@ -39,4 +43,12 @@ class LineReader:
             return None
         self.buffer += chunk
         *lines, self.buffer = self.buffer.split(b"\n")
-        return [json.loads(line) for line in lines if line.strip()]
+        try:
+            messages = [json.loads(line) for line in lines if line.strip()]
+        except ValueError as error:  # not a peer of ours, or a broken one: not a reason to end this process
+            log.warning("a malformed message on the socket (%s): the connection is dropped", error)
+            return None
+        if not all(isinstance(message, dict) for message in messages):
+            log.warning("a message on the socket that is not a JSON object: the connection is dropped")
+            return None
+        return messages
