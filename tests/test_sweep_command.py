@@ -14,6 +14,7 @@ from helpers.sweeps import GRID, tiny_settings, write_sweep
 
 from cifar_resnet.cli import main
 from cifar_resnet.sweep import command as sweep_command
+from cifar_resnet.run_contract import TRAINER_VARIABLE
 from cifar_resnet.sweep.command import offline_reason
 
 
@@ -60,7 +61,7 @@ FAKE_WANDB = """\
 import json, os, sys, time
 with open(os.environ["FAKE_WANDB_CALLS"], "a") as calls:
     calls.write(json.dumps({{"argv": sys.argv[1:], "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                             "at": time.monotonic()}}) + "\\n")
+                             "trainer": os.environ.get("{trainer}"), "at": time.monotonic()}}) + "\\n")
 sys.exit(int(os.environ.get("FAKE_WANDB_EXIT", "0")))
 """
 
@@ -73,7 +74,7 @@ def online(tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake = bin_dir / "wandb"
-    fake.write_text(FAKE_WANDB.format(python=sys.executable))
+    fake.write_text(FAKE_WANDB.format(python=sys.executable, trainer=TRAINER_VARIABLE))
     fake.chmod(0o755)
     calls = tmp_path / "calls.jsonl"
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
@@ -106,9 +107,22 @@ def test_online_creates_the_sweep_and_starts_one_pinned_agent_per_gpu(tmp_path, 
     calls = agent_calls()
     assert [call["argv"] for call in calls] == [["agent", "--forward-signals", "--project", "proj", "sweep123"]] * 2
     assert [call["gpu"] for call in calls] == ["0", "1"]
+    assert [call["trainer"] for call in calls] == [None, None]  # one run per GPU: no trainer
     # Staggered: each stand-in stamps the time once its own Python has started, which varies by a few tenths.
     assert calls[1]["at"] - calls[0]["at"] >= 0.5
     assert not (tmp_path / "sweeps").exists()  # nothing ran here
+
+
+def test_online_with_pack_the_agents_runs_hand_their_training_to_the_machines_trainer(tmp_path, tiny_config,
+                                                                                      online):
+    """`--pack` online, as offline and as `cifar-resnet agent`: the agents' runs find the trainer (a real one,
+    started for the sweep and stopped after it) through the variable their agent inherits."""
+    path = write_sweep(tmp_path / "grid.yaml", GRID | tiny_settings(tiny_config))
+
+    assert main(["sweep", str(path), "--workers", "2", "--pack"]) == 0
+
+    trainers = {call["trainer"] for call in online[1]()}
+    assert len(trainers) == 1 and None not in trainers  # both agents, one trainer for the machine
 
 
 def test_online_agent_failure_is_the_exit_status(tmp_path, tiny_config, online, monkeypatch):

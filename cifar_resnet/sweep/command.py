@@ -12,6 +12,7 @@ processes, on one host or many sharing the folder, join one sweep and run each o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -23,10 +24,10 @@ from ..config import Config
 from ..credentials import DEFAULT_PROJECT, choose_mode
 from ..errors import UserError, reject_unknown_arguments
 from ..gpus import AUTO, check_gpus_exist, parse_runs_per_gpu, resolve_runs_per_gpu
-from ..packing.pool import OFF, STREAMS, add_pack_arguments, pack_mode
+from ..packing.pool import OFF, STREAMS, TrainerPool, add_pack_arguments, pack_mode
 from ..records import RunFolder, RunResult, result_from_record
 from ..run_contract import SIGNAL_EXIT_BASE
-from ..staggered import Launch, run_staggered
+from ..staggered import Launch, first_failure, run_staggered_statuses
 from ..table import markdown_table
 from ..wandb_sweep import DEFAULT_STAGGER_SECONDS, agent_argv, create_sweep
 from .local import LocalSweep, LocalSweepResult, record_if_readable, run_params
@@ -49,13 +50,18 @@ FAILED_LOG_LINES = 15
 # --- online: W&B's controller and agents ------------------------------------------------------------------------
 
 
-def run_online_sweep(plan: SweepPlan, gpus: Sequence[str | None], count: int | None, project: str) -> int:
+def run_online_sweep(plan: SweepPlan, gpus: Sequence[str | None], count: int | None, project: str, pack: str) -> int:
     """Create the sweep on W&B, then run one `wandb agent` per worker, pinned and started a few seconds apart
-    (`cifar-resnet agent`'s launcher, which forwards Ctrl-C and SIGTERM to the agents)."""
+    (`cifar-resnet agent`'s launcher, which forwards Ctrl-C and SIGTERM to the agents); unless `pack` is off, the
+    runs of each GPU hand their training to its trainer, as `cifar-resnet agent`'s do."""
     config = {**plan.config, "run_cap": count} if count is not None else plan.config
     sweep_id = create_sweep(config, project)
     argv = agent_argv(sweep_id, project)
-    status = run_staggered([Launch(argv, gpu) for gpu in gpus], DEFAULT_STAGGER_SECONDS, "agent")
+    with TrainerPool(gpus, mode=pack) if pack != OFF else contextlib.nullcontext() as trainers:
+        launches = [Launch(argv, gpu, trainers.environment(gpu) if trainers is not None else {}) for gpu in gpus]
+        statuses = run_staggered_statuses(launches, DEFAULT_STAGGER_SECONDS, "agent",
+                                          tend=trainers.revive if trainers is not None else None)
+    status = first_failure(statuses, "agent")
     if status == 0:
         log.info("sweep %s done; see it with: cifar-resnet report <entity>/%s/%s", sweep_id, project, sweep_id)
     return status
@@ -87,8 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"{DEFAULT_OUTPUT_ROOT}/<sweep name>-<digest of its settings>); offline only. Other sweep "
                         "processes, on this host or others (shared filesystem), join the sweep by giving the same "
                         "folder")
-    add_pack_arguments(parser, "offline, streams when a GPU has more than one run, else off; on a CPU a trainer's "
-                       "runs take turns in one process")
+    add_pack_arguments(parser, "streams when a GPU has more than one run, else off; online too, the agents' runs "
+                       "handing their training to the trainers; on a CPU a trainer's runs take turns in one process")
     parser.add_argument("--lease-seconds", type=float, default=LEASE_SECONDS,
                         help=f"offline: a run of this process that goes this long without a heartbeat (its host "
                         f"died) may be taken over by another process (default {LEASE_SECONDS:.0f})")
@@ -128,6 +134,7 @@ def sweep_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
         raise UserError(f"--lease-seconds: must be > 0, got {args.lease_seconds}")
     asked_pack = pack_mode(args.pack)
     gpus = parse_gpus(args.gpus, args.workers, args.runs_per_gpu)
+    pack = asked_pack or (STREAMS if shares_a_gpu(gpus) else OFF)
     plan = load_sweep(args.sweep_file, args.overrides)
     warn_unless_our_entry_point(plan)
     if plan.grid_size is None and args.count is None:
@@ -136,11 +143,10 @@ def sweep_command(args: argparse.Namespace, rest: Sequence[str]) -> int:
     project = args.project or plan.config.get("project") or os.environ.get("WANDB_PROJECT")
     mode = choose_mode()
     if not args.offline and mode == "online":
-        return run_online_sweep(plan, gpus, args.count, project or DEFAULT_PROJECT)
+        return run_online_sweep(plan, gpus, args.count, project or DEFAULT_PROJECT, pack)
     out_dir = args.output_dir or default_output_dir(plan)
     shown = [name for name, spec in plan.config["parameters"].items() if "value" not in spec]
     view = LiveView(shown) if sys.stderr.isatty() else LogView(shown)
-    pack = asked_pack or (STREAMS if shares_a_gpu(gpus) else OFF)
     local_sweep = LocalSweep(plan, out_dir, gpus, args.count, project, view, args.lease_seconds, pack)  # may refuse
     log.info("%s: running the sweep offline in %s (W&B's sweep proposer on this machine); upload the runs later "
              "with `wandb sync %s`", offline_reason(args.offline), out_dir, offline_runs_glob(out_dir))
