@@ -30,13 +30,6 @@ class Launch:
     env: Mapping[str, str] = field(default_factory=dict)  # more variables for it (its GPU's trainer)
 
 
-def run_staggered(launches: Sequence[Launch], stagger_seconds: float, what: str) -> int:
-    """Start each launch `stagger_seconds` after the last, forward SIGTERM, SIGINT and SIGUSR1 (as SIGTERM) to those
-    running, and wait for all. Returns 0 when all succeeded, else the exit status of the first that failed (128 + N
-    for signal N). `what` names the children in log lines ("agent")."""
-    return first_failure(run_staggered_statuses(launches, stagger_seconds, what), what)
-
-
 def first_failure(statuses: Sequence[int], what: str) -> int:
     """0 when every child succeeded, else the first failure's exit status; each failure is logged."""
     for number, status in enumerate(statuses, start=1):
@@ -50,7 +43,9 @@ def run_staggered_statuses(
     start: Callable[[Sequence[str], Mapping[str, str]], subprocess.Popen] = start_process,
     tend: Callable[[], None] | None = None,
 ) -> list[int]:
-    """`run_staggered`'s work: every child's exit status, in order. `start(argv, env)` starts one; where it raises,
+    """Start each launch `stagger_seconds` after the last, forward SIGTERM, SIGINT and SIGUSR1 (as SIGTERM) to those
+    running, and wait for all; every child's exit status, in order (128 + N for signal N; `first_failure` picks the
+    command's). `what` names the children in log lines ("agent"). `start(argv, env)` starts one; where it raises,
     the children started already are stopped, and the error raised. `tend()`, when given, runs at every check of
     the children (the agents' trainers started again)."""
     children: list[subprocess.Popen] = []
